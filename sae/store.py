@@ -1,0 +1,443 @@
+"""The activation cache: safetensors shards plus a JSON manifest, written atomically and read back three ways.
+
+Layout (format 1)::
+
+    cache/manifest.json            what made the cache (model, hooks {name: d}, dtype, context_size, dataset, ...),
+                                   shards [{file, contexts, rows, sha256}], complete: bool
+    cache/shard_00000.safetensors  one [rows, d] tensor per hook; tokens, seq, pos [rows] (int32);
+                                   context_tokens [contexts, context_size] (int32)
+
+Every shard holds the same number of whole contexts (`contexts_per_shard`), so shard i covers contexts
+[i·C, (i+1)·C) and a row's place follows from its (seq, pos) alone. A shard enters the manifest only after it is
+fully written and renamed into place; a restarted harvest continues after the listed shards, so a kill at any
+moment loses at most the shard being written and never duplicates one.
+
+The held-out split is by whole context, from a hash of the context index, so it needs no extra file, is the same
+for every reader, and exists even in a one-shard cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_bytes
+from torch import Tensor
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META_KEYS = ("tokens", "seq", "pos", "context_tokens")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CacheError(ValueError):
+    """A cache that cannot be read or extended; the message names the file and what to do."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def is_holdout(seq: Tensor, fraction: float) -> Tensor:
+    """Held-out mask for context indices: a multiplicative hash, so the split is spread evenly through the data."""
+    if fraction <= 0:
+        return torch.zeros_like(seq, dtype=torch.bool)
+    hashed = (seq.long() * 2654435761) % (2**32)
+    return hashed < int(fraction * 2**32)
+
+
+@dataclass
+class Rows:
+    """A run of cached tokens in cache order."""
+
+    acts: dict[str, Tensor]
+    """hook name → float32 [n, d] activations."""
+    tokens: Tensor
+    """int64 [n] token id at each row."""
+    seq: Tensor
+    """int64 [n] index of the context each row comes from."""
+    pos: Tensor
+    """int64 [n] position of the row within its context."""
+
+
+class ActivationStore:
+    """Read side of a cache: metadata, shard access with checksums, and the readers built on them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        file = self.path / MANIFEST
+        if not file.is_file():
+            raise CacheError(f"no activation cache at {str(self.path)!r} (missing {MANIFEST}); run `sae harvest` first")
+        try:
+            self.manifest: dict[str, Any] = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise CacheError(f"{file} is corrupt ({err}); delete the cache folder and harvest again") from err
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise CacheError(f"{file} has format {self.manifest.get('format')!r}; this sae reads format {FORMAT_VERSION}")
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- metadata
+    @property
+    def hooks(self) -> dict[str, int]:
+        return dict(self.manifest["hooks"])
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def context_size(self) -> int:
+        return self.manifest["context_size"]
+
+    @property
+    def exclude_first(self) -> bool:
+        return self.manifest["exclude_first"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.manifest.get("bos_token_id")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def first_pos(self) -> int:
+        return 1 if self.exclude_first else 0
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_size - self.first_pos
+
+    @property
+    def contexts_per_shard(self) -> int:
+        return self.manifest["contexts_per_shard"]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.manifest["shards"]
+
+    @property
+    def eval_fraction(self) -> float:
+        return self.manifest["eval_fraction"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def n_contexts(self) -> int:
+        return sum(s["contexts"] for s in self.shards)
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_contexts * self.rows_per_context
+
+    def shard_seqs(self, i: int) -> Tensor:
+        start = i * self.contexts_per_shard
+        return torch.arange(start, start + self.shards[i]["contexts"])
+
+    def _split_rows(self, i: int, split: str) -> int:
+        held = is_holdout(self.shard_seqs(i), self.eval_fraction)
+        n = int(held.sum()) if split == "eval" else int((~held).sum()) if split == "train" else len(held)
+        return n * self.rows_per_context
+
+    @property
+    def n_train_rows(self) -> int:
+        return sum(self._split_rows(i, "train") for i in range(len(self.shards)))
+
+    @property
+    def n_eval_rows(self) -> int:
+        return sum(self._split_rows(i, "eval") for i in range(len(self.shards)))
+
+    def check_hooks(self, hooks: list[str]) -> None:
+        missing = [h for h in hooks if h not in self.hooks]
+        if missing:
+            raise CacheError(f"hook(s) {missing} are not in the cache at {self.path}; it holds {list(self.hooks)}")
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            raise CacheError(
+                f"the cache at {self.path} is incomplete (harvest interrupted?); "
+                "run `sae harvest` again with the same config to finish it"
+            )
+        if not self.shards:
+            raise CacheError(f"the cache at {self.path} holds no shards")
+
+    # ----------------------------------------------------------------------------------------- shards
+    def load_shard(self, i: int, keys: list[str]) -> dict[str, Tensor]:
+        """Tensors `keys` of shard i, the file checked against its manifest checksum on first use."""
+        entry = self.shards[i]
+        file = self.path / entry["file"]
+        if not file.is_file():
+            raise CacheError(f"shard {file} listed in the manifest is missing; harvest again into a fresh folder")
+        with self._lock:
+            if i not in self._verified:
+                digest = _sha256(file)
+                if digest != entry["sha256"]:
+                    raise CacheError(f"shard {file} is corrupt (checksum mismatch); delete it and its manifest entry, or harvest again")
+                self._verified.add(i)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError) as err:
+            raise CacheError(f"shard {file} cannot be read ({err}); harvest again into a fresh folder") from err
+
+    def _rows(self, i: int, hooks: list[str], split: str) -> tuple[dict[str, Tensor], Tensor]:
+        """Shard i's rows of one split (storage dtype) and the boolean row mask that selected them."""
+        data = self.load_shard(i, [*hooks, "seq"])
+        held = is_holdout(data["seq"], self.eval_fraction)
+        mask = held if split == "eval" else ~held if split == "train" else torch.ones_like(held)
+        return {h: data[h][mask] for h in hooks}, mask
+
+    # ----------------------------------------------------------------------------------------- readers
+    def shuffled(self, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18) -> "ShuffledReader":
+        """Infinite shuffled training batches; see `ShuffledReader`."""
+        return ShuffledReader(self, hooks, batch_size, seed=seed, position=position, shuffle_rows=shuffle_rows)
+
+    def iter_ordered(self, hooks: list[str], split: str = "all", batch_rows: int = 8192) -> Iterator[Rows]:
+        """Activations with their token ids and places, in cache order: what feature analysis streams over."""
+        self.check_hooks(hooks)
+        for i in range(len(self.shards)):
+            data = self.load_shard(i, [*hooks, *META_KEYS[:3]])
+            held = is_holdout(data["seq"], self.eval_fraction)
+            mask = held if split == "eval" else ~held if split == "train" else torch.ones_like(held)
+            idx = mask.nonzero().squeeze(1)
+            for start in range(0, len(idx), batch_rows):
+                sel = idx[start : start + batch_rows]
+                yield Rows(
+                    acts={h: data[h][sel].float() for h in hooks},
+                    tokens=data["tokens"][sel].long(),
+                    seq=data["seq"][sel].long(),
+                    pos=data["pos"][sel].long(),
+                )
+
+    def holdout(self, hooks: list[str], max_rows: int) -> dict[str, Tensor]:
+        """Up to `max_rows` held-out rows per hook (float32), in cache order."""
+        self.check_hooks(hooks)
+        parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        n = 0
+        for i in range(len(self.shards)):
+            if n >= max_rows:
+                break
+            if not self._split_rows(i, "eval"):
+                continue
+            rows, _ = self._rows(i, hooks, "eval")
+            for h in hooks:
+                parts[h].append(rows[h][: max_rows - n].float())
+            n += len(parts[hooks[0]][-1])
+        if n == 0:
+            raise CacheError(f"the cache at {self.path} has no held-out rows; harvest more tokens or raise eval_fraction")
+        return {h: torch.cat(p) for h, p in parts.items()}
+
+    def holdout_seqs(self, max_contexts: int) -> Tensor:
+        """Indices of the first `max_contexts` held-out contexts: for running the model on unseen text."""
+        seqs = torch.arange(self.n_contexts)
+        return seqs[is_holdout(seqs, self.eval_fraction)][:max_contexts]
+
+    def context_tokens(self, seqs: Tensor) -> Tensor:
+        """Full token ids [len(seqs), context_size] of the given contexts (position 0 included)."""
+        seqs = seqs.long()
+        out = torch.empty(len(seqs), self.context_size, dtype=torch.long)
+        shard_of = seqs // self.contexts_per_shard
+        for i in shard_of.unique().tolist():
+            if not 0 <= i < len(self.shards):
+                raise CacheError(f"context index out of range for the cache at {self.path} ({self.n_contexts} contexts)")
+            sel = (shard_of == i).nonzero().squeeze(1)
+            table = self.load_shard(i, ["context_tokens"])["context_tokens"]
+            out[sel] = table[seqs[sel] - i * self.contexts_per_shard].long()
+        return out
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShuffledReader:
+    """Training batches shuffled across shards with memory bounded by `shuffle_rows`, however large the cache.
+
+    Each epoch visits the shards in a fresh random order, in groups of about `shuffle_rows` rows; a group's
+    training rows are loaded together and permuted. The epoch is thus a fixed virtual sequence of rows (given the
+    seed), and `position` — rows consumed since the start — is all a checkpoint needs to resume exactly.
+    """
+
+    def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18):
+        store.require_complete()
+        store.check_hooks(hooks)
+        self.store, self.hooks, self.batch_size, self.seed = store, list(hooks), batch_size, seed
+        self.position = position
+        n_shards = len(store.shards)
+        rows_per_shard = store.contexts_per_shard * store.rows_per_context
+        self.group_shards = max(1, min(n_shards, shuffle_rows // max(rows_per_shard, 1)))
+        self.shard_rows = [store._split_rows(i, "train") for i in range(n_shards)]
+        self.epoch_rows = sum(self.shard_rows)
+        if self.epoch_rows == 0:
+            raise CacheError(f"the cache at {store.path} has no training rows")
+        self._group: tuple[int, int] | None = None  # (epoch, group index) currently loaded
+        self._data: dict[str, Tensor] = {}
+
+    def _groups(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.shard_rows), generator=g).tolist()
+        return [order[i : i + self.group_shards] for i in range(0, len(order), self.group_shards)]
+
+    def _load(self, epoch: int, index: int, shards: list[int]) -> None:
+        if self._group == (epoch, index):
+            return
+        parts = [self.store._rows(i, self.hooks, "train")[0] for i in shards]
+        data = {h: torch.cat([p[h] for p in parts]) for h in self.hooks}
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + index + 1)
+        perm = torch.randperm(len(data[self.hooks[0]]), generator=g)
+        self._data = {h: t[perm] for h, t in data.items()}
+        self._group = (epoch, index)
+
+    def _take(self, position: int, n: int) -> dict[str, Tensor]:
+        """`n` rows of the virtual stream starting at `position` (crossing groups and epochs as needed)."""
+        out: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
+        while n > 0:
+            epoch, offset = divmod(position, self.epoch_rows)
+            for index, shards in enumerate(self._groups(epoch)):
+                size = sum(self.shard_rows[i] for i in shards)
+                if offset < size:
+                    break
+                offset -= size
+            self._load(epoch, index, shards)
+            take = min(n, size - offset)
+            for h in self.hooks:
+                out[h].append(self._data[h][offset : offset + take])
+            position += take
+            n -= take
+        return {h: torch.cat(p).float() for h, p in out.items()}
+
+    def __iter__(self) -> "ShuffledReader":
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        batch = self._take(self.position, self.batch_size)
+        self.position += self.batch_size
+        return batch
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.epoch_rows
+
+
+class CacheWriter:
+    """Write side: whole contexts in, shards out on a background thread, manifest updated after each shard.
+
+    Opening a folder that already holds a manifest made with the same settings resumes it (`contexts_done`);
+    different settings are an error rather than a silent mix of two caches.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], contexts_per_shard: int):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file = self.path / MANIFEST
+        meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
+        if self.file.exists():
+            old = ActivationStore(self.path).manifest
+            changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            if changed:
+                diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+                raise CacheError(f"the cache at {self.path} was made with other settings ({diff}); use another `out` folder or delete it")
+            self.manifest = old
+        else:
+            self.manifest = {**meta, "shards": [], "complete": False}
+        self.contexts_per_shard = contexts_per_shard
+        self.hooks = list(meta["hooks"])
+        self._pending: dict[str, list[Tensor]] = {}
+        self._pending_contexts = 0
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._futures: list[Future] = []
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def contexts_done(self) -> int:
+        return sum(s["contexts"] for s in self.manifest["shards"])
+
+    def add(self, acts: dict[str, Tensor], context_tokens: Tensor, first_pos: int) -> None:
+        """Append whole contexts: `acts[hook]` is [n_ctx, rows_per_ctx, d] (storage dtype), tokens [n_ctx, T]."""
+        n_ctx, ctx_size = context_tokens.shape
+        for k, t in {**acts, "context_tokens": context_tokens}.items():
+            self._pending.setdefault(k, []).append(t)
+        self._pending_contexts += n_ctx
+        while self._pending_contexts >= self.contexts_per_shard:
+            self._cut(self.contexts_per_shard, first_pos)
+
+    def _cut(self, n_ctx: int, first_pos: int) -> None:
+        merged = {k: torch.cat(v) for k, v in self._pending.items()}
+        self._pending = {k: [v[n_ctx:]] for k, v in merged.items()}
+        self._pending_contexts -= n_ctx
+        index = len(self.manifest["shards"]) + len(self._futures)
+        shard = {k: v[:n_ctx] for k, v in merged.items()}
+        self._futures.append(self._pool.submit(self._write, index, shard, first_pos))
+        self._reap()
+
+    def _reap(self) -> None:
+        """Surface write errors early and keep at most two shards queued (bounded memory)."""
+        while self._futures and (self._futures[0].done() or len(self._futures) > 2):
+            self._futures.pop(0).result()
+
+    def _write(self, index: int, shard: dict[str, Tensor], first_pos: int) -> None:
+        ctx_tokens = shard.pop("context_tokens")
+        n_ctx, ctx_size = ctx_tokens.shape
+        first_seq = index * self.contexts_per_shard
+        seq = torch.arange(first_seq, first_seq + n_ctx, dtype=torch.int32).repeat_interleave(ctx_size - first_pos)
+        pos = torch.arange(first_pos, ctx_size, dtype=torch.int32).repeat(n_ctx)
+        tensors = {h: t.reshape(-1, t.shape[-1]).contiguous() for h, t in shard.items()}
+        tensors.update(
+            tokens=ctx_tokens[:, first_pos:].reshape(-1).to(torch.int32).contiguous(),
+            seq=seq,
+            pos=pos,
+            context_tokens=ctx_tokens.to(torch.int32).contiguous(),
+        )
+        data = save_bytes(tensors)
+        name = f"shard_{index:05d}.safetensors"
+        atomic_write_bytes(self.path / name, data)
+        self.manifest["shards"].append(
+            {"file": name, "contexts": n_ctx, "rows": len(seq), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        atomic_write_json(self.file, self.manifest)
+
+    def finish(self, first_pos: int) -> None:
+        """Write the last partial shard, wait for every write, and mark the cache complete."""
+        if self._pending_contexts:
+            self._cut(self._pending_contexts, first_pos)
+        self.flush()
+        self.manifest["complete"] = True
+        atomic_write_json(self.file, self.manifest)
+
+    def flush(self) -> None:
+        while self._futures:
+            self._futures.pop(0).result()
+        if not self.file.exists():
+            atomic_write_json(self.file, self.manifest)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
