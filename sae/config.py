@@ -23,7 +23,11 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user (a config, a path, a cache); the message says what to do. The CLI prints it."""
+
+
+class ConfigError(UserError):
     """A config that cannot be used; the message names the key and what would be valid."""
 
 
@@ -172,7 +176,7 @@ def describe(cls: type, prefix: str = "") -> str:
             default = repr(f.default_factory())  # type: ignore[misc]
         else:
             default = "(required)"
-        tp_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        tp_name = tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp).replace("typing.", "")
         lines.append(f"  {name}: {tp_name} = {default}\n      {docs.get(f.name, '')}".rstrip())
         inner = [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
         if inner:

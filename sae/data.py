@@ -10,13 +10,15 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .config import UserError
+
 STDLIB = "stdlib"
 
 #: File suffix → `datasets` builder for local files.
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset spec that yields no usable text; the message says what to pass instead."""
 
 

@@ -70,6 +70,12 @@ def harvest(cfg: HarvestConfig) -> Path:
     """Fill (or finish) the cache at `cfg.out`; returns its path."""
     _check(cfg)
     model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
+    return harvest_with(cfg, model, tokenizer)
+
+
+def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
+    """`harvest` with the model already loaded (benchmarks and notebooks keep one model across runs)."""
+    _check(cfg)
     for name in cfg.hooks:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
     device = next(model.parameters()).device

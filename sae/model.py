@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .config import UserError
+
 #: Module paths per model family: the decoder-layer list, and inside a layer the attention and MLP blocks.
 #: Llama-like families share one layout; GPT-2 and GPT-NeoX name things their own way.
 _LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")
@@ -34,7 +36,7 @@ SMOLLM2 = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model spec or hook name that cannot be used; the message says what to pass instead."""
 
 

@@ -32,13 +32,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 from torch import Tensor
 
+from .config import UserError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 META_KEYS = ("tokens", "seq", "pos", "context_tokens")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache that cannot be read or extended; the message names the file and what to do."""
 
 
@@ -372,6 +374,7 @@ class CacheWriter:
         self._pending_contexts = 0
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._futures: list[Future] = []
+        self._next_index = len(self.manifest["shards"])
 
     @property
     def complete(self) -> bool:
@@ -394,7 +397,8 @@ class CacheWriter:
         merged = {k: torch.cat(v) for k, v in self._pending.items()}
         self._pending = {k: [v[n_ctx:]] for k, v in merged.items()}
         self._pending_contexts -= n_ctx
-        index = len(self.manifest["shards"]) + len(self._futures)
+        index = self._next_index
+        self._next_index += 1
         shard = {k: v[:n_ctx] for k, v in merged.items()}
         self._futures.append(self._pool.submit(self._write, index, shard, first_pos))
         self._reap()

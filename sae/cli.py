@@ -1,0 +1,140 @@
+"""The `sae` command: one subcommand per stage, each reading its section of a YAML config.
+
+    sae harvest --config configs/demo.yaml max_tokens=100000
+    sae train   --config configs/demo.yaml train.batch_size=2048
+    sae demo
+
+A config file has one section per stage (harvest:, train:, eval:, analyse:). Overrides are `key=value` for the
+stage being run, or `section.key=value` for any section. Paths that link stages (the cache a trainer reads, the
+SAEs an evaluation reads) default to the previous stage's output in the same file, so one file describes a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, UserError, describe, from_dict, merge, parse_overrides, read_yaml
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: the YAML section it reads, and where its config class and entry point live."""
+
+    section: str
+    module: str
+    config: str
+    run: str
+    help: str
+
+    def load(self) -> tuple[type, Callable[[Any], Any]]:
+        mod = importlib.import_module(f"sae.{self.module}")
+        return getattr(mod, self.config), getattr(mod, self.run)
+
+
+STAGES = {
+    "harvest": Stage("harvest", "harvest", "HarvestConfig", "harvest", "cache activations of a model on a text dataset"),
+    "train": Stage("train", "train", "TrainConfig", "train", "train sparse autoencoders on a cache"),
+    "eval": Stage("eval", "evaluate", "EvalConfig", "evaluate", "metrics, PCA baseline and spliced LM loss"),
+    "analyse": Stage("analyse", "analyse", "AnalyseConfig", "analyse", "top contexts, logit lens and the HTML browser"),
+    "score": Stage("score", "analyse", "ScoreConfig", "score", "anomaly scores: per-token reconstruction error of a text"),
+}
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _link(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the paths that connect stages from the stage before, unless the file sets them."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    cache = data.get("harvest", {}).get("out")
+    saes = data.get("train", {}).get("out")
+    for section in ("train", "eval", "analyse", "score"):
+        if cache is not None and section in STAGES:
+            data.setdefault(section, {}).setdefault("cache", cache)
+    for section in ("eval", "analyse", "score"):
+        if saes is not None:
+            data.setdefault(section, {}).setdefault("saes" if section == "eval" else "sae", saes)
+    return data
+
+
+def stage_config(name: str, config_file: str | None, overrides: list[str]) -> Any:
+    """The dataclass for stage `name` from a YAML file (optional) plus overrides."""
+    stage = STAGES[name]
+    cls, _ = stage.load()
+    data = read_yaml(config_file) if config_file else {}
+    unknown = [k for k in data if k not in {s.section for s in STAGES.values()}]
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in {config_file}; sections are {sorted({s.section for s in STAGES.values()})}")
+    extra = parse_overrides(overrides)
+    sections = {s.section for s in STAGES.values()}
+    scoped = {k: v for k, v in extra.items() if k in sections and isinstance(v, dict)}
+    bare = {k: v for k, v in extra.items() if k not in scoped}
+    data = merge(data, scoped)
+    data[stage.section] = merge(data.get(stage.section, {}) or {}, bare)
+    linked = _link(data)[stage.section]
+    fields = set(cls.__dataclass_fields__)
+    # Links only fill keys the stage has; a stage without e.g. `sae` just ignores that link.
+    linked = {k: v for k, v in linked.items() if k in fields or k in data[stage.section]}
+    return from_dict(cls, linked, where=stage.section)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, stage in STAGES.items():
+        try:
+            cls, _ = stage.load()
+            keys = describe(cls)
+        except (ImportError, AttributeError):
+            keys = "  (this stage is not available in this build)\n"
+        p = sub.add_parser(name, help=stage.help, description=f"{stage.help}.\n\nkeys of the {stage.section}: section:\n{keys}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", help="YAML file with harvest:/train:/eval:/analyse: sections")
+        p.add_argument("overrides", nargs="*", help="key=value (this stage) or section.key=value")
+    demo = sub.add_parser("demo", help="harvest → train → eval → analyse on the embedded SmolLM2 and the stdlib corpus")
+    demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default: configs/demo.yaml)")
+    demo.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser
+
+
+def run_stage(name: str, config_file: str | None, overrides: list[str]) -> Any:
+    cfg = stage_config(name, config_file, overrides)
+    _, run = STAGES[name].load()
+    return run(cfg)
+
+
+def demo(config_file: str, overrides: list[str]) -> None:
+    """The whole path on the embedded model, ending with the metrics table and where the browser is."""
+    start = time.time()
+    for name in ("harvest", "train", "eval", "analyse"):
+        print(f"\n=== sae {name} ({time.time() - start:.0f} s) ===", flush=True)
+        result = run_stage(name, config_file, overrides)
+        if name == "eval":
+            from .evaluate import format_table
+
+            print(format_table(result))
+    print(f"\ndemo finished in {time.time() - start:.0f} s; feature browser: {Path(result).resolve() / 'index.html'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            demo(args.config, args.overrides)
+        else:
+            result = run_stage(args.command, args.config, args.overrides)
+            if result is not None and args.command != "eval":
+                print(result)
+    except (UserError, FileNotFoundError) as err:  # messages meant for the user; anything else is a bug: traceback
+        print(f"sae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

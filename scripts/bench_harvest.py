@@ -1,0 +1,87 @@
+"""Harvest throughput against a bare forward pass of the same model on the same batches; cache size per token.
+
+Prints JSON. `ratio_vs_same_depth` compares with a bare forward stopped at the same layer (the honest overhead of
+hooking, copying, casting and writing); `ratio_vs_full_forward` compares with a full forward (what a harvester
+without early stopping would pay). Run: python scripts/bench_harvest.py [--model smollm2] [--tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+import time
+
+import torch
+
+from sae import model as model_lib
+from sae.data import load_texts, pack
+from sae.harvest import HarvestConfig, harvest_with
+from sae.store import ActivationStore
+
+
+def bare_forward(model, batches, stop_after: str | None) -> float:
+    """Seconds for forwards over `batches`, stopped after hook `stop_after` (None: all layers, no hooks)."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ids in batches:
+            if stop_after is None:
+                model(input_ids=ids, use_cache=False)
+            else:
+                with model_lib.hooks(model, {stop_after: lambda t: None}, stop_after=stop_after):
+                    try:
+                        model(input_ids=ids, use_cache=False)
+                    except model_lib.StopForward:
+                        pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tokens", type=int, default=32_768)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--hooks", nargs="*", default=None, help="default: a mid-depth and the last residual")
+    args = parser.parse_args()
+
+    model, tokenizer = model_lib.load_model(args.model, "auto")
+    n_layers = len(model_lib.layers(model))
+    hooks = args.hooks or [f"blocks.{n_layers // 2}.hook_resid_post", f"blocks.{n_layers - 1}.hook_resid_post"]
+    n_ctx = args.tokens // args.context_size
+    contexts = list(itertools.islice(pack(load_texts("stdlib"), tokenizer, args.context_size), n_ctx))
+    device = next(model.parameters()).device
+    batches = [torch.tensor(contexts[i : i + args.batch_size], device=device) for i in range(0, n_ctx, args.batch_size)]
+    bare_forward(model, batches[:2], None)  # warm-up
+    full = bare_forward(model, batches, None)
+    results = {"model": args.model, "tokens": n_ctx * args.context_size, "batch_size": args.batch_size,
+               "threads": torch.get_num_threads(), "device": str(device),
+               "bare_full_forward_tok_s": n_ctx * args.context_size / full, "hooks": {}}
+    for hook in hooks:
+        same = bare_forward(model, batches, hook)
+        with tempfile.TemporaryDirectory() as out:
+            cfg = HarvestConfig(model=args.model, hooks=[hook], max_tokens=n_ctx * args.context_size,
+                                context_size=args.context_size, batch_size=args.batch_size, exclude_first=False,
+                                eval_fraction=0.0, out=out)
+            t0 = time.perf_counter()
+            harvest_with(cfg, model, tokenizer)
+            took = time.perf_counter() - t0
+            store = ActivationStore(out)
+            size = sum((store.path / s["file"]).stat().st_size for s in store.shards)
+            d = store.hooks[hook]
+            rows = store.n_rows
+        tokens = n_ctx * args.context_size
+        results["hooks"][hook] = {
+            "harvest_tok_s": tokens / took,
+            "bare_same_depth_tok_s": tokens / same,
+            "ratio_vs_same_depth": same / took,
+            "ratio_vs_full_forward": full / took,
+            "cache_bytes_per_token": size / rows,
+            "bytes_ratio": size / rows / (store.dtype.itemsize * d),
+        }
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

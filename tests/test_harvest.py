@@ -1,0 +1,269 @@
+"""Harvest stage: hook points against ground truth, the cache round trip, resume after kill -9, clear errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae import model as model_lib
+from sae.cli import main as cli_main
+from sae.config import ConfigError
+from sae.data import DataError, load_texts, pack
+from sae.harvest import HarvestConfig, harvest
+from sae.store import ActivationStore, CacheError, is_holdout
+
+
+def small_cfg(model: Path, out: Path, **kw) -> HarvestConfig:
+    base = dict(model=str(model), hooks=["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"], context_size=32,
+                max_tokens=6000, batch_size=4, shard_tokens=1000, out=str(out))
+    return HarvestConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ hook points
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_neox"])
+def test_hooks_match_hidden_states_and_residual_algebra(fixture, request):
+    """resid_pre/post equal HF hidden_states; resid_post = resid_pre + attn_out + mlp_out in every family."""
+    model, _ = model_lib.load_model(str(request.getfixturevalue(fixture)), "cpu")
+    ids = torch.randint(3, 500, (2, 16))
+    names = [f"blocks.{i}.{k}" for i in range(2) for k in model_lib.HOOK_KINDS]
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        acts = model_lib.capture(model, ids, names)
+    for i in range(2):
+        pre, post = acts[f"blocks.{i}.hook_resid_pre"], acts[f"blocks.{i}.hook_resid_post"]
+        torch.testing.assert_close(pre, hidden[i])
+        if i + 1 < len(model_lib.layers(model)):  # the last entry of hidden_states is final-normed
+            torch.testing.assert_close(post, hidden[i + 1])
+        parts = pre + acts[f"blocks.{i}.hook_attn_out"] + acts[f"blocks.{i}.hook_mlp_out"]
+        torch.testing.assert_close(post, parts, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_stops_after_deepest_hook(tiny_llama):
+    model, _ = model_lib.load_model(str(tiny_llama), "cpu")
+    calls = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(model_lib.layers(model))]
+    model_lib.capture(model, torch.randint(3, 500, (1, 8)), ["blocks.0.hook_mlp_out", "blocks.1.hook_attn_out"])
+    for h in handles:
+        h.remove()
+    assert calls == [0]  # layer 1 started (its attention ran) but never finished; layer 2 never ran
+
+
+def test_splicing_hook_replaces_activation(tiny_llama):
+    model, _ = model_lib.load_model(str(tiny_llama), "cpu")
+    ids = torch.randint(3, 500, (1, 8))
+    with torch.no_grad():
+        clean = model(ids).logits
+        with model_lib.hooks(model, {"blocks.1.hook_resid_pre": lambda t: t}):
+            same = model(ids).logits
+        with model_lib.hooks(model, {"blocks.1.hook_resid_pre": torch.zeros_like}):
+            zeroed = model(ids).logits
+    torch.testing.assert_close(clean, same)
+    assert (clean - zeroed).abs().max() > 1e-3
+
+
+def test_unknown_hook_lists_valid_names(tiny_llama):
+    model, _ = model_lib.load_model(str(tiny_llama), "cpu")
+    with pytest.raises(model_lib.ModelError, match=r"blocks\.\{0\.\.2\}.*hook_resid_post"):
+        model_lib.resolve_hook(model, "blocks.7.hook_resid_post")
+    with pytest.raises(model_lib.ModelError, match="unknown hook"):
+        model_lib.resolve_hook(model, "blocks.0.resid")
+
+
+def test_bad_model_paths():
+    with pytest.raises(model_lib.ModelError, match="does not exist"):
+        model_lib.load_model("./no/such/model", "cpu")
+    with pytest.raises(model_lib.ModelError, match="does not exist"):
+        model_lib.load_model("/tmp/none.gguf", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_local_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    rows = [{"body": "json one"}, {"body": "json two"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert list(load_texts(str(tmp_path / "a.txt"))) == ["first document"]
+    assert list(load_texts(str(tmp_path / "b.jsonl"), text_column="body")) == ["json one", "json two"]
+    with pytest.raises(DataError, match="no column 'text'.*body"):
+        list(load_texts(str(tmp_path / "b.jsonl")))
+    with pytest.raises(DataError, match="does not exist"):
+        load_texts("./missing_folder")
+
+
+def test_pack_is_exact_and_bos_first(tiny_llama):
+    _, tok = model_lib.load_model(str(tiny_llama), "cpu")
+    texts = ["alpha beta gamma " * 20, "delta epsilon " * 30]
+    contexts = list(pack(texts, tok, 16))
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert all(len(c) == 16 and c[0] == tok.bos_token_id for c in contexts)
+    assert [t for c in contexts for t in c[1:]] == stream[: 15 * len(contexts)]
+    assert len(stream) - 15 * len(contexts) < 15
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cache_round_trip(tiny_llama, text_dir, tmp_path):
+    cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir))
+    harvest(cfg)
+    store = ActivationStore(cfg.out)
+    model, tok = model_lib.load_model(str(tiny_llama), "cpu")
+    contexts = torch.tensor(list(itertools.islice(pack(load_texts(str(text_dir)), tok, 32), store.n_contexts)))
+    assert store.complete and store.n_contexts == -(-6000 // 31) and store.n_rows == store.n_contexts * 31
+    with torch.no_grad():
+        want = model_lib.capture(model, contexts, cfg.hooks)
+    got = {h: [] for h in cfg.hooks}
+    tokens, seqs, poss = [], [], []
+    for rows in store.iter_ordered(cfg.hooks, batch_rows=700):
+        for h in cfg.hooks:
+            got[h].append(rows.acts[h])
+        tokens.append(rows.tokens), seqs.append(rows.seq), poss.append(rows.pos)
+    seq, pos = torch.cat(seqs), torch.cat(poss)
+    assert torch.equal(torch.cat(tokens), contexts[seq, pos])
+    assert pos.min() == 1 and pos.max() == 31  # position 0 excluded by default
+    for h in cfg.hooks:
+        torch.testing.assert_close(torch.cat(got[h]), want[h][seq, pos].half().float())
+    assert torch.equal(store.context_tokens(torch.tensor([5, 0, store.n_contexts - 1])), contexts[[5, 0, -1]])
+    # held-out rows are exactly the hashed contexts, disjoint from training rows
+    ev = torch.cat([r.seq for r in store.iter_ordered(cfg.hooks[:1], split="eval")])
+    tr = torch.cat([r.seq for r in store.iter_ordered(cfg.hooks[:1], split="train")])
+    assert is_holdout(ev, 0.05).all() and not is_holdout(tr, 0.05).any()
+    assert len(ev) + len(tr) == store.n_rows and len(ev) == store.n_eval_rows > 0
+    # size on disk is the activations plus ~16 bytes/token of ids and places
+    size = sum((store.path / s["file"]).stat().st_size for s in store.shards)
+    assert size / store.n_rows / (2 * 32 * 2) < 1.2
+
+
+def test_shuffled_reader_epochs_and_resume(tiny_llama, text_dir, tmp_path):
+    cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), hooks=["blocks.1.hook_resid_post"])
+    harvest(cfg)
+    store = ActivationStore(cfg.out)
+    hook = cfg.hooks[0]
+    train = torch.cat([r.acts[hook] for r in store.iter_ordered([hook], split="train")])
+    n = len(train)
+    reader = store.shuffled([hook], 256, seed=3, shuffle_rows=2000)
+    assert reader.group_shards * store.contexts_per_shard * store.rows_per_context <= 2000  # bounded memory
+    epoch = torch.cat([next(reader)[hook] for _ in range(-(-n // 256))])[:n]
+    # one epoch is a permutation of the training rows: same rows, different order
+    key = lambda t: t[torch.argsort(t[:, 0] * 1e4 + t[:, 1])]  # noqa: E731
+    torch.testing.assert_close(key(epoch), key(train))
+    assert not torch.equal(epoch, train)
+    # resuming from a position continues the same stream exactly, across epoch boundaries
+    a = store.shuffled([hook], 256, seed=3, shuffle_rows=2000)
+    stream = [next(a)[hook] for _ in range(40)]
+    b = store.shuffled([hook], 256, seed=3, shuffle_rows=2000, position=17 * 256)
+    for i in range(17, 40):
+        assert torch.equal(next(b)[hook], stream[i])
+    assert b.epoch > 1
+
+
+def test_resume_after_kill_9_matches_clean_run(tiny_llama, text_dir, tmp_path):
+    """A harvest killed mid-run and restarted produces exactly the shards of an uninterrupted run."""
+    clean = small_cfg(tiny_llama, tmp_path / "clean", dataset=str(text_dir), max_tokens=12000)
+    harvest(clean)
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import torch, sae.model as m
+        from sae.harvest import HarvestConfig, harvest
+        orig = m.capture
+        def slow(*a, **k):
+            import time; time.sleep(0.05)
+            return orig(*a, **k)
+        m.capture = slow
+        harvest(HarvestConfig(**{dict(vars(clean), out=str(killed))!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        manifest = killed / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = json.loads((killed / "manifest.json").read_text())
+    assert not partial["complete"] and 3 <= len(partial["shards"])
+    harvest(HarvestConfig(**dict(vars(clean), out=str(killed))))
+    a, b = ActivationStore(clean.out), ActivationStore(killed)
+    assert b.complete and [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in Path(clean.out).iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_corrupt_and_truncated_shards_name_the_file(tiny_llama, text_dir, tmp_path):
+    cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir))
+    harvest(cfg)
+    shard = Path(cfg.out) / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard_00001.safetensors is corrupt"):
+        list(ActivationStore(cfg.out).iter_ordered(cfg.hooks))
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(CacheError, match="shard_00001.safetensors"):
+        list(ActivationStore(cfg.out).iter_ordered(cfg.hooks))
+    with pytest.raises(CacheError, match="not in the cache.*blocks.1.hook_resid_post"):
+        ActivationStore(cfg.out).holdout(["blocks.2.hook_resid_post"], 10)
+
+
+def test_cache_with_other_settings_is_refused(tiny_llama, text_dir, tmp_path):
+    cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), max_tokens=1000)
+    harvest(cfg)
+    with pytest.raises(CacheError, match="other settings.*hooks"):
+        harvest(HarvestConfig(**dict(vars(cfg), hooks=["blocks.2.hook_resid_post"])))
+    with pytest.raises(CacheError, match="no activation cache"):
+        ActivationStore(tmp_path / "nowhere")
+
+
+def test_empty_dataset_is_an_error(tiny_llama, tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "tiny.txt").write_text("too short")
+    with pytest.raises(DataError, match="fewer than 32 tokens"):
+        harvest(small_cfg(tiny_llama, tmp_path / "cache", dataset=str(tmp_path / "texts")))
+
+
+def test_cli_overrides_typos_and_help(tiny_llama, text_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"harvest:\n  model: {tiny_llama}\n  hooks: [blocks.0.hook_resid_post]\n  context_size: 16\n")
+    out = tmp_path / "cache"
+    assert cli_main(["harvest", "--config", str(config), f"out={out}", "max_tokens=300", f"dataset={text_dir}"]) == 0
+    assert ActivationStore(out).n_rows == 20 * 15
+    assert cli_main(["harvest", "--config", str(config), "max_tokns=300"]) == 2
+    assert "unknown config key 'harvest.max_tokns'. Did you mean 'max_tokens'?" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="expected int"):
+        from sae.cli import stage_config
+
+        stage_config("harvest", str(config), ["context_size=big"])
+    with pytest.raises(SystemExit):
+        cli_main(["harvest", "--help"])
+    assert "exclude_first: bool = True" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_real_smollm2_layer15_matches_hidden_states(tmp_path):
+    """The embedded SmolLM2: harvested blocks.15.hook_resid_post == output_hidden_states[16] of a plain forward."""
+    cfg = HarvestConfig(hooks=["blocks.15.hook_resid_post"], context_size=64, max_tokens=4 * 63, batch_size=2, out=str(tmp_path / "c"))
+    harvest(cfg)
+    store = ActivationStore(cfg.out)
+    model, _ = model_lib.load_model("smollm2", "cpu")
+    assert model.config.hidden_size == 576 and len(model_lib.layers(model)) == 30
+    ids = store.context_tokens(torch.arange(store.n_contexts))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[16]
+    rows = list(store.iter_ordered(cfg.hooks))
+    acts = torch.cat([r.acts[cfg.hooks[0]] for r in rows])
+    seq, pos = torch.cat([r.seq for r in rows]), torch.cat([r.pos for r in rows])
+    torch.testing.assert_close(acts, hidden[seq, pos].half().float())
+    assert torch.equal(torch.cat([r.tokens for r in rows]), ids[seq, pos])
+    norm = acts.norm(dim=-1).mean()
+    assert 100 < norm < 300, norm  # mid-depth residual, position 0 excluded (≈175 on Python source)
