@@ -1,0 +1,54 @@
+"""Config loading: nested dataclasses, overrides, errors that name the key, and --help text from field docs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from sae.config import ConfigError, describe, field_docs, from_dict, merge, parse_overrides
+
+
+@dataclass
+class Inner:
+    k: int = 32
+    """Active latents."""
+    lr: float | None = None
+    """Learning rate; None picks a default."""
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    """Run name."""
+    items: list[Inner] = field(default_factory=list)
+    """One entry per SAE."""
+    scale: float = 1.0
+
+
+def test_nested_lists_of_dataclasses_and_coercion():
+    cfg = from_dict(Outer, {"items": [{"k": 8, "lr": 1}, {}], "scale": 2, "name": "x"})
+    assert cfg.items == [Inner(k=8, lr=1.0), Inner()] and isinstance(cfg.items[0].lr, float) and cfg.scale == 2.0
+    assert from_dict(Inner, {"k": 1e3}).k == 1000  # YAML's 1e3 is a float; a whole number is fine for an int
+
+
+def test_unknown_and_mistyped_keys_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'items\[1\]\.kk'\. Did you mean 'k'\?"):
+        from_dict(Outer, {"items": [{}, {"kk": 3}]}, where="")
+    with pytest.raises(ConfigError, match=r"scale: expected float, got 'big'"):
+        from_dict(Outer, {"scale": "big"})
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["scale"])
+
+
+def test_overrides_parse_yaml_values_and_merge_deeply():
+    extra = parse_overrides(["train.batch_size=512", "hooks=[a, b]", "flag=false", "name="])
+    assert extra == {"train": {"batch_size": 512}, "hooks": ["a", "b"], "flag": False, "name": ""}
+    assert merge({"train": {"lr": 1, "batch_size": 4}}, extra)["train"] == {"lr": 1, "batch_size": 512}
+
+
+def test_help_lists_every_key_with_its_doc():
+    assert field_docs(Inner) == {"k": "Active latents.", "lr": "Learning rate; None picks a default."}
+    text = describe(Outer)
+    for line in ["name: str = 'run'", "Run name.", "items[].k: int = 32", "Active latents.", "scale: float = 1.0"]:
+        assert line in text
