@@ -24,25 +24,51 @@ from .config import ConfigError, UserError, describe, from_dict, merge, parse_ov
 
 @dataclass(frozen=True)
 class Stage:
-    """A subcommand: the YAML section it reads, and where its config class and entry point live."""
+    """A subcommand: the YAML section it reads, its config class, and how to run it and report the result."""
 
     section: str
     module: str
     config: str
-    run: str
+    run: Callable[[Any, Any], Any]
+    """(stage module, config) → result; prints what a person at a terminal wants to see."""
     help: str
 
     def load(self) -> tuple[type, Callable[[Any], Any]]:
         mod = importlib.import_module(f"sae.{self.module}")
-        return getattr(mod, self.config), getattr(mod, self.run)
+        return getattr(mod, self.config), lambda cfg: self.run(mod, cfg)
+
+
+def _eval(mod, cfg):
+    results = mod.evaluate(cfg)
+    print(mod.format_table(results))
+    return results
+
+
+def _analyse(mod, cfg):
+    from .dashboard import write_dashboard
+
+    index = write_dashboard(mod.analyse(cfg))
+    print(f"feature browser: {index.resolve()}")
+    return index
+
+
+def _score(mod, cfg):
+    scores = mod.score_text(cfg)
+    print(mod.format_scores(scores))
+    return scores
+
+
+def _print(result):
+    print(result)
+    return result
 
 
 STAGES = {
-    "harvest": Stage("harvest", "harvest", "HarvestConfig", "harvest", "cache activations of a model on a text dataset"),
-    "train": Stage("train", "train", "TrainConfig", "train", "train sparse autoencoders on a cache"),
-    "eval": Stage("eval", "evaluate", "EvalConfig", "evaluate", "metrics, PCA baseline and spliced LM loss"),
-    "analyse": Stage("analyse", "analyse", "AnalyseConfig", "analyse", "top contexts, logit lens and the HTML browser"),
-    "score": Stage("score", "analyse", "ScoreConfig", "score", "anomaly scores: per-token reconstruction error of a text"),
+    "harvest": Stage("harvest", "harvest", "HarvestConfig", lambda m, c: _print(m.harvest(c)), "cache activations of a model on a text dataset"),
+    "train": Stage("train", "train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache"),
+    "eval": Stage("eval", "evaluate", "EvalConfig", _eval, "metrics, PCA baseline and spliced LM loss"),
+    "analyse": Stage("analyse", "analyse", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
+    "score": Stage("score", "analyse", "ScoreConfig", _score, "anomaly scores: per-token reconstruction error of a text"),
 }
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -110,15 +136,15 @@ def run_stage(name: str, config_file: str | None, overrides: list[str]) -> Any:
 
 def demo(config_file: str, overrides: list[str]) -> None:
     """The whole path on the embedded model, ending with the metrics table and where the browser is."""
+    from .evaluate import format_table
+
     start = time.time()
+    results = {}
     for name in ("harvest", "train", "eval", "analyse"):
         print(f"\n=== sae {name} ({time.time() - start:.0f} s) ===", flush=True)
-        result = run_stage(name, config_file, overrides)
-        if name == "eval":
-            from .evaluate import format_table
-
-            print(format_table(result))
-    print(f"\ndemo finished in {time.time() - start:.0f} s; feature browser: {Path(result).resolve() / 'index.html'}")
+        results[name] = run_stage(name, config_file, overrides)
+    print(f"\n=== demo finished in {time.time() - start:.0f} s ===\n{format_table(results['eval'])}")
+    print(f"feature browser: {Path(results['analyse']).resolve()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             demo(args.config, args.overrides)
         else:
-            result = run_stage(args.command, args.config, args.overrides)
-            if result is not None and args.command != "eval":
-                print(result)
+            run_stage(args.command, args.config, args.overrides)
     except (UserError, FileNotFoundError) as err:  # messages meant for the user; anything else is a bug: traceback
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -115,8 +115,13 @@ class ActivationStore:
         return self.manifest["exclude_first"]
 
     @property
+    def prepend_bos(self) -> bool:
+        return bool(self.manifest.get("prepend_bos"))
+
+    @property
     def bos_token_id(self) -> int | None:
-        return self.manifest.get("bos_token_id")
+        """The BOS token every context starts with; None when contexts were not given one."""
+        return self.manifest.get("bos_token_id") if self.prepend_bos else None
 
     @property
     def dtype(self) -> torch.dtype:

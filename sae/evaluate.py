@@ -1,0 +1,382 @@
+"""Score trained SAEs on held-out activations, on the language model they were cut out of, and against PCA.
+
+Reconstruction numbers alone flatter an SAE: a low FVU can come with a model that no longer predicts text, and an
+SAE can lose to plain PCA with as many dimensions as it has active features. So every SAE is reported with the
+language-model loss when it is spliced into the forward pass, and next to the PCA reconstruction of the same rank;
+an SAE that PCA beats at its own L0 is flagged as broken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+#: Rows encoded at once; bounds the dense [rows, d_sae] feature matrix (4096 x 9216 floats = 150 MB).
+ROW_CHUNK = 4096
+
+
+@dataclass
+class EvalConfig:
+    cache: str = "runs/demo/cache"
+    saes: list[str] = field(default_factory=lambda: ["runs/demo/saes"])
+    out: str = "runs/demo/eval"
+    max_tokens: int = 20_000
+    lm_loss_contexts: int = 32
+    batch_size: int = 4
+    device: str = "auto"
+    dense_threshold: float = 0.1
+    pca_fit_tokens: int = 50_000
+
+
+# --------------------------------------------------------------------------------------------- finding SAEs
+
+
+def is_sae_dir(path: Path) -> bool:
+    """An SAE folder holds its weights as safetensors next to its config."""
+    return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def sae_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """SAE folders named directly, or found one level below a parent folder (a sweep's output)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if is_sae_dir(path):
+            found.append(path)
+            continue
+        children = sorted(p for p in path.iterdir() if is_sae_dir(p)) if path.is_dir() else []
+        if not children:
+            raise FileNotFoundError(f"{path} is neither an SAE folder (*.safetensors) nor a folder of SAE folders")
+        found.extend(children)
+    return found
+
+
+def load_saes(paths: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
+    from sae.sae import SAE
+
+    return {p.name: SAE.load(p).to(device).eval() for p in sae_dirs(paths)}
+
+
+# --------------------------------------------------------------------------------------------- reconstruction
+
+
+def reconstruct(sae, x: Tensor) -> Tensor:
+    """x̂ in the caller's dtype, whatever dtype the SAE computes in."""
+    dtype = sae.W_dec.dtype
+    return sae.decode(sae.encode(x.to(dtype))).to(x.dtype)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained: squared error over the variance of `x` about its own mean."""
+    x, x_hat = x.double(), x_hat.double()
+    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+@dataclass
+class Reconstruction:
+    l0: float
+    fvu: float
+    mse: float
+    dead_fraction: float
+    dense_fraction: float
+    n_tokens: int
+    density: Tensor  # [d_sae] fraction of tokens each feature is active on
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, x: Tensor, dense_threshold: float) -> Reconstruction:
+    """L0, FVU, MSE and feature densities over rows `x` [n, d_in], encoded in chunks."""
+    x = x.to(sae.W_dec.device)
+    active = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64, device=x.device)
+    l0 = sq_err = 0.0
+    for chunk in x.split(ROW_CHUNK):
+        f = sae.encode(chunk.to(sae.W_dec.dtype))
+        fired = f != 0
+        active += fired.sum(0)
+        l0 += float(fired.sum())
+        sq_err += float(((chunk.double() - sae.decode(f).double()) ** 2).sum())
+    n = x.shape[0]
+    density = (active / n).float().cpu()
+    total_var = float(((x.double() - x.double().mean(0)) ** 2).sum())
+    return Reconstruction(
+        l0=l0 / n,
+        fvu=sq_err / total_var,
+        mse=sq_err / x.numel(),
+        dead_fraction=float((density == 0).float().mean()),
+        dense_fraction=float((density > dense_threshold).float().mean()),
+        n_tokens=n,
+        density=density,
+    )
+
+
+# --------------------------------------------------------------------------------------------- PCA baseline
+
+
+@dataclass
+class PCA:
+    mean: Tensor  # [d]
+    components: Tensor  # [d, d], column i is the i-th principal direction (variance descending)
+
+
+def fit_pca(x: Tensor) -> PCA:
+    """Principal directions of `x` from the eigendecomposition of its covariance (d x d, cheap for any n)."""
+    x = x.double()
+    mean = x.mean(0)
+    xc = x - mean
+    _, vecs = torch.linalg.eigh(xc.T @ xc)
+    return PCA(mean=mean, components=vecs.flip(1))
+
+
+def pca_fvu_curve(pca: PCA, x: Tensor) -> Tensor:
+    """FVU of the rank-r PCA reconstruction of `x` for every r = 0..d (index r).
+
+    With orthonormal components the rank-r residual energy is the total energy about the fitted mean minus the energy
+    of the first r coordinates, so one projection gives the whole curve.
+    """
+    x = x.double().to(pca.mean.device)
+    xc = x - pca.mean
+    coord_energy = ((xc @ pca.components) ** 2).sum(0)
+    residual = (xc**2).sum() - torch.cat([coord_energy.new_zeros(1), coord_energy.cumsum(0)])
+    return (residual.clamp_min(0) / ((x - x.mean(0)) ** 2).sum()).float().cpu()
+
+
+# --------------------------------------------------------------------------------------------- language-model loss
+
+
+@dataclass
+class LMLoss:
+    ce_clean: float
+    ce_zero: float
+    ce_spliced: float
+    ce_recovered: float
+    kl: float  # mean KL(clean || spliced) of the next-token distribution, nats per token
+
+
+def _keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """A hook that replaces positions >= `first` with fn(activation) and leaves the leading ones untouched."""
+
+    def hook(a: Tensor) -> Tensor:
+        new = fn(a).to(a.dtype)
+        if first:
+            new = torch.cat([a[:, :first], new[:, first:]], dim=1)
+        return new
+
+    return hook
+
+
+@torch.no_grad()
+def lm_loss(model, tokens: Tensor, hook_name: str, sae, first: int, batch_size: int) -> LMLoss:
+    """Next-token CE of `tokens` [n, T] clean, with `hook_name` zero-ablated, and with it replaced by the SAE output.
+
+    Positions before `first` are left un-spliced and their predictions are not scored (they are identical in all
+    three runs, so they would only dilute the KL).
+    """
+    from sae.model import hooks
+
+    device = next(model.parameters()).device
+    replacements = {
+        "zero": _keep_first(first, torch.zeros_like),
+        "spliced": _keep_first(first, lambda a: reconstruct(sae, a)),
+    }
+    sums = dict(clean=0.0, zero=0.0, spliced=0.0, kl=0.0)
+    count = 0
+    for ids in tokens.split(batch_size):
+        ids = ids.to(device)
+        targets = ids[:, first + 1 :].reshape(-1)
+
+        def logprobs() -> Tensor:
+            logits = model(input_ids=ids, use_cache=False).logits[:, first:-1].float()
+            return logits.log_softmax(-1).reshape(-1, logits.shape[-1])
+
+        clean = logprobs()
+        sums["clean"] += float(F.nll_loss(clean, targets, reduction="sum"))
+        for name, fn in replacements.items():
+            with hooks(model, {hook_name: fn}):
+                lp = logprobs()
+            sums[name] += float(F.nll_loss(lp, targets, reduction="sum"))
+            if name == "spliced":
+                sums["kl"] += float(F.kl_div(lp, clean, log_target=True, reduction="sum"))
+        count += targets.numel()
+    ce = {k: v / count for k, v in sums.items()}
+    gap = ce["zero"] - ce["clean"]
+    return LMLoss(
+        ce_clean=ce["clean"],
+        ce_zero=ce["zero"],
+        ce_spliced=ce["spliced"],
+        ce_recovered=(ce["zero"] - ce["spliced"]) / gap if gap else math.nan,
+        kl=ce["kl"],
+    )
+
+
+def training_rows(store, hook_name: str, n: int) -> Tensor:
+    """The first `n` training rows of a hook, for fitting the PCA baseline away from the rows it is scored on."""
+    parts, have = [], 0
+    for rows in store.iter_ordered([hook_name], split="train"):
+        parts.append(rows.acts[hook_name])
+        have += parts[-1].shape[0]
+        if have >= n:
+            break
+    return torch.cat(parts)[:n]
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_density(density: Tensor, title: str, path: Path) -> None:
+    """Histogram of log10 feature density; dead features have no logarithm, so the title counts them."""
+    plt = _pyplot()
+    alive = density[density > 0]
+    lowest = math.log10(float(alive.min())) if len(alive) else -1.0
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(alive.log10().numpy(), bins=50, range=(min(lowest, -1.0), 0.0), color="#4c72b0")
+    ax.set_xlabel("log10 feature density (fraction of tokens active)")
+    ax.set_ylabel("features")
+    ax.set_title(f"{title}: {len(density) - len(alive)} dead of {len(density)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    """L0 vs FVU of every SAE with the PCA curve (FVU vs rank) of its hook on the same axes, one panel per hook."""
+    plt = _pyplot()
+    hooks_ = sorted(results["pca"])
+    fig, axes = plt.subplots(1, len(hooks_), figsize=(6 * len(hooks_), 4.5), squeeze=False)
+    for ax, hook in zip(axes[0], hooks_):
+        curve = results["pca"][hook]["fvu"]
+        ranks = range(1, len(curve))
+        ax.plot(list(ranks), curve[1:], color="grey", label="PCA (rank r)")
+        for row in (r for r in results["saes"] if r["hook"] == hook):
+            ax.scatter(row["l0"], row["fvu"], zorder=3, color="red" if not row["beats_pca_at_l0"] else None)
+            ax.annotate(row["name"], (row["l0"], row["fvu"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (SAE) / rank r (PCA)")
+        ax.set_ylabel("FVU (held out)")
+        ax.set_title(hook)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def write_json(path: Path, data) -> None:
+    """Write atomically, so a reader never sees half a file and an interrupted run leaves the old one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
+    """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = 1 if store.exclude_first else 0
+    hooks_ = sorted({s.cfg.hook_name for s in saes.values()})
+    heldout = store.holdout(hooks_, cfg.max_tokens)
+    results: dict = {
+        "cache": str(cfg.cache),
+        "model": store.model_name,
+        "position_0_spliced": not first,
+        "position_0_note": (
+            "the cache dropped position 0 (the BOS attention sink, an outlier the SAEs never saw), so position 0 is "
+            "left un-spliced and its prediction unscored"
+            if first
+            else "the cache kept position 0, so every position is spliced and scored"
+        ),
+        "pca": {},
+        "saes": [],
+    }
+    contexts = store.context_tokens(store.holdout_seqs(cfg.lm_loss_contexts))
+    for hook in hooks_:
+        pca = fit_pca(training_rows(store, hook, cfg.pca_fit_tokens))
+        results["pca"][hook] = {"fit_rows": cfg.pca_fit_tokens, "fvu": pca_fvu_curve(pca, heldout[hook]).tolist()}
+    for name, sae in saes.items():
+        hook = sae.cfg.hook_name
+        rec = reconstruction_metrics(sae, heldout[hook], cfg.dense_threshold)
+        loss = lm_loss(model, contexts, hook, sae, first, cfg.batch_size)
+        curve = results["pca"][hook]["fvu"]
+        d_in = len(curve) - 1
+        r_l0 = min(max(round(rec.l0), 1), d_in)
+        hist = out / f"density_{name}.png"
+        plot_density(rec.density, name, hist)
+        results["saes"].append(
+            {
+                "name": name,
+                "hook": hook,
+                "architecture": sae.cfg.architecture,
+                "d_in": sae.cfg.d_in,
+                "d_sae": sae.cfg.d_sae,
+                "n_tokens": rec.n_tokens,
+                "l0": rec.l0,
+                "fvu": rec.fvu,
+                "mse": rec.mse,
+                "dead_fraction": rec.dead_fraction,
+                "dense_fraction": rec.dense_fraction,
+                "dense_threshold": cfg.dense_threshold,
+                **asdict(loss),
+                "lm_loss_contexts": len(contexts),
+                "pca_rank_at_l0": r_l0,
+                "pca_fvu_at_l0": curve[r_l0],
+                "pca_rank_quarter": d_in // 4,
+                "pca_fvu_at_quarter": curve[d_in // 4],
+                "beats_pca_at_l0": rec.fvu <= curve[r_l0],  # a tie (both exact) is not a loss
+                "density_histogram": hist.name,
+            }
+        )
+    plot_pareto(results, out / "pareto.png")
+    results["pareto_plot"] = "pareto.png"
+    write_json(out / "eval.json", results)
+    return results
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Load the cache, the SAEs and the model, evaluate, and write `<out>/eval.json` plus the plots."""
+    from sae.model import load_model, pick_device
+    from sae.store import ActivationStore
+
+    store = ActivationStore(cfg.cache)
+    device = pick_device(cfg.device)
+    model, _ = load_model(store.model_name, str(device))
+    return evaluate_saes(cfg, store, load_saes(cfg.saes, device), model)
+
+
+def format_table(results: dict) -> str:
+    """One line per SAE; a PCA-beaten SAE gets a loud marker and an explanation underneath."""
+    head = f"{'sae':<24} {'hook':<24} {'L0':>7} {'FVU':>7} {'PCA@L0':>7} {'dead':>6} {'dense':>6} {'CE rec':>7} {'KL':>7}"
+    lines = [head, "-" * len(head)]
+    broken = []
+    for r in results["saes"]:
+        flag = "" if r["beats_pca_at_l0"] else "  <-- BROKEN: PCA beats it"
+        lines.append(
+            f"{r['name']:<24} {r['hook']:<24} {r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} "
+            f"{r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%} {r['ce_recovered']:>7.3f} {r['kl']:>7.3f}{flag}"
+        )
+        if flag:
+            broken.append(r)
+    for r in broken:
+        lines.append(
+            f"!!! {r['name']}: rank-{r['pca_rank_at_l0']} PCA reconstructs held-out rows better (FVU "
+            f"{r['pca_fvu_at_l0']:.3f}) than this SAE with L0 {r['l0']:.1f} (FVU {r['fvu']:.3f}); it is not learning "
+            "a useful sparse code."
+        )
+    lines.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
+    return "\n".join(lines)

@@ -1,0 +1,658 @@
+"""Sparse autoencoder models: one base class, one small class per architecture.
+
+Every variant stores ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]`` and
+``b_dec [d_in]`` and works on *normalised* activations ``x · scale`` internally, where the
+trainer fits ``scale`` so that E‖x·scale‖² = d_in (Anthropic, "Circuits Updates – April
+2024"). That makes the sparsity coefficients and learning rates transfer across models and
+layers. ``encode``/``decode``/``forward`` all take and return *raw* activations; ``save``
+folds the scale into the weights so that the files on disk need no normalisation at all.
+
+On-disk layout is SAELens 6's (``cfg.json`` + ``sae_weights.safetensors``), so a saved folder
+loads with ``sae_lens.SAE.load_from_disk`` and ``SAE.load`` reads SAELens folders too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+# SAELens 6 decides how to parse cfg.json from metadata.sae_lens_version: anything older
+# than 6.0 goes through its legacy-key conversion. We write the 6.x layout, so we say so.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+@dataclass
+class SAEConfig:
+    """Shape, provenance and loss hyper-parameters of one SAE.
+
+    Fields a variant does not use are ignored by it (e.g. ``k`` for relu_l1), so one flat,
+    JSON-serialisable dataclass describes every architecture.
+    """
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    hook_name: str = ""
+    model_name: str = ""
+    dtype: str = "float32"
+    scale: float = 1.0
+    """Input normalisation: the model sees ``x · scale``. 1.0 after ``save`` folds it."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec before encoding; None → the variant's paper default."""
+    k: int = 32
+    """topk: active latents per token; batchtopk: mean active latents per token."""
+    l1_coefficient: float = 5.0
+    """relu_l1: λ of the April-2024 recipe (λ = 5 with E‖x‖² = d_in normalisation)."""
+    l0_coefficient: float = 2.0
+    """jumprelu: weight of the L0 penalty."""
+    bandwidth: float | None = None
+    """jumprelu: STE kernel width ε; None → 0.001·√d_in (see JumpReLUSAE)."""
+    init_threshold: float | None = None
+    """jumprelu: initial θ; None → 0.001·√d_in (see JumpReLUSAE)."""
+    aux_k: int | None = None
+    """topk/batchtopk: latents in the AuxK reconstruction; None → d_in // 2 (Gao et al.)."""
+    aux_coefficient: float = 1 / 32
+    """topk/batchtopk: weight α of the AuxK loss (Gao et al. §A.2)."""
+    threshold_momentum: float = 0.01
+    """batchtopk: EMA rate of the inference threshold."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SAE_CLASSES:
+            raise ValueError(
+                f"unknown SAE architecture {self.architecture!r}; valid: {sorted(SAE_CLASSES)}"
+            )
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        """Build from a dict, ignoring unknown keys (forward compatibility of cfg.json)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SparseActs(NamedTuple):
+    """Active latents in coordinate form, rows sorted ascending (one entry per active pair)."""
+
+    rows: Tensor
+    """Token index of each entry, int64 [nnz]."""
+    features: Tensor
+    """Latent index of each entry, int64 [nnz]."""
+    values: Tensor
+    """Activation of each entry, [nnz]."""
+
+    def to_dense(self, n_rows: int, d_sae: int) -> Tensor:
+        out = self.values.new_zeros(n_rows, d_sae)
+        out[self.rows, self.features] = self.values
+        return out
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one training step needs from a forward pass."""
+
+    x_hat: Tensor
+    """Reconstruction of the raw input, [batch, d_in]."""
+    acts: Tensor | SparseActs
+    """Latent activations: dense [batch, d_sae] (relu_l1, jumprelu) or ``SparseActs``
+    (topk, batchtopk, which never materialise the dense matrix)."""
+    loss: Tensor
+    """Scalar to call ``backward`` on, in normalised units (E‖x‖² = d_in)."""
+    losses: dict[str, Tensor]
+    """Named, detached loss terms before weighting (mse, l1, l0, auxk)."""
+    l0: Tensor
+    """Mean number of active latents per token (detached scalar)."""
+    fire_counts: Tensor
+    """Tokens in this batch on which each latent fired, int64 [d_sae]; feeds the trainer's
+    dead-latent tracker."""
+
+
+class SAE(nn.Module):
+    """Shared parameters, normalisation, dense decode, save/load.
+
+    Subclasses implement ``encode_normalised`` (inference activations) and ``_train_forward``
+    (activations + loss terms in normalised units).
+    """
+
+    sae_lens_architecture: ClassVar[str]
+    apply_b_dec_default: ClassVar[bool]
+    unit_norm_decoder: ClassVar[bool]
+    """Keep decoder rows unit-norm: the trainer calls ``remove_parallel_grads`` before and
+    ``normalize_decoder`` after each optimiser step."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.register_buffer("scale", torch.tensor(float(cfg.scale), dtype=dtype))
+        self._init_tied(decoder_norm=1.0)
+
+    @torch.no_grad()
+    def _init_tied(self, decoder_norm: float) -> None:
+        """Random decoder directions of a fixed norm and W_enc = W_decᵀ — the initialisation
+        shared by all four recipes (Gao et al. §2.2; Anthropic April 2024; Rajamanoharan et al.)."""
+        self.W_dec.normal_()
+        self.W_dec.mul_(decoder_norm / self.W_dec.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.T)
+
+    # ----- normalisation -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialise_from_data(self, sample: Tensor) -> None:
+        """Fit ``scale`` so E‖x·scale‖² = d_in, and start b_dec at the (normalised) data mean.
+
+        The mean stands in for Gao et al.'s geometric median: nearly as good and one pass.
+        """
+        sample = sample.to(self.W_dec.device, torch.float32)
+        scale = math.sqrt(self.cfg.d_in / sample.pow(2).sum(-1).mean().item())
+        self.scale.fill_(scale)
+        self.cfg.scale = scale
+        self.b_dec.copy_(sample.mean(0) * scale)
+
+    # ----- inference -----------------------------------------------------------------------
+
+    def pre_acts(self, x_n: Tensor) -> Tensor:
+        """Encoder pre-activations of normalised input."""
+        if self.cfg.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        return torch.addmm(self.b_enc, x_n, self.W_enc)
+
+    def encode_normalised(self, x_n: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations [..., d_sae] of raw activations x [..., d_in]."""
+        flat = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.scale
+        return self.encode_normalised(flat).reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Raw-space reconstruction [..., d_in] of dense latents f [..., d_sae]."""
+        return (f @ self.W_dec + self.b_dec) / self.scale
+
+    # ----- training ------------------------------------------------------------------------
+
+    def forward(
+        self, x: Tensor, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0
+    ) -> ForwardOutput:
+        """Training forward pass on raw activations x [batch, d_in].
+
+        ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK uses it);
+        ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up).
+        """
+        x_n = x.to(self.W_enc.dtype) * self.scale
+        x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(
+            x_n, dead_mask, penalty_scale
+        )
+        return ForwardOutput(x_hat_n / self.scale, acts, loss, losses, l0, fire_counts)
+
+    def _train_forward(
+        self, x_n: Tensor, dead_mask: Tensor | None, penalty_scale: float
+    ) -> tuple[Tensor, Tensor | SparseActs, Tensor, dict[str, Tensor], Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Project out the gradient component along each decoder row, so the optimiser step
+        moves rows (to first order) along the unit sphere (Gao et al. §A.2)."""
+        if self.W_dec.grad is None:
+            return
+        W, g = self.W_dec, self.W_dec.grad
+        g.sub_((g * W).sum(1, keepdim=True) * W)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    # ----- persistence ---------------------------------------------------------------------
+
+    def _extra_inference_tensors(self) -> dict[str, Tensor]:
+        """Tensors besides the four weights that SAELens's inference class expects."""
+        return {}
+
+    def _load_extra_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
+        pass
+
+    @torch.no_grad()
+    def folded_state(self) -> dict[str, Tensor]:
+        """Weights with the input scale s folded in, for raw activations with no scaling.
+
+        With x_n = s·x:  pre = (s·x − a·b_dec) W_enc + b_enc = x (s·W_enc) − a (b_dec/s)(s·W_enc)
+        + b_enc, and x̂ = x̂_n / s = f (W_dec/s) + b_dec/s. So W_enc·s, W_dec/s, b_dec/s fold
+        it; b_enc and any threshold act on the (unchanged) pre-activations and stay as they are.
+        """
+        s = self.scale
+        dtype = getattr(torch, self.cfg.dtype)
+        state = {
+            "W_enc": self.W_enc * s,
+            "b_enc": self.b_enc,
+            "W_dec": self.W_dec / s,
+            "b_dec": self.b_dec / s,
+            **self._extra_inference_tensors(),
+        }
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write a SAELens-6 folder: ``cfg.json`` + ``sae_weights.safetensors``, scale folded.
+
+        The model itself is left untouched (training may continue after a save).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        ours = replace(self.cfg, scale=1.0)
+        cfg_json: dict[str, Any] = {
+            "architecture": self.sae_lens_architecture,
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "dtype": self.cfg.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
+                "hook_name": self.cfg.hook_name,
+                "model_name": self.cfg.model_name,
+                "fitted_scale": float(self.scale),
+                "sae_config": asdict(ours),
+            },
+        }
+        if self.sae_lens_architecture == "topk":
+            cfg_json["k"] = self.cfg.k
+        _atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(self.folded_state(), p))
+        _atomic_write(
+            path / CFG_FILENAME, lambda p: Path(p).write_text(json.dumps(cfg_json, indent=2))
+        )
+        return path
+
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """Load a folder written by ``save`` or by SAELens (standard/topk/jumprelu)."""
+        path = Path(path)
+        raw = json.loads((path / CFG_FILENAME).read_text())
+        meta = raw.get("metadata") or {}
+        if raw.get("normalize_activations", "none") != "none":
+            raise ValueError(
+                f"{path}: normalize_activations={raw['normalize_activations']!r} is not "
+                "supported; fold the normalisation into the weights first"
+            )
+        if "sae_config" in meta:
+            cfg = SAEConfig.from_dict(meta["sae_config"])
+        else:
+            by_saelens = {c.sae_lens_architecture: name for name, c in SAE_CLASSES.items()}
+            arch = raw.get("architecture", "standard")
+            if arch not in by_saelens:
+                raise ValueError(f"{path}: unsupported SAELens architecture {arch!r}")
+            cfg = SAEConfig(
+                architecture=by_saelens[arch],
+                d_in=raw["d_in"],
+                d_sae=raw["d_sae"],
+                hook_name=meta.get("hook_name") or raw.get("hook_name") or "",
+                model_name=meta.get("model_name") or raw.get("model_name") or "",
+                dtype=raw.get("dtype", "float32"),
+                apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True),
+                k=raw.get("k", 32),
+            )
+        sae = create_sae(cfg)
+        tensors = load_file(path / WEIGHTS_FILENAME)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(tensors[name])
+            sae._load_extra_inference_tensors(tensors)
+        return sae.to(device)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temp file + ``os.replace`` so readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    tmp.replace(path)
+
+
+# ----- sparse kernels ------------------------------------------------------------------------
+
+
+def _csr_offsets(index: Tensor, n: int) -> Tensor:
+    """Start offset of each of n bags for sorted ``index`` (empty bags allowed)."""
+    counts = torch.bincount(index, minlength=n)
+    return torch.cumsum(counts, 0) - counts
+
+
+class _SparseEncode(torch.autograd.Function):
+    """Pre-activations at selected (row, latent) pairs, with a *sparse* backward.
+
+    Forward runs the dense encoder matmul once and lets ``select`` pick the pairs. Backward
+    only touches the selected pairs: dW_enc, db_enc and db_dec cost O(nnz·d_in) instead of
+    the O(batch·d_sae·d_in) dense weight-gradient matmul. dW_enc is assembled with
+    ``embedding_bag`` over pairs sorted by latent, which avoids materialising [nnz, d_in].
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_n: Tensor,
+        b_dec: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        apply_b_dec: bool,
+        select: Callable[[Tensor], tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x_c = x_n - b_dec if apply_b_dec else x_n
+        pre = torch.addmm(b_enc, x_c, W_enc)
+        rows, feats = select(pre)
+        ctx.save_for_backward(x_c, W_enc, rows, feats)
+        ctx.apply_b_dec = apply_b_dec
+        ctx.mark_non_differentiable(rows, feats)
+        return pre[rows, feats], rows, feats
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: Any, grad_vals: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_c, W_enc, rows, feats = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        grad_vals = grad_vals.to(x_c.dtype)
+        order = torch.argsort(feats)
+        # dW_encᵀ[j] = Σ_{(b, j) selected} grad · x_c[b]: one bag of token rows per latent.
+        grad_W_enc_t = F.embedding_bag(
+            rows[order],
+            x_c,
+            _csr_offsets(feats, d_sae),
+            mode="sum",
+            per_sample_weights=grad_vals[order],
+        )
+        grad_b_enc = torch.zeros(d_sae, dtype=x_c.dtype, device=x_c.device)
+        grad_b_enc.index_add_(0, feats, grad_vals)
+        # pre = (x − b_dec) W_enc + b_enc  ⇒  ∂/∂b_dec = −W_enc · (∂/∂b_enc).
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.apply_b_dec else None
+        return None, grad_b_dec, grad_W_enc_t.T, grad_b_enc, None, None
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor, n_rows: int) -> Tensor:
+    """Σ_j values · W_dec[features] per row, without the dense [n_rows, d_sae] matrix.
+
+    ``embedding_bag``'s backward is sparse as well: gradients reach only the used W_dec rows.
+    """
+    return F.embedding_bag(
+        acts.features,
+        W_dec,
+        _csr_offsets(acts.rows, n_rows),
+        mode="sum",
+        per_sample_weights=acts.values.to(W_dec.dtype),
+    )
+
+
+# ----- variants ------------------------------------------------------------------------------
+
+
+class ReLUL1SAE(SAE):
+    """ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic, "Circuits Updates –
+    April 2024"): L = ‖x − x̂‖² + λ Σᵢ fᵢ‖W_dec,ᵢ‖, with no unit-norm constraint on the
+    decoder — the norm inside the penalty stops the model from shrinking f and growing W_dec."""
+
+    sae_lens_architecture = "standard"
+    apply_b_dec_default = False
+    unit_norm_decoder = False
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # April 2024: "W_dec columns initialised to random directions with norm 0.1"; W_enc = W_decᵀ.
+        self._init_tied(decoder_norm=0.1)
+
+    def encode_normalised(self, x_n: Tensor) -> Tensor:
+        return F.relu(self.pre_acts(x_n))
+
+    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+        f = self.encode_normalised(x_n)
+        x_hat = torch.addmm(self.b_dec, f, self.W_dec)
+        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        l1 = (f @ self.W_dec.norm(dim=1)).mean()
+        loss = mse + penalty_scale * self.cfg.l1_coefficient * l1
+        active = f.detach() > 0
+        l0 = active.sum(-1, dtype=torch.float32).mean()
+        losses = {"mse": mse.detach(), "l1": l1.detach()}
+        return x_hat, f, loss, losses, l0, active.sum(0)
+
+
+class _TopKFamily(SAE):
+    """Shared TopK/BatchTopK machinery (Gao et al. 2024, "Scaling and evaluating sparse
+    autoencoders"): unit-norm decoder, tied init, b_dec subtracted from the input, sparse
+    encoder backward and decoder, and the AuxK loss for dead latents."""
+
+    apply_b_dec_default = True
+    unit_norm_decoder = True
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, latents) of the main activation, rows sorted ascending."""
+        raise NotImplementedError
+
+    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+        n = x_n.shape[0]
+        aux_k = min(self.cfg.aux_k or self.cfg.d_in // 2, self.cfg.d_sae)
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        n_main: list[int] = []
+
+        def select(pre: Tensor) -> tuple[Tensor, Tensor]:
+            rows, feats = self._select(pre)
+            n_main.append(rows.numel())
+            if n_dead == 0:
+                return rows, feats
+            # AuxK (Gao et al. §A.2): the top-k_aux *dead* latents model the residual.
+            k = min(aux_k, n_dead)
+            aux_feats = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1).indices
+            aux_rows = torch.arange(n, device=pre.device).repeat_interleave(k)
+            return torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats.flatten()])
+
+        vals, rows, feats = _SparseEncode.apply(
+            x_n, self.b_dec, self.W_enc, self.b_enc, self.cfg.apply_b_dec_to_input, select
+        )
+        m = n_main[0]
+        acts = SparseActs(rows[:m], feats[:m], F.relu(vals[:m]))
+        self._observe(acts)
+        x_hat = sparse_decode(acts, self.W_dec, n) + self.b_dec
+        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        loss = mse
+        losses = {"mse": mse.detach()}
+        if n_dead:
+            aux = SparseActs(rows[m:], feats[m:], F.relu(vals[m:]))
+            residual = (x_n - x_hat).detach()
+            aux_hat = sparse_decode(aux, self.W_dec, n)
+            # Gao et al. normalise AuxK by the residual's energy (NMSE); our mse is in units
+            # where E‖x‖² = d_in, so we express AuxK in the same units to keep their α = 1/32.
+            auxk = (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8)
+            auxk = auxk * self.cfg.d_in
+            loss = loss + self.cfg.aux_coefficient * auxk
+            losses["auxk"] = auxk.detach()
+        fired = acts.values.detach() > 0
+        fire_counts = torch.bincount(acts.features[fired], minlength=self.cfg.d_sae)
+        l0 = fired.sum(dtype=torch.float32) / n
+        return x_hat, acts, loss, losses, l0, fire_counts
+
+    def _observe(self, acts: SparseActs) -> None:
+        """Hook for statistics gathered from the training activations."""
+
+
+class TopKSAE(_TopKFamily):
+    """Exactly k latents per token: ReLU(TopK(W_enc(x − b_dec) + b_enc)) (Gao et al. eq. 3)."""
+
+    sae_lens_architecture = "topk"
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        feats = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.cfg.k)
+        return rows, feats.flatten()
+
+    def encode_normalised(self, x_n: Tensor) -> Tensor:
+        pre = self.pre_acts(x_n)
+        top = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+
+
+class BatchTopKSAE(_TopKFamily):
+    """Top k·B activations over the whole batch (Bussmann et al. 2024, "BatchTopK Sparse
+    Autoencoders"), so tokens get a variable number of latents. Inference replaces the
+    batch-dependent selection by a global threshold θ — the running average of the smallest
+    kept activation — i.e. a JumpReLU with one θ shared by all latents; SAELens saves it as
+    ``jumprelu`` with that θ broadcast to every latent, and so do we."""
+
+    sae_lens_architecture = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros((), dtype=self.W_enc.dtype))
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        n, d_sae = pre.shape
+        k_total = self.cfg.k * n
+        # A flat topk over n·d_sae entries is ~6× slower than a row-wise one on CPU, so first
+        # keep each row's top-m candidates. This is exact unless some row needs all m of them
+        # (it might need more): then fall back to the flat topk.
+        m = min(d_sae, 4 * self.cfg.k)
+        cand = pre.topk(m, dim=-1, sorted=False)
+        flat = cand.values.flatten().topk(k_total, sorted=False).indices
+        rows = flat // m
+        if m < d_sae and bool((torch.bincount(rows, minlength=n) == m).any()):
+            flat = pre.flatten().topk(k_total, sorted=False).indices
+            rows, feats = flat // d_sae, flat % d_sae
+        else:
+            feats = cand.indices.flatten()[flat]
+        order = torch.argsort(rows)
+        return rows[order], feats[order]
+
+    @torch.no_grad()
+    def _observe(self, acts: SparseActs) -> None:
+        positive = acts.values[acts.values > 0]
+        if not self.training or positive.numel() == 0:
+            return
+        smallest = positive.min().to(self.threshold.dtype)
+        if self.threshold == 0:  # first batch: start at the observed value, not at 0
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest, self.cfg.threshold_momentum)
+
+    def encode_normalised(self, x_n: Tensor) -> Tensor:
+        pre = self.pre_acts(x_n)
+        return F.relu(pre) * (pre > self.threshold)
+
+    def _extra_inference_tensors(self) -> dict[str, Tensor]:
+        return {"threshold": self.threshold.expand(self.cfg.d_sae)}
+
+    def _load_extra_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.threshold.copy_(tensors["threshold"].flatten()[0])
+
+
+class _JumpReLU(torch.autograd.Function):
+    """f = z·H(z − θ) with the straight-through pseudo-derivative of Rajamanoharan et al.
+    2024 ("Jumping Ahead", §4 and the pseudo-code in their appendix):
+    ∂f/∂z = H(z − θ);  ∂f/∂θ := −(θ/ε)·K((z − θ)/ε), K the rectangle kernel 1{|u| < ½}."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        in_window = ((z - theta).abs() < eps / 2).to(grad.dtype)
+        grad_theta = -(theta / eps) * (grad * in_window).sum(0)
+        return grad * (z > theta), grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ) for the L0 penalty; ∂/∂z := 0, ∂/∂θ := −(1/ε)·K((z − θ)/ε) (same source)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        in_window = ((z - theta).abs() < eps / 2).to(grad.dtype)
+        return None, -(grad * in_window).sum(0) / eps, None
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE trained on L0 directly (Rajamanoharan et al. 2024, "Jumping Ahead"):
+    L = ‖x − x̂‖² + λ‖f‖₀ with per-latent thresholds θ = exp(log θ) learnt through the
+    pseudo-derivatives above. Decoder rows are kept unit-norm, the L0 penalty being blind to
+    their scale.
+
+    The paper's ε = θ₀ = 0.001 assume inputs with unit mean squared norm; ours have
+    E‖x‖² = d_in, i.e. pre-activations √d_in larger, so the defaults are scaled by √d_in.
+    """
+
+    sae_lens_architecture = "jumprelu"
+    apply_b_dec_default = False
+    unit_norm_decoder = True
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        theta0 = cfg.init_threshold or 0.001 * math.sqrt(cfg.d_in)
+        self.log_threshold = nn.Parameter(
+            torch.full((cfg.d_sae,), math.log(theta0), dtype=self.W_enc.dtype)
+        )
+
+    @property
+    def bandwidth(self) -> float:
+        return self.cfg.bandwidth or 0.001 * math.sqrt(self.cfg.d_in)
+
+    def encode_normalised(self, x_n: Tensor) -> Tensor:
+        pre = self.pre_acts(x_n)
+        return pre * (pre > self.log_threshold.exp())
+
+    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+        pre = self.pre_acts(x_n)
+        theta = self.log_threshold.exp()
+        f = _JumpReLU.apply(pre, theta, self.bandwidth)
+        x_hat = torch.addmm(self.b_dec, f, self.W_dec)
+        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        l0_loss = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
+        loss = mse + penalty_scale * self.cfg.l0_coefficient * l0_loss
+        active = f.detach() > 0
+        losses = {"mse": mse.detach(), "l0": l0_loss.detach()}
+        return x_hat, f, loss, losses, l0_loss.detach(), active.sum(0)
+
+    def _extra_inference_tensors(self) -> dict[str, Tensor]:
+        return {"threshold": self.log_threshold.exp()}
+
+    def _load_extra_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
+        # SAELens allows θ = 0 (plain ReLU); keep it finite in log space.
+        self.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
+
+
+SAE_CLASSES: dict[str, type[SAE]] = {
+    "relu_l1": ReLUL1SAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+}
+
+
+def create_sae(cfg: SAEConfig) -> SAE:
+    """Instantiate the variant named by ``cfg.architecture``."""
+    if cfg.architecture not in SAE_CLASSES:
+        raise ValueError(
+            f"unknown SAE architecture {cfg.architecture!r}; valid: {sorted(SAE_CLASSES)}"
+        )
+    return SAE_CLASSES[cfg.architecture](cfg)

@@ -1,0 +1,512 @@
+"""Train several SAEs in one pass over an activation cache.
+
+Every batch read from disk feeds all SAEs (different hooks, widths, k or λ), so reading the
+cache — the slow part at scale — is paid once. Each SAE has its own Adam, schedules and
+dead-latent tracker (``SAETrainer``); ``train`` owns the data stream, checkpoints and logging.
+
+Schedules and windows are fractions of the run's token budget, so one set of defaults fits a
+two-minute demo and a 100M-token run alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import UserError
+from .sae import SAE, SAE_CLASSES, SAEConfig, SparseActs, create_sae
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+SCALE_SAMPLE_ROWS = 65536
+GAO_DEAD_TOKENS = 10_000_000
+"""Gao et al. call a latent dead after 10M tokens without firing; shorter runs scale it down."""
+
+
+class TrainError(UserError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+class DivergedError(TrainError):
+    """The loss became NaN/inf."""
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train."""
+
+    architecture: str
+    hook: str
+    expansion_factor: int = 16
+    d_sae: int | None = None
+    """Explicit width; overrides ``expansion_factor``."""
+    k: int = 32
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 2.0
+    lr: float | None = None
+    """Overrides ``TrainConfig.lr`` for this SAE."""
+    name: str | None = None
+    """Output folder name; default e.g. ``topk_k32_x16_blocks.15.hook_resid_post``."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SAE_CLASSES:
+            raise TrainError(
+                f"unknown SAE architecture {self.architecture!r}; valid: {sorted(SAE_CLASSES)}"
+            )
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        sparsity = {
+            "relu_l1": f"l1c{self.l1_coefficient:g}",
+            "jumprelu": f"l0c{self.l0_coefficient:g}",
+        }.get(self.architecture, f"k{self.k}")
+        width = f"d{self.d_sae}" if self.d_sae else f"x{self.expansion_factor}"
+        return f"{self.architecture}_{sparsity}_{width}_{self.hook}"
+
+    def sae_config(self, d_in: int, model_name: str) -> SAEConfig:
+        return SAEConfig(
+            architecture=self.architecture,
+            d_in=d_in,
+            d_sae=self.d_sae or self.expansion_factor * d_in,
+            hook_name=self.hook,
+            model_name=model_name,
+            k=self.k,
+            l1_coefficient=self.l1_coefficient,
+            l0_coefficient=self.l0_coefficient,
+        )
+
+
+@dataclass
+class TrainConfig:
+    """A training run: where the data is, what to train, and how."""
+
+    cache: str
+    out: str
+    saes: list[SAESpec]
+    batch_size: int = 4096
+    total_tokens: int | None = None
+    """Tokens to train on; None → one epoch over the cache's training split."""
+    lr: float | None = None
+    """Adam learning rate; None → the architecture's default (``default_lr``)."""
+    lr_warmup_frac: float = 0.01
+    lr_decay_frac: float = 0.2
+    """Linear decay to 0 over the last fraction of the run (Anthropic April 2024)."""
+    l1_warmup_frac: float = 0.05
+    """Linear warm-up of the sparsity coefficient (L1 or L0) from 0 (Anthropic April 2024)."""
+    grad_clip: float = 1.0
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (one is always written at the end)."""
+    dead_window_tokens: int | None = None
+    """Tokens without firing after which a latent counts as dead; None → 10M (Gao et al.) or
+    a tenth of the run if that is shorter, so short runs still measure something."""
+    seed: int = 0
+    device: str = "auto"
+    wandb_mode: str = "offline"
+    wandb_project: str = "sae"
+    resume: bool = False
+    log_every: int = 10
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From a parsed YAML/JSON ``train:`` section."""
+        d = dict(d)
+        d["saes"] = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in d.get("saes", [])]
+        return cls(**d)
+
+
+def default_lr(architecture: str, d_sae: int) -> float:
+    """Adam learning rate of each recipe, for inputs with E‖x‖² = d_in."""
+    if architecture in ("topk", "batchtopk"):
+        return 2e-4 / math.sqrt(d_sae / 2**14)  # Gao et al. 2024, §2.2 (scaled with width)
+    if architecture == "jumprelu":
+        return 7e-5  # Gemma Scope (Lieberum et al. 2024)
+    return 5e-5  # Anthropic, Circuits Updates April 2024
+
+
+def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
+    """Linear warm-up, constant, then linear decay to zero."""
+    warmup = max(1, round(warmup_frac * total_steps))
+    decay = max(1, round(decay_frac * total_steps))
+    return max(0.0, min(1.0, (step + 1) / warmup, (total_steps - step) / decay))
+
+
+class SAETrainer:
+    """Everything one SAE needs to take a step: Adam, lr and sparsity schedules, gradient
+    clipping, the unit-norm decoder constraint, and dead-latent tracking."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        *,
+        lr: float,
+        total_steps: int,
+        lr_warmup_frac: float = 0.01,
+        lr_decay_frac: float = 0.2,
+        penalty_warmup_frac: float = 0.05,
+        grad_clip: float = 1.0,
+        dead_window_tokens: int = GAO_DEAD_TOKENS,
+    ) -> None:
+        self.sae = sae
+        self.total_steps = total_steps
+        self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
+        self.grad_clip = grad_clip
+        self.dead_window_tokens = dead_window_tokens
+        params = list(sae.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, total_steps, lr_warmup_frac, lr_decay_frac),
+        )
+        self.tokens_since_fired = torch.zeros(
+            sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device
+        )
+        self.step_count = 0
+        self.first_nonfinite_step = torch.tensor(-1, device=sae.W_dec.device)
+        """First step whose loss was NaN/inf (-1: none); kept on device to avoid a sync per step."""
+
+    @property
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    def step(self, x: Tensor, autocast: bool = False) -> dict[str, Tensor]:
+        """One optimiser step on raw activations x [batch, d_in]; returns detached metrics."""
+        if x.shape[-1] != self.sae.cfg.d_in:
+            raise TrainError(
+                f"batch for hook {self.sae.cfg.hook_name!r} has d_model {x.shape[-1]} but the "
+                f"SAE expects d_in {self.sae.cfg.d_in}; the cache and the SAE do not match"
+            )
+        sae = self.sae
+        penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = sae(x, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_grads()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        if sae.unit_norm_decoder:
+            sae.normalize_decoder()
+        self.tokens_since_fired = torch.where(
+            out.fire_counts > 0, 0, self.tokens_since_fired + x.shape[0]
+        )
+        self.step_count += 1
+        bad = ~torch.isfinite(out.loss.detach()) & (self.first_nonfinite_step < 0)
+        self.first_nonfinite_step = torch.where(bad, self.step_count, self.first_nonfinite_step)
+        with torch.no_grad():
+            x = x.float()
+            err = (x - out.x_hat.float()).pow(2).sum()
+            fvu = err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return {
+            "loss": out.loss.detach(),
+            **out.losses,
+            "l0": out.l0,
+            "fvu": fvu,
+            "dead_frac": self.dead_mask.float().mean(),
+            "lr": torch.tensor(lr),
+        }
+
+    # ----- checkpoint state ----------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Model weights, Adam moments and the dead tracker, for one safetensors file."""
+        out = {f"model.{k}": v for k, v in self.sae.state_dict().items()}
+        for i, state in self.optimizer.state_dict()["state"].items():
+            out.update({f"optim.{i}.{k}": torch.as_tensor(v) for k, v in state.items()})
+        out["tokens_since_fired"] = self.tokens_since_fired
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def state_json(self) -> dict[str, Any]:
+        groups = self.optimizer.state_dict()["param_groups"]
+        return {
+            "step": self.step_count,
+            "sae_config": asdict(self.sae.cfg),
+            "param_groups": groups,
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        device = self.sae.W_dec.device
+        self.sae.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        self.sae.cfg.scale = float(self.sae.scale)
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, v in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(device)
+        self.step_count = meta["step"]
+
+
+# ----- data ----------------------------------------------------------------------------------
+
+
+class Prefetcher:
+    """Reads batches on a background thread so disk and decoding overlap the SAE steps.
+
+    Batches are checked for NaN/inf here, on the CPU, where it costs no device sync; on CUDA
+    they are pinned so the host→device copy can run asynchronously.
+    """
+
+    def __init__(self, reader: Iterator[dict[str, Tensor]], *, start: int, batch_size: int,
+                 n_batches: int, pin: bool, depth: int = 2) -> None:
+        self._queue: queue.Queue[dict[str, Tensor] | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._args = (reader, start, batch_size, n_batches, pin)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        reader, start, batch_size, n_batches, pin = self._args
+        try:
+            for i in range(n_batches):
+                batch = next(reader)
+                for hook, t in batch.items():
+                    if not torch.isfinite(t).all():
+                        row = start + i * batch_size
+                        raise TrainError(
+                            f"non-finite values (NaN/inf) in the cache for hook {hook!r} in the "
+                            f"batch at training-stream rows {row}..{row + batch_size}; the cache "
+                            "is corrupt or the model overflowed in its storage dtype"
+                        )
+                self._put({h: t.pin_memory() for h, t in batch.items()} if pin else batch)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
+            self._put(err)
+
+    def _put(self, item: dict[str, Tensor] | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> dict[str, Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ----- checkpoints ---------------------------------------------------------------------------
+
+
+def _write_checkpoint(out: Path, step: int, position: int, trainers: dict[str, SAETrainer],
+                      run_config: dict[str, Any]) -> None:
+    """Write ``checkpoints/step_N/`` completely, then point ``latest.json`` at it (atomic
+    rename), then drop older checkpoints: a crash at any moment leaves one whole checkpoint."""
+    root = out / CHECKPOINT_DIR
+    folder = root / f"step_{step:09d}"
+    tmp = root / f".tmp_step_{step:09d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, trainer in trainers.items():
+        save_file(trainer.state_tensors(), str(tmp / f"{name}.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    state = {
+        "step": step,
+        "reader_position": position,
+        "run_config": run_config,
+        "saes": {name: t.state_json() for name, t in trainers.items()},
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    latest_tmp = root / f".{LATEST}.tmp"
+    latest_tmp.write_text(json.dumps({"step": step, "folder": folder.name}))
+    latest_tmp.replace(root / LATEST)
+    for old in root.glob("step_*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    latest = out / CHECKPOINT_DIR / LATEST
+    if not latest.is_file():
+        return None
+    folder = out / CHECKPOINT_DIR / json.loads(latest.read_text())["folder"]
+    return folder, json.loads((folder / "state.json").read_text())
+
+
+# ----- the run -------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _run_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues."""
+    return {
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "saes": [asdict(s) for s in cfg.saes],
+    }
+
+
+def train(cfg: TrainConfig) -> list[Path]:
+    """Train every SAE in ``cfg.saes`` in one pass; returns their output folders."""
+    from .store import ActivationStore
+
+    if not cfg.saes:
+        raise TrainError("the train config lists no SAEs (train.saes is empty)")
+    names = [s.run_name for s in cfg.saes]
+    if len(set(names)) != len(names):
+        raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    store = ActivationStore(cfg.cache)
+    hooks = sorted({s.hook for s in cfg.saes})
+    store.check_hooks(hooks)
+    total_tokens = cfg.total_tokens or store.n_train_rows
+    total_steps = max(1, total_tokens // cfg.batch_size)
+    dead_window = cfg.dead_window_tokens or min(
+        GAO_DEAD_TOKENS, max(cfg.batch_size, total_steps * cfg.batch_size // 10)
+    )
+
+    trainers: dict[str, SAETrainer] = {}
+    for spec, name in zip(cfg.saes, names):
+        sae = create_sae(spec.sae_config(store.hooks[spec.hook], store.model_name)).to(device)
+        lr = spec.lr or cfg.lr or default_lr(spec.architecture, sae.cfg.d_sae)
+        trainers[name] = SAETrainer(
+            sae,
+            lr=lr,
+            total_steps=total_steps,
+            lr_warmup_frac=cfg.lr_warmup_frac,
+            lr_decay_frac=cfg.lr_decay_frac,
+            penalty_warmup_frac=cfg.l1_warmup_frac,
+            grad_clip=cfg.grad_clip,
+            dead_window_tokens=dead_window,
+        )
+
+    start_step, position = 0, 0
+    checkpoint = _read_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:
+        folder, state = checkpoint
+        if state["run_config"] != _run_config(cfg):
+            raise TrainError(
+                f"cannot resume from {folder}: it was made with other settings "
+                f"({state['run_config']} vs {_run_config(cfg)}); use another `out` folder"
+            )
+        for name, trainer in trainers.items():
+            meta = state["saes"][name]
+            if meta["sae_config"]["d_in"] != trainer.sae.cfg.d_in:
+                raise TrainError(
+                    f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
+                    f"the cache's hook has d_model {trainer.sae.cfg.d_in}"
+                )
+            trainer.load_state(load_file(str(folder / f"{name}.safetensors")), meta)
+        rng = load_file(str(folder / "rng.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+        start_step, position = state["step"], state["reader_position"]
+    else:
+        sample = next(iter(store.shuffled(
+            hooks, min(SCALE_SAMPLE_ROWS, store.n_train_rows), seed=cfg.seed + 1
+        )))
+        for spec, trainer in zip(cfg.saes, trainers.values()):
+            trainer.sae.initialise_from_data(sample[spec.hook])
+        del sample
+
+    run = _init_wandb(cfg, out)
+    reader = store.shuffled(hooks, cfg.batch_size, seed=cfg.seed, position=position)
+    prefetch = Prefetcher(reader, start=position, batch_size=cfg.batch_size,
+                          n_batches=total_steps - start_step, pin=device.type == "cuda")
+    autocast = device.type == "cuda"
+    run_config = _run_config(cfg)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps * cfg.batch_size, initial=start_step * cfg.batch_size,
+               unit="tok", unit_scale=True, desc="train", dynamic_ncols=True)
+    last_good = start_step
+    t_log, tokens_log = time.perf_counter(), 0
+    try:
+        for step in range(start_step, total_steps):
+            batch = prefetch.get()
+            xs = {h: t.to(device, non_blocking=True) for h, t in batch.items()}
+            metrics = {}
+            for spec, (name, trainer) in zip(cfg.saes, trainers.items()):
+                metrics[name] = trainer.step(xs[spec.hook], autocast=autocast)
+            bar.update(cfg.batch_size)
+            tokens_log += cfg.batch_size
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
+                _check_finite(trainers)
+                elapsed = time.perf_counter() - t_log
+                logged = {f"{n}/{k}": float(v) for n, m in metrics.items() for k, v in m.items()}
+                logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
+                run.log(logged, step=done)
+                bar.set_postfix({n.split("_")[0] + "_fvu": f"{float(m['fvu']):.3f}"
+                                 for n, m in metrics.items()})
+                t_log, tokens_log = time.perf_counter(), 0
+            if done % cfg.checkpoint_every == 0 or done == total_steps:
+                _check_finite(trainers)
+                _write_checkpoint(out, done, position + (done - start_step) * cfg.batch_size,
+                                  trainers, run_config)
+                last_good = done
+    except DivergedError as err:
+        raise DivergedError(f"{err}; the last good checkpoint is step {last_good} in "
+                            f"{out / CHECKPOINT_DIR}") from None
+    finally:
+        prefetch.close()
+        bar.close()
+        run.finish()
+
+    paths = []
+    for name, trainer in trainers.items():
+        trainer.sae.eval()
+        paths.append(trainer.sae.save(out / name))
+    return paths
+
+
+def _check_finite(trainers: dict[str, SAETrainer]) -> None:
+    for name, trainer in trainers.items():
+        step = int(trainer.first_nonfinite_step)
+        if step >= 0:
+            raise DivergedError(
+                f"NaN/inf loss for SAE {name} at step {step}; lower the learning rate or check "
+                "the cache"
+            )
+
+
+def _init_wandb(cfg: TrainConfig, out: Path) -> Any:
+    if cfg.wandb_mode not in ("offline", "online", "disabled"):
+        raise TrainError(f"wandb_mode must be offline, online or disabled, not {cfg.wandb_mode!r}")
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out),
+                      config=asdict(cfg))

@@ -1,0 +1,208 @@
+"""SAE models: sparse kernels against dense references, pseudo-derivatives, save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae.sae import SAE, SAE_CLASSES, SAEConfig, create_sae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors run fastest (and steadiest on a shared 2-core box) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fitted(arch: str, d_in: int = 16, d_sae: int = 64, **kw) -> tuple[SAE, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(64, d_in, dtype=torch.float64) * 3 + 0.5
+    sae = create_sae(SAEConfig(arch, d_in, d_sae, k=4, aux_k=6, **kw)).double()
+    sae.initialise_from_data(x)
+    return sae, x
+
+
+def test_unknown_architecture_lists_valid():
+    with pytest.raises(ValueError, match="'gated'.*batchtopk.*jumprelu.*relu_l1.*topk"):
+        SAEConfig("gated", 4, 8)
+    cfg = SAEConfig("topk", 4, 8)
+    cfg.architecture = "gated"
+    with pytest.raises(ValueError, match="valid: .*topk"):
+        create_sae(cfg)
+
+
+def test_initialise_from_data_normalises_to_d_in():
+    sae, x = _fitted("relu_l1")
+    assert torch.isclose((x * sae.scale).pow(2).sum(-1).mean(), torch.tensor(16.0, dtype=torch.float64))
+    assert torch.allclose(sae.b_dec, x.mean(0) * sae.scale)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_forward_matches_dense_reference(arch):
+    """Loss and every gradient of the sparse encoder/decoder path (incl. AuxK) equal a
+    straightforward dense implementation built from the same selection."""
+    sae, x = _fitted(arch)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_mask=dead)
+    out.loss.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    x_n = x * sae.scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc + sae.b_enc
+    a = out.acts
+    chosen = torch.zeros_like(pre, dtype=torch.bool)
+    chosen[a.rows, a.features] = True
+    if arch == "topk":  # the selection itself is the k largest per row
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(-1, pre.topk(4).indices, True))
+    else:  # ... or the k·B largest in the batch
+        assert chosen.sum() == 4 * len(x)
+        assert pre[chosen].min() >= pre[~chosen].max()
+    f = torch.where(chosen, pre, 0).relu()
+    x_hat = f @ sae.W_dec + sae.b_dec
+    mse = (x_hat - x_n).pow(2).sum(-1).mean()
+    aux_idx = pre.masked_fill(~dead, -torch.inf).topk(6, dim=-1).indices
+    f_aux = torch.where(torch.zeros_like(chosen).scatter_(-1, aux_idx, True), pre, 0).relu()
+    resid = (x_n - x_hat).detach()
+    auxk = (f_aux @ sae.W_dec - resid).pow(2).sum() / resid.pow(2).sum() * 16
+    loss = mse + auxk / 32
+    loss.backward()
+
+    assert torch.allclose(out.loss, loss)
+    assert torch.allclose(out.x_hat, x_hat / sae.scale)
+    assert torch.allclose(a.to_dense(len(x), 64), f)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(sparse_grads[name], p.grad, atol=1e-12), name
+    assert out.l0 == (f > 0).sum() / len(x)
+    assert torch.equal(out.fire_counts, (f > 0).sum(0))
+
+
+def test_topk_encode_keeps_k_largest():
+    sae, x = _fitted("topk")
+    f = sae.encode(x)
+    pre = (x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
+    ref = torch.zeros_like(pre).scatter_(-1, pre.topk(4).indices, pre.topk(4).values.relu())
+    assert torch.equal(f, ref)
+
+
+def test_relu_l1_loss_by_hand():
+    sae, x = _fitted("relu_l1", l1_coefficient=3.0)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1, dtype=torch.float64) + 0.5)  # unequal row norms
+    out = sae(x, penalty_scale=0.5)
+    x_n = x * sae.scale
+    f = torch.relu(x_n @ sae.W_enc + sae.b_enc)  # April 2024: no b_dec subtraction
+    mse = ((f @ sae.W_dec + sae.b_dec - x_n) ** 2).sum(1).mean()
+    l1 = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
+    assert torch.allclose(out.loss, mse + 0.5 * 3.0 * l1)
+    assert out.l0 == (f > 0).sum() / len(x)
+
+
+def test_jumprelu_pseudo_derivatives():
+    """∂L/∂θ from the rectangle-kernel STE, worked out by hand (Rajamanoharan et al. 2024)."""
+    sae, x = _fitted("jumprelu", bandwidth=0.5, init_threshold=0.3, l0_coefficient=2.0)
+    out = sae(x)
+    x_n = x * sae.scale
+    pre = (x_n @ sae.W_enc + sae.b_enc).detach()
+    theta = sae.log_threshold.exp().detach()
+    f = pre * (pre > theta)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    assert torch.allclose(out.x_hat * sae.scale, x_hat)
+    assert out.l0 == (pre > theta).sum() / len(x)
+    out.loss.backward()
+    B = len(x)
+    dL_df = (2 * (x_hat - x_n) / B) @ sae.W_dec.T.detach()
+    window = ((pre - theta).abs() < 0.25).double()
+    dtheta = (dL_df * window * -(theta / 0.5)).sum(0) + 2.0 * (window * -(1 / 0.5)).sum(0) / B
+    assert torch.allclose(sae.log_threshold.grad, dtheta * theta)
+    assert window.sum() > 0  # the check above is not vacuous
+
+
+@pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
+def test_save_load_roundtrip_folds_scale(arch, tmp_path):
+    sae, x = _fitted(arch)
+    sae = sae.float()
+    x = x.float()
+    if arch == "batchtopk":
+        sae.threshold.fill_(0.7)
+    assert sae.scale != 1
+    f, x_hat = sae.encode(x), sae.decode(sae.encode(x))
+    sae.save(tmp_path / "s")
+    loaded = SAE.load(tmp_path / "s")
+    assert type(loaded) is type(sae) and loaded.scale == 1 and loaded.cfg.scale == 1
+    assert torch.allclose(loaded.encode(x), f, atol=1e-5)
+    assert torch.allclose(loaded.decode(loaded.encode(x)), x_hat, atol=1e-4)
+    assert sae.scale != 1  # saving leaves the live model alone
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert cfg["architecture"] == {"relu_l1": "standard", "topk": "topk"}.get(arch, "jumprelu")
+    assert cfg["metadata"]["fitted_scale"] == pytest.approx(float(sae.scale))
+    # Loading twice is exact (nothing is re-folded).
+    loaded.save(tmp_path / "t")
+    again = SAE.load(tmp_path / "t")
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, again.state_dict()[name]), name
+
+
+def test_load_plain_saelens_folder(tmp_path):
+    """A SAELens folder without our metadata (here: a hand-written standard SAE)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    w = {"W_enc": torch.randn(8, 32), "b_enc": torch.randn(32), "W_dec": torch.randn(32, 8), "b_dec": torch.randn(8)}
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "architecture": "standard", "d_in": 8, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "metadata": {"sae_lens_version": "6.5.0", "hook_name": "blocks.1.hook_resid_post"},
+    }))
+    sae = SAE.load(tmp_path)
+    x = torch.randn(5, 8)
+    assert sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    assert torch.allclose(sae.encode(x), torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]))
+
+
+SAELENS_CHECK = textwrap.dedent("""
+    import sys
+    from safetensors.torch import load_file
+    from sae_lens import SAE
+    for folder in sys.argv[1:]:
+        sae = SAE.load_from_disk(folder)
+        io = load_file(folder + "/io.safetensors")
+        f = sae.encode(io["x"])
+        print(type(sae).__name__, float((f - io["f"]).abs().max()), float((sae.decode(f) - io["x_hat"]).abs().max()))
+""")
+
+
+@pytest.mark.skipif(not os.environ.get("SAE_LENS_PYTHON"), reason="set SAE_LENS_PYTHON to a python with sae_lens")
+def test_saelens_loads_our_folders(tmp_path):
+    """SAELens's own loader reads our folders and computes the same features and reconstruction."""
+    from safetensors.torch import save_file
+
+    archs = sorted(SAE_CLASSES)
+    for arch in archs:
+        sae, x = _fitted(arch, d_in=32, d_sae=128)
+        sae, x = sae.float(), x.float()
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.5)
+        sae.save(tmp_path / arch)
+        f = sae.encode(x)
+        save_file({"x": x, "f": f, "x_hat": sae.decode(f)}, str(tmp_path / arch / "io.safetensors"))
+    script = tmp_path / "check.py"
+    script.write_text(SAELENS_CHECK)
+    res = subprocess.run([os.environ["SAE_LENS_PYTHON"], str(script), *(str(tmp_path / a) for a in archs)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()[-len(archs):]
+    for arch, line in zip(archs, lines):
+        cls, df, dx = line.split()
+        assert cls == {"relu_l1": "StandardSAE", "topk": "TopKSAE"}.get(arch, "JumpReLUSAE"), arch
+        assert float(df) < 1e-4 and float(dx) < 1e-3, (arch, line)
