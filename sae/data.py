@@ -28,13 +28,17 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
+def _read(files: list[str]) -> Iterator[dict[str, str]]:
+    for file in files:
+        yield {"text": Path(file).read_text(encoding="utf-8", errors="replace")}
+
+
 def _documents(files: list[Path]):
-    """A folder of files read as one document per file, through `datasets` so all sources stream alike."""
+    """A folder of files read as one document per file. A generator-backed `datasets.IterableDataset` starts at
+    once, where `load_dataset("text", data_files=...)` spends ~1.5 s resolving 1,800 files before the first one."""
     import datasets
 
-    return datasets.load_dataset(
-        "text", data_files=[str(f) for f in files], sample_by="document", split="train", streaming=True
-    )
+    return datasets.IterableDataset.from_generator(_read, gen_kwargs={"files": [str(f) for f in files]})
 
 
 def load_texts(dataset: str, split: str = "train", text_column: str = "text") -> Iterator[str]:
