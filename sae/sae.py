@@ -129,7 +129,7 @@ class SAE(nn.Module):
     apply_b_dec_default: ClassVar[bool]
     unit_norm_decoder: ClassVar[bool]
     """Keep decoder rows unit-norm: the trainer calls ``remove_parallel_grads`` before and
-    ``normalize_decoder`` after each optimiser step."""
+    ``project_parameters`` after each optimiser step."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -215,8 +215,11 @@ class SAE(nn.Module):
         g.sub_((g * W).sum(1, keepdim=True) * W)
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+    def project_parameters(self) -> None:
+        """Restore the variant's constraints after an optimiser step (unit-norm decoder rows
+        where ``unit_norm_decoder``; subclasses add their own)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     # ----- persistence ---------------------------------------------------------------------
 
@@ -594,9 +597,14 @@ class _Step(torch.autograd.Function):
 
 class JumpReLUSAE(SAE):
     """JumpReLU SAE trained on L0 directly (Rajamanoharan et al. 2024, "Jumping Ahead"):
-    L = ‖x − x̂‖² + λ‖f‖₀ with per-latent thresholds θ = exp(log θ) learnt through the
-    pseudo-derivatives above. Decoder rows are kept unit-norm, the L0 penalty being blind to
-    their scale.
+    L = ‖x − x̂‖² + λ‖f‖₀ with per-latent thresholds θ learnt through the pseudo-derivatives
+    above. Decoder rows are kept unit-norm, the L0 penalty being blind to their scale.
+
+    θ is the trainable parameter itself, kept ≥ 0 by projection after each step, not
+    log θ as in the paper's Appendix J: Adam moves a parameter by ~lr per step, so in log
+    space θ moves by only ~θ·lr and a small θ₀ stays frozen in a short run (SAELens issue
+    #494, fixed the same way in SAELens PR #718; dictionary_learning's ``JumpReluTrainer``
+    also trains θ directly for this reason).
 
     The paper's ε = θ₀ = 0.001 assume inputs with unit mean squared norm; ours have
     E‖x‖² = d_in, i.e. pre-activations √d_in larger, so the defaults are scaled by √d_in.
@@ -609,9 +617,7 @@ class JumpReLUSAE(SAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         theta0 = cfg.init_threshold or 0.001 * math.sqrt(cfg.d_in)
-        self.log_threshold = nn.Parameter(
-            torch.full((cfg.d_sae,), math.log(theta0), dtype=self.W_enc.dtype)
-        )
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), theta0, dtype=self.W_enc.dtype))
 
     @property
     def bandwidth(self) -> float:
@@ -619,26 +625,30 @@ class JumpReLUSAE(SAE):
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
-        return pre * (pre > self.log_threshold.exp())
+        return pre * (pre > self.threshold)
 
     def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         pre = self.pre_acts(x_n)
-        theta = self.log_threshold.exp()
-        f = _JumpReLU.apply(pre, theta, self.bandwidth)
+        f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
         x_hat = torch.addmm(self.b_dec, f, self.W_dec)
         mse = (x_hat - x_n).pow(2).sum(-1).mean()
-        l0_loss = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
+        l0_loss = _Step.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
         loss = mse + penalty_scale * self.cfg.l0_coefficient * l0_loss
         active = f.detach() > 0
         losses = {"mse": mse.detach(), "l0": l0_loss.detach()}
         return x_hat, f, loss, losses, l0_loss.detach(), active.sum(0)
 
+    @torch.no_grad()
+    def project_parameters(self) -> None:
+        super().project_parameters()
+        # θ < 0 would let negative pre-activations through (SAELens PR #718 projects too).
+        self.threshold.clamp_(min=0.0)
+
     def _extra_inference_tensors(self) -> dict[str, Tensor]:
-        return {"threshold": self.log_threshold.exp()}
+        return {"threshold": self.threshold}
 
     def _load_extra_inference_tensors(self, tensors: dict[str, Tensor]) -> None:
-        # SAELens allows θ = 0 (plain ReLU); keep it finite in log space.
-        self.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
+        self.threshold.copy_(tensors["threshold"])
 
 
 SAE_CLASSES: dict[str, type[SAE]] = {
