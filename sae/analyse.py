@@ -5,13 +5,13 @@ examples alone overstate how specific a feature is), density, an activation hist
 decoder direction promotes and suppresses (logit lens). Everything comes from one streaming pass over the cache, so
 the model is never re-run for contexts and memory stays bounded by d_sae x (examples kept per feature).
 
-The output folder (`index.json` + `features/<id>.json`) is what `sae.dashboard` and the notebook read.
+The output folder is the feature browser's data (see `sae.dashboard` for the format), which the notebook also reads.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sae.evaluate import ROW_CHUNK, reconstruct, sae_dirs, write_json
+from sae.config import UserError
+from sae.evaluate import ROW_CHUNK, load_saes, reconstruct
 
 #: Activation histogram bins: fixed log10 edges shared by all features, so counts can be accumulated in one pass
 #: before any feature's range is known (8 bins per decade from 1e-4 to 1e4; values outside land in the end bins).
@@ -30,48 +31,113 @@ INTERVALS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75))
 
 @dataclass
 class AnalyseConfig:
-    sae: str
+    sae: str = "runs/demo/saes"
+    """An SAE folder, or a folder of SAE folders (a `sae train` output): each is analysed into `<out>/<its name>/`."""
     cache: str = "runs/demo/cache"
+    """Activation cache the SAE was trained on (it must hold the SAE's hook)."""
     out: str = "runs/demo/analysis"
+    """Output folder: the feature browser (open index.html) and its data."""
     n_top: int = 20
+    """Top-activating examples kept per feature."""
     n_interval_samples: int = 4
+    """Random examples shown per activation interval (0-25%, 25-50%, 50-75% of the feature's maximum)."""
     reservoir: int = 48
+    """Uniform random sample of active tokens kept per feature, from which the interval examples are drawn."""
     window_left: int = 12
+    """Tokens of context shown before each example."""
     window_right: int = 4
+    """Tokens of context shown after each example."""
     logit_tokens: int = 10
+    """Vocabulary tokens listed per feature as most promoted and most suppressed by its decoder direction."""
     batch_rows: int = 4096
+    """Cache rows encoded at once; memory grows with batch_rows x d_sae."""
     split: str = "all"
+    """Cache rows to analyse: "all", "train" or "eval" (held out)."""
     device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", ..."""
 
 
 # --------------------------------------------------------------------------------------------- streaming pass
 
 
+@dataclass
 class RunningTopK:
     """Per feature, the k entries with the largest keys seen so far, with their activation, place and window.
 
-    Each batch contributes its own top-k per feature (`segment_topk` over the active entries); merging that with the
-    running k keeps memory at d_sae x k however long the cache is.
+    Entries sit in fixed slots: a newcomer takes the slot of the entry it pushes out, so a batch writes only its
+    newcomers (after the first batches, few) instead of re-sorting every feature's k windows. `ranked` puts each
+    feature's entries in descending key order at the end.
     """
 
-    def __init__(self, n_features: int, k: int, window: int, device: torch.device):
-        self.k = k
-        self.key = torch.full((n_features, k), -math.inf, device=device)
-        self.act = torch.zeros(n_features, k, device=device)
-        self.seq = torch.full((n_features, k), -1, dtype=torch.long, device=device)
-        self.pos = torch.full((n_features, k), -1, dtype=torch.long, device=device)
-        self.window = torch.zeros(n_features, k, window, device=device)
+    key: Tensor
+    """[d_sae, k] the ranking key (-inf in empty slots)."""
+    act: Tensor
+    """[d_sae, k] activation of the feature on the entry's token (0 in empty slots)."""
+    seq: Tensor
+    """[d_sae, k] context index of the entry (-1 in empty slots)."""
+    pos: Tensor
+    """[d_sae, k] position of the entry in its context (-1 in empty slots)."""
+    window: Tensor
+    """[d_sae, k, W] the feature's activations around the entry; NaN outside its context or the cache."""
 
-    def update(self, key: Tensor, act: Tensor, seq: Tensor, pos: Tensor, window: Tensor) -> None:
-        """Merge candidates ([d_sae, m] each, window [d_sae, m, W]) into the running top k."""
-        key = torch.cat([self.key, key], 1)
-        keep = key.topk(self.k, dim=1).indices
-        self.key = key.gather(1, keep)
-        self.act = torch.cat([self.act, act], 1).gather(1, keep)
-        self.seq = torch.cat([self.seq, seq], 1).gather(1, keep)
-        self.pos = torch.cat([self.pos, pos], 1).gather(1, keep)
-        window = torch.cat([self.window, window], 1)
-        self.window = window.gather(1, keep[..., None].expand(-1, -1, window.shape[2]))
+    @classmethod
+    def empty(cls, n_features: int, k: int, window: int, device: torch.device) -> RunningTopK:
+        return cls(
+            key=torch.full((n_features, k), -math.inf, device=device),
+            act=torch.zeros(n_features, k, device=device),
+            seq=torch.full((n_features, k), -1, dtype=torch.long, device=device),
+            pos=torch.full((n_features, k), -1, dtype=torch.long, device=device),
+            window=torch.zeros(n_features, k, window, device=device),
+        )
+
+    @property
+    def k(self) -> int:
+        return self.key.shape[1]
+
+    def to(self, device: torch.device | str) -> RunningTopK:
+        return RunningTopK(*(t.to(device) for t in (self.key, self.act, self.seq, self.pos, self.window)))
+
+    def ranked(self) -> RunningTopK:
+        """The same entries with each feature's in descending key order (empty slots last)."""
+        order = self.key.argsort(dim=1, descending=True, stable=True)
+        return RunningTopK(
+            *(t.gather(1, order) for t in (self.key, self.act, self.seq, self.pos)),
+            self.window.gather(1, order[..., None].expand_as(self.window)),
+        )
+
+    def select(self, feats: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Entries that would enter: (indices sorted by feature then descending key, rank within their feature).
+
+        Only keys strictly above a feature's current k-th are candidates, so a tie goes to the row seen first; of
+        those at most k per feature are returned (stable sorts keep earlier rows first among equal keys).
+        """
+        idx = (keys > self.key.min(1).values[feats]).nonzero().squeeze(1)
+        idx = idx[torch.argsort(keys[idx], descending=True, stable=True)]
+        idx = idx[torch.argsort(feats[idx], stable=True)]
+        groups = feats[idx]
+        counts = torch.bincount(groups, minlength=self.key.shape[0])
+        rank = torch.arange(len(idx), device=keys.device) - (counts.cumsum(0) - counts)[groups]
+        keep = rank < self.k
+        return idx[keep], rank[keep]
+
+    def merge(self, feats: Tensor, rank: Tensor, key: Tensor, act: Tensor, seq: Tensor, pos: Tensor, window: Tensor) -> None:
+        """Merge candidates from `select` (flat, with their windows [n, W]) into the features they belong to."""
+        if not len(feats):
+            return
+        touched, row = torch.unique_consecutive(feats, return_inverse=True)
+        source = torch.full((len(touched), int(rank.max()) + 1), -1, dtype=torch.long, device=feats.device)
+        source[row, rank] = torch.arange(len(feats), device=feats.device)
+        keys = torch.cat([self.key[touched], torch.where(source >= 0, key[source], -math.inf)], 1)
+        kept = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, keys.topk(self.k, dim=1).indices, True)
+        # Each feature admits as many newcomers as it drops, so in row-major order the i-th dropped slot and the
+        # i-th admitted candidate belong to the same feature. (An empty slot may "admit" padding: skipped.)
+        out_row, slot = (~kept[:, : self.k]).nonzero(as_tuple=True)
+        in_row, column = kept[:, self.k :].nonzero(as_tuple=True)
+        new = source[in_row, column]
+        real = new >= 0
+        feat, slot, new = touched[out_row[real]], slot[real], new[real]
+        for name, values in (("key", key), ("act", act), ("seq", seq), ("pos", pos), ("window", window)):
+            getattr(self, name)[feat, slot] = values[new]
 
 
 @dataclass
@@ -107,17 +173,19 @@ def with_halo(batches: Iterable[tuple[Tensor, Tensor, Tensor]], left: int, right
 class FeatureStats:
     """Everything the pass accumulates: counts, sums, histograms, top examples and a uniform reservoir."""
 
-    def __init__(self, d_sae: int, cfg: AnalyseConfig, device: torch.device):
+    def __init__(self, d_sae: int, cfg: AnalyseConfig, device: torch.device, first_pos: int, context_size: int):
+        self.first_pos, self.context_size = first_pos, context_size
         self.offsets = torch.arange(-cfg.window_left, cfg.window_right + 1, device=device)
         width = len(self.offsets)
-        self.top = RunningTopK(d_sae, cfg.n_top, width, device)
-        # Reservoir sampling as a top-k on random keys: the k smallest of i.i.d. uniforms are a uniform sample.
-        self.reservoir = RunningTopK(d_sae, cfg.reservoir, width, device)
+        self.top = RunningTopK.empty(d_sae, cfg.n_top, width, device)
+        # Reservoir sampling as a top-k on random keys: the k largest of i.i.d. uniforms are a uniform sample.
+        self.reservoir = RunningTopK.empty(d_sae, cfg.reservoir, width, device)
         self.n_active = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.hist = torch.zeros(d_sae, len(HIST_EDGES) - 1, dtype=torch.float64, device=device)
         self.edges = HIST_EDGES.to(device)
         self.n_tokens = 0
+        self.generator = torch.Generator(device).manual_seed(0)  # the same reservoir, so the same browser, every run
 
     def update(self, f: Tensor, halo: Halo) -> None:
         """Add rows [halo.start, halo.end) given the features `f` [len(halo.acts), d_sae] of the whole buffer.
@@ -127,48 +195,30 @@ class FeatureStats:
         """
         new = f[halo.start : halo.end]
         self.n_tokens += new.shape[0]
-        rows, feats = (new > 0).nonzero(as_tuple=True)
+        # Activations are never negative (every architecture ends in a ReLU or a step), so nonzero is "active";
+        # that saves a [rows, d_sae] comparison. Row-major order: earlier rows first.
+        rows, feats = new.nonzero(as_tuple=True)
         acts = new[rows, feats]
         rows = rows + halo.start
-        self.n_active.index_add_(0, feats, torch.ones_like(acts, dtype=self.n_active.dtype))
+        self.n_active += torch.bincount(feats, minlength=len(self.n_active))
         self.act_sum.index_add_(0, feats, acts.double())
         bins = (torch.bucketize(acts.log10(), self.edges) - 1).clamp(0, self.hist.shape[1] - 1)
         self.hist.view(-1).index_add_(0, feats * self.hist.shape[1] + bins, torch.ones_like(bins, dtype=self.hist.dtype))
+        for target, key in ((self.top, acts), (self.reservoir, torch.rand(acts.shape, generator=self.generator, device=acts.device))):
+            pick, rank = target.select(feats, key)
+            row, feat = rows[pick], feats[pick]
+            target.merge(feat, rank, key[pick], acts[pick], halo.seq[row], halo.pos[row], self._windows(f, halo, row, feat))
 
-        self._merge(self.top, acts, rows, feats, acts, f, halo)
-        self._merge(self.reservoir, -torch.rand_like(acts), rows, feats, acts, f, halo)
+    def _windows(self, f: Tensor, halo: Halo, row: Tensor, feat: Tensor) -> Tensor:
+        """Activations [n, W] of each entry's feature on the rows around it; NaN outside its context or the cache.
 
-    def _merge(self, target: RunningTopK, key: Tensor, rows: Tensor, feats: Tensor, acts: Tensor, f: Tensor, halo: Halo) -> None:
-        """Per feature, the `target.k` active entries with the largest keys (ties: earlier rows first), merged in."""
-        pick = segment_topk(feats, key, target.k, f.shape[1])  # [d_sae, k] entry indices, -1 where none
-        have = pick >= 0
-        pick = pick.clamp_min(0)
-        row, feat = rows[pick], feats[pick]
-        near = row[..., None] + self.offsets
-        valid = (near >= 0) & (near < f.shape[0])
-        near = near.clamp(0, f.shape[0] - 1)
-        same_context = (halo.seq[near] == halo.seq[row][..., None]) & (halo.pos[near] == halo.pos[row][..., None] + self.offsets)
-        window = f[near, feat[..., None]].masked_fill(~(valid & same_context), math.nan)
-        target.update(
-            key[pick].masked_fill(~have, -math.inf), acts[pick].masked_fill(~have, 0.0),
-            halo.seq[row], halo.pos[row], window,
-        )
-
-
-def segment_topk(groups: Tensor, keys: Tensor, k: int, n_groups: int) -> Tensor:
-    """Indices [n_groups, k] of the k largest `keys` within each group (-1 pads groups with fewer entries).
-
-    Two stable sorts (by key, then by group) put each group's entries in key order, ties in input order.
-    """
-    order = torch.argsort(keys, descending=True, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]
-    sorted_groups = groups[order]
-    counts = torch.bincount(sorted_groups, minlength=n_groups)
-    rank = torch.arange(len(order), device=keys.device) - (counts.cumsum(0) - counts)[sorted_groups]
-    keep = rank < k
-    out = torch.full((n_groups, k), -1, dtype=torch.long, device=keys.device)
-    out[sorted_groups[keep], rank[keep]] = order[keep]
-    return out
+        Contexts are cached whole and in order, and `with_halo` puts every cached neighbour of a new row in the
+        buffer, so the neighbour at offset o is row + o exactly when position pos + o is a cached one.
+        """
+        place = halo.pos[row][:, None] + self.offsets
+        cached = (place >= self.first_pos) & (place < self.context_size)
+        near = (row[:, None] + self.offsets).clamp(0, f.shape[0] - 1)
+        return f.take(near * f.shape[1] + feat[:, None]).masked_fill_(~cached, math.nan)
 
 
 @torch.no_grad()
@@ -176,14 +226,22 @@ def stream_features(store, sae, cfg: AnalyseConfig) -> FeatureStats:
     """One ordered pass over the cache: encode every row once (plus a few halo rows per batch) and accumulate."""
     device = sae.W_dec.device
     hook = sae.cfg.hook_name
-    stats = FeatureStats(sae.W_dec.shape[0], cfg, device)
+    stats = FeatureStats(sae.W_dec.shape[0], cfg, device, store.first_pos, store.context_size)
     batches = (
         (rows.acts[hook].to(device), rows.seq.to(device), rows.pos.to(device))
         for rows in store.iter_ordered([hook], split=cfg.split, batch_rows=cfg.batch_rows)
     )
+    threads = torch.get_num_threads()
     for halo in with_halo(batches, cfg.window_left, cfg.window_right):
-        f = torch.cat([sae.encode(chunk.to(sae.W_dec.dtype)) for chunk in halo.acts.split(ROW_CHUNK)]).float()
-        stats.update(f, halo)
+        f = sae.encode(halo.acts.to(sae.W_dec.dtype)).float()  # batch_rows bounds this dense [rows, d_sae]
+        # The bookkeeping is many small ops: on a busy 2-core CPU a second thread costs more in hand-offs than it
+        # gives (3-4x slower measured), while the encoder's matmul wants every thread.
+        torch.set_num_threads(1)
+        try:
+            stats.update(f, halo)
+        finally:
+            torch.set_num_threads(threads)
+    stats.top, stats.reservoir = stats.top.ranked(), stats.reservoir.ranked()
     return stats
 
 
@@ -259,12 +317,18 @@ def percentile(errors: Tensor, reference_errors: Tensor) -> Tensor:
 
 @dataclass
 class ScoreConfig:
-    sae: str
     text: str
+    """The text to score (the CLI passes it as text=...)."""
+    sae: str = "runs/demo/saes/topk_k32_x8_blocks.15.hook_resid_post"
+    """One SAE folder (default: the demo's TopK SAE)."""
     cache: str = "runs/demo/cache"
-    threshold: float = 3.0  # flag tokens with z-score above this
+    """Cache the SAE was trained on: its held-out rows give the reference error distribution."""
+    threshold: float = 3.0
+    """Flag tokens whose error z-score (against the held-out rows, in log space) is above this."""
     reference_tokens: int = 20_000
+    """Held-out rows whose reconstruction errors make the reference distribution."""
     device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", ..."""
 
 
 @dataclass
@@ -280,13 +344,15 @@ class TokenScore:
 @torch.no_grad()
 def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     """Run the model on `cfg.text` to the SAE's hook and score every token against the held-out error distribution."""
-    from sae.evaluate import load_saes
     from sae.model import capture, load_model, pick_device
     from sae.store import ActivationStore
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
-    (sae,) = load_saes([cfg.sae], device).values()
+    saes = load_saes([cfg.sae], device)
+    if len(saes) != 1:
+        raise UserError(f"{cfg.sae} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
+    (sae,) = saes.values()
     hook = sae.cfg.hook_name
     model, tokenizer = load_model(store.model_name, str(device))
     reference = normalised_error(sae, store.holdout([hook], cfg.reference_tokens)[hook])
@@ -319,139 +385,31 @@ def format_scores(scores: list[TokenScore]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- writing
-
-
-class TokenText:
-    """Token id -> display string, decoded once per id (decoding a single id is the slow part of writing)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        if token_id not in self.cache:
-            self.cache[token_id] = self.tokenizer.decode([token_id])
-        return self.cache[token_id]
-
-
-def _round(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 4)
-
-
-def _examples(
-    acts: list[float], seqs: list[int], poss: list[int], windows: list[list[float]], contexts: dict[int, list[int]],
-    text: TokenText, left: int,
-) -> list[dict]:
-    """JSON for examples of one feature: window tokens, the feature's activation on each, and which one is the hit."""
-    out = []
-    for act, seq, pos, window in zip(acts, seqs, poss, windows):
-        if act <= 0:
-            continue
-        ids = contexts[seq]
-        lo, hi = max(0, pos - left), min(len(ids), pos + len(window) - left)
-        out.append(
-            {
-                "act": round(act, 4),
-                "seq": seq,
-                "pos": pos,
-                "at": pos - lo,
-                "tokens": [text(t) for t in ids[lo:hi]],
-                "acts": [_round(a) for a in window[lo - pos + left : hi - pos + left]],
-            }
-        )
-    return out
-
-
-def _interval_samples(res: dict[str, list], max_act: float, n: int) -> list[dict]:
-    """Up to `n` reservoir examples per activation interval (fraction of the feature's max), strongest first."""
-    picked = []
-    for lo, hi in INTERVALS:
-        inside = [i for i, a in enumerate(res["act"]) if lo * max_act < a <= hi * max_act][:n]
-        picked += [{**res_ex, "interval": f"{lo:.0%}-{hi:.0%}"} for res_ex in (res["examples"][i] for i in inside)]
-    return sorted(picked, key=lambda e: -e["act"])
-
-
-def _histogram(counts: list[float]) -> dict:
-    nz = [i for i, c in enumerate(counts) if c]
-    if not nz:
-        return {"log10_edges": [], "counts": []}
-    lo, hi = nz[0], nz[-1] + 1
-    return {"log10_edges": [round(e, 3) for e in HIST_EDGES[lo : hi + 1].tolist()], "counts": [int(c) for c in counts[lo:hi]]}
-
-
-def write_analysis(stats: FeatureStats, sae, store, tokenizer, lens: tuple[Tensor, ...], cfg: AnalyseConfig) -> Path:
-    """Write `features/<id>.json` for every live feature, then `index.json` (last, atomically: it marks completion)."""
-    out = Path(cfg.out)
-    (out / "features").mkdir(parents=True, exist_ok=True)
-    text = TokenText(tokenizer)
-    top_ok = stats.top.act > 0
-    res_ok = stats.reservoir.key > -math.inf
-    seqs = torch.cat([stats.top.seq[top_ok], stats.reservoir.seq[res_ok]]).unique().cpu()
-    contexts = dict(zip(seqs.tolist(), store.context_tokens(seqs).tolist())) if len(seqs) else {}
-
-    n = max(stats.n_tokens, 1)
-    density = (stats.n_active / n).tolist()
-    mean_act = (stats.act_sum / stats.n_active.clamp_min(1)).tolist()
-    top = {k: getattr(stats.top, k).cpu().tolist() for k in ("act", "seq", "pos", "window")}
-    res = {k: getattr(stats.reservoir, k).cpu().tolist() for k in ("act", "seq", "pos", "window")}
-    hist = stats.hist.cpu().tolist()
-    lens_lists = [t.cpu().tolist() for t in lens]
-
-    rows, dead = [], []
-    for j in range(len(density)):
-        if density[j] == 0:
-            dead.append(j)
-            continue
-        examples = _examples(top["act"][j], top["seq"][j], top["pos"][j], top["window"][j], contexts, text, cfg.window_left)
-        acts = [e["act"] for e in examples]
-        max_act = acts[0]
-        reservoir = _examples(res["act"][j], res["seq"][j], res["pos"][j], res["window"][j], contexts, text, cfg.window_left)
-        samples = _interval_samples({"act": [e["act"] for e in reservoir], "examples": reservoir}, max_act, cfg.n_interval_samples)
-        promoted = [[text(t), round(v, 4)] for t, v in zip(lens_lists[1][j], lens_lists[0][j])]
-        suppressed = [[text(t), round(v, 4)] for t, v in zip(lens_lists[3][j], lens_lists[2][j])]
-        summary = {
-            "id": j,
-            "max_act": max_act,
-            "mean_top_act": round(sum(acts) / len(acts), 4),
-            "density": density[j],
-            "mean_act": round(mean_act[j], 4),
-            "top_tokens": list(dict.fromkeys(e["tokens"][e["at"]] for e in examples))[:3],
-            "promoted": [t for t, _ in promoted[:3]],
-        }
-        rows.append(summary)
-        feature = {**summary, "n_active": int(stats.n_active[j]), "top": examples, "samples": samples,
-                   "histogram": _histogram(hist[j]), "promoted": promoted, "suppressed": suppressed}
-        (out / "features" / f"{j}.json").write_text(json.dumps(feature, separators=(",", ":")))
-
-    rows.sort(key=lambda r: -r["max_act"])
-    index = {
-        "sae": str(cfg.sae),
-        "hook": sae.cfg.hook_name,
-        "model": store.model_name,
-        "d_sae": len(density),
-        "n_tokens": stats.n_tokens,
-        "split": cfg.split,
-        "window": [cfg.window_left, cfg.window_right],
-        "features": rows,
-        "dead": dead,
-    }
-    write_json(out / "index.json", index)
-    return out
+# --------------------------------------------------------------------------------------------- driver
 
 
 def analyse(cfg: AnalyseConfig) -> Path:
-    """Stream the cache through the SAE, compute the logit lens, and write the analysis folder; returns its path."""
-    from sae.evaluate import load_saes
+    """Analyse the SAE (or each SAE of a folder) into the feature browser's data; returns `cfg.out`.
+
+    With several SAEs the model (tokenizer, final norm, unembedding) is loaded once and each SAE is written to
+    `<out>/<its folder name>/`; `sae.dashboard.write_dashboard(out)` then makes one browser per SAE plus an index.
+    """
+    from sae.dashboard.export import write_analysis
     from sae.model import final_norm, load_model, pick_device
     from sae.store import ActivationStore
 
-    if len(sae_dirs([cfg.sae])) != 1:
-        raise ValueError(f"{cfg.sae} holds several SAEs; analyse one folder at a time: {sae_dirs([cfg.sae])}")
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
-    (sae,) = load_saes([cfg.sae], device).values()
+    saes = load_saes([cfg.sae], device)
     model, tokenizer = load_model(store.model_name, str(device))
-    lens = logit_lens(sae.W_dec, final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
-    stats = stream_features(store, sae, cfg)
-    return write_analysis(stats, sae, store, tokenizer, lens, cfg)
+    out = Path(cfg.out)
+    # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one.
+    shutil.rmtree(out / "data", ignore_errors=True)
+    for name, sae in saes.items():
+        target, source = (out / name, Path(cfg.sae) / name) if len(saes) > 1 else (out, Path(cfg.sae))
+        shutil.rmtree(target / "data", ignore_errors=True)
+        stats = stream_features(store, sae, cfg)
+        live = (stats.n_active > 0).nonzero().squeeze(1)
+        lens = logit_lens(sae.W_dec[live], final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
+        write_analysis(target, source, stats, lens, sae, store, tokenizer, cfg)
+    return out

@@ -82,7 +82,7 @@ def _link(data: dict[str, Any]) -> dict[str, Any]:
     for section in ("train", "eval", "analyse", "score"):
         if cache is not None and section in STAGES:
             data.setdefault(section, {}).setdefault("cache", cache)
-    for section in ("eval", "analyse", "score"):
+    for section in ("eval", "analyse"):  # `score` takes one SAE, not the folder of a sweep
         if saes is not None:
             data.setdefault(section, {}).setdefault("saes" if section == "eval" else "sae", saes)
     return data

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,14 +27,23 @@ ROW_CHUNK = 4096
 @dataclass
 class EvalConfig:
     cache: str = "runs/demo/cache"
+    """Activation cache the SAEs were trained on; its held-out contexts are what every metric is measured on."""
     saes: list[str] = field(default_factory=lambda: ["runs/demo/saes"])
+    """SAE folders, or folders of SAE folders (a `sae train` output); every SAE found is evaluated."""
     out: str = "runs/demo/eval"
+    """Folder for eval.json, the Pareto plot (L0 vs FVU against PCA) and one density histogram per SAE."""
     max_tokens: int = 20_000
+    """Held-out rows used for L0, FVU, MSE, densities and the PCA curve."""
     lm_loss_contexts: int = 32
+    """Held-out contexts run through the model clean, zero-ablated and with the SAE spliced in (CE and KL)."""
     batch_size: int = 4
+    """Contexts per forward pass of the language model."""
     device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", ..."""
     dense_threshold: float = 0.1
+    """A feature active on more than this fraction of tokens counts as dense."""
     pca_fit_tokens: int = 50_000
+    """Training rows the PCA baseline is fitted on (never the held-out rows it is scored on)."""
 
 
 # --------------------------------------------------------------------------------------------- finding SAEs
@@ -262,8 +272,13 @@ def plot_pareto(results: dict, path: Path) -> None:
         curve = results["pca"][hook]["fvu"]
         ranks = range(1, len(curve))
         ax.plot(list(ranks), curve[1:], color="grey", label="PCA (rank r)")
-        for row in (r for r in results["saes"] if r["hook"] == hook):
-            ax.scatter(row["l0"], row["fvu"], zorder=3, color="red" if not row["beats_pca_at_l0"] else None)
+        rows = [r for r in results["saes"] if r["hook"] == hook]
+        for beaten, style in ((False, dict(color="#4c72b0", label="SAE")),
+                              (True, dict(color="red", label="SAE beaten by PCA at its L0 (broken)"))):
+            group = [r for r in rows if r["beats_pca_at_l0"] != beaten]
+            if group:
+                ax.scatter([r["l0"] for r in group], [r["fvu"] for r in group], zorder=3, **style)
+        for row in rows:
             ax.annotate(row["name"], (row["l0"], row["fvu"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("L0 (SAE) / rank r (PCA)")
@@ -359,24 +374,39 @@ def evaluate(cfg: EvalConfig) -> dict:
     return evaluate_saes(cfg, store, load_saes(cfg.saes, device), model)
 
 
+#: Width `format_table` keeps to: a terminal's default.
+TABLE_WIDTH = 80
+
+
 def format_table(results: dict) -> str:
-    """One line per SAE; a PCA-beaten SAE gets a loud marker and an explanation underneath."""
-    head = f"{'sae':<24} {'hook':<24} {'L0':>7} {'FVU':>7} {'PCA@L0':>7} {'dead':>6} {'dense':>6} {'CE rec':>7} {'KL':>7}"
-    lines = [head, "-" * len(head)]
-    broken = []
-    for r in results["saes"]:
-        flag = "" if r["beats_pca_at_l0"] else "  <-- BROKEN: PCA beats it"
-        lines.append(
-            f"{r['name']:<24} {r['hook']:<24} {r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} "
-            f"{r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%} {r['ce_recovered']:>7.3f} {r['kl']:>7.3f}{flag}"
-        )
-        if flag:
-            broken.append(r)
-    for r in broken:
-        lines.append(
-            f"!!! {r['name']}: rank-{r['pca_rank_at_l0']} PCA reconstructs held-out rows better (FVU "
-            f"{r['pca_fvu_at_l0']:.3f}) than this SAE with L0 {r['l0']:.1f} (FVU {r['fvu']:.3f}); it is not learning "
-            "a useful sparse code."
-        )
-    lines.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
+    """One row per SAE, grouped by hook, within 80 columns; a PCA-beaten SAE gets a "!" and an explanation below.
+
+    Names drop their hook suffix (the group heading says it); a name too long for its column gets a line of its own.
+    """
+    name_width = 23
+    head = f"  {'sae':<{name_width}} {'L0':>7} {'FVU':>7} {'PCA@L0':>7} {'dead':>6} {'dense':>6} {'CE rec':>7} {'KL':>7}"
+    lines = []
+    for hook in sorted({r["hook"] for r in results["saes"]}):
+        lines += [hook, head, "  " + "-" * (len(head) - 2)]
+        for r in (r for r in results["saes"] if r["hook"] == hook):
+            mark = "  " if r["beats_pca_at_l0"] else "! "
+            name = r["name"].removesuffix(f"_{hook}")
+            metrics = (
+                f"{r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} {r['dead_fraction']:>6.1%} "
+                f"{r['dense_fraction']:>6.1%} {r['ce_recovered']:>7.3f} {r['kl']:>7.3f}"
+            )
+            if len(name) > name_width:
+                lines += [mark + name, f"  {'':<{name_width}} {metrics}"]
+            else:
+                lines.append(f"{mark}{name:<{name_width}} {metrics}")
+    notes = [
+        f"! BROKEN: {r['name']}: rank-{r['pca_rank_at_l0']} PCA reconstructs held-out rows better (FVU "
+        f"{r['pca_fvu_at_l0']:.3f}) than this SAE with L0 {r['l0']:.1f} (FVU {r['fvu']:.3f}); it is not learning a "
+        "useful sparse code."
+        for r in results["saes"]
+        if not r["beats_pca_at_l0"]
+    ]
+    notes.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
+    for note in notes:
+        lines += textwrap.wrap(note, TABLE_WIDTH, subsequent_indent="    ")
     return "\n".join(lines)

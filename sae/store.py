@@ -256,6 +256,27 @@ class ActivationStore:
             raise CacheError(f"the cache at {self.path} has no held-out rows; harvest more tokens or raise eval_fraction")
         return {h: torch.cat(p) for h, p in parts.items()}
 
+    def sample(self, hooks: list[str], n_rows: int, seed: int = 0) -> dict[str, Tensor]:
+        """About `n_rows` training rows (float32) drawn evenly from a random subset of shards: enough to fit a
+        normalisation scale or a mean, at the cost of reading a few shards rather than a shuffle window."""
+        self.require_complete()
+        self.check_hooks(hooks)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.shards), generator=g).tolist()
+        per_shard = max(1, n_rows // min(len(order), 8))
+        parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        have = 0
+        for i in order:
+            if have >= n_rows:
+                break
+            rows, _ = self._rows(i, hooks, "train")
+            n = len(rows[hooks[0]])
+            pick = torch.randperm(n, generator=g)[: min(per_shard, n_rows - have)]
+            for h in hooks:
+                parts[h].append(rows[h][pick].float())
+            have += len(pick)
+        return {h: torch.cat(p) for h, p in parts.items()}
+
     def holdout_seqs(self, max_contexts: int) -> Tensor:
         """Indices of the first `max_contexts` held-out contexts: for running the model on unseen text."""
         seqs = torch.arange(self.n_contexts)
@@ -312,14 +333,22 @@ class ShuffledReader:
         return [order[i : i + self.group_shards] for i in range(0, len(order), self.group_shards)]
 
     def _load(self, epoch: int, index: int, shards: list[int]) -> None:
+        """Load a group straight into shuffled order: peak memory is the group plus one shard."""
         if self._group == (epoch, index):
             return
-        parts = [self.store._rows(i, self.hooks, "train")[0] for i in shards]
-        data = {h: torch.cat([p[h] for p in parts]) for h in self.hooks}
+        self._data, self._group = {}, None  # free the old group before the new one is built
+        size = sum(self.shard_rows[i] for i in shards)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + index + 1)
-        perm = torch.randperm(len(data[self.hooks[0]]), generator=g)
-        self._data = {h: t[perm] for h, t in data.items()}
-        self._group = (epoch, index)
+        dest = torch.randperm(size, generator=g)  # row j of the group lands at dest[j]
+        data = {h: torch.empty(size, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
+        start = 0
+        for i in shards:
+            rows, _ = self.store._rows(i, self.hooks, "train")
+            n = self.shard_rows[i]
+            for h in self.hooks:
+                data[h][dest[start : start + n]] = rows[h]
+            start += n
+        self._data, self._group = data, (epoch, index)
 
     def _take(self, position: int, n: int) -> dict[str, Tensor]:
         """`n` rows of the virtual stream starting at `position` (crossing groups and epochs as needed)."""

@@ -471,9 +471,7 @@ def train(cfg: TrainConfig) -> list[Path]:
             torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
         start_step, position = state["step"], state["reader_position"]
     else:
-        sample = next(iter(store.shuffled(
-            hooks, min(SCALE_SAMPLE_ROWS, store.n_train_rows), seed=cfg.seed + 1
-        )))
+        sample = store.sample(hooks, min(SCALE_SAMPLE_ROWS, store.n_train_rows), seed=cfg.seed + 1)
         for spec, trainer in zip(cfg.saes, trainers.values()):
             trainer.sae.initialise_from_data(sample[spec.hook])
         del sample

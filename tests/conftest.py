@@ -78,3 +78,58 @@ def text_dir(tmp_path_factory) -> Path:
     for p in sorted(stdlib.glob("*.py"))[40:70]:
         (folder / (p.stem + ".txt")).write_text(p.read_text(errors="replace"))
     return folder
+
+
+# ------------------------------------------------------------------------------------------------ SAE test helpers
+# Shared by test_evaluate, test_analyse, test_dashboard and test_notebook.
+
+TINY_HOOK = "blocks.1.hook_resid_post"
+
+
+def _harvest_tiny(model_dir: Path, texts: Path, out: Path, exclude_first: bool = True) -> Path:
+    from sae.harvest import HarvestConfig, harvest
+
+    cfg = HarvestConfig(model=str(model_dir), hooks=[TINY_HOOK], dataset=str(texts), context_size=32, max_tokens=2400,
+                        batch_size=8, shard_tokens=600, dtype="float32", eval_fraction=0.25,
+                        exclude_first=exclude_first, out=str(out))
+    return harvest(cfg)
+
+
+def _hand_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None, model: str = ""):
+    from sae.sae import SAEConfig, create_sae
+
+    d_in, d_sae = W_enc.shape
+    sae = create_sae(SAEConfig("relu_l1", d_in=d_in, d_sae=d_sae, hook_name=TINY_HOOK, model_name=model,
+                               apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_enc.copy_(torch.zeros(d_sae) if b_enc is None else b_enc)
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+@pytest.fixture(scope="session")
+def hook() -> str:
+    """The hook every tiny cache and hand-built SAE uses: layer 1's residual stream of the tiny models."""
+    return TINY_HOOK
+
+
+@pytest.fixture(scope="session")
+def harvest_tiny():
+    """harvest_tiny(model_dir, texts, out, exclude_first=True): a real cache of ~2.4k rows in four shards, float32
+    so tests compare exact numbers."""
+    return _harvest_tiny
+
+
+@pytest.fixture(scope="session")
+def hand_sae():
+    """hand_sae(W_enc, W_dec, b_enc=None, model=""): a plain ReLU SAE f = ReLU(x W_enc + b_enc), x̂ = f W_dec at
+    the tiny hook, with exactly these weights."""
+    return _hand_sae
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_llama, text_dir, tmp_path_factory) -> Path:
+    """One harvested tiny-Llama cache for the whole session (read-only: tests must not write into it)."""
+    return _harvest_tiny(tiny_llama, text_dir, tmp_path_factory.mktemp("tiny_cache") / "cache")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,31 +12,31 @@ import torch
 from sae.analyse import (
     AnalyseConfig, ScoreConfig, analyse, logit_lens, normalised_error, percentile, score, score_text, stream_features,
 )
+from sae.dashboard import read_js, write_dashboard
 from sae.store import ActivationStore, CacheWriter
-from test_evaluate import HOOK, hand_sae, harvest_tiny
 
 
-def synthetic_cache(path: Path, acts: torch.Tensor, tokens: torch.Tensor, first_pos: int) -> ActivationStore:
+def synthetic_cache(path: Path, hook: str, acts: torch.Tensor, tokens: torch.Tensor, first_pos: int) -> ActivationStore:
     """A real cache holding the given activations [n_ctx, T - first_pos, d] and tokens [n_ctx, T]."""
     n_ctx, T = tokens.shape
-    meta = {"model": "synthetic", "hooks": {HOOK: acts.shape[-1]}, "dtype": "float32", "context_size": T,
+    meta = {"model": "synthetic", "hooks": {hook: acts.shape[-1]}, "dtype": "float32", "context_size": T,
             "exclude_first": bool(first_pos), "bos_token_id": 0, "eval_fraction": 0.25}
     writer = CacheWriter(path, meta, contexts_per_shard=n_ctx)
-    writer.add({HOOK: acts}, tokens, first_pos)
+    writer.add({hook: acts}, tokens, first_pos)
     writer.finish(first_pos)
     writer.close()
     return ActivationStore(path)
 
 
 @pytest.fixture(scope="module")
-def tied(tmp_path_factory):
+def tied(tmp_path_factory, hand_sae, hook):
     """Small integer activations (many ties, many zeros) through an SAE with f = ReLU(x), and every row's features."""
     torch.manual_seed(0)
     n_ctx, T, d = 9, 11, 5
     acts = torch.randint(-3, 5, (n_ctx, T - 1, d)).float()
     acts[:, :, 4] = -1.0  # a dead feature
     acts[2, 3, 4] = 2.0  # ... brought to life by exactly one token
-    store = synthetic_cache(tmp_path_factory.mktemp("tied") / "cache", acts, torch.randint(1, 50, (n_ctx, T)), 1)
+    store = synthetic_cache(tmp_path_factory.mktemp("tied") / "cache", hook, acts, torch.randint(1, 50, (n_ctx, T)), 1)
     sae = hand_sae(torch.eye(d), torch.eye(d))
     return store, sae, torch.relu(acts)  # features indexed [seq, pos - 1, feature]
 
@@ -77,6 +77,8 @@ def test_reservoir_holds_only_active_tokens_and_all_of_them_when_it_can(tied):
     active = {j: {(s, p + 1) for s, p in (F[:, :, j] > 0).nonzero().tolist()} for j in range(d)}
     big = stream_features(store, sae, AnalyseConfig(sae="", reservoir=n_ctx * rows, batch_rows=13)).reservoir
     small = stream_features(store, sae, AnalyseConfig(sae="", reservoir=5, batch_rows=13)).reservoir
+    again = stream_features(store, sae, AnalyseConfig(sae="", reservoir=5, batch_rows=13)).reservoir
+    assert torch.equal(small.seq, again.seq) and torch.equal(small.pos, again.pos)  # seeded: the same browser each run
     for j in range(d):
         kept = big.key[j] > -math.inf
         assert set(zip(big.seq[j][kept].tolist(), big.pos[j][kept].tolist())) == active[j]
@@ -122,7 +124,7 @@ def subspace_data(n: int, generator: torch.Generator) -> torch.Tensor:
 DIRECTIONS = torch.linalg.qr(torch.randn(16, 8, generator=torch.Generator().manual_seed(5)))[0].T  # [8, 16]
 
 
-def test_off_distribution_activations_score_higher_than_held_out_ones():
+def test_off_distribution_activations_score_higher_than_held_out_ones(hand_sae):
     g = torch.Generator().manual_seed(0)
     sae = hand_sae(DIRECTIONS.T.contiguous(), DIRECTIONS.clone())  # exact on the data's subspace
     reference = normalised_error(sae, subspace_data(2000, g))
@@ -141,59 +143,106 @@ def test_off_distribution_activations_score_higher_than_held_out_ones():
 
 
 @pytest.fixture(scope="module")
-def real(tiny_llama, text_dir, tmp_path_factory):
-    """A harvested tiny-Llama cache and a random ReLU SAE on it (one feature dead), saved to disk."""
+def real(tiny_cache, tiny_llama, hand_sae, tmp_path_factory):
+    """The session's tiny-Llama cache and a random ReLU SAE on it (one feature dead), saved to disk."""
     root = tmp_path_factory.mktemp("real")
-    cache = harvest_tiny(tiny_llama, text_dir, root / "cache")
     torch.manual_seed(3)
     b_enc = torch.zeros(24)
     b_enc[5] = -1e4
     hand_sae(torch.randn(32, 24), torch.randn(24, 32) * 0.1, b_enc, model=str(tiny_llama)).save(root / "sae")
-    return cache, root / "sae"
+    return tiny_cache, root / "sae"
 
 
-def test_analyse_writes_what_the_cache_says(real, tiny_llama, tmp_path):
+def shown(index: dict, contexts: dict, example: list) -> tuple[list[int], list[float | None], int]:
+    """What the browser shows for an example [seq, pos, act, (interval,) window]: token ids of the context around
+    it, the activation on each (None where the cache has none, i.e. the excluded BOS) in thousandths of max_act,
+    and the index of the hit token. The same arithmetic as context() in app.js."""
+    seq, pos, window = example[0], example[1], example[-1]
+    left, right = index["window"]
+    lo, lo_act = max(0, pos - left), max(index["first_pos"], pos - left)
+    ids = contexts[str(seq)][lo : min(index["context_size"], pos + right + 1)]
+    return ids, [None] * (lo_act - lo) + window, pos - lo
+
+
+def test_analyse_writes_what_the_cache_says(real, tiny_llama, hook, tmp_path):
     from sae.model import load_model
     from sae.sae import SAE
 
     cache, sae_dir = real
     out = analyse(AnalyseConfig(sae=str(sae_dir), cache=str(cache), out=str(tmp_path / "an"), n_top=5, device="cpu",
                                 window_left=4, window_right=2, batch_rows=300))
-    index = json.loads((out / "index.json").read_text())
-    assert index["dead"] == [5] and index["d_sae"] == 24
+    data = out / "data"
+    index = read_js(data / "index.js")
+    tokens, contexts = read_js(data / "tokens.js"), read_js(data / "contexts.js")
+    assert index["dead"] == [5] and index["d_sae"] == 24 and index["first_pos"] == 1
     assert [r["max_act"] for r in index["features"]] == sorted((r["max_act"] for r in index["features"]), reverse=True)
     assert {r["id"] for r in index["features"]} == set(range(24)) - {5}
-    assert not (out / "features" / "5.json").exists()
+    chunk = read_js(data / "features" / "0.js")  # 24 features fit in one file
+    assert set(chunk) == {str(j) for j in range(24)} - {"5"}
 
     store, sae = ActivationStore(cache), SAE.load(sae_dir)
-    rows = list(store.iter_ordered([HOOK]))
-    F = sae.encode(torch.cat([r.acts[HOOK] for r in rows])).detach()
+    rows = list(store.iter_ordered([hook]))
+    F = sae.encode(torch.cat([r.acts[hook] for r in rows])).detach()
     seq, pos = torch.cat([r.seq for r in rows]), torch.cat([r.pos for r in rows])
     _, tokenizer = load_model(str(tiny_llama), "cpu")
+    assert all(text == tokenizer.decode([int(i)]) for i, text in tokens.items())
     for summary in index["features"][:4] + index["features"][-2:]:
         j = summary["id"]
-        feature = json.loads((out / "features" / f"{j}.json").read_text())
-        assert feature["density"] == pytest.approx(float((F[:, j] > 0).float().mean()))
-        assert feature["mean_act"] == pytest.approx(float(F[:, j][F[:, j] > 0].mean()), rel=1e-3)
+        feature = chunk[str(j)]
         top = F[:, j].topk(5).values
-        assert [e["act"] for e in feature["top"]] == pytest.approx(top[top > 0].tolist(), abs=1e-4)
-        assert feature["mean_top_act"] == pytest.approx(float(top[top > 0].mean()), abs=1e-3)
-        assert sum(feature["histogram"]["counts"]) == int((F[:, j] > 0).sum())
+        top = top[top > 0]
+        assert feature["density"] == pytest.approx(float((F[:, j] > 0).float().mean()), rel=1e-2)
+        assert feature["mean_act"] == pytest.approx(float(F[:, j][F[:, j] > 0].mean()), rel=1e-3)
+        assert [e[2] for e in feature["top"]] == pytest.approx(top.tolist(), rel=1e-3)
+        assert feature["max_act"] == summary["max_act"] == pytest.approx(float(top[0]), rel=1e-3)
+        assert feature["mean_top_act"] == pytest.approx(float(top.mean()), rel=1e-3)
+        assert feature["n_active"] == int((F[:, j] > 0).sum()) == sum(feature["histogram"][1])
+        first_bin, counts = feature["histogram"]  # bins of 1/8 decade from 1e-4; values outside go to the end bins
+        by_hand = torch.bincount(((F[:, j][F[:, j] > 0].log10() + 4) * 8).floor().long().clamp(0, 63), minlength=64)
+        assert index["hist_edges"][:2] == [-4.0, -3.875] and len(index["hist_edges"]) == 65
+        assert by_hand.nonzero().min() == first_bin and by_hand[first_bin : first_bin + len(counts)].tolist() == counts
+        hits = [contexts[str(e[0])][e[1]] for e in feature["top"]]
+        assert summary["top_tokens"] == list(dict.fromkeys(hits))[:3]
         for example in feature["top"] + feature["samples"]:
-            context = store.context_tokens(torch.tensor([example["seq"]]))[0].tolist()
-            lo = max(0, example["pos"] - 4)
-            assert example["tokens"] == [tokenizer.decode([t]) for t in context[lo : example["pos"] + 3]]
-            assert example["acts"][example["at"]] == pytest.approx(example["act"], abs=1e-4)
-            row = int(((seq == example["seq"]) & (pos == example["pos"])).nonzero())
-            assert example["act"] == pytest.approx(float(F[row, j]), abs=1e-4)
-            if example["pos"] - 4 <= 0:  # position 0 is not in the cache: no activation to show
-                assert example["acts"][0 - lo] is None
+            ids, acts, at = shown(index, contexts, example)
+            context = store.context_tokens(torch.tensor([example[0]]))[0].tolist()
+            lo = max(0, example[1] - 4)
+            assert ids == context[lo : example[1] + 3] and at == example[1] - lo
+            for offset, shade in enumerate(acts):  # the window against the dense features of the whole cache
+                p = lo + offset
+                if shade is None:
+                    assert p == 0  # only the excluded BOS has no activation
+                    continue
+                row = int(((seq == example[0]) & (pos == p)).nonzero())
+                assert shade == pytest.approx(float(F[row, j]) / feature["max_act"] * 1000, abs=1)  # max_act: 4 digits
+            row = int(((seq == example[0]) & (pos == example[1])).nonzero())
+            assert example[2] == pytest.approx(float(F[row, j]), rel=1e-3)
         for sample in feature["samples"]:
-            lo, hi = (float(x.rstrip("%")) / 100 for x in sample["interval"].split("-"))
-            assert lo * feature["max_act"] < sample["act"] <= hi * feature["max_act"]
+            lo_frac, hi_frac = index["intervals"][sample[3]]
+            assert lo_frac * feature["max_act"] < sample[2] <= hi_frac * feature["max_act"] * (1 + 1e-3)
+        assert [s[2] for s in feature["samples"]] == sorted((s[2] for s in feature["samples"]), reverse=True)
 
 
-def test_score_text_flags_against_held_out_errors(real, tiny_llama):
+def test_a_folder_of_saes_gets_one_browser_each_and_an_index(real, tiny_llama, hand_sae, tmp_path):
+    cache, sae_dir = real
+    saes = tmp_path / "saes"
+    shutil.copytree(sae_dir, saes / "random")
+    hand_sae(torch.eye(32), torch.eye(32), model=str(tiny_llama)).save(saes / "identity")
+    out = analyse(AnalyseConfig(sae=str(saes), cache=str(cache), out=str(tmp_path / "an"), n_top=3, device="cpu"))
+    page = write_dashboard(out)
+
+    assert page == out / "index.html"
+    html = page.read_text()
+    assert 'href="identity/index.html"' in html and 'href="random/index.html"' in html
+    for name, d_sae, dead in (("identity", 32, None), ("random", 24, [5])):
+        index = read_js(out / name / "data" / "index.js")
+        assert index["d_sae"] == d_sae and (out / name / "index.html").is_file() and (out / name / "app.js").is_file()
+        assert dead is None or index["dead"] == dead
+        assert index["sae"] == str(saes / name)
+        assert f"<td>{name}" not in html and f">{name}</a></td><td class=\"num\">{d_sae}</td>" in html
+
+
+def test_score_text_flags_against_held_out_errors(real, tiny_llama, hook):
     from sae.model import capture, load_model
     from sae.sae import SAE
 
@@ -205,8 +254,19 @@ def test_score_text_flags_against_held_out_errors(real, tiny_llama):
     assert [s.token for s in scores] == [tokenizer.decode([i]) for i in ids]
     assert not scores[0].scored and not scores[0].flagged and all(s.scored for s in scores[1:])
     sae = SAE.load(sae_dir)
-    acts = capture(model, torch.tensor([ids]), [HOOK])[HOOK][0]
+    acts = capture(model, torch.tensor([ids]), [hook])[hook][0]
     assert [s.error for s in scores] == pytest.approx(normalised_error(sae, acts).tolist(), rel=1e-5)
-    reference = normalised_error(sae, ActivationStore(cache).holdout([HOOK], 400)[HOOK])
+    reference = normalised_error(sae, ActivationStore(cache).holdout([hook], 400)[hook])
     assert [s.z for s in scores] == pytest.approx(score(sae, acts, reference).tolist(), rel=1e-4, abs=1e-5)
     assert [s.flagged for s in scores[1:]] == [s.z > 3 for s in scores[1:]]
+
+
+def test_every_config_field_is_documented_and_has_a_demo_default():
+    from dataclasses import MISSING, fields
+
+    from sae.config import field_docs
+
+    for cls, required in ((AnalyseConfig, set()), (ScoreConfig, {"text"})):
+        assert set(field_docs(cls)) == {f.name for f in fields(cls)}, cls
+        assert {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} == required
+    assert AnalyseConfig().sae == "runs/demo/saes" and ScoreConfig(text="x").sae.startswith("runs/demo/saes/topk")

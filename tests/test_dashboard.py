@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from html.parser import HTMLParser
@@ -10,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sae.dashboard import write_dashboard
+import torch
+
+from sae.analyse import AnalyseConfig, analyse
+from sae.dashboard import read_js, write_dashboard, write_js
 
 CHROMIUM = Path("/usr/bin/chromium")
 NASTY = ["def", " <script>alert(1)</script>", " &amp;", ' "q\'', "\n", "\t", "  ", ""]
@@ -35,42 +37,60 @@ def run_chromium(browser: Path, profile: Path, *args: str) -> str:
     return done.stdout
 
 
-def example(tokens: list[str], acts: list[float | None], at: int, seq: int) -> dict:
-    return {"act": acts[at], "seq": seq, "pos": 10 + at, "at": at, "tokens": tokens, "acts": acts}
+def synthetic_analysis(root: Path) -> None:
+    """Analysis data in the format `sae analyse` writes (see sae.dashboard), with awkward token text.
 
+    Context 4 is NASTY itself; position 0 of every context is the excluded BOS (first_pos 1), shown greyed.
+    """
+    texts = [*NASTY, "<bos>", "a", "b", "x", " = ", "9", " rare", "!", " promo0", " promo3", " promo7", "<b>",
+             " supp0", " supp3", " supp7", "&lt;"]
+    tok = {t: i for i, t in enumerate(texts)}
+    ids = lambda *words: [tok[w] for w in words]  # noqa: E731
+    write_js(root / "tokens.js", "SAE_TOKENS", dict(enumerate(texts)))
+    write_js(root / "contexts.js", "SAE_CONTEXTS", {
+        4: ids(*NASTY), 9: ids("<bos>", "a", "b"), 1: ids("<bos>", "x", " = ", "9"), 2: ids("<bos>", " rare", "!")})
 
-def feature(j: int, max_act: float, density: float, top_tokens: list[str], examples: list[dict]) -> dict:
-    return {
-        "id": j, "max_act": max_act, "mean_top_act": sum(e["act"] for e in examples) / len(examples),
-        "density": density, "mean_act": max_act / 3, "top_tokens": top_tokens, "promoted": [f" promo{j}", "<b>"],
-        "n_active": int(density * 5000), "top": examples,
-        "samples": [{**examples[-1], "act": max_act / 5, "interval": "0%-25%"}],
-        "histogram": {"log10_edges": [-1.0, -0.5, 0.0, 0.5, 1.0], "counts": [40, 12, 3, 1]},
-        "suppressed": [[f" supp{j}", -1.5], ["&lt;", -0.9]],
-    }
+    def feature(j: int, max_act: float, density: float, fires_on: str, top: list, first_bin: int) -> dict:
+        return {
+            "id": j, "max_act": max_act, "mean_top_act": sum(e[2] for e in top) / len(top), "density": density,
+            "mean_act": max_act / 3, "top_tokens": ids(fires_on), "n_active": int(density * 5000), "top": top,
+            "promoted": [[tok[f" promo{j}"], 2.0], [tok["<b>"], 1.0]], "suppressed": [[tok[f" supp{j}"], -1.5], [tok["&lt;"], -0.9]],
+            "samples": [[9, 1, max_act / 5, 0, [200, 20]]], "histogram": [first_bin, [40, 12, 3, 1]],
+        }
+
+    features = [
+        feature(0, 5.0, 0.01, NASTY[1], [[4, 1, 5.0, [1000, 500, 100, 0, 200, 0, 40]], [9, 1, 1.0, [200, 20]]], 30),
+        feature(3, 9.0, 0.2, " = ", [[1, 2, 9.0, [0, 1000, 333]]], 40),
+        feature(7, 1.0, 0.0005, " rare", [[2, 1, 1.0, [1000, 0]]], 20),
+    ]
+    write_js(root / "features" / "0.js", "SAE_CHUNK", {f["id"]: f for f in features})
+    rows = [{k: f[k] for k in ("id", "max_act", "mean_top_act", "density", "mean_act", "top_tokens")}
+            | {"promoted": [t for t, _ in f["promoted"]]} for f in sorted(features, key=lambda f: -f["max_act"])]
+    write_js(root / "index.js", "SAE_INDEX", {
+        "sae": "saes/x", "hook": "blocks.1.hook_resid_post", "model": "tiny", "d_sae": 8, "n_tokens": 5000,
+        "split": "all", "window": [2, 6], "first_pos": 1, "context_size": 8, "features_per_file": 64,
+        "window_scale": 1000, "hist_edges": [-4 + i / 8 for i in range(65)], "intervals": [[0, 0.25], [0.25, 0.5], [0.5, 0.75]],
+        "features": rows, "dead": [1, 2, 4, 5, 6]})
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """A synthetic analysis folder with awkward token text, and the browser built from it."""
+    """A synthetic analysis folder with awkward token text, made browsable."""
     root = tmp_path_factory.mktemp("analysis")
-    acts = [0.0, 5.0, 2.5, 0.5, None, 1.0, 0.0, 0.2]
-    features = [
-        feature(0, 5.0, 0.01, [" <script>alert(1)</script>"], [example(NASTY, acts, 1, 4), example(["a", "b"], [1.0, 0.1], 0, 9)]),
-        feature(3, 9.0, 0.2, ["\n"], [example(["x", " = ", "9"], [0.0, 9.0, 3.0], 1, 1)]),
-        feature(7, 1.0, 0.0005, [" rare"], [example([" rare", "!"], [1.0, None], 0, 2)]),
-    ]
-    for f in features:
-        f["promoted"] = [[t, 2.0 - i] for i, t in enumerate(f["promoted"])]
-    (root / "features").mkdir()
-    for f in features:
-        (root / "features" / f"{f['id']}.json").write_text(json.dumps(f))
-    rows = [{k: f[k] for k in ("id", "max_act", "mean_top_act", "density", "mean_act", "top_tokens")} | {"promoted": [t for t, _ in f["promoted"]]}
-            for f in sorted(features, key=lambda f: -f["max_act"])]
-    index = {"sae": "saes/x", "hook": "blocks.1.hook_resid_post", "model": "tiny", "d_sae": 8, "n_tokens": 5000,
-             "split": "all", "window": [2, 1], "features": rows, "dead": [1, 2, 4, 5, 6]}
-    (root / "index.json").write_text(json.dumps(index))
-    return write_dashboard(root, root / "site").parent
+    (root / "data" / "features").mkdir(parents=True)
+    synthetic_analysis(root / "data")
+    return write_dashboard(root).parent
+
+
+@pytest.fixture(scope="module")
+def real_site(tiny_cache, tiny_llama, hand_sae, tmp_path_factory) -> Path:
+    """The browser of a real `analyse` run: a random ReLU SAE on the session's tiny-Llama cache."""
+    root = tmp_path_factory.mktemp("real_site")
+    torch.manual_seed(0)
+    hand_sae(torch.randn(32, 40), torch.randn(40, 32) * 0.1, model=str(tiny_llama)).save(root / "sae")
+    out = analyse(AnalyseConfig(sae=str(root / "sae"), cache=str(tiny_cache), out=str(root / "an"), n_top=4,
+                                window_left=5, window_right=2, device="cpu"))
+    return write_dashboard(out).parent
 
 
 class Dom(HTMLParser):
@@ -113,7 +133,8 @@ class Dom(HTMLParser):
 
 def shown(token: str) -> str:
     """How the browser displays a token: whitespace made visible, the empty token as ∅."""
-    return "".join({" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192"}.get(c, c) for c in token) or "\u2205"
+    visible = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u2192", "\r": "\u240d"}
+    return "".join(visible.get(c, "\u00b7" if c.isspace() else c) for c in token) or "\u2205"
 
 
 @pytest.mark.slow
@@ -127,7 +148,7 @@ def test_index_sorts_and_searches_in_chromium(browser, site, tmp_path):
     searched = run_chromium(browser, tmp_path, "--dump-dom", url + "#q=%3Cscript")
     assert Dom(searched).rows == [0]
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in searched  # shown as text ...
-    assert Dom(searched).scripts == ["data/index.js", "app.js"]  # ... never turned into an element
+    assert Dom(searched).scripts == ["data/index.js", "data/tokens.js", "app.js"]  # ... never turned into an element
     assert "5 dead features" in searched and "1, 2, 4, 5, 6" in searched
 
 
@@ -137,9 +158,10 @@ def test_feature_page_shows_contexts_lens_and_histogram(browser, site, tmp_path)
     dom = Dom(html)
     top, second, sample = dom.contexts
     assert top["tokens"] == [shown(t) for t in NASTY] and top["hit"] == 1
-    assert second["tokens"] == ["a", "b"] and second["hit"] == 0
-    assert sample["tokens"] == ["a", "b"]  # the interval sample, below the top examples
+    assert second["tokens"] == ["<bos>", "a", "b"] and second["hit"] == 1
+    assert sample["tokens"] == ["<bos>", "a", "b"]  # the interval sample, below the top examples
     assert "data/features/0.js" in dom.scripts and "inline" not in dom.scripts
+    assert html.count("not in the cache") == 3  # position 0 of each context: the excluded BOS
     assert "Feature 0" in html and "promo0" in html and "supp0" in html and "&amp;lt;" in html
     assert html.count('class="bar"') == 4  # one histogram bar per bin
     assert "background-color: rgb(255, 128, 0);" in html  # the hit token is shaded at full strength (alpha 1)
@@ -160,3 +182,21 @@ def test_screenshots_are_not_blank(browser, site, tmp_path):
         assert image.std() > 0.05  # text and tables, not one flat colour
         orange = (image[..., 0] > 0.9) & (image[..., 1] > 0.4) & (image[..., 1] < 0.8) & (image[..., 2] < 0.45)
         assert (orange.sum() > 200) == orange_expected  # activation shading only on the feature page
+
+
+@pytest.mark.slow
+def test_real_analysis_renders_its_features_and_contexts(browser, real_site, tmp_path):
+    data = real_site / "data"
+    index, tokens, contexts = (read_js(data / f"{name}.js") for name in ("index", "tokens", "contexts"))
+    rows = Dom(run_chromium(browser, tmp_path, "--dump-dom", (real_site / "index.html").as_uri())).rows
+    assert rows == [f["id"] for f in index["features"]] and len(rows) > 10  # every live feature, by max activation
+
+    for summary in (index["features"][0], index["features"][-1]):
+        j = summary["id"]
+        feature = read_js(data / "features" / f"{j // index['features_per_file']}.js")[str(j)]
+        dom = Dom(run_chromium(browser, tmp_path, "--dump-dom", f"{(real_site / 'feature.html').as_uri()}#{j}"))
+        assert len(dom.contexts) == len(feature["top"]) + len(feature["samples"]) > 0
+        for (seq, pos, _, _), ctx in zip(feature["top"], dom.contexts):
+            lo = max(0, pos - 5)
+            assert ctx["tokens"] == [shown(tokens[str(t)]) for t in contexts[str(seq)][lo : pos + 3]]
+            assert ctx["hit"] == pos - lo

@@ -1,7 +1,6 @@
 """sae.evaluate against hand computations, torch.linalg.svd, and a tiny random Llama with exact SAEs spliced in.
 
-The helpers at the top (a real cache harvested from the tiny model, hand-built SAEs) are shared with
-test_analyse.py and test_notebook.py.
+The tiny cache and hand-built SAEs come from fixtures in conftest.py.
 """
 
 from __future__ import annotations
@@ -13,47 +12,21 @@ import pytest
 import torch
 
 from sae.evaluate import EvalConfig, evaluate, fit_pca, format_table, pca_fvu_curve, reconstruction_metrics
-from sae.sae import SAE, SAEConfig, create_sae
+from sae.sae import SAE
 
-HOOK = "blocks.1.hook_resid_post"
-
-
-def harvest_tiny(model_dir: Path, texts: Path, out: Path, exclude_first: bool = True) -> Path:
-    """A real cache of ~2.4k rows in four shards, float32 so tests compare exact numbers."""
-    from sae.harvest import HarvestConfig, harvest
-
-    cfg = HarvestConfig(model=str(model_dir), hooks=[HOOK], dataset=str(texts), context_size=32, max_tokens=2400,
-                        batch_size=8, shard_tokens=600, dtype="float32", eval_fraction=0.25,
-                        exclude_first=exclude_first, out=str(out))
-    return harvest(cfg)
-
-
-def hand_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None, model: str = "") -> SAE:
-    """A plain ReLU SAE with the given weights: f = ReLU(x W_enc + b_enc), x̂ = f W_dec."""
-    d_in, d_sae = W_enc.shape
-    sae = create_sae(SAEConfig("relu_l1", d_in=d_in, d_sae=d_sae, hook_name=HOOK, model_name=model,
-                               apply_b_dec_to_input=False))
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_dec)
-        sae.b_enc.copy_(torch.zeros(d_sae) if b_enc is None else b_enc)
-        sae.b_dec.zero_()
-    return sae.eval()
-
-
-def identity_sae(d: int, model: str = "") -> SAE:
+def identity_sae(hand_sae, d: int, model: str = "") -> SAE:
     """ReLU(x) − ReLU(−x) = x exactly: features ±e_i, so decode(encode(x)) == x bit for bit."""
     eye = torch.eye(d)
     return hand_sae(torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0), model=model)
 
 
-def zero_sae(d: int, model: str = "") -> SAE:
+def zero_sae(hand_sae, d: int, model: str = "") -> SAE:
     """An SAE whose reconstruction is always 0: splicing it in equals zero-ablation."""
     return hand_sae(torch.eye(d), torch.zeros(d, d), model=model)
 
 
-def hand_losses(model_dir: Path, cache: Path, n_contexts: int, first: int) -> tuple[float, float, float]:
-    """Clean CE, CE with positions >= first zeroed at HOOK, and KL(clean || zeroed), on the first held-out contexts."""
+def hand_losses(model_dir: Path, cache: Path, hook: str, n_contexts: int, first: int) -> tuple[float, float, float]:
+    """Clean CE, CE with positions >= first zeroed at `hook`, and KL(clean || zeroed), on the first held-out contexts."""
     from sae.model import hooks, load_model
     from sae.store import ActivationStore
 
@@ -62,7 +35,7 @@ def hand_losses(model_dir: Path, cache: Path, n_contexts: int, first: int) -> tu
     ids = store.context_tokens(store.holdout_seqs(n_contexts))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-        with hooks(model, {HOOK: lambda a: torch.cat([a[:, :first], torch.zeros_like(a[:, first:])], 1)}):
+        with hooks(model, {hook: lambda a: torch.cat([a[:, :first], torch.zeros_like(a[:, first:])], 1)}):
             ablated = model(input_ids=ids).logits
     targets = ids[:, first + 1 :].reshape(-1)
     clean_lp, ablated_lp = (t[:, first:-1].log_softmax(-1).reshape(-1, t.shape[-1]) for t in (logits, ablated))
@@ -71,12 +44,7 @@ def hand_losses(model_dir: Path, cache: Path, n_contexts: int, first: int) -> tu
     return ce[0], ce[1], float(kl)
 
 
-@pytest.fixture(scope="module")
-def cache(tiny_llama, text_dir, tmp_path_factory) -> Path:
-    return harvest_tiny(tiny_llama, text_dir, tmp_path_factory.mktemp("cache") / "cache")
-
-
-def test_reconstruction_metrics_by_hand():
+def test_reconstruction_metrics_by_hand(hand_sae):
     torch.manual_seed(0)
     x = torch.randn(300, 8) + 2.0
     W_enc, W_dec = torch.randn(8, 12), torch.randn(12, 8) * 0.3
@@ -116,10 +84,11 @@ def test_pca_fvu_curve_matches_svd():
     assert bool((curve[1:] <= curve[:-1] + 1e-6).all())  # more components never hurt
 
 
-def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(cache, tiny_llama, tmp_path):
+def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_llama, hand_sae, hook, tmp_path):
+    cache = tiny_cache
     saes = tmp_path / "saes"
-    identity_sae(32, str(tiny_llama)).save(saes / "identity")
-    zero_sae(32, str(tiny_llama)).save(saes / "zeros")
+    identity_sae(hand_sae, 32, str(tiny_llama)).save(saes / "identity")
+    zero_sae(hand_sae, 32, str(tiny_llama)).save(saes / "zeros")
     cfg = EvalConfig(cache=str(cache), saes=[str(saes)], out=str(tmp_path / "eval"), max_tokens=2000,
                      lm_loss_contexts=6, batch_size=4, device="cpu", pca_fit_tokens=1500)
     results = evaluate(cfg)
@@ -137,7 +106,7 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(cache, tiny_llama, 
     assert results["position_0_spliced"] is False
 
     # Hand computation: the scored predictions are those made from spliced positions 1..T-2.
-    clean, zero, kl = hand_losses(tiny_llama, cache, n_contexts=6, first=1)
+    clean, zero, kl = hand_losses(tiny_llama, cache, hook, n_contexts=6, first=1)
     assert ident["ce_clean"] == pytest.approx(clean, rel=1e-5)
     assert zeros["ce_zero"] == pytest.approx(zero, rel=1e-5)
     assert zeros["kl"] == pytest.approx(kl, rel=1e-4) and kl > 1e-4
@@ -145,21 +114,34 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(cache, tiny_llama, 
     # The PCA baseline of the same cache, and the loud flag on the SAE that PCA beats.
     assert zeros["fvu"] > 1 and zeros["pca_rank_at_l0"] == round(zeros["l0"]) and zeros["beats_pca_at_l0"] is False
     assert ident["beats_pca_at_l0"] is True and ident["pca_rank_quarter"] == 8
-    assert ident["pca_fvu_at_quarter"] == pytest.approx(results["pca"][HOOK]["fvu"][8])
+    assert ident["pca_fvu_at_quarter"] == pytest.approx(results["pca"][hook]["fvu"][8])
     table = format_table(results)
     assert "zeros" in table and "BROKEN" in table and table.count("BROKEN") == 1
+    assert max(map(len, table.splitlines())) <= 80
+    (zero_line,) = [line for line in table.splitlines() if line.startswith("! zeros ")]  # the broken one is marked
+    assert f"{zeros['fvu']:.3f}" in zero_line and any(line.startswith("  identity ") for line in table.splitlines())
     for png in ("pareto.png", "density_identity.png", "density_zeros.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 5000
 
 
-def test_lm_loss_splices_every_position_when_cache_kept_position_0(tiny_llama, text_dir, tmp_path):
+def test_lm_loss_splices_every_position_when_cache_kept_position_0(tiny_llama, text_dir, harvest_tiny, hand_sae, hook,
+                                                                  tmp_path):
     cache = harvest_tiny(tiny_llama, text_dir, tmp_path / "cache", exclude_first=False)
-    zero_sae(32, str(tiny_llama)).save(tmp_path / "zeros")
+    zero_sae(hand_sae, 32, str(tiny_llama)).save(tmp_path / "zeros")
     cfg = EvalConfig(cache=str(cache), saes=[str(tmp_path / "zeros")], out=str(tmp_path / "eval"), max_tokens=500,
                      lm_loss_contexts=3, device="cpu", pca_fit_tokens=500)
     results = evaluate(cfg)
     assert results["position_0_spliced"] is True
     (row,) = results["saes"]
     assert row["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
-    clean, zero, kl = hand_losses(tiny_llama, cache, n_contexts=3, first=0)
+    clean, zero, kl = hand_losses(tiny_llama, cache, hook, n_contexts=3, first=0)
     assert (row["ce_clean"], row["ce_zero"], row["kl"]) == pytest.approx((clean, zero, kl), rel=1e-4)
+
+
+def test_every_config_field_is_documented_and_has_a_demo_default():
+    from dataclasses import fields
+
+    from sae.config import field_docs
+
+    assert set(field_docs(EvalConfig)) == {f.name for f in fields(EvalConfig)}
+    assert EvalConfig().saes == ["runs/demo/saes"] and EvalConfig().cache == "runs/demo/cache"

@@ -8,13 +8,11 @@ import nbformat
 import torch
 from nbclient import NotebookClient
 
-from test_evaluate import hand_sae, harvest_tiny
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore.ipynb"
 
 
-def test_explore_notebook_runs(tiny_llama, text_dir, tmp_path, monkeypatch):
-    cache = harvest_tiny(tiny_llama, text_dir, tmp_path / "cache")
+def test_explore_notebook_runs(tiny_cache, tiny_llama, hand_sae, tmp_path, monkeypatch):
+    cache = tiny_cache
     torch.manual_seed(0)
     sae_dir = hand_sae(torch.randn(32, 48), torch.randn(48, 32) * 0.1, model=str(tiny_llama)).save(tmp_path / "sae")
     monkeypatch.setenv("SAE_CACHE", str(cache))

@@ -1,5 +1,5 @@
 // Feature browser for one SAE analysis. Works from file:// with no server: data arrives as <script> files that
-// assign globals (fetch() of JSON is blocked on file://). All text goes into the DOM through textContent, never
+// assign globals (fetch() of JSON is blocked on file://); the format is described in sae/dashboard/__init__.py. All text goes into the DOM through textContent, never
 // innerHTML, so token strings such as "<script>" or "&amp;" are shown literally.
 "use strict";
 
@@ -19,6 +19,7 @@
   }
 
   const num = (x, digits = 3) => (x === null || x === undefined ? "\u2013" : Number(x).toPrecision(digits));
+  const token = (id) => window.SAE_TOKENS[id] ?? `<token ${id}>`;
   const percent = (d) => (d >= 0.001 ? `${(100 * d).toPrecision(3)}%` : `${(100 * d).toExponential(1)}%`);
 
   // Token text with whitespace made visible (·, ↵, →) in a dimmer style, and the empty token as ∅.
@@ -72,7 +73,7 @@
     if (!q) return true;
     if (/^\d+$/.test(q) && feature.id === Number(q)) return true;
     const needle = q.toLowerCase();
-    return [...feature.top_tokens, ...feature.promoted].some((t) => t.toLowerCase().includes(needle));
+    return [...feature.top_tokens, ...feature.promoted].some((t) => token(t).toLowerCase().includes(needle));
   }
 
   function renderIndex() {
@@ -97,8 +98,8 @@
           el("td", { class: "num", text: num(f.max_act) }),
           el("td", { class: "num", text: num(f.mean_top_act) }),
           el("td", { class: "num", text: percent(f.density) }),
-          el("td", {}, ...f.top_tokens.map((t) => chip(t))),
-          el("td", {}, ...f.promoted.map((t) => chip(t))));
+          el("td", {}, ...f.top_tokens.map((t) => chip(token(t)))),
+          el("td", {}, ...f.promoted.map((t) => chip(token(t)))));
       }));
     document.getElementById("count").textContent = `${rows.length} of ${index.features.length} live features`;
     document.getElementById("more").textContent =
@@ -127,7 +128,7 @@
   // ------------------------------------------------------------------------------------------- feature page
 
   // Histogram of activations on log10 bins, as inline SVG (counts on a log scale: tails matter most).
-  function histogram(hist) {
+  function histogram([first, counts], edges) {
     const W = 560, H = 150, pad = { l: 8, r: 8, t: 8, b: 26 };
     const ns = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(ns, "svg");
@@ -140,47 +141,52 @@
       svg.append(node);
       return node;
     };
-    const counts = hist.counts;
     if (!counts.length) return svg;
+    const edge = (i) => 10 ** edges[first + i];
     const top = Math.log10(Math.max(...counts) + 1);
     const bw = (W - pad.l - pad.r) / counts.length;
     counts.forEach((c, i) => {
       const h = ((H - pad.t - pad.b) * Math.log10(c + 1)) / top;
       const bar = add("rect", { x: pad.l + i * bw + 0.5, y: H - pad.b - h, width: Math.max(bw - 1, 1), height: h, class: "bar" });
-      const lo = 10 ** hist.log10_edges[i], hi = 10 ** hist.log10_edges[i + 1];
-      bar.append(Object.assign(document.createElementNS(ns, "title"), { textContent: `${num(lo)}\u2013${num(hi)}: ${c}` }));
+      bar.append(Object.assign(document.createElementNS(ns, "title"), { textContent: `${num(edge(i))}\u2013${num(edge(i + 1))}: ${c}` }));
     });
     add("line", { x1: pad.l, x2: W - pad.r, y1: H - pad.b, y2: H - pad.b, class: "axis" });
-    add("text", { x: pad.l, y: H - 8, class: "label" }, num(10 ** hist.log10_edges[0], 2));
-    add("text", { x: W - pad.r, y: H - 8, class: "label end" }, num(10 ** hist.log10_edges[counts.length], 2));
+    add("text", { x: pad.l, y: H - 8, class: "label" }, num(edge(0), 2));
+    add("text", { x: W - pad.r, y: H - 8, class: "label end" }, num(edge(counts.length), 2));
     add("text", { x: W / 2, y: H - 8, class: "label mid" }, "activation (log scale)");
     return svg;
   }
 
-  // One context: tokens shaded by this feature's activation relative to its maximum; the hit token is outlined.
-  function context(example, maxAct) {
-    const tokens = example.tokens.map((text, i) => {
-      const act = example.acts[i];
-      const node = el("span", { class: "tok" }, tokenText(text));
-      if (act === null) {
+  // One example [seq, pos, act, window]: the context's tokens around pos, shaded by this feature's activation
+  // relative to its maximum (window values are thousandths of it); the hit token is outlined.
+  function context([seq, pos, act, acts], maxAct) {
+    const meta = window.SAE_INDEX;
+    const [left, right] = meta.window;
+    const lo = Math.max(0, pos - left), loAct = Math.max(meta.first_pos, pos - left);
+    const ids = window.SAE_CONTEXTS[seq].slice(lo, Math.min(meta.context_size, pos + right + 1));
+    const tokens = ids.map((id, i) => {
+      const at = lo + i;
+      const node = el("span", { class: "tok" }, tokenText(token(id)));
+      if (at < loAct) {
         node.classList.add("na");
         node.title = "not in the cache";
       } else {
-        node.style.backgroundColor = `rgba(255, 128, 0, ${Math.min(1, Math.max(0, act / maxAct)).toFixed(3)})`;
-        node.title = `activation ${num(act)}`;
+        const fraction = acts[at - loAct] / meta.window_scale;
+        node.style.backgroundColor = `rgba(255, 128, 0, ${Math.min(1, Math.max(0, fraction)).toFixed(3)})`;
+        node.title = `activation \u2248 ${num(at === pos ? act : fraction * maxAct)}`;
       }
-      if (i === example.at) node.classList.add("hit");
+      if (at === pos) node.classList.add("hit");
       return node;
     });
     return el("div", { class: "ctx" },
-      el("span", { class: "act", text: num(example.act) }),
+      el("span", { class: "act", text: num(act) }),
       el("span", { class: "toks" }, ...tokens),
-      el("span", { class: "where meta", text: `context ${example.seq}, position ${example.pos}` }));
+      el("span", { class: "where meta", text: `context ${seq}, position ${pos}` }));
   }
 
   function lensColumn(title, tokens) {
     return el("div", { class: "lens" }, el("h3", { text: title }),
-      el("ol", {}, ...tokens.map(([t, v]) => el("li", {}, chip(t), el("span", { class: "meta", text: ` ${num(v)}` })))));
+      el("ol", {}, ...tokens.map(([t, v]) => el("li", {}, chip(token(t)), el("span", { class: "meta", text: ` ${num(v)}` })))));
   }
 
   function renderFeature(f) {
@@ -190,13 +196,17 @@
       ...[["max activation", num(f.max_act)], ["mean of top activations", num(f.mean_top_act)],
         ["density", `${percent(f.density)} (${f.n_active.toLocaleString("en")} tokens)`],
         ["mean activation when active", num(f.mean_act)]].flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+    const intervals = window.SAE_INDEX.intervals;
     const samplesByInterval = {};
-    for (const s of f.samples) (samplesByInterval[s.interval] ||= []).push(s);
+    for (const [seq, pos, act, i, acts] of f.samples) {
+      const label = `${100 * intervals[i][0]}%\u2013${100 * intervals[i][1]}%`;
+      (samplesByInterval[label] ||= []).push([seq, pos, act, acts]);
+    }
     const main = document.getElementById("feature");
     main.replaceChildren(
       el("section", { class: "overview" },
         stats,
-        el("figure", {}, histogram(f.histogram), el("figcaption", { text: "activation histogram" }))),
+        el("figure", {}, histogram(f.histogram, window.SAE_INDEX.hist_edges), el("figcaption", { text: "activation histogram" }))),
       el("section", { class: "logit-lens" }, el("h2", { text: "Logit lens" }),
         el("div", { class: "lens-cols" }, lensColumn("promotes", f.promoted), lensColumn("suppresses", f.suppressed))),
       el("section", { id: "top" }, el("h2", { text: "Top activations" }), ...f.top.map((e) => context(e, f.max_act))),
@@ -220,10 +230,11 @@
         : `There is no feature ${id} (this SAE has ${index.d_sae}).` }));
       return;
     }
-    window.SAE_FEATURE = undefined;
-    const script = el("script", { src: `data/features/${id}.js` });
-    script.onload = () => renderFeature(window.SAE_FEATURE);
-    script.onerror = () => main.replaceChildren(el("p", { class: "notice", text: `data/features/${id}.js is missing.` }));
+    const file = `data/features/${Math.floor(id / index.features_per_file)}.js`;
+    window.SAE_CHUNK = undefined;
+    const script = el("script", { src: file });
+    script.onload = () => renderFeature(window.SAE_CHUNK[id]);
+    script.onerror = () => main.replaceChildren(el("p", { class: "notice", text: `${file} is missing.` }));
     document.head.append(script);
   }
 
