@@ -105,7 +105,6 @@ def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
         contexts = pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
         # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
         contexts = itertools.islice(contexts, done, max_contexts)
-        deepest = model_lib.deepest(model, cfg.hooks)
         storage = DTYPES[cfg.dtype]
         n_done = done
         bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +47,20 @@ class DivergedError(TrainError):
 class SAESpec:
     """One SAE to train."""
 
-    architecture: str
-    hook: str
+    architecture: str = "topk"
+    """One of relu_l1, topk, batchtopk, jumprelu."""
+    hook: str = "blocks.15.hook_resid_post"
+    """Hook whose activations the SAE reconstructs (must be in the cache)."""
     expansion_factor: int = 16
+    """Width as a multiple of d_in."""
     d_sae: int | None = None
     """Explicit width; overrides ``expansion_factor``."""
     k: int = 32
+    """topk: active latents per token; batchtopk: their mean over the batch."""
     l1_coefficient: float = 5.0
+    """relu_l1: λ of the L1 penalty (inputs normalised to E‖x‖² = d_in)."""
     l0_coefficient: float = 2.0
+    """jumprelu: weight of the L0 penalty."""
     lr: float | None = None
     """Overrides ``TrainConfig.lr`` for this SAE."""
     name: str | None = None
@@ -94,9 +100,12 @@ class SAESpec:
 class TrainConfig:
     """A training run: where the data is, what to train, and how."""
 
-    cache: str
-    out: str
-    saes: list[SAESpec]
+    cache: str = "runs/demo/cache"
+    """Activation cache written by `sae harvest`."""
+    out: str = "runs/demo/saes"
+    """Output folder: one sub-folder per SAE (SAELens layout), checkpoints/ and wandb/."""
+    saes: list[SAESpec] = field(default_factory=lambda: [SAESpec()])
+    """SAEs to train, all fed by the same batches (a sweep costs one pass over the cache)."""
     batch_size: int | None = None
     """Tokens per step; None → ``default_batch_size(total_tokens)``: the papers' 4096 when the
     run is long enough, else the largest power of two that still leaves ≥ 500 steps (never
@@ -107,30 +116,30 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate; None → ``default_lr(architecture, d_sae, total_steps)``."""
     lr_warmup_frac: float = 0.01
+    """Linear lr warm-up over this fraction of the run."""
     lr_decay_frac: float = 0.2
     """Linear decay to 0 over the last fraction of the run (Anthropic April 2024)."""
     l1_warmup_frac: float = 0.05
     """Linear warm-up of the sparsity coefficient (L1 or L0) from 0 (Anthropic April 2024)."""
     grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (Anthropic April 2024)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints (one is always written at the end)."""
     dead_window_tokens: int | None = None
     """Tokens without firing after which a latent counts as dead; None → 10M (Gao et al.) or
     a tenth of the run if that is shorter, so short runs still measure something."""
     seed: int = 0
+    """Seeds the initialisation and the order of the shuffled batches."""
     device: str = "auto"
+    """"auto" (CUDA when present, with bf16 autocast), "cpu", "cuda", ..."""
     wandb_mode: str = "offline"
+    """wandb mode: offline (default, no account needed), online, or disabled."""
     wandb_project: str = "sae"
+    """wandb project name."""
     resume: bool = False
+    """Continue from the latest checkpoint in `out` exactly where it stopped."""
     log_every: int = 10
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """From a parsed YAML/JSON ``train:`` section."""
-        d = dict(d)
-        d["saes"] = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in d.get("saes", [])]
-        return cls(**d)
-
+    """Steps between log lines (wandb and the progress bar's FVU)."""
 
 PAPER_BATCH = 4096
 MIN_STEPS = 500
