@@ -40,7 +40,8 @@ def bare_forward(model, batches, stop_after: str | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--tokens", type=int, default=32_768)
+    parser.add_argument("--tokens", type=int, default=16_384)
+    parser.add_argument("--repeats", type=int, default=3, help="bare/harvest pairs per hook; the median is reported")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--hooks", nargs="*", default=None, help="default: a mid-depth and the last residual")
@@ -58,27 +59,31 @@ def main() -> None:
     results = {"model": args.model, "tokens": n_ctx * args.context_size, "batch_size": args.batch_size,
                "threads": torch.get_num_threads(), "device": str(device),
                "bare_full_forward_tok_s": n_ctx * args.context_size / full, "hooks": {}}
+    tokens = n_ctx * args.context_size
     for hook in hooks:
-        same = bare_forward(model, batches, hook)
-        with tempfile.TemporaryDirectory() as out:
-            cfg = HarvestConfig(model=args.model, hooks=[hook], max_tokens=n_ctx * args.context_size,
-                                context_size=args.context_size, batch_size=args.batch_size, exclude_first=False,
-                                eval_fraction=0.0, out=out)
-            t0 = time.perf_counter()
-            harvest_with(cfg, model, tokenizer)
-            took = time.perf_counter() - t0
-            store = ActivationStore(out)
-            size = sum((store.path / s["file"]).stat().st_size for s in store.shards)
-            d = store.hooks[hook]
-            rows = store.n_rows
-        tokens = n_ctx * args.context_size
+        # Bare and harvest runs alternate, and the ratio is the median over pairs: on a shared 2-core machine the
+        # load drifts between runs, and a pair taken back to back sees nearly the same machine.
+        pairs = []
+        for _ in range(args.repeats):
+            same = bare_forward(model, batches, hook)
+            with tempfile.TemporaryDirectory() as out:
+                cfg = HarvestConfig(model=args.model, hooks=[hook], max_tokens=tokens, context_size=args.context_size,
+                                    batch_size=args.batch_size, exclude_first=False, eval_fraction=0.0, out=out)
+                t0 = time.perf_counter()
+                harvest_with(cfg, model, tokenizer)
+                took = time.perf_counter() - t0
+                store = ActivationStore(out)
+                size = sum((store.path / s["file"]).stat().st_size for s in store.shards)
+            pairs.append((same, took))
+        same, took = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
         results["hooks"][hook] = {
             "harvest_tok_s": tokens / took,
             "bare_same_depth_tok_s": tokens / same,
             "ratio_vs_same_depth": same / took,
+            "ratio_vs_same_depth_all": sorted(round(a / b, 3) for a, b in pairs),
             "ratio_vs_full_forward": full / took,
-            "cache_bytes_per_token": size / rows,
-            "bytes_ratio": size / rows / (store.dtype.itemsize * d),
+            "cache_bytes_per_token": size / store.n_rows,
+            "bytes_ratio": size / store.n_rows / (store.dtype.itemsize * store.hooks[hook]),
         }
     print(json.dumps(results, indent=1))
 

@@ -25,7 +25,7 @@ by other users' jobs). ``load`` records /proc/loadavg before and after and the C
 process got while timing.
 
 Usage: python scripts/bench_train.py [--quick] [--rounds 4] [--warmup 1] [--no-saelens] [--no-rss]
-                                     [--no-throughput] [--rss-shards 8 32]
+                                     [--no-throughput] [--rss-shards 16 64]
 """
 
 from __future__ import annotations
@@ -379,7 +379,8 @@ def main() -> None:
     p.add_argument("--no-saelens", dest="saelens", action="store_false")
     p.add_argument("--no-rss", dest="rss", action="store_false")
     p.add_argument("--no-throughput", dest="throughput", action="store_false", help="only the RSS part")
-    p.add_argument("--rss-shards", type=int, nargs=2, default=[8, 32])
+    p.add_argument("--rss-shards", type=int, nargs=2, default=[16, 64],
+                   help="cache sizes (shards of 16k rows) to compare; both above the 2^18-row shuffle window")
     p.add_argument("--rss-shard-rows", type=int, default=16384)
     p.add_argument("--rss-steps", type=int, default=72,
                    help="enough that the 1x cache wraps an epoch and the 4x one changes shard group")
