@@ -360,19 +360,19 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     if store.bos_token_id is not None:
         ids = [store.bos_token_id, *ids]
     acts = capture(model, torch.tensor([ids], device=device), [hook])[hook][0]
-    return token_scores(sae, acts, reference, [tokenizer.decode([i]) for i in ids], store.exclude_first, cfg.threshold)
+    return token_scores(sae, acts, reference, [tokenizer.decode([i]) for i in ids], store.first_pos, cfg.threshold)
 
 
 def token_scores(
-    sae, acts: Tensor, reference: Tensor, tokens: list[str], skip_first: bool, threshold: float
+    sae, acts: Tensor, reference: Tensor, tokens: list[str], first_pos: int, threshold: float
 ) -> list[TokenScore]:
-    """Scores for one sequence's activations [T, d_in]; position 0 is reported unscored when the cache dropped it."""
+    """Scores for one sequence's activations [T, d_in]; positions the cache dropped (< first_pos) are reported unscored."""
     errors = normalised_error(sae, acts)
     z = z_scores(errors, reference)
     pct = percentile(errors, reference)
     out = []
     for i, (tok, e, zi, p) in enumerate(zip(tokens, errors.tolist(), z.tolist(), pct.tolist())):
-        scored = not (skip_first and i == 0)
+        scored = i >= first_pos
         out.append(TokenScore(tok, e, zi, p, flagged=scored and zi > threshold, scored=scored))
     return out
 
@@ -380,7 +380,7 @@ def token_scores(
 def format_scores(scores: list[TokenScore]) -> str:
     lines = [f"{'token':<20} {'error':>8} {'z':>7} {'pctile':>7}"]
     for s in scores:
-        mark = "  <-- anomalous" if s.flagged else ("  (not scored: BOS position)" if not s.scored else "")
+        mark = "  <-- anomalous" if s.flagged else ("  (not scored: a leading position the cache dropped)" if not s.scored else "")
         lines.append(f"{s.token!r:<20} {s.error:>8.4f} {s.z:>7.2f} {s.percentile:>7.1%}{mark}")
     return "\n".join(lines)
 

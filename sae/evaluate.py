@@ -301,16 +301,17 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
     """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    first = 1 if store.exclude_first else 0
+    first = store.first_pos
     hooks_ = sorted({s.cfg.hook_name for s in saes.values()})
     heldout = store.holdout(hooks_, cfg.max_tokens)
     results: dict = {
         "cache": str(cfg.cache),
         "model": store.model_name,
         "position_0_spliced": not first,
+        "first_spliced_position": first,
         "position_0_note": (
-            "the cache dropped position 0 (the BOS attention sink, an outlier the SAEs never saw), so position 0 is "
-            "left un-spliced and its prediction unscored"
+            f"the cache dropped positions < {first} (BOS and attention-sink outliers the SAEs never saw), so they are "
+            "left un-spliced and their predictions unscored"
             if first
             else "the cache kept position 0, so every position is spliced and scored"
         ),

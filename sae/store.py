@@ -112,7 +112,8 @@ class ActivationStore:
 
     @property
     def exclude_first(self) -> bool:
-        return self.manifest["exclude_first"]
+        """Whether leading positions were dropped (see `first_pos` for how many)."""
+        return bool(self.manifest["exclude_first"])
 
     @property
     def prepend_bos(self) -> bool:
@@ -129,7 +130,8 @@ class ActivationStore:
 
     @property
     def first_pos(self) -> int:
-        return 1 if self.exclude_first else 0
+        """First stored position of every context: rows before it were not harvested."""
+        return int(self.manifest["exclude_first"])
 
     @property
     def rows_per_context(self) -> int:

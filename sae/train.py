@@ -211,7 +211,8 @@ class SAETrainer:
         self.grad_clip = grad_clip
         self.dead_window_tokens = dead_window_tokens
         params = list(sae.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        betas = getattr(sae, "adam_betas", (0.9, 0.999))  # JumpReLU: β₁ = 0
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, total_steps, lr_warmup_frac, lr_decay_frac),

@@ -117,7 +117,7 @@ def test_cache_round_trip(tiny_llama, text_dir, tmp_path):
     store = ActivationStore(cfg.out)
     model, tok = model_lib.load_model(str(tiny_llama), "cpu")
     contexts = torch.tensor(list(itertools.islice(pack(load_texts(str(text_dir)), tok, 32), store.n_contexts)))
-    assert store.complete and store.n_contexts == -(-6000 // 31) and store.n_rows == store.n_contexts * 31
+    assert store.complete and store.n_contexts == -(-6000 // 30) and store.n_rows == store.n_contexts * 30
     with torch.no_grad():
         want = model_lib.capture(model, contexts, cfg.hooks)
     got = {h: [] for h in cfg.hooks}
@@ -128,7 +128,7 @@ def test_cache_round_trip(tiny_llama, text_dir, tmp_path):
         tokens.append(rows.tokens), seqs.append(rows.seq), poss.append(rows.pos)
     seq, pos = torch.cat(seqs), torch.cat(poss)
     assert torch.equal(torch.cat(tokens), contexts[seq, pos])
-    assert pos.min() == 1 and pos.max() == 31  # position 0 excluded by default
+    assert pos.min() == 2 and pos.max() == 31  # positions 0 and 1 excluded by default
     for h in cfg.hooks:
         torch.testing.assert_close(torch.cat(got[h]), want[h][seq, pos].half().float())
     assert torch.equal(store.context_tokens(torch.tensor([5, 0, store.n_contexts - 1])), contexts[[5, 0, -1]])
@@ -236,7 +236,7 @@ def test_cli_overrides_typos_and_help(tiny_llama, text_dir, tmp_path, capsys):
     config.write_text(f"harvest:\n  model: {tiny_llama}\n  hooks: [blocks.0.hook_resid_post]\n  context_size: 16\n")
     out = tmp_path / "cache"
     assert cli_main(["harvest", "--config", str(config), f"out={out}", "max_tokens=300", f"dataset={text_dir}"]) == 0
-    assert ActivationStore(out).n_rows == 20 * 15
+    assert ActivationStore(out).n_rows == 22 * 14  # ⌈300 / 14⌉ contexts of 16 tokens, 2 leading ones dropped
     assert cli_main(["harvest", "--config", str(config), "max_tokns=300"]) == 2
     assert "unknown config key 'harvest.max_tokns'. Did you mean 'max_tokens'?" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="expected int"):
@@ -245,14 +245,14 @@ def test_cli_overrides_typos_and_help(tiny_llama, text_dir, tmp_path, capsys):
         stage_config("harvest", str(config), ["context_size=big"])
     with pytest.raises(SystemExit):
         cli_main(["harvest", "--help"])
-    assert "exclude_first: bool = True" in capsys.readouterr().out
+    assert "exclude_first: int = 2" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
 def test_real_smollm2_layer15_matches_hidden_states(tmp_path):
     """The embedded SmolLM2: harvested blocks.15.hook_resid_post == output_hidden_states[16] of a plain forward."""
-    cfg = HarvestConfig(hooks=["blocks.15.hook_resid_post"], context_size=64, max_tokens=4 * 63, batch_size=2, out=str(tmp_path / "c"))
+    cfg = HarvestConfig(hooks=["blocks.15.hook_resid_post"], context_size=64, max_tokens=4 * 62, batch_size=2, out=str(tmp_path / "c"))
     harvest(cfg)
     store = ActivationStore(cfg.out)
     model, _ = model_lib.load_model("smollm2", "cpu")
@@ -266,4 +266,6 @@ def test_real_smollm2_layer15_matches_hidden_states(tmp_path):
     torch.testing.assert_close(acts, hidden[seq, pos].half().float())
     assert torch.equal(torch.cat([r.tokens for r in rows]), ids[seq, pos])
     norm = acts.norm(dim=-1).mean()
-    assert 100 < norm < 300, norm  # mid-depth residual, position 0 excluded (≈175 on Python source)
+    assert 100 < norm < 300, norm  # mid-depth residual (≈175 on Python source)
+    # positions 0 and 1 (dropped by default) carry norms up to ~25,000; every later row is ordinary
+    assert acts.norm(dim=-1).max() < 3 * norm
