@@ -61,6 +61,8 @@ class SAESpec:
     """relu_l1: λ of the L1 penalty (inputs normalised to E‖x‖² = d_in)."""
     l0_coefficient: float = 2.0
     """jumprelu: weight of the L0 penalty."""
+    target_l0: float | None = None
+    """jumprelu: steer L0 to this value with dictionary_learning's λ·(L0/target − 1)² loss; None → λ·L0."""
     lr: float | None = None
     """Overrides ``TrainConfig.lr`` for this SAE."""
     name: str | None = None
@@ -93,6 +95,7 @@ class SAESpec:
             k=self.k,
             l1_coefficient=self.l1_coefficient,
             l0_coefficient=self.l0_coefficient,
+            target_l0=self.target_l0,
         )
 
 
