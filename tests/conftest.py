@@ -44,6 +44,15 @@ def _save(folder: Path, config) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run fastest (and steadiest on a shared 2-core box) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     from transformers import LlamaConfig

@@ -10,13 +10,7 @@ import torch
 from sae.sae import SAE, SAE_CLASSES, SAEConfig, create_sae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest (and steadiest on a shared 2-core box) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fitted(arch: str, d_in: int = 16, d_sae: int = 64, **kw) -> tuple[SAE, torch.Tensor]:

@@ -14,13 +14,7 @@ from sae.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConf
                        default_batch_size, default_lr, train)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest (and steadiest on a shared 2-core box) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cache(path: Path, acts: dict[str, torch.Tensor], context_size: int = 16) -> Path:
