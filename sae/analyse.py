@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import UserError
-from sae.evaluate import ROW_CHUNK, load_saes, reconstruct
+from sae.evaluate import ROW_CHUNK, check_matches, load_saes, reconstruct
 
 #: Activation histogram bins: fixed log10 edges shared by all features, so counts can be accumulated in one pass
 #: before any feature's range is known (8 bins per decade from 1e-4 to 1e4; values outside land in the end bins).
@@ -352,11 +352,14 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     saes = load_saes([cfg.sae], device)
     if len(saes) != 1:
         raise UserError(f"{cfg.sae} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
-    (sae,) = saes.values()
+    ((name, sae),) = saes.items()
+    check_matches(sae, store, name)
     hook = sae.cfg.hook_name
     model, tokenizer = load_model(store.model_name, str(device))
     reference = normalised_error(sae, store.holdout([hook], cfg.reference_tokens)[hook])
     ids = tokenizer(cfg.text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise UserError("text is empty: pass the text to score, e.g. text=\"def f(x): return x\"")
     if store.bos_token_id is not None:
         ids = [store.bos_token_id, *ids]
     acts = capture(model, torch.tensor([ids], device=device), [hook])[hook][0]
@@ -401,6 +404,8 @@ def analyse(cfg: AnalyseConfig) -> Path:
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
     saes = load_saes([cfg.sae], device)
+    for name, sae in saes.items():
+        check_matches(sae, store, name)
     model, tokenizer = load_model(store.model_name, str(device))
     out = Path(cfg.out)
     # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one.

@@ -69,9 +69,28 @@ def sae_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_saes(paths: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
-    from sae.sae import SAE
+    from sae.sae import SAE, SAEFormatError
 
-    return {p.name: SAE.load(p).to(device).eval() for p in sae_dirs(paths)}
+    dirs = sae_dirs(paths)
+    names = [p.name for p in dirs]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise SAEFormatError(f"several SAE folders share the name(s) {clashes}; results are keyed by folder name, "
+                             "so evaluate them separately or rename one")
+    return {p.name: SAE.load(p).to(device).eval() for p in dirs}
+
+
+def check_matches(sae, store, name: str) -> None:
+    """An SAE must read the cache's hook at the cache's width; a different model name is only worth a warning
+    (SAELens and hub ids spell the same model differently)."""
+    from sae.sae import SAEFormatError
+
+    hook = sae.cfg.hook_name
+    store.check_hooks([hook])
+    if sae.cfg.d_in != store.hooks[hook]:
+        raise SAEFormatError(f"SAE {name} has d_in {sae.cfg.d_in} but the cache's {hook} has width {store.hooks[hook]}")
+    if sae.cfg.model_name and sae.cfg.model_name != store.model_name:
+        print(f"warning: SAE {name} was trained on {sae.cfg.model_name!r}, the cache comes from {store.model_name!r}")
 
 
 # --------------------------------------------------------------------------------------------- reconstruction
@@ -230,6 +249,10 @@ def training_rows(store, hook_name: str, n: int) -> Tensor:
         have += parts[-1].shape[0]
         if have >= n:
             break
+    if not parts:
+        from sae.store import CacheError
+
+        raise CacheError(f"the cache at {store.path} has no training rows to fit the PCA baseline on")
     return torch.cat(parts)[:n]
 
 
@@ -302,6 +325,8 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     first = store.first_pos
+    for name, sae in saes.items():
+        check_matches(sae, store, name)
     hooks_ = sorted({s.cfg.hook_name for s in saes.values()})
     heldout = store.holdout(hooks_, cfg.max_tokens)
     results: dict = {
@@ -321,8 +346,9 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
     contexts = store.context_tokens(store.holdout_seqs(cfg.lm_loss_contexts))
     losses: dict[str, LMLoss] = {}
     for hook in hooks_:
-        pca = fit_pca(training_rows(store, hook, cfg.pca_fit_tokens))
-        results["pca"][hook] = {"fit_rows": cfg.pca_fit_tokens, "fvu": pca_fvu_curve(pca, heldout[hook]).tolist()}
+        fit = training_rows(store, hook, cfg.pca_fit_tokens)
+        pca = fit_pca(fit)
+        results["pca"][hook] = {"fit_rows": len(fit), "fvu": pca_fvu_curve(pca, heldout[hook]).tolist()}
         on_hook = {name: sae for name, sae in saes.items() if sae.cfg.hook_name == hook}
         losses.update(lm_losses(model, contexts, hook, on_hook, first, cfg.batch_size))
     for name, sae in saes.items():

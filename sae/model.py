@@ -20,11 +20,12 @@ from torch import Tensor, nn
 
 from .config import UserError
 
-#: Module paths per model family: the decoder-layer list, and inside a layer the attention and MLP blocks.
-#: Llama-like families share one layout; GPT-2 and GPT-NeoX name things their own way.
+#: Module paths per model family: the decoder-layer list, and inside a layer the attention and MLP blocks whose
+#: outputs are added to the residual stream unchanged. Families that norm those outputs before the add (Gemma 2,
+#: OLMo 2) or whose final norm has no weight (OLMo) need their own entries, so they are not listed yet.
 _LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")
 FAMILIES: dict[str, dict[str, str]] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3")},
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
     "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f"),
     "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", final_norm="gpt_neox.final_layer_norm"),
 }
@@ -272,7 +273,7 @@ def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dty
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:  # missing files, unknown model_type, malformed config
         raise ModelError(f"could not load model {spec!r}: {err}") from err
     family(model)  # fail now, not at the first hook, for an unsupported family
     return model.to(pick_device(device)).eval(), tokenizer

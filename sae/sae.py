@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .config import UserError
+
 CFG_FILENAME = "cfg.json"
+
+
+class SAEFormatError(UserError):
+    """An SAE config or folder this toolkit cannot build or read; the message names what is wrong."""
+
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 
 # SAELens 6 decides how to parse cfg.json from metadata.sae_lens_version: anything older
@@ -73,7 +80,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in SAE_CLASSES:
-            raise ValueError(
+            raise SAEFormatError(
                 f"unknown SAE architecture {self.architecture!r}; valid: {sorted(SAE_CLASSES)}"
             )
         if self.apply_b_dec_to_input is None:
@@ -292,7 +299,7 @@ class SAE(nn.Module):
         raw = json.loads((path / CFG_FILENAME).read_text())
         meta = raw.get("metadata") or {}
         if raw.get("normalize_activations", "none") != "none":
-            raise ValueError(
+            raise SAEFormatError(
                 f"{path}: normalize_activations={raw['normalize_activations']!r} is not "
                 "supported; fold the normalisation into the weights first"
             )
@@ -302,7 +309,7 @@ class SAE(nn.Module):
             by_saelens = {c.sae_lens_architecture: name for name, c in SAE_CLASSES.items()}
             arch = raw.get("architecture", "standard")
             if arch not in by_saelens:
-                raise ValueError(f"{path}: unsupported SAELens architecture {arch!r}")
+                raise SAEFormatError(f"{path}: unsupported SAELens architecture {arch!r}")
             cfg = SAEConfig(
                 architecture=by_saelens[arch],
                 d_in=raw["d_in"],
@@ -721,7 +728,7 @@ SAE_CLASSES: dict[str, type[SAE]] = {
 def create_sae(cfg: SAEConfig) -> SAE:
     """Instantiate the variant named by ``cfg.architecture``."""
     if cfg.architecture not in SAE_CLASSES:
-        raise ValueError(
+        raise SAEFormatError(
             f"unknown SAE architecture {cfg.architecture!r}; valid: {sorted(SAE_CLASSES)}"
         )
     return SAE_CLASSES[cfg.architecture](cfg)

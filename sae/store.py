@@ -58,6 +58,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
+SPLITS = ("train", "eval", "all")
+
+
+def split_mask(seq: Tensor, fraction: float, split: str) -> Tensor:
+    """Rows of `split` among rows from contexts `seq`: "eval" = held out, "train" = the rest, "all" = every row."""
+    if split not in SPLITS:
+        raise CacheError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    held = is_holdout(seq, fraction)
+    return held if split == "eval" else ~held if split == "train" else torch.ones_like(held)
+
+
 def is_holdout(seq: Tensor, fraction: float) -> Tensor:
     """Held-out mask for context indices: a multiplicative hash, so the split is spread evenly through the data."""
     if fraction <= 0:
@@ -166,9 +177,7 @@ class ActivationStore:
         return torch.arange(start, start + self.shards[i]["contexts"])
 
     def _split_rows(self, i: int, split: str) -> int:
-        held = is_holdout(self.shard_seqs(i), self.eval_fraction)
-        n = int(held.sum()) if split == "eval" else int((~held).sum()) if split == "train" else len(held)
-        return n * self.rows_per_context
+        return int(split_mask(self.shard_seqs(i), self.eval_fraction, split).sum()) * self.rows_per_context
 
     @property
     def n_train_rows(self) -> int:
@@ -214,8 +223,7 @@ class ActivationStore:
     def _rows(self, i: int, hooks: list[str], split: str) -> tuple[dict[str, Tensor], Tensor]:
         """Shard i's rows of one split (storage dtype) and the boolean row mask that selected them."""
         data = self.load_shard(i, [*hooks, "seq"])
-        held = is_holdout(data["seq"], self.eval_fraction)
-        mask = held if split == "eval" else ~held if split == "train" else torch.ones_like(held)
+        mask = split_mask(data["seq"], self.eval_fraction, split)
         return {h: data[h][mask] for h in hooks}, mask
 
     # ----------------------------------------------------------------------------------------- readers
@@ -228,9 +236,7 @@ class ActivationStore:
         self.check_hooks(hooks)
         for i in range(len(self.shards)):
             data = self.load_shard(i, [*hooks, *META_KEYS[:3]])
-            held = is_holdout(data["seq"], self.eval_fraction)
-            mask = held if split == "eval" else ~held if split == "train" else torch.ones_like(held)
-            idx = mask.nonzero().squeeze(1)
+            idx = split_mask(data["seq"], self.eval_fraction, split).nonzero().squeeze(1)
             for start in range(0, len(idx), batch_rows):
                 sel = idx[start : start + batch_rows]
                 yield Rows(

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import UserError
+from .model import pick_device
 from .sae import SAE, SAE_CLASSES, SAEConfig, create_sae
 
 CHECKPOINT_DIR = "checkpoints"
@@ -329,6 +330,8 @@ class Prefetcher:
         reader, start, batch_size, n_batches, pin = self._args
         try:
             for i in range(n_batches):
+                if self._stop.is_set():  # closed early (error, Ctrl-C): don't read the rest of the run
+                    return
                 batch = next(reader)
                 for hook, t in batch.items():
                     if not torch.isfinite(t).all():
@@ -407,19 +410,11 @@ def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
 # ----- the run -------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _run_config(cfg: TrainConfig, batch_size: int) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues."""
-    return {
-        "batch_size": batch_size,
-        "seed": cfg.seed,
-        "saes": [asdict(s) for s in cfg.saes],
-    }
+    keys = ("cache", "total_tokens", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "grad_clip",
+            "dead_window_tokens", "seed")
+    return {"batch_size": batch_size, "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
 
 
 def train(cfg: TrainConfig) -> list[Path]:
@@ -433,7 +428,7 @@ def train(cfg: TrainConfig) -> list[Path]:
         raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     store = ActivationStore(cfg.cache)
@@ -465,11 +460,12 @@ def train(cfg: TrainConfig) -> list[Path]:
     checkpoint = _read_checkpoint(out) if cfg.resume else None
     if checkpoint is not None:
         folder, state = checkpoint
-        if state["run_config"] != _run_config(cfg, batch_size):
-            raise TrainError(
-                f"cannot resume from {folder}: it was made with other settings "
-                f"({state['run_config']} vs {_run_config(cfg, batch_size)}); use another `out` folder"
-            )
+        now = _run_config(cfg, batch_size)
+        changed = {k: (v, now.get(k)) for k, v in state["run_config"].items() if now.get(k) != v}
+        if changed:
+            diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+            raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
+                             "resume with the original settings or use another `out` folder")
         for name, trainer in trainers.items():
             meta = state["saes"][name]
             if meta["sae_config"]["d_in"] != trainer.sae.cfg.d_in:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.sae import SAE, SAEConfig, create_sae
-from sae.store import CacheError, CacheWriter
+from sae.store import ActivationStore, CacheError, CacheWriter
 from sae.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
                        default_batch_size, default_lr, train)
 
@@ -224,6 +225,21 @@ def test_resume_matches_uninterrupted_run(tmp_path, cache, monkeypatch):
         sa, sb = SAE.load(a).state_dict(), SAE.load(b).state_dict()
         for name in sa:
             assert torch.allclose(sa[name], sb[name], atol=1e-6), (a.name, name)
+
+
+def test_resume_refuses_changed_settings_and_stops_reading_when_closed(tmp_path, cache):
+    train(_cfg(tmp_path, cache))
+    with pytest.raises(TrainError, match=r"other settings \(total_tokens: 1024 → 2048"):
+        train(dataclasses.replace(_cfg(tmp_path, cache, resume=True), total_tokens=2048))
+    with pytest.raises(TrainError, match=r"lr: 0.001 → 0.002"):
+        train(dataclasses.replace(_cfg(tmp_path, cache, resume=True), lr=2e-3))
+    # An error in the training loop closes the prefetcher: its thread must stop, not read the rest of the run.
+    store = ActivationStore(cache)
+    reader = store.shuffled(["h0"], 16)
+    prefetch = Prefetcher(reader, start=0, batch_size=16, n_batches=10**9, pin=False)
+    prefetch.get()
+    prefetch.close()
+    assert not prefetch._thread.is_alive() and reader.position < 16 * 10
 
 
 def test_nan_in_cache_is_reported(tmp_path):
