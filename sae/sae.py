@@ -93,6 +93,13 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def auxk_loss(aux_hat: Tensor, residual: Tensor, d_in: int) -> Tensor:
+    """AuxK (Gao et al. §A.2): how well the dead latents' reconstruction models the residual. Gao et al. normalise
+    it by the residual's energy (NMSE); our mse is in units where E‖x‖² = d_in, so AuxK is expressed in the same
+    units to keep their α = 1/32."""
+    return (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8) * d_in
+
+
 class SparseActs(NamedTuple):
     """Active latents in coordinate form, rows sorted ascending (one entry per active pair)."""
 
@@ -485,11 +492,7 @@ class _TopKFamily(SAE):
         if n_dead:
             aux = SparseActs(rows[m:], feats[m:], F.relu(vals[m:]))
             residual = (x_n - x_hat).detach()
-            aux_hat = sparse_decode(aux, self.W_dec, n)
-            # Gao et al. normalise AuxK by the residual's energy (NMSE); our mse is in units
-            # where E‖x‖² = d_in, so we express AuxK in the same units to keep their α = 1/32.
-            auxk = (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8)
-            auxk = auxk * self.cfg.d_in
+            auxk = auxk_loss(sparse_decode(aux, self.W_dec, n), residual, self.cfg.d_in)
             loss = loss + self.cfg.aux_coefficient * auxk
             losses["auxk"] = auxk.detach()
         fired = acts.values.detach() > 0
@@ -696,9 +699,7 @@ class JumpReLUSAE(SAE):
             k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
             vals, idx = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1)
             aux_hat = torch.einsum("bk,bkd->bd", F.relu(vals), self.W_dec[idx])
-            residual = (x_n - x_hat).detach()
-            auxk = (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8)
-            auxk = auxk * self.cfg.d_in
+            auxk = auxk_loss(aux_hat, (x_n - x_hat).detach(), self.cfg.d_in)
             loss = loss + self.cfg.aux_coefficient * auxk
             losses["auxk"] = auxk.detach()
         active = f.detach() > 0
