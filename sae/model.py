@@ -259,9 +259,17 @@ def resolve_spec(spec: str) -> Path | str:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """"auto" → CUDA when present, else CPU; anything else is checked here rather than failing mid-run."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if picked.type == "cuda" and (not torch.cuda.is_available() or (picked.index or 0) >= torch.cuda.device_count()):
+        raise ModelError(f"device {device!r} is not available here ({torch.cuda.device_count()} CUDA devices); "
+                         "use device=auto or cpu")
+    return picked
 
 
 def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32):

@@ -78,6 +78,14 @@ def test_unknown_hook_lists_valid_names(tiny_llama):
         model_lib.resolve_hook(model, "blocks.0.resid")
 
 
+def test_bad_devices_are_clear_errors():
+    with pytest.raises(model_lib.ModelError, match="unknown device 'gpu'"):
+        model_lib.pick_device("gpu")
+    with pytest.raises(model_lib.ModelError, match="not available here"):
+        model_lib.pick_device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU, on any machine
+    assert model_lib.pick_device("cpu") == torch.device("cpu")
+
+
 def test_bad_model_paths():
     with pytest.raises(model_lib.ModelError, match="does not exist"):
         model_lib.load_model("./no/such/model", "cpu")
