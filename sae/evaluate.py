@@ -8,9 +8,7 @@ an SAE that PCA beats at its own L0 is flagged as broken.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from sae.store import atomic_write_json
 
 #: Rows encoded at once; bounds the dense [rows, d_sae] feature matrix (4096 x 9216 floats = 150 MB).
 ROW_CHUNK = 4096
@@ -313,13 +313,6 @@ def plot_pareto(results: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def write_json(path: Path, data) -> None:
-    """Write atomically, so a reader never sees half a file and an interrupted run leaves the old one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
     """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
     out = Path(cfg.out)
@@ -386,7 +379,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
         )
     plot_pareto(results, out / "pareto.png")
     results["pareto_plot"] = "pareto.png"
-    write_json(out / "eval.json", results)
+    atomic_write_json(out / "eval.json", results)
     return results
 
 

@@ -22,10 +22,12 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from .config import UserError
+from .store import atomic_write_bytes
 
 CFG_FILENAME = "cfg.json"
 
@@ -293,10 +295,8 @@ class SAE(nn.Module):
         }
         if self.sae_lens_architecture == "topk":
             cfg_json["k"] = self.cfg.k
-        _atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(self.folded_state(), p))
-        _atomic_write(
-            path / CFG_FILENAME, lambda p: Path(p).write_text(json.dumps(cfg_json, indent=2))
-        )
+        atomic_write_bytes(path / WEIGHTS_FILENAME, save_bytes(self.folded_state()))
+        atomic_write_bytes(path / CFG_FILENAME, json.dumps(cfg_json, indent=2).encode())
         return path
 
     @staticmethod
@@ -334,13 +334,6 @@ class SAE(nn.Module):
                 getattr(sae, name).copy_(tensors[name])
             sae._load_extra_inference_tensors(tensors)
         return sae.to(device)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file + ``os.replace`` so readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    tmp.replace(path)
 
 
 # ----- sparse kernels ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import Tensor
 from .config import UserError
 from .model import pick_device
 from .sae import SAE, SAE_CLASSES, SAEConfig, create_sae
+from .store import atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -391,9 +392,7 @@ def _write_checkpoint(out: Path, step: int, position: int, trainers: dict[str, S
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    latest_tmp = root / f".{LATEST}.tmp"
-    latest_tmp.write_text(json.dumps({"step": step, "folder": folder.name}))
-    latest_tmp.replace(root / LATEST)
+    atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
     for old in root.glob("step_*"):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)

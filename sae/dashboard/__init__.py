@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from sae.store import atomic_write_bytes
 
 STATIC = ("index.html", "feature.html", "app.js", "style.css")
 #: Features per data file: one file per feature would be ~10k small files; one file would make every page load all.
@@ -36,9 +37,7 @@ WINDOW_SCALE = 1000
 def write_js(path: Path, variable: str, data: Any) -> None:
     """Write `window.<variable> = <data as JSON>;` atomically (a reader sees the old file or the new, never half)."""
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(f"window.{variable} = {text};\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, f"window.{variable} = {text};\n".encode("utf-8"))
 
 
 def read_js(path: str | Path) -> Any:
