@@ -47,8 +47,8 @@ class HarvestConfig:
     """Rows per shard (rounded up to whole batches of contexts); bounds the training reader's memory."""
     dtype: str = "float16"
     """Storage dtype: float16 (default: half the disk of float32, relative error 2e-4 on SmolLM2), bfloat16 (1.6e-3) or float32."""
-    model_dtype: str = "float32"
-    """Dtype the model runs in (bfloat16 is a good choice on a GPU)."""
+    model_dtype: str = "auto"
+    """Dtype the model runs in: "auto" (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
     eval_fraction: float = 0.05
@@ -57,7 +57,7 @@ class HarvestConfig:
     """Cache folder. Running again with the same config resumes an interrupted harvest."""
 
 
-def _check(cfg: HarvestConfig) -> None:
+def check_config(cfg: HarvestConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise CacheError(f"dtype {cfg.dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}")
     if not cfg.hooks:
@@ -72,14 +72,14 @@ def _check(cfg: HarvestConfig) -> None:
 
 def harvest(cfg: HarvestConfig) -> Path:
     """Fill (or finish) the cache at `cfg.out`; returns its path."""
-    _check(cfg)
+    check_config(cfg)
     model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
     return harvest_with(cfg, model, tokenizer)
 
 
 def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
     """`harvest` with the model already loaded (benchmarks and notebooks keep one model across runs)."""
-    _check(cfg)
+    check_config(cfg)
     for name in cfg.hooks:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
     device = next(model.parameters()).device
@@ -91,7 +91,7 @@ def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
         "model": cfg.model,
         "hooks": {h: model.config.hidden_size for h in cfg.hooks},
         "dtype": cfg.dtype,
-        "model_dtype": cfg.model_dtype,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
         "exclude_first": int(cfg.exclude_first),
@@ -115,8 +115,8 @@ def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
         with torch.inference_mode():
             while batch := list(itertools.islice(contexts, cfg.batch_size)):
                 ids = torch.tensor(batch, device=device)
-                acts = model_lib.capture(model, ids, cfg.hooks)
-                writer.add({h: _to_storage(acts[h][:, first_pos:], storage, h) for h in cfg.hooks}, ids.cpu(), first_pos)
+                acts = forward_rows(model, ids, cfg.hooks, first_pos, storage)
+                writer.add({h: t.cpu() for h, t in acts.items()}, ids.cpu(), first_pos)
                 n_done += len(batch)
                 bar.update(len(batch) * rows_per_context)
         bar.close()
@@ -130,8 +130,16 @@ def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
     return Path(cfg.out)
 
 
+def forward_rows(model, ids: torch.Tensor, hooks: list[str], first_pos: int, storage: torch.dtype) -> dict[str, torch.Tensor]:
+    """Activations [n_ctx, context_size - first_pos, d] at `hooks` for contexts `ids`, in the storage dtype and on
+    the model's device: one forward that stops after the deepest hook. Harvest and on-the-fly training share it,
+    so a live run sees exactly the rows a cache would hold."""
+    acts = model_lib.capture(model, ids, hooks)
+    return {h: _to_storage(acts[h][:, first_pos:], storage, h) for h in hooks}
+
+
 def _to_storage(t: torch.Tensor, dtype: torch.dtype, hook: str) -> torch.Tensor:
     """Cast to the storage dtype on the model's device (less to copy), refusing values float16 cannot hold."""
     if dtype == torch.float16 and t.abs().max() > torch.finfo(torch.float16).max:
         raise CacheError(f"activations at {hook} exceed the float16 range; harvest with dtype=bfloat16 or float32")
-    return t.to(dtype).cpu()
+    return t.to(dtype)

@@ -272,12 +272,30 @@ def pick_device(device: str = "auto") -> torch.device:
     return picked
 
 
+def model_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" → bfloat16 on a GPU (half the memory and the tensor cores' rate) and float32 on the CPU, where
+    bfloat16 matmuls are slow; a dtype name or torch.dtype is taken as it is."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def hidden_size(spec: str) -> int:
+    """d_model of a model from its config alone, before any weights load (the trainer plans memory with it)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_spec(spec)).hidden_size
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"could not load the config of model {spec!r}: {err}") from err
+
+
 def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32):
     """Model and tokenizer in eval mode from a hub id, a local HF folder, a .gguf file, or "smollm2"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_spec(spec)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = model_dtype(dtype, pick_device(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -227,9 +227,9 @@ class ActivationStore:
         return {h: data[h][mask] for h in hooks}, mask
 
     # ----------------------------------------------------------------------------------------- readers
-    def shuffled(self, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18) -> "ShuffledReader":
+    def shuffled(self, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18, rank: int = 0, world_size: int = 1) -> "ShuffledReader":
         """Infinite shuffled training batches; see `ShuffledReader`."""
-        return ShuffledReader(self, hooks, batch_size, seed=seed, position=position, shuffle_rows=shuffle_rows)
+        return ShuffledReader(self, hooks, batch_size, seed=seed, position=position, shuffle_rows=shuffle_rows, rank=rank, world_size=world_size)
 
     def iter_ordered(self, hooks: list[str], split: str = "all", batch_rows: int = 8192) -> Iterator[Rows]:
         """Activations with their token ids and places, in cache order: what feature analysis streams over."""
@@ -320,7 +320,8 @@ class ShuffledReader:
     seed), and `position` — rows consumed since the start — is all a checkpoint needs to resume exactly.
     """
 
-    def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18):
+    def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
         store.require_complete()
         store.check_hooks(hooks)
         self.store, self.hooks, self.batch_size, self.seed = store, list(hooks), batch_size, seed
@@ -380,7 +381,8 @@ class ShuffledReader:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        batch = self._take(self.position, self.batch_size)
+        b = self.batch_size // self.world_size
+        batch = self._take(self.position + self.rank * b, b)
         self.position += self.batch_size
         return batch
 

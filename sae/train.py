@@ -14,6 +14,7 @@ import json
 import math
 import queue
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import distributed, plan
 from .config import UserError
-from .model import pick_device
+from .harvest import HarvestConfig
 from .sae import SAE, SAE_CLASSES, SAEConfig, create_sae
+from .source import CacheSource, ModelSource, Source
 from .store import atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
@@ -105,8 +108,15 @@ class SAESpec:
 class TrainConfig:
     """A training run: where the data is, what to train, and how."""
 
+    source: str = "cache"
+    """Where activations come from: "cache" (read `cache`) or "model" (run the `harvest` settings' model as the
+    SAEs train, with no cache on disk; `sae eval`/`analyse` then read a small cache harvested with the same
+    harvest settings, whose held-out contexts no on-the-fly run trains on)."""
     cache: str = "runs/demo/cache"
-    """Activation cache written by `sae harvest`."""
+    """Activation cache written by `sae harvest` (source=cache)."""
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    """source=model: model, dataset, context_size, exclude_first, dtype, eval_fraction, ... as for `sae harvest`
+    (the CLI fills it from the config file's harvest: section); the hooks are the SAEs' own."""
     out: str = "runs/demo/saes"
     """Output folder: one sub-folder per SAE (SAELens layout), checkpoints/ and wandb/."""
     saes: list[SAESpec] = field(default_factory=lambda: [SAESpec()])
@@ -117,7 +127,10 @@ class TrainConfig:
     below 256). A 100k-token demo at 4096 would take ~25 Adam steps, far too few for any
     recipe to move the weights; at the paper's scale (≥ 2M tokens) nothing changes."""
     total_tokens: int | None = None
-    """Tokens to train on; None → one epoch over the cache's training split."""
+    """Tokens to train on; None → one epoch over the cache's training split (source=model: harvest.max_tokens)."""
+    shuffle_rows: int = 2**18
+    """Rows mixed together before batches are drawn (a group of cache shards, or a chunk of contexts run through
+    the model): the reader's memory is about twice this many rows per hook."""
     lr: float | None = None
     """Adam learning rate; None → ``default_lr(architecture, d_sae, total_steps)``."""
     lr_warmup_frac: float = 0.01
@@ -143,6 +156,12 @@ class TrainConfig:
     """wandb project name."""
     resume: bool = False
     """Continue from the latest checkpoint in `out` exactly where it stopped."""
+    overwrite: bool = False
+    """Start afresh in an `out` that holds an earlier run's checkpoints, deleting them (without it, such an `out` is
+    refused: resume=true continues it)."""
+    distribute_saes: bool = False
+    """Under torchrun: split the SAEs of the sweep across the processes, each training its share on the whole
+    stream with no gradient traffic (sparsify's --distribute_modules), instead of splitting every batch (DDP)."""
     log_every: int = 10
     """Steps between log lines (wandb and the progress bar's FVU)."""
 
@@ -209,8 +228,11 @@ class SAETrainer:
         penalty_warmup_frac: float = 0.05,
         grad_clip: float = 1.0,
         dead_window_tokens: int = GAO_DEAD_TOKENS,
+        world_size: int = 1,
     ) -> None:
         self.sae = sae
+        self.world_size = world_size
+        """Data-parallel ranks stepping this SAE together (1: no gradient traffic)."""
         self.total_steps = total_steps
         self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
         self.grad_clip = grad_clip
@@ -246,6 +268,9 @@ class SAETrainer:
             out = sae(x, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        fire_counts, tokens = out.fire_counts, x.shape[0]
+        if self.world_size > 1:
+            fire_counts, tokens = self._synchronise(fire_counts), tokens * self.world_size
         if sae.unit_norm_decoder:
             sae.remove_parallel_grads()
         if self.grad_clip:
@@ -254,9 +279,7 @@ class SAETrainer:
         self.optimizer.step()
         self.scheduler.step()
         sae.project_parameters()
-        self.tokens_since_fired = torch.where(
-            out.fire_counts > 0, 0, self.tokens_since_fired + x.shape[0]
-        )
+        self.tokens_since_fired = torch.where(fire_counts > 0, 0, self.tokens_since_fired + tokens)
         self.step_count += 1
         bad = ~torch.isfinite(out.loss.detach()) & (self.first_nonfinite_step < 0)
         self.first_nonfinite_step = torch.where(bad, self.step_count, self.first_nonfinite_step)
@@ -272,6 +295,23 @@ class SAETrainer:
             "dead_frac": self.dead_mask.float().mean(),
             "lr": torch.tensor(lr),
         }
+
+    def _synchronise(self, fire_counts: Tensor) -> Tensor:
+        """Data parallel: average the gradients and the buffers training updates (BatchTopK's threshold) over the
+        ranks, and sum the fire counts, so every rank takes the same optimiser step and sees the same dead latents.
+
+        Each rank's loss is a mean over its b = B/W rows, so the average of the ranks' gradients is the gradient of
+        the mean over the global batch B: the step a single process takes on B rows (up to float rounding), except
+        where a loss is not a mean over rows (BatchTopK selects its top k·b per rank; AuxK normalises per rank).
+        """
+        for p in self.sae.parameters():
+            if p.grad is None:  # every rank must send the same tensors
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_(p.grad, "mean")
+        for name, buf in self.sae.named_buffers():
+            if name != "scale" and buf.is_floating_point():
+                distributed.all_reduce_(buf, "mean")
+        return distributed.all_reduce_(fire_counts.clone(), "sum")
 
     # ----- checkpoint state ----------------------------------------------------------------
 
@@ -342,7 +382,9 @@ class Prefetcher:
                             f"batch at training-stream rows {row}..{row + batch_size}; the cache "
                             "is corrupt or the model overflowed in its storage dtype"
                         )
-                self._put({h: t.pin_memory() for h, t in batch.items()} if pin else batch)
+                if pin:  # a live model's batches are already on the GPU
+                    batch = {h: t.pin_memory() if t.device.type == "cpu" else t for h, t in batch.items()}
+                self._put(batch)
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
             self._put(err)
 
@@ -368,27 +410,31 @@ class Prefetcher:
 # ----- checkpoints ---------------------------------------------------------------------------
 
 
-def _write_checkpoint(out: Path, step: int, position: int, trainers: dict[str, SAETrainer],
-                      run_config: dict[str, Any]) -> None:
+def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dict[str, SAETrainer],
+                      world: distributed.World, writes_saes: bool) -> None:
     """Write ``checkpoints/step_N/`` completely, then point ``latest.json`` at it (atomic
-    rename), then drop older checkpoints: a crash at any moment leaves one whole checkpoint."""
+    rename), then drop older checkpoints: a crash at any moment leaves one whole checkpoint.
+
+    Rank 0 writes the run's state; the SAEs' files come from the ranks that train them (rank 0
+    alone when data-parallel ranks hold identical copies)."""
     root = out / CHECKPOINT_DIR
     folder = root / f"step_{step:09d}"
     tmp = root / f".tmp_step_{step:09d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, trainer in trainers.items():
-        save_file(trainer.state_tensors(), str(tmp / f"{name}.safetensors"))
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    if writes_saes:
+        for name, trainer in trainers.items():
+            save_file(trainer.state_tensors(), str(tmp / f"{name}.safetensors"))
+    metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # also waits for the files
+    if not world.is_main:
+        return
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
-    state = {
-        "step": step,
-        "reader_position": position,
-        "run_config": run_config,
-        "saes": {name: t.state_json() for name, t in trainers.items()},
-    }
+    state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -409,146 +455,264 @@ def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
 # ----- the run -------------------------------------------------------------------------------
 
 
-def _run_config(cfg: TrainConfig, batch_size: int) -> dict[str, Any]:
+class JobStopped(TrainError):
+    """torchrun stopped this process because another process of the job failed."""
+
+
+def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues."""
-    keys = ("cache", "total_tokens", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "grad_clip",
-            "dead_window_tokens", "seed")
-    return {"batch_size": batch_size, "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
+    keys = ("source", "total_tokens", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "grad_clip",
+            "dead_window_tokens", "seed", "shuffle_rows", "distribute_saes")
+    data = asdict(cfg.harvest) if cfg.source == "model" else cfg.cache
+    return {"batch_size": batch_size, "world_size": world_size, "data": data,
+            "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
+
+
+def _open_source(cfg: TrainConfig, hooks: list[str], device: torch.device) -> Source:
+    if cfg.source == "cache":
+        return CacheSource(cfg.cache, hooks, cfg.shuffle_rows)
+    if cfg.source == "model":
+        return ModelSource(cfg.harvest, hooks, device, cfg.shuffle_rows)
+    raise TrainError(f"source must be cache or model, not {cfg.source!r}")
+
+
+def _sae_seed(seed: int, index: int) -> int:
+    """Each SAE's initialisation has its own seed, so a sweep split across processes (distribute_saes) starts
+    every SAE exactly as one process would."""
+    return seed * 1_000_003 + index
+
+
+def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
+                  world: distributed.World) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused."""
+    checkpoint = _read_checkpoint(out)
+    if checkpoint is None:
+        if cfg.resume and world.is_main:
+            print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting a fresh run")
+        return None
+    folder, state = checkpoint
+    if not cfg.resume:
+        if not cfg.overwrite:
+            raise TrainError(f"{out} holds a training run (checkpoint at step {state['step']}); continue it with "
+                             "resume=true, start over with overwrite=true (deleting its checkpoints), or use another "
+                             "`out` folder")
+        distributed.barrier()  # every rank has read the folder before rank 0 deletes it
+        if world.is_main:
+            shutil.rmtree(out / CHECKPOINT_DIR)
+        return None
+    old = state["run_config"]
+    if old.get("world_size", 1) != run_config["world_size"]:
+        raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
+                         f"process(es), this one has {run_config['world_size']}; resume with torchrun "
+                         f"--nproc_per_node {old.get('world_size', 1)}")
+    changed = {k: (v, run_config.get(k)) for k, v in old.items() if run_config.get(k) != v}
+    if changed:
+        diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+        raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
+                         "resume with the original settings or use another `out` folder")
+    return checkpoint
 
 
 def train(cfg: TrainConfig) -> list[Path]:
-    """Train every SAE in ``cfg.saes`` in one pass; returns their output folders."""
-    from .store import ActivationStore
+    """Train every SAE in ``cfg.saes`` in one pass; returns their output folders.
 
+    In one process, or under torchrun: data-parallel (each rank a share of every batch) or, with
+    ``distribute_saes``, each rank its share of the SAEs."""
     if not cfg.saes:
         raise TrainError("the train config lists no SAEs (train.saes is empty)")
     names = [s.run_name for s in cfg.saes]
     if len(set(names)) != len(names):
         raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    world, device = distributed.init(cfg.device)
+    try:
+        return _train(cfg, names, world, device)
+    finally:
+        distributed.shutdown()
 
-    store = ActivationStore(cfg.cache)
+
+def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device: torch.device) -> list[Path]:
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
     hooks = sorted({s.hook for s in cfg.saes})
-    store.check_hooks(hooks)
-    total_tokens = cfg.total_tokens or store.n_train_rows
+    source = _open_source(cfg, hooks, device)
+    total_tokens = cfg.total_tokens or source.n_train_rows or cfg.harvest.max_tokens
     batch_size = cfg.batch_size or default_batch_size(total_tokens)
     total_steps = max(1, total_tokens // batch_size)
     dead_window = cfg.dead_window_tokens or min(
         GAO_DEAD_TOKENS, max(batch_size, total_steps * batch_size // 10)
     )
+    # Data parallel: every rank steps every SAE on its share of the batch. distribute_saes: rank r
+    # trains SAEs r, r + W, ... on whole batches.
+    ddp = world.distributed and not cfg.distribute_saes
+    mine = [i for i in range(len(cfg.saes)) if not cfg.distribute_saes or i % world.size == world.rank]
+    if not mine:
+        raise TrainError(f"distribute_saes needs at least one SAE per process: {len(cfg.saes)} SAEs, "
+                         f"{world.size} processes")
+    rank, shards = (world.rank, world.size) if ddp else (0, 1)
+    local_batch = batch_size // shards
 
     trainers: dict[str, SAETrainer] = {}
-    for spec, name in zip(cfg.saes, names):
-        sae = create_sae(spec.sae_config(store.hooks[spec.hook], store.model_name)).to(device)
-        lr = spec.lr or cfg.lr or default_lr(spec.architecture, sae.cfg.d_sae, total_steps)
+    lrs: dict[str, float] = {}
+    for i in mine:
+        spec, name = cfg.saes[i], names[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sae_seed(cfg.seed, i))
+            sae = create_sae(spec.sae_config(source.hooks[spec.hook], source.model_name)).to(device)
+        lrs[name] = spec.lr or cfg.lr or default_lr(spec.architecture, sae.cfg.d_sae, total_steps)
         trainers[name] = SAETrainer(
             sae,
-            lr=lr,
+            lr=lrs[name],
             total_steps=total_steps,
             lr_warmup_frac=cfg.lr_warmup_frac,
             lr_decay_frac=cfg.lr_decay_frac,
             penalty_warmup_frac=cfg.l1_warmup_frac,
             grad_clip=cfg.grad_clip,
             dead_window_tokens=dead_window,
+            world_size=shards,
         )
+    costs = [plan.SAECost(n, t.sae.cfg.architecture, t.sae.cfg.d_in, t.sae.cfg.d_sae, local_batch)
+             for n, t in trainers.items()]
+    plan.check_fits(costs, device)  # before the model loads or a shard is read
+    if world.is_main:
+        mode = (f" on {world.size} processes ({'one share of the SAEs' if cfg.distribute_saes else f'{local_batch} rows'}"
+                " each)" if world.distributed else "")
+        print(f"plan: {total_steps * batch_size:,} tokens from the {cfg.source} in {total_steps:,} steps of "
+              f"{batch_size}{mode} on {device}")
+        print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" for c in costs))
 
-    start_step, position = 0, 0
-    checkpoint = _read_checkpoint(out) if cfg.resume else None
+    run_config = _run_config(cfg, batch_size, world.size)
+    checkpoint = _resume_point(cfg, out, run_config, world)
+    start_step, position, wandb_id = 0, 0, None
     if checkpoint is not None:
         folder, state = checkpoint
-        now = _run_config(cfg, batch_size)
-        changed = {k: (v, now.get(k)) for k, v in state["run_config"].items() if now.get(k) != v}
-        if changed:
-            diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-            raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
-                             "resume with the original settings or use another `out` folder")
         for name, trainer in trainers.items():
             meta = state["saes"][name]
             if meta["sae_config"]["d_in"] != trainer.sae.cfg.d_in:
                 raise TrainError(
                     f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
-                    f"the cache's hook has d_model {trainer.sae.cfg.d_in}"
+                    f"the data's hook has d_model {trainer.sae.cfg.d_in}"
                 )
             trainer.load_state(load_file(str(folder / f"{name}.safetensors")), meta)
         rng = load_file(str(folder / "rng.safetensors"))
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and "cuda0" in rng:
             torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
-        start_step, position = state["step"], state["reader_position"]
+        start_step, position, wandb_id = state["step"], state["reader_position"], state.get("wandb_id")
+        if world.is_main:
+            print(f"resuming from step {start_step:,} ({folder})")
     else:
-        sample = store.sample(hooks, min(SCALE_SAMPLE_ROWS, store.n_train_rows), seed=cfg.seed + 1)
-        for spec, trainer in zip(cfg.saes, trainers.values()):
-            trainer.sae.initialise_from_data(sample[spec.hook])
-        del sample
+        # Input scale and b_dec from a sample of the data: computed once (rank 0) and broadcast when data-parallel.
+        if not ddp or world.is_main:
+            sample = source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=rank, world_size=shards)
+            for i, trainer in zip(mine, trainers.values()):
+                trainer.sae.initialise_from_data(sample[cfg.saes[i].hook])
+            del sample
+        if ddp:
+            for trainer in trainers.values():
+                distributed.broadcast_module_(trainer.sae)
+                trainer.sae.cfg.scale = float(trainer.sae.scale)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
-    run = _init_wandb(cfg, out)
-    reader = store.shuffled(hooks, batch_size, seed=cfg.seed, position=position)
+    run = _init_wandb(cfg, out, world, wandb_id, batch_size=batch_size, total_steps=total_steps, lrs=lrs)
+    reader = source.batches(batch_size, seed=cfg.seed, position=position, rank=rank, world_size=shards)
     prefetch = Prefetcher(reader, start=position, batch_size=batch_size,
                           n_batches=total_steps - start_step, pin=device.type == "cuda")
     autocast = device.type == "cuda"
-    run_config = _run_config(cfg, batch_size)
+    state = {"run_config": run_config, "wandb_id": run.id if world.is_main else None}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps * batch_size, initial=start_step * batch_size,
-               unit="tok", unit_scale=True, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps * batch_size, initial=start_step * batch_size, unit="tok", unit_scale=True,
+               desc="train", dynamic_ncols=True, disable=not world.is_main)
     last_good = start_step
     t_log, tokens_log = time.perf_counter(), 0
+    stop = _stop_on_sigterm() if world.distributed else None
     try:
         for step in range(start_step, total_steps):
             batch = prefetch.get()
             xs = {h: t.to(device, non_blocking=True) for h, t in batch.items()}
             metrics = {}
-            for spec, (name, trainer) in zip(cfg.saes, trainers.items()):
-                metrics[name] = trainer.step(xs[spec.hook], autocast=autocast)
+            for i, (name, trainer) in zip(mine, trainers.items()):
+                metrics[name] = trainer.step(xs[cfg.saes[i].hook], autocast=autocast)
             bar.update(batch_size)
             tokens_log += batch_size
             done = step + 1
             if done % cfg.log_every == 0 or done == total_steps:
                 _check_finite(trainers)
                 elapsed = time.perf_counter() - t_log
-                logged = {f"{n}/{k}": float(v) for n, m in metrics.items() for k, v in m.items()}
+                logged = _gather_metrics(metrics, ddp, device)
                 logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
                 run.log(logged, step=done)
-                bar.set_postfix({n.split("_")[0] + "_fvu": f"{float(m['fvu']):.3f}"
-                                 for n, m in metrics.items()})
+                bar.set_postfix({k.split("_")[0] + "_fvu": f"{v:.3f}" for k, v in logged.items()
+                                 if k.endswith("/fvu")})
                 t_log, tokens_log = time.perf_counter(), 0
             if done % cfg.checkpoint_every == 0 or done == total_steps:
                 _check_finite(trainers)
-                _write_checkpoint(out, done, position + (done - start_step) * batch_size,
-                                  trainers, run_config)
+                state["reader_position"] = position + (done - start_step) * batch_size
+                _write_checkpoint(out, done, state, trainers, world, writes_saes=world.is_main or not ddp)
                 last_good = done
-    except DivergedError as err:
-        raise DivergedError(f"{err}; the last good checkpoint is step {last_good} in "
-                            f"{out / CHECKPOINT_DIR}") from None
+    except (DivergedError, JobStopped, distributed.PeerLost) as err:
+        if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stop = None
+        raise type(err)(f"{err}; the last good checkpoint is step {last_good} in {out / CHECKPOINT_DIR}: run again "
+                  "with resume=true to continue from it") from None
     finally:
+        if stop is not None:
+            signal.signal(signal.SIGTERM, stop)
         prefetch.close()
         bar.close()
         run.finish()
 
-    paths = []
-    for name, trainer in trainers.items():
-        trainer.sae.eval()
-        paths.append(trainer.sae.save(out / name))
+    paths = [out / name for name in names]
+    if world.is_main or not ddp:
+        for name, trainer in trainers.items():
+            trainer.sae.eval()
+            trainer.sae.save(out / name)
+    distributed.barrier()  # every folder is written before any rank returns
     return paths
 
 
+def _stop_on_sigterm() -> Any:
+    """torchrun answers a failed process by sending SIGTERM to the others: turn it into a message that says what to
+    do, instead of a silent exit. Returns the previous handler."""
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise JobStopped("stopped by torchrun because another process of the job failed")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _gather_metrics(metrics: dict[str, dict[str, Tensor]], ddp: bool, device: torch.device) -> dict[str, float]:
+    """Every SAE's metrics on rank 0 as plain floats: averaged over data-parallel ranks, or collected from the
+    ranks that train them (distribute_saes)."""
+    keys = [(n, k) for n, m in metrics.items() for k in m]
+    if ddp:
+        values = distributed.all_reduce_(torch.stack([metrics[n][k].to(device, torch.float32) for n, k in keys]), "mean").tolist()
+        return {f"{n}/{k}": v for (n, k), v in zip(keys, values)}
+    local = {f"{n}/{k}": float(metrics[n][k]) for n, k in keys}
+    return {k: v for part in distributed.gather_objects(local) for k, v in part.items()}
+
+
 def _check_finite(trainers: dict[str, SAETrainer]) -> None:
-    for name, trainer in trainers.items():
-        step = int(trainer.first_nonfinite_step)
-        if step >= 0:
-            raise DivergedError(
-                f"NaN/inf loss for SAE {name} at step {step}; lower the learning rate or check "
-                "the cache"
-            )
+    """Stop on a NaN/inf loss; every rank stops together (a NaN on one rank reaches the others' weights)."""
+    steps = torch.stack([t.first_nonfinite_step for t in trainers.values()])
+    worst = torch.where(steps < 0, torch.iinfo(torch.long).max, steps)
+    first = -distributed.all_reduce_(-worst.min(), "max")  # the earliest bad step anywhere
+    if first < torch.iinfo(torch.long).max:
+        name = next((n for n, t in trainers.items() if int(t.first_nonfinite_step) == int(first)), "on another rank")
+        raise DivergedError(f"NaN/inf loss for SAE {name} at step {int(first)}; lower the learning rate or check "
+                            "the data")
 
 
-def _init_wandb(cfg: TrainConfig, out: Path) -> Any:
+def _init_wandb(cfg: TrainConfig, out: Path, world: distributed.World, run_id: str | None, **resolved: Any) -> Any:
+    """A wandb run on rank 0 (disabled elsewhere), logging the config with the values actually used (`resolved`:
+    batch size, steps, learning rates) and, on resume, continuing the same wandb run."""
     if cfg.wandb_mode not in ("offline", "online", "disabled"):
         raise TrainError(f"wandb_mode must be offline, online or disabled, not {cfg.wandb_mode!r}")
     import wandb
 
-    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out),
-                      config=asdict(cfg))
+    if not world.is_main:
+        return wandb.init(mode="disabled")
+    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out), id=run_id,
+                      resume="allow" if run_id else None, config={**asdict(cfg), "resolved": resolved})

@@ -1,0 +1,112 @@
+"""torch.distributed plumbing for `torchrun --nproc_per_node N -m sae train`.
+
+A plain `sae train` is one process and never touches torch.distributed. Under torchrun (which sets RANK,
+WORLD_SIZE and LOCAL_RANK) each process joins one process group — nccl on CUDA, gloo on the CPU — and the trainer
+uses the few collectives below. There is no scheduler of our own: torchrun starts, watches and stops the processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import UserError
+from .model import pick_device
+
+
+class PeerLost(UserError):
+    """A collective failed: another process of the job died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank `rank` of `size` processes (1 when not under torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the files every rank would otherwise write (checkpoints, SAE folders, wandb)."""
+        return self.rank == 0
+
+
+def init(device: str = "auto") -> tuple[World, torch.device]:
+    """Join torchrun's process group if there is one, and pick this process's device.
+
+    Under torchrun, "auto" means the GPU numbered LOCAL_RANK (one GPU per process, as torchrun expects) or the CPU
+    when there is none; the backend follows the device: nccl for CUDA, gloo for the CPU.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), pick_device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        picked = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        picked = pick_device(device)
+    if picked.type == "cuda":
+        torch.cuda.set_device(picked)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", device_id=picked if picked.type == "cuda" else None)
+    return World(rank, size), picked
+
+
+def _collective(fn: Any, *args: Any) -> None:
+    """Run one collective, turning the backend's bare RuntimeError (gloo: "Connection reset by peer") into
+    `PeerLost`, so the trainer can say which checkpoint to resume from."""
+    try:
+        fn(*args)
+    except RuntimeError as err:
+        reason = re.sub(r"^\[[^\]]*\] ", "", str(err).strip().splitlines()[0])  # gloo prefixes its source line
+        raise PeerLost(f"rank {dist.get_rank()} lost another process of the job ({reason})") from err
+
+
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
+    """In-place all-reduce over the job ("sum", "max" or "mean"); a no-op in a single process."""
+    if _active():
+        _collective(dist.all_reduce, t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
+    return t
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy `module`'s parameters and buffers from rank `src` to every rank (initialisation computed once)."""
+    if _active():
+        for t in [*module.parameters(), *module.buffers()]:
+            _collective(dist.broadcast, t.data, src)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list in a single process)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    _collective(dist.all_gather_object, out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        _collective(dist.barrier)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a run (torchrun warns otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

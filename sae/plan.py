@@ -1,0 +1,91 @@
+"""Know the cost before the run: memory per SAE, what the device has free, and the widest SAE that would fit.
+
+The estimate is deliberately simple and on the high side — fp32 weights, their gradients and Adam's two moments
+(4 copies of the parameters), plus the [batch, d_sae] activations a step keeps for its backward — so that an SAE
+that cannot fit fails before the model loads and the first shard is read, with the width that would fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+
+PARAM_COPIES = 4
+"""Weights, gradients, Adam's first and second moments, all fp32."""
+DENSE_ACT_COPIES = {"relu_l1": 4, "jumprelu": 5, "topk": 2, "batchtopk": 2}
+"""fp32 [batch, d_sae] tensors alive at once in one step: pre-activations, the activations and their gradient
+(ReLU+L1; JumpReLU adds its step mask); TopK/BatchTopK keep only the pre-activations and the selection's
+workspace, never the dense activations (see sae.sae._SparseEncode)."""
+HEADROOM = 0.9
+"""Fraction of the free memory a plan may use: allocator fragmentation and the data stream need the rest."""
+GIB = 2**30
+
+
+class PlanError(UserError):
+    """The run cannot fit the device; the message names the largest width that would."""
+
+
+@dataclass(frozen=True)
+class SAECost:
+    name: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    batch: int
+    """Rows per step on this process."""
+
+    @property
+    def params(self) -> int:
+        return 2 * self.d_in * self.d_sae + 2 * self.d_sae + self.d_in
+
+    def bytes(self, d_sae: int | None = None) -> int:
+        d = self.d_sae if d_sae is None else d_sae
+        params = 2 * self.d_in * d + 2 * d + self.d_in
+        return 4 * (PARAM_COPIES * params + DENSE_ACT_COPIES[self.architecture] * self.batch * d)
+
+    def describe(self) -> str:
+        p = self.params
+        acts = 4 * DENSE_ACT_COPIES[self.architecture] * self.batch * self.d_sae
+        return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {_size(4 * p)} weights + "
+                f"{_size(8 * p)} Adam + {_size(4 * p)} gradients + {_size(acts)} activations (batch {self.batch})")
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for this process on `device`: the CUDA allocator's view, or MemAvailable on Linux; None when
+    unknown (then nothing is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if device.type == "cpu" and meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_fits(costs: list[SAECost], device: torch.device, free: int | None = None) -> None:
+    """Raise `PlanError` when the SAEs of this process need more than the device has free, naming the largest
+    width the biggest of them could have with the others unchanged."""
+    free = free_bytes(device) if free is None else free
+    if free is None or not costs:
+        return
+    budget = HEADROOM * free
+    need = sum(c.bytes() for c in costs)
+    if need <= budget:
+        return
+    big = max(costs, key=lambda c: c.bytes())
+    rest = need - big.bytes()
+    per_latent = big.bytes(1) - big.bytes(0)
+    fits = int((budget - rest - big.bytes(0)) // per_latent)
+    hint = (f"{big.name} would fit with d_sae ≤ {fits:,} (expansion_factor ≤ {fits // big.d_in})" if fits > 0
+            else "even the smallest width does not fit beside the other SAEs")
+    raise PlanError(f"the SAEs need ≈ {_size(need)} on {device} but {_size(free)} is free; {hint}; "
+                    "or lower batch_size, or spread a sweep over processes with torchrun and distribute_saes=true")
