@@ -77,6 +77,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 def _link(data: dict[str, Any]) -> dict[str, Any]:
     """Fill the paths that connect stages from the stage before, unless the file sets them."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if "harvest" in data:  # train.source=model runs the harvest section's model live
+        data.setdefault("train", {}).setdefault("harvest", data["harvest"])
     cache = data.get("harvest", {}).get("out")
     saes = data.get("train", {}).get("out")
     for section in ("train", "eval", "analyse", "score"):
@@ -140,6 +142,8 @@ def demo(config_file: str, overrides: list[str]) -> None:
 
     start = time.time()
     results = {}
+    # A second `sae demo` continues the first (a finished training run just rewrites its SAE folders).
+    overrides = ["train.resume=true", *overrides]
     for name in ("harvest", "train", "eval", "analyse"):
         print(f"\n=== sae {name} ({time.time() - start:.0f} s) ===", flush=True)
         results[name] = run_stage(name, config_file, overrides)
