@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,60 @@ def test_bad_inputs_give_clear_errors(tmp_path, cache):
     trainer = SAETrainer(create_sae(SAEConfig("topk", 32, 64, k=4)), lr=1e-3, total_steps=1)
     with pytest.raises(TrainError, match="d_model 16 but the SAE expects d_in 32"):
         trainer.step(torch.randn(8, 16))
+
+
+def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
+    """A second run into an `out` holding checkpoints must not silently restart and delete them (issue 11.1)."""
+    from sae.cli import main
+
+    train(_cfg(tmp_path, cache))
+    latest = tmp_path / "out" / "checkpoints" / "latest.json"
+    before = latest.read_text()
+    with pytest.raises(TrainError, match=r"holds a training run \(checkpoint at step 8\).*resume=true.*overwrite=true"):
+        train(_cfg(tmp_path, cache))
+    assert latest.read_text() == before
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  cache: {cache}\n  out: {tmp_path / 'out'}\n  wandb_mode: disabled\n"
+                      "  saes: [{architecture: topk, hook: h0, k: 4}]\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "resume=true" in capsys.readouterr().err
+    train(_cfg(tmp_path, cache, overwrite=True))  # explicit: starts again
+    assert json.loads(latest.read_text())["step"] == 8
+    train(_cfg(tmp_path / "fresh", cache, resume=True))
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeypatch):
+    import wandb
+
+    calls = []
+    real_init = wandb.init
+
+    def init(**kw):
+        calls.append(kw)
+        return real_init(mode="disabled")
+
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None)
+    train(dataclasses.replace(cfg, total_tokens=2048))
+    train(dataclasses.replace(cfg, total_tokens=2048, resume=True))
+    first, second = calls
+    assert first["id"] is None and second["id"] and second["resume"] == "allow"
+    state = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["wandb_id"] == second["id"]
+    resolved = first["config"]["resolved"]
+    assert resolved["batch_size"] == 256 and resolved["total_steps"] == 8
+    assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == 4
+
+
+def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_that_fits():
+    from sae.plan import PlanError, SAECost, check_fits
+
+    costs = [SAECost("small", "topk", 576, 4608, 4096), SAECost("big", "relu_l1", 576, 2**20, 4096)]
+    free = 8 * 2**30
+    with pytest.raises(PlanError, match=r"big would fit with d_sae ≤ ([\d,]+) \(expansion_factor ≤ (\d+)\)") as err:
+        check_fits(costs, torch.device("cpu"), free=free)
+    fits = int(err.value.args[0].split("d_sae ≤ ")[1].split(" ")[0].replace(",", ""))
+    check_fits([costs[0], SAECost("big", "relu_l1", 576, fits, 4096)], torch.device("cpu"), free=free)
+    with pytest.raises(PlanError):
+        check_fits([costs[0], SAECost("big", "relu_l1", 576, int(fits * 1.02), 4096)], torch.device("cpu"), free=free)
