@@ -379,7 +379,7 @@ class _Group:
 
     def reusable(self) -> bool:
         """Whether `data` may be handed to another group: no read is still writing into it."""
-        return all(r.done() and r.exception() is None for r in self.reads)
+        return all(r.done() for r in self.reads)
 
 
 class ShuffledReader:
