@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class ActivationStore:
             raise CacheError(f"{file} has format {self.manifest.get('format')!r}; this sae reads format {FORMAT_VERSION}")
         self._verified: set[int] = set()
         self._lock = threading.Lock()
+        self._shard_locks: dict[int, threading.Lock] = {}
 
     # ----------------------------------------------------------------------------------------- metadata
     @property
@@ -179,6 +181,11 @@ class ActivationStore:
     def _split_rows(self, i: int, split: str) -> int:
         return int(split_mask(self.shard_seqs(i), self.eval_fraction, split).sum()) * self.rows_per_context
 
+    def _split_row_index(self, i: int, split: str) -> Tensor:
+        """Indices of shard i's rows of one split, in file order, from the manifest alone (no file read)."""
+        contexts = split_mask(self.shard_seqs(i), self.eval_fraction, split)
+        return contexts.repeat_interleave(self.rows_per_context).nonzero().squeeze(1)
+
     @property
     def n_train_rows(self) -> int:
         return sum(self._split_rows(i, "train") for i in range(len(self.shards)))
@@ -202,18 +209,32 @@ class ActivationStore:
             raise CacheError(f"the cache at {self.path} holds no shards")
 
     # ----------------------------------------------------------------------------------------- shards
-    def load_shard(self, i: int, keys: list[str]) -> dict[str, Tensor]:
-        """Tensors `keys` of shard i, the file checked against its manifest checksum on first use."""
-        entry = self.shards[i]
-        file = self.path / entry["file"]
+    def shard_file(self, i: int) -> Path:
+        """Shard i's file, which must exist: a listed shard that is gone means the cache was tampered with."""
+        file = self.path / self.shards[i]["file"]
         if not file.is_file():
             raise CacheError(f"shard {file} listed in the manifest is missing; harvest again into a fresh folder")
+        return file
+
+    def verify_shard(self, i: int) -> Path:
+        """Check shard i against its manifest checksum once per store, and return its file.
+
+        Each shard has its own lock so that several threads can hash different shards at once (hashlib releases
+        the GIL), while two asking for the same shard hash it only once.
+        """
+        file = self.shard_file(i)
         with self._lock:
+            lock = self._shard_locks.setdefault(i, threading.Lock())
+        with lock:
             if i not in self._verified:
-                digest = _sha256(file)
-                if digest != entry["sha256"]:
+                if _sha256(file) != self.shards[i]["sha256"]:
                     raise CacheError(f"shard {file} is corrupt (checksum mismatch); delete it and its manifest entry, or harvest again")
                 self._verified.add(i)
+        return file
+
+    def load_shard(self, i: int, keys: list[str]) -> dict[str, Tensor]:
+        """Tensors `keys` of shard i (memory-mapped), the file checked against its manifest checksum on first use."""
+        file = self.verify_shard(i)
         try:
             with safe_open(str(file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
@@ -227,9 +248,11 @@ class ActivationStore:
         return {h: data[h][mask] for h in hooks}, mask
 
     # ----------------------------------------------------------------------------------------- readers
-    def shuffled(self, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18, rank: int = 0, world_size: int = 1) -> "ShuffledReader":
-        """Infinite shuffled training batches; see `ShuffledReader`."""
-        return ShuffledReader(self, hooks, batch_size, seed=seed, position=position, shuffle_rows=shuffle_rows, rank=rank, world_size=world_size)
+    def shuffled(self, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18,
+                 rank: int = 0, world_size: int = 1) -> "ShuffledReader":
+        """Infinite shuffled training batches (this rank's slice of each global batch); see `ShuffledReader`."""
+        return ShuffledReader(self, hooks, batch_size, seed=seed, position=position, shuffle_rows=shuffle_rows,
+                              rank=rank, world_size=world_size)
 
     def iter_ordered(self, hooks: list[str], split: str = "all", batch_rows: int = 8192) -> Iterator[Rows]:
         """Activations with their token ids and places, in cache order: what feature analysis streams over."""
@@ -312,19 +335,79 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that verify and read the next shard group while the current one is consumed. Hashing and reading from
+the page cache release the GIL, so they run beside the consumer; more than a few only contend for memory bandwidth."""
+
+
+def _tensor_spans(file: Path, keys: list[str]) -> dict[str, tuple[int, int]]:
+    """Byte range [start, end) of each tensor `keys` in a safetensors file, from its header (8-byte length, JSON)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1]) for k in keys}
+
+
+def _read_into(file: Path, start: int, dest: Tensor) -> None:
+    """Fill contiguous `dest` with the bytes of `file` from `start`: one kernel copy into memory that is already
+    mapped, with no temporary and no page faults on a memory map."""
+    view = memoryview(dest.view(-1).view(torch.uint8).numpy())
+    with open(file, "rb", buffering=0) as f:
+        f.seek(start)
+        while view:
+            n = f.readinto(view)
+            if not n:
+                raise CacheError(f"shard {file} is truncated; harvest again into a fresh folder")
+            view = view[n:]
+
+
+@dataclass
+class _Group:
+    """A shard group resident in storage dtype; `reads` fill `data` on the reader's pool."""
+
+    data: dict[str, Tensor]
+    """hook → [capacity, d]: the group's shards back to back, every row in file order (held-out rows too)."""
+    source: Tensor
+    """int64 [training rows]: the row of `data` at each position of the group's shuffled stream."""
+    reads: list[Future]
+
+    def ready(self) -> "_Group":
+        """Wait for the reads; a corrupt or unreadable shard raises its CacheError here, in the consumer."""
+        for read in self.reads:
+            read.result()
+        return self
+
+    def reusable(self) -> bool:
+        """Whether `data` may be handed to another group: no read is still writing into it."""
+        return all(r.done() for r in self.reads)
+
+
 class ShuffledReader:
     """Training batches shuffled across shards with memory bounded by `shuffle_rows`, however large the cache.
 
     Each epoch visits the shards in a fresh random order, in groups of about `shuffle_rows` rows; a group's
     training rows are loaded together and permuted. The epoch is thus a fixed virtual sequence of rows (given the
     seed), and `position` — rows consumed since the start — is all a checkpoint needs to resume exactly.
+
+    Data parallel: `batch_size` is the global batch; rank r of `world_size` returns rows
+    [position + r·b, position + (r+1)·b) of the stream, b = batch_size / world_size, and every rank advances
+    `position` by the whole batch, so the ranks' batches in rank order are exactly the one-rank batch.
+
+    Speed: while a group is consumed, a thread pool verifies (once per store) and reads the next group straight into
+    the buffers of the group before it; a batch is then one gather of its rows and one conversion to float32, of
+    this rank's rows only. At most two groups are resident.
     """
 
-    def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18, rank: int = 0, world_size: int = 1):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0,
+                 shuffle_rows: int = 2**18, rank: int = 0, world_size: int = 1):
         store.require_complete()
         store.check_hooks(hooks)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise CacheError(f"rank {rank} is not one of world_size {world_size} ranks")
+        if batch_size % world_size:
+            raise CacheError(f"batch_size {batch_size} (the global batch) is not divisible by world_size {world_size}")
         self.store, self.hooks, self.batch_size, self.seed = store, list(hooks), batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.position = position
         n_shards = len(store.shards)
         rows_per_shard = store.contexts_per_shard * store.rows_per_context
@@ -333,56 +416,121 @@ class ShuffledReader:
         self.epoch_rows = sum(self.shard_rows)
         if self.epoch_rows == 0:
             raise CacheError(f"the cache at {store.path} has no training rows")
-        self._group: tuple[int, int] | None = None  # (epoch, group index) currently loaded
-        self._data: dict[str, Tensor] = {}
+        self._capacity = self.group_shards * max(s["rows"] for s in store.shards)
+        self._plans: dict[int, list[tuple[list[int], int]]] = {}
+        self._resident: dict[tuple[int, int], _Group] = {}  # the group being consumed and the next one
+        self._spare: dict[str, Tensor] | None = None  # buffers of a consumed group, for the next read
+        self._scratch: dict[str, Tensor] = {}
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sae-reader")
 
-    def _groups(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.shard_rows), generator=g).tolist()
-        return [order[i : i + self.group_shards] for i in range(0, len(order), self.group_shards)]
+    # ----------------------------------------------------------------------------------------- the virtual stream
+    def _plan(self, epoch: int) -> list[tuple[list[int], int]]:
+        """The epoch's groups in visiting order, each (shard indices, training rows); the last two epochs cached."""
+        if epoch not in self._plans:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.shard_rows), generator=g).tolist()
+            groups = [order[i : i + self.group_shards] for i in range(0, len(order), self.group_shards)]
+            self._plans[epoch] = [(shards, sum(self.shard_rows[i] for i in shards)) for shards in groups]
+            if len(self._plans) > 2:
+                del self._plans[min(self._plans)]
+        return self._plans[epoch]
 
-    def _load(self, epoch: int, index: int, shards: list[int]) -> None:
-        """Load a group straight into shuffled order: peak memory is the group plus one shard."""
-        if self._group == (epoch, index):
-            return
-        self._data, self._group = {}, None  # free the old group before the new one is built
-        size = sum(self.shard_rows[i] for i in shards)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + index + 1)
-        dest = torch.randperm(size, generator=g)  # row j of the group lands at dest[j]
-        data = {h: torch.empty(size, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
-        start = 0
+    def _locate(self, position: int) -> tuple[tuple[int, int], int, int]:
+        """(epoch, group index), offset within that group's stream, and the group's training rows."""
+        epoch, offset = divmod(position, self.epoch_rows)
+        for index, (_, size) in enumerate(self._plan(epoch)):
+            if offset < size:
+                return (epoch, index), offset, size
+            offset -= size
+        raise AssertionError("offset beyond the epoch")  # unreachable: the groups' sizes sum to epoch_rows
+
+    def _after(self, key: tuple[int, int]) -> tuple[int, int]:
+        epoch, index = key
+        return (epoch, index + 1) if index + 1 < len(self._plan(epoch)) else (epoch + 1, 0)
+
+    # ----------------------------------------------------------------------------------------- resident groups
+    def _group(self, key: tuple[int, int]) -> _Group:
+        """Group `key`, loaded; drops any other group but the next, whose loading starts now."""
+        if key not in self._resident:
+            self._resident[key] = self._start(key)
+        group = self._resident[key].ready()
+        following = self._after(key)
+        for old in [k for k in self._resident if k not in (key, following)]:
+            dropped = self._resident.pop(old)
+            if dropped.reusable():
+                self._spare = dropped.data
+        if following not in self._resident:
+            self._resident[following] = self._start(following)
+        return group
+
+    def _start(self, key: tuple[int, int]) -> _Group:
+        """Begin reading group `key` on the pool; its shuffle (`source`) is computed here, from the seed."""
+        epoch, index = key
+        shards, size = self._plan(epoch)[index]
+        data = self._spare if self._spare is not None else self._buffers()
+        self._spare = None
+        train, reads, base = [], [], 0
         for i in shards:
-            rows, _ = self.store._rows(i, self.hooks, "train")
-            n = self.shard_rows[i]
-            for h in self.hooks:
-                data[h][dest[start : start + n]] = rows[h]
-            start += n
-        self._data, self._group = data, (epoch, index)
+            rows = self.store.shards[i]["rows"]
+            train.append(self.store._split_row_index(i, "train") + base)
+            reads.append(self._pool.submit(self._read_shard, i, {h: t[base : base + rows] for h, t in data.items()}))
+            base += rows
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + index + 1)
+        dest = torch.randperm(size, generator=g)  # training row j of the group lands at position dest[j]
+        source = torch.empty(size, dtype=torch.long)
+        source[dest] = torch.cat(train)
+        return _Group(data, source, reads)
 
+    def _buffers(self) -> dict[str, Tensor]:
+        """Room for the largest group; allocated twice per reader, since touching fresh memory is slow."""
+        return {h: torch.empty(self._capacity, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
+
+    def _read_shard(self, i: int, dest: dict[str, Tensor]) -> None:
+        """On the pool: verify shard i (once per store), then read its tensors `dest` into place."""
+        file = self.store.verify_shard(i)
+        try:
+            spans = _tensor_spans(file, list(dest))
+        except (OSError, KeyError, struct.error, json.JSONDecodeError) as err:
+            raise CacheError(f"shard {file} cannot be read ({err}); harvest again into a fresh folder") from err
+        for h, t in dest.items():
+            start, end = spans[h]
+            if end - start != t.numel() * t.element_size():
+                raise CacheError(f"shard {file} holds {end - start} bytes for {h!r}, not the {t.numel() * t.element_size()} its manifest implies")
+            _read_into(file, start, t)
+
+    # ----------------------------------------------------------------------------------------- batches
     def _take(self, position: int, n: int) -> dict[str, Tensor]:
-        """`n` rows of the virtual stream starting at `position` (crossing groups and epochs as needed)."""
-        out: dict[str, list[Tensor]] = {h: [] for h in self.hooks}
-        while n > 0:
-            epoch, offset = divmod(position, self.epoch_rows)
-            for index, shards in enumerate(self._groups(epoch)):
-                size = sum(self.shard_rows[i] for i in shards)
-                if offset < size:
-                    break
-                offset -= size
-            self._load(epoch, index, shards)
-            take = min(n, size - offset)
+        """`n` rows (float32) of the virtual stream starting at `position` (crossing groups and epochs as needed)."""
+        out = {h: torch.empty(n, self.store.hooks[h], dtype=torch.float32) for h in self.hooks}
+        done = 0
+        while done < n:
+            key, offset, size = self._locate(position + done)
+            group = self._group(key)
+            take = min(n - done, size - offset)
+            rows = group.source[offset : offset + take]
             for h in self.hooks:
-                out[h].append(self._data[h][offset : offset + take])
-            position += take
-            n -= take
-        return {h: torch.cat(p).float() for h, p in out.items()}
+                self._gather(h, group.data[h], rows, out[h][done : done + take])
+            done += take
+        return out
+
+    def _gather(self, hook: str, data: Tensor, rows: Tensor, dest: Tensor) -> None:
+        """dest = data[rows] in dest's dtype, through a reused scratch buffer rather than fresh memory each batch."""
+        if data.dtype == dest.dtype:
+            torch.index_select(data, 0, rows, out=dest)
+            return
+        scratch = self._scratch.get(hook)
+        if scratch is None or len(scratch) < len(rows):
+            scratch = self._scratch[hook] = torch.empty(len(rows), data.shape[1], dtype=data.dtype)
+        torch.index_select(data, 0, rows, out=scratch[: len(rows)])
+        dest.copy_(scratch[: len(rows)])
 
     def __iter__(self) -> "ShuffledReader":
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        b = self.batch_size // self.world_size
-        batch = self._take(self.position + self.rank * b, b)
+        """This rank's slice of the next global batch: hook → float32 [batch_size / world_size, d]."""
+        local = self.batch_size // self.world_size
+        batch = self._take(self.position + self.rank * local, local)
         self.position += self.batch_size
         return batch
 

@@ -19,7 +19,7 @@ from sae.cli import main as cli_main
 from sae.config import ConfigError
 from sae.data import DataError, load_texts, pack
 from sae.harvest import HarvestConfig, harvest
-from sae.store import ActivationStore, CacheError, is_holdout
+from sae.store import ActivationStore, CacheError, CacheWriter, is_holdout
 
 
 def small_cfg(model: Path, out: Path, **kw) -> HarvestConfig:
@@ -277,3 +277,35 @@ def test_real_smollm2_layer15_matches_hidden_states(tmp_path):
     assert 100 < norm < 300, norm  # mid-depth residual (≈175 on Python source)
     # positions 0 and 1 (dropped by default) carry norms up to ~25,000; every later row is ordinary
     assert acts.norm(dim=-1).max() < 3 * norm
+
+
+def test_shuffled_reader_ranks_slice_the_global_batch(tmp_path):
+    """world_size ranks' batches, concatenated in rank order, are the one-rank batch; resume works per rank."""
+    hooks = {"a": 8, "b": 12}
+    meta = {"model": "random", "hooks": hooks, "dtype": "float16", "context_size": 16, "exclude_first": False,
+            "eval_fraction": 0.2}
+    writer = CacheWriter(tmp_path, meta, contexts_per_shard=3)  # 7 shards, the last one short
+    g = torch.Generator().manual_seed(0)
+    writer.add({h: torch.randn(20, 16, d, generator=g).half() for h, d in hooks.items()},
+               torch.zeros(20, 16, dtype=torch.long), first_pos=0)
+    writer.finish(first_pos=0)
+    writer.close()
+    store = ActivationStore(tmp_path)
+
+    def batches(n: int, **kw) -> list[dict[str, torch.Tensor]]:
+        reader = store.shuffled(list(hooks), 24, seed=5, shuffle_rows=100, **kw)  # groups of 2 shards
+        return [next(reader) for _ in range(n)]
+
+    whole = batches(40)  # several groups and epochs
+    assert sum(len(b["a"]) for b in whole) > 2 * store.n_train_rows and store.n_train_rows < store.n_rows
+    ranks = [batches(40, rank=r, world_size=2) for r in range(2)]
+    for i, batch in enumerate(whole):
+        for h, d in hooks.items():
+            assert ranks[0][i][h].shape == (12, d) and ranks[0][i][h].dtype == torch.float32
+            assert torch.equal(torch.cat([ranks[0][i][h], ranks[1][i][h]]), batch[h])
+    resumed = store.shuffled(list(hooks), 24, seed=5, shuffle_rows=100, position=13 * 24, rank=1, world_size=2)
+    for i in range(13, 40):
+        assert torch.equal(next(resumed)["b"], ranks[1][i]["b"])
+    assert resumed.position == 40 * 24
+    with pytest.raises(CacheError, match="not divisible by world_size 5"):
+        store.shuffled(list(hooks), 24, world_size=5)
