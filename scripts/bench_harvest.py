@@ -3,6 +3,7 @@
 Prints JSON. `ratio_vs_same_depth` compares with a bare forward stopped at the same layer (the honest overhead of
 hooking, copying, casting and writing); `ratio_vs_full_forward` compares with a full forward (what a harvester
 without early stopping would pay). Run: python scripts/bench_harvest.py [--model smollm2] [--tokens 16384]
+[--device auto] [--model-dtype float32]; on a GPU, `--model-dtype bfloat16` is how the harvester should run there.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def bare_forward(model, batches, stop_after: str | None) -> float:
                         model(input_ids=ids, use_cache=False)
                     except model_lib.StopForward:
                         pass
+    if batches and batches[0].device.type == "cuda":
+        torch.cuda.synchronize()  # kernels are asynchronous: count them, not just their launch
     return time.perf_counter() - start
 
 
@@ -45,9 +48,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--hooks", nargs="*", default=None, help="default: a mid-depth and the last residual")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--model-dtype", default="float32", help="dtype the model runs in, e.g. bfloat16 on a GPU")
     args = parser.parse_args()
 
-    model, tokenizer = model_lib.load_model(args.model, "auto")
+    model, tokenizer = model_lib.load_model(args.model, args.device, args.model_dtype)
     n_layers = len(model_lib.layers(model))
     hooks = args.hooks or [f"blocks.{n_layers // 2}.hook_resid_post", f"blocks.{n_layers - 1}.hook_resid_post"]
     n_ctx = args.tokens // args.context_size
@@ -57,7 +62,7 @@ def main() -> None:
     bare_forward(model, batches[:2], None)  # warm-up
     full = bare_forward(model, batches, None)
     results = {"model": args.model, "tokens": n_ctx * args.context_size, "batch_size": args.batch_size,
-               "threads": torch.get_num_threads(), "device": str(device),
+               "threads": torch.get_num_threads(), "device": str(device), "model_dtype": args.model_dtype,
                "bare_full_forward_tok_s": n_ctx * args.context_size / full, "hooks": {}}
     tokens = n_ctx * args.context_size
     for hook in hooks:
@@ -68,7 +73,8 @@ def main() -> None:
             same = bare_forward(model, batches, hook)
             with tempfile.TemporaryDirectory() as out:
                 cfg = HarvestConfig(model=args.model, hooks=[hook], max_tokens=tokens, context_size=args.context_size,
-                                    batch_size=args.batch_size, exclude_first=False, eval_fraction=0.0, out=out)
+                                    batch_size=args.batch_size, exclude_first=False, eval_fraction=0.0, out=out,
+                                    model_dtype=args.model_dtype)
                 t0 = time.perf_counter()
                 harvest_with(cfg, model, tokenizer)
                 took = time.perf_counter() - t0
