@@ -82,7 +82,8 @@ def test_topk_encode_keeps_k_largest():
     f = sae.encode(x)
     pre = (x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
     ref = torch.zeros_like(pre).scatter_(-1, pre.topk(4).indices, pre.topk(4).values.relu())
-    assert torch.equal(f, ref)
+    assert torch.equal(f != 0, ref != 0)
+    torch.testing.assert_close(f, ref)  # addmm and `@` then `+` may round the last bit apart
 
 
 def test_relu_l1_loss_by_hand():
