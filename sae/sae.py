@@ -27,7 +27,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from .config import UserError
-from .store import atomic_write_bytes
+from .store import atomic_folder
 
 CFG_FILENAME = "cfg.json"
 
@@ -271,10 +271,10 @@ class SAE(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write a SAELens-6 folder: ``cfg.json`` + ``sae_weights.safetensors``, scale folded.
 
-        The model itself is left untouched (training may continue after a save).
+        The folder appears whole or not at all (a crash never pairs new weights with an old cfg); an SAE folder
+        already there is replaced. The model itself is left untouched (training may continue after a save).
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         ours = replace(self.cfg, scale=1.0)
         cfg_json: dict[str, Any] = {
             "architecture": self.sae_lens_architecture,
@@ -295,8 +295,10 @@ class SAE(nn.Module):
         }
         if self.sae_lens_architecture == "topk":
             cfg_json["k"] = self.cfg.k
-        atomic_write_bytes(path / WEIGHTS_FILENAME, save_bytes(self.folded_state()))
-        atomic_write_bytes(path / CFG_FILENAME, json.dumps(cfg_json, indent=2).encode())
+        _check_replaceable(path)
+        with atomic_folder(path) as tmp:
+            (tmp / WEIGHTS_FILENAME).write_bytes(save_bytes(self.folded_state()))
+            (tmp / CFG_FILENAME).write_text(json.dumps(cfg_json, indent=2))
         return path
 
     @staticmethod
@@ -334,6 +336,16 @@ class SAE(nn.Module):
                 getattr(sae, name).copy_(tensors[name])
             sae._load_extra_inference_tensors(tensors)
         return sae.to(device)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Saving replaces the whole folder, so refuse one that holds anything besides an SAE's own files."""
+    if path.exists() and not path.is_dir():
+        raise SAEFormatError(f"cannot save an SAE to {path}: it is a file; name a folder")
+    others = sorted(p.name for p in path.iterdir() if p.name not in (CFG_FILENAME, WEIGHTS_FILENAME)) if path.is_dir() else []
+    if others:
+        raise SAEFormatError(f"cannot save an SAE to {path}: saving replaces the folder, and it holds other files "
+                             f"({', '.join(others[:5])}); save to a new or empty folder")
 
 
 # ----- sparse kernels ------------------------------------------------------------------------

@@ -18,11 +18,16 @@ for every reader, and exists even in a one-shard cache.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,14 +49,85 @@ class CacheError(UserError):
     """A cache that cannot be read or extended; the message names the file and what to do."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: the bytes are on disk before any rename makes them visible."""
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: a rename inside it survives a power cut only once the directory itself is synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write_synced(tmp, data)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):  # a kernel or filesystem without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put folder `new` at `path` in one rename, swapping out an old folder there (then deleting it)."""
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # now the old folder
+    else:  # no atomic swap here: move the old folder aside first; a crash in between leaves it beside `path`
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path, name: str | None = None) -> None:
+    """Delete the `.<name>.tmp*` / `.<name>.old*` files and folders (any name by default) that a process killed
+    mid-write leaves; nothing ever reads them, and they would fill the disk over many restarts."""
+    stem = "*" if name is None else glob.escape(name)
+    for pattern in (f".{stem}.tmp*", f".{stem}.old*"):
+        for stale in folder.glob(pattern):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temp folder beside `path` to fill; when the block ends its files are fsynced and it replaces `path` in one
+    rename, so the folder appears whole or not at all. On an error the temp folder is removed and `path` is kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        _replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
