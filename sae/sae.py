@@ -87,6 +87,21 @@ class SAEConfig:
             )
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default
+        problems = self.problems()
+        if problems:
+            raise SAEFormatError(f"invalid {self.architecture} SAE settings: {'; '.join(problems)}")
+
+    def problems(self) -> list[str]:
+        """Settings that would crash deep inside training (k > d_sae, a width of 0) or train silently to nothing
+        (k = 0 ends at FVU 1.0), each with the range it must lie in."""
+        found = [f"{name}={getattr(self, name)} must be > 0" for name in ("d_in", "d_sae") if getattr(self, name) <= 0]
+        if SAE_CLASSES[self.architecture].uses_k and self.d_sae > 0 and not 1 <= self.k <= self.d_sae:
+            found.append(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
+        found += [f"{name}={getattr(self, name)} must be ≥ 0" for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient")
+                  if not getattr(self, name) >= 0]  # `not >=` also catches NaN
+        found += [f"{name}={getattr(self, name)} must be > 0 (or unset)" for name in ("target_l0", "bandwidth", "aux_k")
+                  if getattr(self, name) is not None and not getattr(self, name) > 0]
+        return found
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
@@ -146,6 +161,8 @@ class SAE(nn.Module):
 
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_default: ClassVar[bool]
+    uses_k: ClassVar[bool] = False
+    """Whether ``cfg.k`` (active latents per token) shapes this variant's activations."""
     unit_norm_decoder: ClassVar[bool]
     """Keep decoder rows unit-norm: the trainer calls ``remove_parallel_grads`` before and
     ``project_parameters`` after each optimiser step."""
@@ -461,6 +478,7 @@ class _TopKFamily(SAE):
     encoder backward and decoder, and the AuxK loss for dead latents."""
 
     apply_b_dec_default = True
+    uses_k = True
     unit_norm_decoder = True
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ def _fitted(arch: str, d_in: int = 16, d_sae: int = 64, **kw) -> tuple[SAE, torc
 def test_unknown_architecture_lists_valid():
     with pytest.raises(ValueError, match="'gated'.*batchtopk.*jumprelu.*relu_l1.*topk"):
         SAEConfig("gated", 4, 8)
-    cfg = SAEConfig("topk", 4, 8)
+    cfg = SAEConfig("topk", 4, 8, k=4)
     cfg.architecture = "gated"
     with pytest.raises(ValueError, match="valid: .*topk"):
         create_sae(cfg)
@@ -277,3 +277,26 @@ def test_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     events.clear()
     _two_saes()[0].save(tmp_path / "s")
     assert events[-2:] == ["rename", "dir-fsync"] and events.count("fsync") == 2  # both files, then their folder
+
+
+# ----- settings ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(architecture="topk", k=0), r"k=0 must be between 1 and d_sae=8"),
+    (dict(architecture="batchtopk", k=9), r"k=9 must be between 1 and d_sae=8"),
+    (dict(d_sae=0), r"d_sae=0 must be > 0"),
+    (dict(d_in=-1), r"d_in=-1 must be > 0"),
+    (dict(architecture="relu_l1", l1_coefficient=-5.0), r"l1_coefficient=-5.0 must be ≥ 0"),
+    (dict(architecture="jumprelu", l0_coefficient=float("nan")), r"l0_coefficient=nan must be ≥ 0"),
+    (dict(aux_coefficient=-1.0, aux_k=0), r"aux_coefficient=-1.0 must be ≥ 0; aux_k=0 must be > 0"),
+    (dict(architecture="jumprelu", target_l0=0.0), r"target_l0=0.0 must be > 0 \(or unset\)"),
+])
+def test_invalid_settings_are_named(kw, message):
+    with pytest.raises(SAEFormatError, match=message):
+        SAEConfig(**{"architecture": "topk", "d_in": 4, "d_sae": 8, **kw})
+
+
+def test_k_only_binds_the_variants_that_use_it():
+    """A ReLU SAE narrower than the default k=32 is fine: k means nothing to it (SAELens folders load this way)."""
+    assert SAEConfig("relu_l1", 4, 8).k == 32 and SAEConfig("topk", 4, 8, k=8).k == 8
