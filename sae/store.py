@@ -167,6 +167,63 @@ class Rows:
     """int64 [n] position of the row within its context."""
 
 
+#: Manifest keys every reader relies on, with their JSON types (the others are provenance, read with .get).
+MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "hooks": dict, "dtype": str, "context_size": int, "exclude_first": (int, bool),
+    "eval_fraction": (int, float), "contexts_per_shard": int, "shards": list, "complete": bool,
+}
+SHARD_TYPES: dict[str, type] = {"file": str, "contexts": int, "rows": int, "sha256": str}
+
+
+def _type_problem(obj: dict[str, Any], types: dict[str, Any], where: str) -> str | None:
+    for key, tp in types.items():
+        if key not in obj:
+            return f"{where}key {key!r} is missing"
+        value = obj[key]
+        if not isinstance(value, tp) or (isinstance(value, bool) and tp in (int, (int, float))):
+            names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            return f"{where}{key!r} should be {names}, not {value!r}"
+    return None
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """What in a manifest would crash a reader later (a missing key, a wrong type, a value out of range), or None."""
+    problem = _type_problem(m, MANIFEST_TYPES, "")
+    if problem:
+        return problem
+    bad_hooks = {h: d for h, d in m["hooks"].items() if not isinstance(d, int) or isinstance(d, bool) or d <= 0}
+    checks = [
+        (not m["hooks"] or bad_hooks, f"'hooks' should map hook names to widths > 0, not {m['hooks']!r}"),
+        (m["dtype"] not in DTYPES, f"'dtype' {m['dtype']!r} is not one of {', '.join(DTYPES)}"),
+        (not 0 <= int(m["exclude_first"]) < m["context_size"], f"'exclude_first' {m['exclude_first']!r} should be "
+                                                                f"between 0 and context_size - 1 = {m['context_size'] - 1}"),
+        (not 0 <= m["eval_fraction"] < 1, f"'eval_fraction' {m['eval_fraction']!r} should be in [0, 1)"),
+        (m["contexts_per_shard"] < 1, f"'contexts_per_shard' {m['contexts_per_shard']!r} should be ≥ 1"),
+    ]
+    shards = [f"shards[{i}] should be an object, not {shard!r}" if not isinstance(shard, dict)
+              else _type_problem(shard, SHARD_TYPES, f"shards[{i}]: ") for i, shard in enumerate(m["shards"])]
+    return next((msg for bad, msg in checks if bad), None) or next(filter(None, shards), None)
+
+
+def width_problem(path: Path, m: dict[str, Any]) -> str | None:
+    """The manifest's width of each hook against the first shard's tensors (a header read: no data is loaded).
+    An unreadable shard is left to `load_shard`, whose message says how to repair it."""
+    if not m["shards"]:
+        return None
+    file = m["shards"][0]["file"]
+    try:
+        with safe_open(str(path / file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError):
+        return None
+    for hook, d in m["hooks"].items():
+        if hook not in shapes:
+            return f"hook {hook!r} is listed but {file} holds no such tensor"
+        if shapes[hook][1:] != [d]:
+            return f"hooks[{hook!r}] says d_model {d} but {file} holds {hook} of shape {shapes[hook]}"
+    return None
+
+
 class ActivationStore:
     """Read side of a cache: metadata, shard access with checksums, and the readers built on them."""
 
@@ -179,8 +236,13 @@ class ActivationStore:
             self.manifest: dict[str, Any] = json.loads(file.read_text())
         except json.JSONDecodeError as err:
             raise CacheError(f"{file} is corrupt ({err}); delete the cache folder and harvest again") from err
+        if not isinstance(self.manifest, dict):
+            raise CacheError(f"{file} is damaged: it holds no JSON object; harvest again into a fresh folder")
         if self.manifest.get("format") != FORMAT_VERSION:
             raise CacheError(f"{file} has format {self.manifest.get('format')!r}; this sae reads format {FORMAT_VERSION}")
+        problem = manifest_problem(self.manifest) or width_problem(self.path, self.manifest)
+        if problem:
+            raise CacheError(f"{file} is damaged: {problem}; restore it or harvest again into a fresh folder")
         self._verified: set[int] = set()
         self._lock = threading.Lock()
 
