@@ -130,8 +130,28 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class NonFiniteError(UserError):
+    """NaN or inf where a number is needed: in cached activations, or in a value about to be written as JSON."""
+
+
+def to_json(obj: Any, path: Path, **kw: Any) -> str:
+    """Strict JSON: bare NaN/Infinity, which Python would write by default, breaks every other JSON parser."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError as err:
+        raise NonFiniteError(f"refusing to write {path}: a value is NaN or infinite ({err}); nothing was written") from None
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    atomic_write_bytes(path, to_json(obj, path, indent=1).encode())
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Stop at NaN/inf activations, saying where: one such row turns every mean, sort and histogram into NaN."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        raise NonFiniteError(f"{int(bad.sum())} of {len(x)} rows of {what} hold NaN/inf values; the cache is corrupt "
+                             "or the model overflowed its storage dtype (harvest again, with dtype=float32 if so)")
 
 
 SPLITS = ("train", "eval", "all")

@@ -15,11 +15,14 @@ from sae.store import ActivationStore, CacheError
 
 
 def refused(capsys, *argv: str) -> str:
-    """Run `sae argv...`; it must exit 2 with exactly one line on stderr, which is returned."""
+    """Run `sae argv...`; it must exit 2 with its message as one line (the last on stderr, after any progress bars of
+    model loading), which is returned."""
     assert cli_main(list(argv)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"sae {argv[0]}: error: "), err
-    return err
+    *before, line = err.rstrip("\n").split("\n")
+    assert line.startswith(f"sae {argv[0]}: error: ") and "Traceback" not in err, err
+    assert all("\r" in b for b in before), err  # only carriage-return progress bars may come before it
+    return line
 
 
 # ----- SAE settings -----------------------------------------------------------------------------------------
@@ -79,3 +82,86 @@ def test_every_stage_refuses_a_manifest_whose_width_disagrees_with_its_shards(st
                "analyse": f"sae={tmp_path / 'sae'}"}[stage]
     err = refused(capsys, stage, f"cache={cache_copy}", f"out={tmp_path / 'out'}", sae_key)
     assert f"{cache_copy / 'manifest.json'} is damaged: hooks['blocks.1.hook_resid_post'] says d_model 48" in err
+
+
+# ----- NaN/inf rows and strict JSON -------------------------------------------------------------------------------
+
+
+def poison(cache: Path, every: int = 7) -> None:
+    """Every `every`-th row of every shard set to NaN, checksums updated: what a model that overflowed writes."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        tensors = load_file(cache / entry["file"])
+        for hook in manifest["hooks"]:
+            tensors[hook][::every] = float("nan")
+        data = save(tensors)
+        (cache / entry["file"]).write_bytes(data)
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def saved_sae(hand_sae, tmp_path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return hand_sae(torch.randn(32, 16), torch.randn(16, 32)).save(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("stage, extra", [("eval", "saes=[{sae}]"), ("analyse", "sae={sae}"), ("score", "sae={sae}")])
+def test_nan_rows_stop_every_stage_and_leave_no_output(stage, extra, cache_copy, saved_sae, tmp_path, capsys):
+    poison(cache_copy)
+    args = [stage, f"cache={cache_copy}", extra.format(sae=saved_sae)]
+    args += ["text=def f(x): return x"] if stage == "score" else [f"out={tmp_path / 'out'}"]
+    err = refused(capsys, *args)
+    assert re.search(rf"\d+ of \d+ rows of .*blocks.1.hook_resid_post in {re.escape(str(cache_copy))}.* hold NaN/inf", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_analyse_failing_midway_leaves_no_partial_folder(cache_copy, saved_sae, tmp_path, capsys, monkeypatch):
+    import sae.dashboard.export as export
+    from sae.store import NonFiniteError
+
+    written = []
+
+    def write_then_fail(path, variable, data):
+        written.append(path)
+        if len(written) == 2:
+            raise NonFiniteError(f"refusing to write {path}: injected")
+        export_write(path, variable, data)
+
+    export_write = export.write_js
+    monkeypatch.setattr(export, "write_js", write_then_fail)
+    err = refused(capsys, "analyse", f"cache={cache_copy}", f"sae={saved_sae}", f"out={tmp_path / 'out'}")
+    assert "injected" in err and len(written) == 2 and not (tmp_path / "out").exists()
+
+
+def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
+    from sae.dashboard import write_js
+    from sae.store import NonFiniteError, atomic_write_json
+
+    for write in (lambda p: atomic_write_json(p, {"fvu": float("nan")}), lambda p: write_js(p, "X", [float("inf")])):
+        with pytest.raises(NonFiniteError, match=r"refusing to write .*out\.json: a value is NaN or infinite"):
+            write(tmp_path / "out.json")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_undefined_ce_recovered_is_null_not_nan(tiny_cache, saved_sae, tmp_path, monkeypatch):
+    """When zero-ablating the hook costs nothing, CE recovered is undefined: JSON null and "n/a" in the table."""
+    import sae.evaluate as ev
+
+    real = ev.lm_losses
+
+    def no_gap(*a, **k):
+        return {n: ev.LMLoss(**{**vars(l), "ce_zero": l.ce_clean, "ce_recovered": None}) for n, l in real(*a, **k).items()}
+
+    monkeypatch.setattr(ev, "lm_losses", no_gap)
+    results = ev.evaluate(ev.EvalConfig(cache=str(tiny_cache), saes=[str(saved_sae)], out=str(tmp_path / "eval"),
+                                        lm_loss_contexts=2, device="cpu"))
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["saes"][0]["ce_recovered"] is None
+    assert "    n/a" in ev.format_table(results)
