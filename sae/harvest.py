@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -79,6 +81,24 @@ def harvest(cfg: HarvestConfig) -> Path:
 
 def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
     """`harvest` with the model already loaded (benchmarks and notebooks keep one model across runs)."""
+    with _no_empty_folder_left(Path(cfg.out)):
+        return _harvest_into(cfg, model, tokenizer)
+
+
+@contextmanager
+def _no_empty_folder_left(folder: Path) -> Iterator[None]:
+    """A harvest that fails before its first shard (no network, a bad dataset) removes the `out` folder it made,
+    so a retry or another config does not meet a puzzling empty folder."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     _check(cfg)
     for name in cfg.hooks:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones

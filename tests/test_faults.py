@@ -165,3 +165,35 @@ def test_undefined_ce_recovered_is_null_not_nan(tiny_cache, saved_sae, tmp_path,
                                         lm_loss_contexts=2, device="cpu"))
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["saes"][0]["ce_recovered"] is None
     assert "    n/a" in ev.format_table(results)
+
+
+# ----- offline ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset=nobody/no-such-dataset", "dataset 'nobody/no-such-dataset' is a hub id but HF_HUB_OFFLINE is set"),
+    ("model=nobody/no-such-model", "model 'nobody/no-such-model' is a hub id not in the local cache, and HF_HUB_OFFLINE is set"),
+])
+def test_hub_ids_while_offline_fail_at_once_leaving_nothing(override, message, tiny_llama, text_dir, hook, tmp_path,
+                                                            capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    err = refused(capsys, "harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]", override,
+                  f"out={tmp_path / 'out'}")
+    assert message in err and time.monotonic() - start < 10  # no network retries
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_dataset_is_one_line(tiny_llama, hook, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def no_network(*a, **k):
+        raise ConnectionError("Couldn't reach 'nobody/ds' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    err = refused(capsys, "harvest", f"model={tiny_llama}", "dataset=nobody/ds", f"hooks=[{hook}]", f"out={tmp_path / 'out'}")
+    assert "cannot reach the Hugging Face hub for dataset 'nobody/ds' (ConnectionError)" in err
+    assert not (tmp_path / "out").exists()
