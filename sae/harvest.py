@@ -132,14 +132,13 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
         storage = DTYPES[cfg.dtype]
         n_done = done
         bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
-        with torch.inference_mode():
+        with bar, torch.inference_mode():  # the bar is closed before an error's message is printed, not after
             while batch := list(itertools.islice(contexts, cfg.batch_size)):
                 ids = torch.tensor(batch, device=device)
                 acts = model_lib.capture(model, ids, cfg.hooks)
                 writer.add({h: _to_storage(acts[h][:, first_pos:], storage, h) for h in cfg.hooks}, ids.cpu(), first_pos)
                 n_done += len(batch)
                 bar.update(len(batch) * rows_per_context)
-        bar.close()
         if n_done == 0:
             raise DataError(f"dataset {cfg.dataset!r} yielded fewer than {cfg.context_size} tokens: nothing to harvest")
         if n_done < max_contexts:

@@ -66,12 +66,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(UserError):
+    """ENOSPC while writing: nothing half-written is kept, and the same command resumes once there is space."""
+
+
+@contextmanager
+def disk_full_reported(folder: Path) -> Iterator[None]:
+    """Turn ENOSPC into one line naming the folder (an OSError traceback says neither where nor what to do)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(f"no space left on device while writing in {folder}; free some space there (or use "
+                            "another folder) and run the same command again to continue") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half."""
+    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half.
+    A failed write removes its temp file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write_synced(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with disk_full_reported(path.parent):
+        try:
+            write_synced(tmp, data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -120,12 +141,13 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.mkdir()
     try:
-        yield tmp
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        _replace_folder(tmp, path)
+        with disk_full_reported(path.parent):
+            yield tmp
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            _replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -557,6 +579,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, meta: dict[str, Any], contexts_per_shard: int):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)
         self.file = self.path / MANIFEST
         meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
         if self.file.exists():
@@ -609,6 +632,8 @@ class CacheWriter:
             self._futures.pop(0).result()
 
     def _write(self, index: int, shard: dict[str, Tensor], first_pos: int) -> None:
+        if index != len(self.manifest["shards"]):  # an earlier shard failed (its future raises): no gap in the list
+            return
         ctx_tokens = shard.pop("context_tokens")
         n_ctx, ctx_size = ctx_tokens.shape
         first_seq = index * self.contexts_per_shard

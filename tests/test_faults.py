@@ -197,3 +197,69 @@ def test_unreachable_hub_dataset_is_one_line(tiny_llama, hook, tmp_path, capsys,
     err = refused(capsys, "harvest", f"model={tiny_llama}", "dataset=nobody/ds", f"hooks=[{hook}]", f"out={tmp_path / 'out'}")
     assert "cannot reach the Hugging Face hub for dataset 'nobody/ds' (ConnectionError)" in err
     assert not (tmp_path / "out").exists()
+
+
+# ----- disk full ----------------------------------------------------------------------------------------------------
+
+
+def tiny_harvest_args(tiny_llama: Path, text_dir: Path, hook: str, out: Path) -> list[str]:
+    """`sae harvest` with the settings of the session's `tiny_cache` (conftest), so its shards are the clean run."""
+    return ["harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]", "context_size=32",
+            "max_tokens=2400", "batch_size=8", "shard_tokens=600", "dtype=float32", "eval_fraction=0.25", "exclude_first=1",
+            f"out={out}"]
+
+
+def fill_disk_at(monkeypatch, n: int) -> None:
+    """The n-th synced write (1-based) stops half-way with ENOSPC, as a full disk does."""
+    import errno
+
+    import sae.store as store
+
+    real, calls = store.write_synced, []
+
+    def write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == n:
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(store, "write_synced", write)
+
+
+def shard_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.glob("shard_*.safetensors"))}
+
+
+def test_disk_full_during_harvest_is_one_line_then_resumes_exactly(tiny_llama, text_dir, hook, tiny_cache, tmp_path,
+                                                                 capsys, monkeypatch):
+    out = tmp_path / "cache"
+    fill_disk_at(monkeypatch, 3)  # shard 0, manifest, then shard 1
+    err = refused(capsys, *tiny_harvest_args(tiny_llama, text_dir, hook, out))
+    assert err.endswith(f"no space left on device while writing in {out}; free some space there (or use another "
+                        "folder) and run the same command again to continue")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.safetensors"]  # no temp file
+    monkeypatch.undo()
+    (out / ".shard_00001.safetensors.tmp4242").write_bytes(b"left by a process killed mid-write")
+    assert cli_main(tiny_harvest_args(tiny_llama, text_dir, hook, out)) == 0
+    assert not list(out.glob(".*"))  # the stale temp file is gone
+    assert shard_bytes(out) == shard_bytes(tiny_cache) and len(shard_bytes(out)) == 4
+
+
+def test_disk_full_while_saving_an_sae_keeps_the_old_folder(saved_sae, monkeypatch):
+    import errno
+
+    from sae.sae import SAE
+    from sae.store import DiskFullError
+
+    before = {p.name: p.read_bytes() for p in saved_sae.iterdir()}
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DiskFullError, match=f"no space left on device while writing in {re.escape(str(saved_sae.parent))}"):
+        SAE.load(saved_sae).save(saved_sae)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in saved_sae.iterdir()} == before
+    assert not list(saved_sae.parent.glob(".*"))
