@@ -57,6 +57,9 @@ class HarvestConfig:
     """Fraction of contexts held out from training (chosen by a hash of the context index)."""
     out: str = "runs/demo/cache"
     """Cache folder. Running again with the same config resumes an interrupted harvest."""
+    repair: bool = False
+    """Check every listed shard and re-harvest exactly those missing or failing their checksum (the text stream is
+    deterministic, so they come back byte-identical), then finish the cache if it is incomplete."""
 
 
 def _check(cfg: HarvestConfig) -> None:
@@ -122,21 +125,20 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     }
     writer = CacheWriter(cfg.out, meta, per_shard)
     try:
+        if cfg.repair:
+            _repair(cfg, writer, model, tokenizer)
         if writer.complete:
             print(f"cache at {cfg.out} is already complete ({writer.contexts_done} contexts)")
             return Path(cfg.out)
         done = writer.contexts_done
-        contexts = pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
         # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
-        contexts = itertools.islice(contexts, done, max_contexts)
-        storage = DTYPES[cfg.dtype]
+        contexts = itertools.islice(_contexts(cfg, tokenizer), done, max_contexts)
         n_done = done
         bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
         with bar, torch.inference_mode():  # the bar is closed before an error's message is printed, not after
             while batch := list(itertools.islice(contexts, cfg.batch_size)):
                 ids = torch.tensor(batch, device=device)
-                acts = model_lib.capture(model, ids, cfg.hooks)
-                writer.add({h: _to_storage(acts[h][:, first_pos:], storage, h) for h in cfg.hooks}, ids.cpu(), first_pos)
+                writer.add(_stored_acts(model, ids, cfg), ids.cpu(), first_pos)
                 n_done += len(batch)
                 bar.update(len(batch) * rows_per_context)
         if n_done == 0:
@@ -147,6 +149,37 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     finally:
         writer.close()
     return Path(cfg.out)
+
+
+def _contexts(cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
+    """The packed context stream, the same on every run (resume and repair both rely on that)."""
+    return pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
+
+
+def _stored_acts(model, ids: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
+    """Each hook's activations for a batch of contexts, leading positions dropped, in the storage dtype."""
+    acts = model_lib.capture(model, ids, cfg.hooks)
+    first_pos = int(cfg.exclude_first)
+    return {h: _to_storage(acts[h][:, first_pos:], DTYPES[cfg.dtype], h) for h in cfg.hooks}
+
+
+def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer) -> None:
+    """Re-harvest exactly the listed shards that are missing or corrupt, in the batches the harvest used (shards
+    start at multiples of batch_size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
+    damaged = writer.damaged_shards()
+    device = next(model.parameters()).device
+    for index in damaged:
+        start = index * writer.contexts_per_shard
+        contexts = itertools.islice(_contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])
+        parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        with torch.inference_mode():
+            while batch := list(itertools.islice(contexts, cfg.batch_size)):
+                ids = torch.tensor(batch, device=device)
+                parts.append((_stored_acts(model, ids, cfg), ids.cpu()))
+        acts = {h: torch.cat([a[h] for a, _ in parts]) for h in cfg.hooks}
+        writer.rewrite(index, acts, torch.cat([t for _, t in parts]), int(cfg.exclude_first))
+    print(f"repair: {len(damaged)} of {len(writer.manifest['shards'])} shards re-harvested"
+          + (f" ({', '.join(writer.manifest['shards'][i]['file'] for i in damaged)})" if damaged else ""))
 
 
 def _to_storage(t: torch.Tensor, dtype: torch.dtype, hook: str) -> torch.Tensor:

@@ -49,6 +49,11 @@ class CacheError(UserError):
     """A cache that cannot be read or extended; the message names the file and what to do."""
 
 
+#: What to do about a missing or corrupt shard (harvest.py's `repair` does it).
+REPAIR_HINT = ("run `sae harvest` again with the cache's config plus repair=true to re-harvest exactly the missing "
+               "or corrupt shards")
+
+
 def write_synced(path: Path, data: bytes) -> None:
     """Write and fsync: the bytes are on disk before any rename makes them visible."""
     with open(path, "wb") as f:
@@ -243,7 +248,10 @@ def manifest_problem(m: dict[str, Any]) -> str | None:
         (m["contexts_per_shard"] < 1, f"'contexts_per_shard' {m['contexts_per_shard']!r} should be ≥ 1"),
     ]
     shards = [f"shards[{i}] should be an object, not {shard!r}" if not isinstance(shard, dict)
-              else _type_problem(shard, SHARD_TYPES, f"shards[{i}]: ") for i, shard in enumerate(m["shards"])]
+              else _type_problem(shard, SHARD_TYPES, f"shards[{i}]: ")
+              or (f"shards[{i}] is {shard['file']!r}, not shard_{i:05d}.safetensors (an entry was removed: shard i "
+                  "holds contexts from i × contexts_per_shard on)" if shard["file"] != f"shard_{i:05d}.safetensors" else None)
+              for i, shard in enumerate(m["shards"])]
     return next((msg for bad, msg in checks if bad), None) or next(filter(None, shards), None)
 
 
@@ -387,18 +395,18 @@ class ActivationStore:
         entry = self.shards[i]
         file = self.path / entry["file"]
         if not file.is_file():
-            raise CacheError(f"shard {file} listed in the manifest is missing; harvest again into a fresh folder")
+            raise CacheError(f"shard {file} listed in the manifest is missing; {REPAIR_HINT}")
         with self._lock:
             if i not in self._verified:
                 digest = _sha256(file)
                 if digest != entry["sha256"]:
-                    raise CacheError(f"shard {file} is corrupt (checksum mismatch); delete it and its manifest entry, or harvest again")
+                    raise CacheError(f"shard {file} is corrupt (checksum mismatch); {REPAIR_HINT}")
                 self._verified.add(i)
         try:
             with safe_open(str(file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
         except (SafetensorError, OSError) as err:
-            raise CacheError(f"shard {file} cannot be read ({err}); harvest again into a fresh folder") from err
+            raise CacheError(f"shard {file} cannot be read ({err}); {REPAIR_HINT}") from err
 
     def _rows(self, i: int, hooks: list[str], split: str) -> tuple[dict[str, Tensor], Tensor]:
         """Shard i's rows of one split (storage dtype) and the boolean row mask that selected them."""
@@ -634,6 +642,15 @@ class CacheWriter:
     def _write(self, index: int, shard: dict[str, Tensor], first_pos: int) -> None:
         if index != len(self.manifest["shards"]):  # an earlier shard failed (its future raises): no gap in the list
             return
+        name, data, n_ctx, rows = self._shard_bytes(index, shard, first_pos)
+        atomic_write_bytes(self.path / name, data)
+        self.manifest["shards"].append(
+            {"file": name, "contexts": n_ctx, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        atomic_write_json(self.file, self.manifest)
+
+    def _shard_bytes(self, index: int, shard: dict[str, Tensor], first_pos: int) -> tuple[str, bytes, int, int]:
+        """(file name, safetensors bytes, contexts, rows) of shard `index` from [n_ctx, rows_per_ctx, d] activations."""
         ctx_tokens = shard.pop("context_tokens")
         n_ctx, ctx_size = ctx_tokens.shape
         first_seq = index * self.contexts_per_shard
@@ -646,13 +663,21 @@ class CacheWriter:
             pos=pos,
             context_tokens=ctx_tokens.to(torch.int32).contiguous(),
         )
-        data = save_bytes(tensors)
-        name = f"shard_{index:05d}.safetensors"
+        return f"shard_{index:05d}.safetensors", save_bytes(tensors), n_ctx, len(seq)
+
+    def damaged_shards(self) -> list[int]:
+        """Listed shards whose file is missing or fails its checksum (reads every shard once)."""
+        return [i for i, entry in enumerate(self.manifest["shards"])
+                if not (self.path / entry["file"]).is_file() or _sha256(self.path / entry["file"]) != entry["sha256"]]
+
+    def rewrite(self, index: int, acts: dict[str, Tensor], context_tokens: Tensor, first_pos: int) -> None:
+        """Write listed shard `index` again from re-harvested contexts; refused unless it is byte-identical to the
+        shard the manifest records, so a repair can never mix two different harvests."""
+        name, data, _, _ = self._shard_bytes(index, {**acts, "context_tokens": context_tokens}, first_pos)
+        if hashlib.sha256(data).hexdigest() != self.manifest["shards"][index]["sha256"]:
+            raise CacheError(f"re-harvesting {self.path / name} gives other bytes than the manifest records (the model, "
+                             "data or software changed since the harvest); harvest again into a fresh folder")
         atomic_write_bytes(self.path / name, data)
-        self.manifest["shards"].append(
-            {"file": name, "contexts": n_ctx, "rows": len(seq), "sha256": hashlib.sha256(data).hexdigest()}
-        )
-        atomic_write_json(self.file, self.manifest)
 
     def finish(self, first_pos: int) -> None:
         """Write the last partial shard, wait for every write, and mark the cache complete."""

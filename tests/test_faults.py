@@ -263,3 +263,30 @@ def test_disk_full_while_saving_an_sae_keeps_the_old_folder(saved_sae, monkeypat
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in saved_sae.iterdir()} == before
     assert not list(saved_sae.parent.glob(".*"))
+
+
+# ----- missing and corrupt shards ------------------------------------------------------------------------------------
+
+
+def test_corrupt_and_missing_shards_are_repaired_byte_identical(tiny_llama, text_dir, hook, cache_copy, tiny_cache,
+                                                                tmp_path, capsys):
+    data = bytearray((cache_copy / "shard_00001.safetensors").read_bytes())
+    data[-100:-90] = bytes(10)  # flipped activation bytes: only the checksum can tell
+    (cache_copy / "shard_00001.safetensors").write_bytes(bytes(data))
+    (cache_copy / "shard_00002.safetensors").unlink()
+
+    err = refused(capsys, "train", f"cache={cache_copy}", f"out={tmp_path / 'saes'}",
+                  f"saes=[{{architecture: topk, hook: {hook}, k: 4}}]", "total_tokens=2000")
+    assert re.search(r"shard \S+shard_0000[12].safetensors (is corrupt \(checksum mismatch\)|listed in the manifest is "
+                     r"missing); run `sae harvest` again with the cache's config plus repair=true", err), err
+
+    assert cli_main(tiny_harvest_args(tiny_llama, text_dir, hook, cache_copy) + ["repair=true"]) == 0
+    assert "repair: 2 of 4 shards re-harvested (shard_00001.safetensors, shard_00002.safetensors)" in capsys.readouterr().out
+    assert shard_bytes(cache_copy) == shard_bytes(tiny_cache)
+    assert (cache_copy / "manifest.json").read_bytes() == (tiny_cache / "manifest.json").read_bytes()
+
+
+def test_a_removed_manifest_entry_is_named_not_misread(cache_copy):
+    edit_manifest(cache_copy, lambda m: m["shards"].pop(1))
+    with pytest.raises(CacheError, match=r"shards\[1\] is 'shard_00002.safetensors', not shard_00001.safetensors"):
+        ActivationStore(cache_copy)
