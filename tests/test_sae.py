@@ -240,7 +240,7 @@ def test_save_that_fails_midway_keeps_the_old_folder_intact(tmp_path, monkeypatc
     old.save(tmp_path / "s")
 
     def fail(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(sae_mod.json, "dumps", fail)
     with pytest.raises(OSError):
