@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from sae.config import UserError
 from sae.evaluate import ROW_CHUNK, check_matches, load_saes, reconstruct
+from sae.store import check_finite
 
 #: Activation histogram bins: fixed log10 edges shared by all features, so counts can be accumulated in one pass
 #: before any feature's range is known (8 bins per decade from 1e-4 to 1e4; values outside land in the end bins).
@@ -233,6 +235,7 @@ def stream_features(store, sae, cfg: AnalyseConfig) -> FeatureStats:
     )
     threads = torch.get_num_threads()
     for halo in with_halo(batches, cfg.window_left, cfg.window_right):
+        check_finite(halo.acts, f"{hook} in {store.path} (a batch of the analysis pass)")
         f = sae.encode(halo.acts.to(sae.W_dec.dtype)).float()  # batch_rows bounds this dense [rows, d_sae]
         # The bookkeeping is many small ops: on a busy 2-core CPU a second thread costs more in hand-offs than it
         # gives (3-4x slower measured), while the encoder's matmul wants every thread.
@@ -356,7 +359,9 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     check_matches(sae, store, name)
     hook = sae.cfg.hook_name
     model, tokenizer = load_model(store.model_name, str(device))
-    reference = normalised_error(sae, store.holdout([hook], cfg.reference_tokens)[hook])
+    held = store.holdout([hook], cfg.reference_tokens)[hook]
+    check_finite(held, f"the held-out rows of {hook} in {store.path}")
+    reference = normalised_error(sae, held)
     ids = tokenizer(cfg.text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise UserError("text is empty: pass the text to score, e.g. text=\"def f(x): return x\"")
@@ -416,5 +421,20 @@ def analyse(cfg: AnalyseConfig) -> Path:
         stats = stream_features(store, sae, cfg)
         live = (stats.n_active > 0).nonzero().squeeze(1)
         lens = logit_lens(sae.W_dec[live], final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
-        write_analysis(target, source, stats, lens, sae, store, tokenizer, cfg)
+        with discard_on_error(target):
+            write_analysis(target, source, stats, lens, sae, store, tokenizer, cfg)
     return out
+
+
+@contextmanager
+def discard_on_error(folder: Path) -> Iterator[None]:
+    """Remove what a failed write put in `folder` (and the folder, if it made it): a half-written analysis would
+    otherwise look like data."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder / "data", ignore_errors=True)
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -41,8 +41,35 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+@dataclasses.dataclass(frozen=True)
+class Typed:
+    """A command-line override value exactly as typed. It is read only once its field's type is known, because
+    `text="def f(x): return x"` is a string for a `str` field while `batch_size=512` is YAML for an `int` one."""
+
+    raw: str
+
+    def resolve(self, tp: Any) -> Any:
+        """The string itself for a field that takes text; otherwise the value YAML reads (an empty value is "")."""
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if not self.raw.strip():
+            return ""
+        parsed = _parse_yaml(self.raw)
+        if str in args and not (parsed is None and type(None) in args):
+            return self.raw
+        return parsed
+
+
+def _parse_yaml(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override value {raw!r} is not valid YAML: {err}") from err
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, building nested dataclasses; ints are accepted for floats."""
+    if isinstance(value, Typed):
+        value = value.resolve(tp)
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -104,7 +131,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`a.b=1 c=[x,y]` → {"a": {"b": 1}, "c": ["x", "y"]}; values are parsed as YAML."""
+    """`a.b=1 c=[x,y]` → {"a": {"b": Typed("1")}, "c": Typed("[x,y]")}: values are read (as YAML, or as the
+    string typed for a `str` field) by `from_dict`, which knows each field's type."""
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -114,7 +142,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = Typed(raw)
     return out
 
 

@@ -6,6 +6,7 @@ every source here must yield the same documents in the same order on every run.
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,6 +21,25 @@ _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "par
 
 class DataError(UserError):
     """A dataset spec that yields no usable text; the message says what to pass instead."""
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set (as huggingface_hub reads it): fail at once on a hub id instead of waiting on the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_dataset(dataset: str, split: str):
+    """Stream a hub dataset, or one line saying why the hub cannot serve it."""
+    import datasets
+
+    if hub_offline():
+        raise DataError(f"dataset {dataset!r} is a hub id but HF_HUB_OFFLINE is set; pass a local file or folder, "
+                        "or unset HF_HUB_OFFLINE")
+    try:
+        return datasets.load_dataset(dataset, split=split, streaming=True)
+    except (ConnectionError, TimeoutError) as err:
+        raise DataError(f"cannot reach the Hugging Face hub for dataset {dataset!r} ({type(err).__name__}); "
+                        "check the network or pass a local file or folder") from None
 
 
 def stdlib_files() -> list[Path]:
@@ -68,17 +88,21 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
     elif dataset.startswith((".", "/", "~")):
         raise DataError(f"dataset path {dataset!r} does not exist")
     else:
-        source = datasets.load_dataset(dataset, split=split, streaming=True)
+        source = _hub_dataset(dataset, split)
     return _column(source, text_column, dataset)
 
 
 def _column(source: Iterable[dict], column: str, dataset: str) -> Iterator[str]:
-    for row in source:
-        if column not in row:
-            raise DataError(f"dataset {dataset!r} has no column {column!r}; its columns: {', '.join(row)}")
-        text = row[column]
-        if isinstance(text, str) and text:
-            yield text
+    try:
+        for row in source:
+            if column not in row:
+                raise DataError(f"dataset {dataset!r} has no column {column!r}; its columns: {', '.join(row)}")
+            text = row[column]
+            if isinstance(text, str) and text:
+                yield text
+    except (ConnectionError, TimeoutError) as err:  # a streamed hub dataset fetches as it goes
+        raise DataError(f"lost the connection while streaming dataset {dataset!r} ({type(err).__name__}); "
+                        "run the same command again to continue where it stopped") from None
 
 
 def pack(

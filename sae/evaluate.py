@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from sae.store import atomic_write_json
+from sae.store import atomic_write_json, check_finite
 
 #: Rows encoded at once; bounds the dense [rows, d_sae] feature matrix (4096 x 9216 floats = 150 MB).
 ROW_CHUNK = 4096
@@ -184,7 +184,8 @@ class LMLoss:
     ce_clean: float
     ce_zero: float
     ce_spliced: float
-    ce_recovered: float
+    ce_recovered: float | None
+    """None when zero-ablation costs nothing (the ratio is undefined); JSON has no NaN to say so."""
     kl: float  # mean KL(clean || spliced) of the next-token distribution, nats per token
 
 
@@ -237,7 +238,7 @@ def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first
     for name, s in sums.items():
         spliced = s["spliced"] / count
         out[name] = LMLoss(ce_clean=ce_clean, ce_zero=ce_zero, ce_spliced=spliced,
-                           ce_recovered=(ce_zero - spliced) / gap if gap else math.nan, kl=s["kl"] / count)
+                           ce_recovered=(ce_zero - spliced) / gap if gap else None, kl=s["kl"] / count)
     return out
 
 
@@ -253,7 +254,9 @@ def training_rows(store, hook_name: str, n: int) -> Tensor:
         from sae.store import CacheError
 
         raise CacheError(f"the cache at {store.path} has no training rows to fit the PCA baseline on")
-    return torch.cat(parts)[:n]
+    rows = torch.cat(parts)[:n]
+    check_finite(rows, f"the training rows of {hook_name} in {store.path} (PCA fit)")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -315,13 +318,15 @@ def plot_pareto(results: dict, path: Path) -> None:
 
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
     """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     first = store.first_pos
     for name, sae in saes.items():
         check_matches(sae, store, name)
     hooks_ = sorted({s.cfg.hook_name for s in saes.values()})
     heldout = store.holdout(hooks_, cfg.max_tokens)
+    for hook, x in heldout.items():
+        check_finite(x, f"the held-out rows of {hook} in {store.path}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "cache": str(cfg.cache),
         "model": store.model_name,
@@ -413,7 +418,8 @@ def format_table(results: dict) -> str:
             name = r["name"].removesuffix(f"_{hook}")
             metrics = (
                 f"{r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} {r['dead_fraction']:>6.1%} "
-                f"{r['dense_fraction']:>6.1%} {r['ce_recovered']:>7.3f} {r['kl']:>7.3f}"
+                f"{r['dense_fraction']:>6.1%} {'n/a' if r['ce_recovered'] is None else format(r['ce_recovered'], '.3f'):>7} "
+                f"{r['kl']:>7.3f}"
             )
             if len(name) > name_width:
                 lines += [mark + name, f"  {'':<{name_width}} {metrics}"]

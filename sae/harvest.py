@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -55,6 +57,9 @@ class HarvestConfig:
     """Fraction of contexts held out from training (chosen by a hash of the context index)."""
     out: str = "runs/demo/cache"
     """Cache folder. Running again with the same config resumes an interrupted harvest."""
+    repair: bool = False
+    """Check every listed shard and re-harvest exactly those missing or failing their checksum (the text stream is
+    deterministic, so they come back byte-identical), then finish the cache if it is incomplete."""
 
 
 def check_config(cfg: HarvestConfig) -> None:
@@ -79,6 +84,24 @@ def harvest(cfg: HarvestConfig) -> Path:
 
 def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
     """`harvest` with the model already loaded (benchmarks and notebooks keep one model across runs)."""
+    with _no_empty_folder_left(Path(cfg.out)):
+        return _harvest_into(cfg, model, tokenizer)
+
+
+@contextmanager
+def _no_empty_folder_left(folder: Path) -> Iterator[None]:
+    """A harvest that fails before its first shard (no network, a bad dataset) removes the `out` folder it made,
+    so a retry or another config does not meet a puzzling empty folder."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     check_config(cfg)
     for name in cfg.hooks:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
@@ -102,24 +125,22 @@ def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
     }
     writer = CacheWriter(cfg.out, meta, per_shard)
     try:
+        if cfg.repair:
+            _repair(cfg, writer, model, tokenizer)
         if writer.complete:
             print(f"cache at {cfg.out} is already complete ({writer.contexts_done} contexts)")
             return Path(cfg.out)
         done = writer.contexts_done
-        contexts = pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
         # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
-        contexts = itertools.islice(contexts, done, max_contexts)
-        storage = DTYPES[cfg.dtype]
+        contexts = itertools.islice(contexts(cfg, tokenizer), done, max_contexts)
         n_done = done
         bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
-        with torch.inference_mode():
+        with bar, torch.inference_mode():  # the bar is closed before an error's message is printed, not after
             while batch := list(itertools.islice(contexts, cfg.batch_size)):
                 ids = torch.tensor(batch, device=device)
-                acts = forward_rows(model, ids, cfg.hooks, first_pos, storage)
-                writer.add({h: t.cpu() for h, t in acts.items()}, ids.cpu(), first_pos)
+                writer.add(_stored_acts(model, ids, cfg), ids.cpu(), first_pos)
                 n_done += len(batch)
                 bar.update(len(batch) * rows_per_context)
-        bar.close()
         if n_done == 0:
             raise DataError(f"dataset {cfg.dataset!r} yielded fewer than {cfg.context_size} tokens: nothing to harvest")
         if n_done < max_contexts:
@@ -130,12 +151,42 @@ def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
     return Path(cfg.out)
 
 
+def contexts(cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
+    """The packed context stream, the same on every run (resume, repair and on-the-fly training rely on that)."""
+    return pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
+
+
 def forward_rows(model, ids: torch.Tensor, hooks: list[str], first_pos: int, storage: torch.dtype) -> dict[str, torch.Tensor]:
     """Activations [n_ctx, context_size - first_pos, d] at `hooks` for contexts `ids`, in the storage dtype and on
     the model's device: one forward that stops after the deepest hook. Harvest and on-the-fly training share it,
     so a live run sees exactly the rows a cache would hold."""
     acts = model_lib.capture(model, ids, hooks)
     return {h: _to_storage(acts[h][:, first_pos:], storage, h) for h in hooks}
+
+
+def _stored_acts(model, ids: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
+    """A batch's rows as the cache stores them (on the CPU)."""
+    acts = forward_rows(model, ids, cfg.hooks, int(cfg.exclude_first), DTYPES[cfg.dtype])
+    return {h: t.cpu() for h, t in acts.items()}
+
+
+def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer) -> None:
+    """Re-harvest exactly the listed shards that are missing or corrupt, in the batches the harvest used (shards
+    start at multiples of batch_size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
+    damaged = writer.damaged_shards()
+    device = next(model.parameters()).device
+    for index in damaged:
+        start = index * writer.contexts_per_shard
+        contexts = itertools.islice(contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])
+        parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        with torch.inference_mode():
+            while batch := list(itertools.islice(contexts, cfg.batch_size)):
+                ids = torch.tensor(batch, device=device)
+                parts.append((_stored_acts(model, ids, cfg), ids.cpu()))
+        acts = {h: torch.cat([a[h] for a, _ in parts]) for h in cfg.hooks}
+        writer.rewrite(index, acts, torch.cat([t for _, t in parts]), int(cfg.exclude_first))
+    print(f"repair: {len(damaged)} of {len(writer.manifest['shards'])} shards re-harvested"
+          + (f" ({', '.join(writer.manifest['shards'][i]['file'] for i in damaged)})" if damaged else ""))
 
 
 def _to_storage(t: torch.Tensor, dtype: torch.dtype, hook: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import UserError
+from .data import hub_offline
 
 #: Module paths per model family: the decoder-layer list, and inside a layer the attention and MLP blocks whose
 #: outputs are added to the residual stream unchanged. Families that norm those outputs before the add (Gemma 2,
@@ -240,6 +241,15 @@ def _converted_gguf(path: Path) -> Path:
     return folder
 
 
+def _check_hub_model(repo_id: str) -> None:
+    """With HF_HUB_OFFLINE set, a hub model must already be in the local cache: say so at once, not after retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if hub_offline() and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise ModelError(f"model {repo_id!r} is a hub id not in the local cache, and HF_HUB_OFFLINE is set; pass a "
+                         "local folder or .gguf file, or unset HF_HUB_OFFLINE to download it")
+
+
 def resolve_spec(spec: str) -> Path | str:
     """A model spec as a local folder (GGUF files converted and cached) or a hub id left as is."""
     if spec == SMOLLM2:
@@ -295,11 +305,13 @@ def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dty
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_spec(spec)
+    if isinstance(source, str):
+        _check_hub_model(source)
     dtype = model_dtype(dtype, pick_device(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:  # missing files, unknown model_type, malformed config
-        raise ModelError(f"could not load model {spec!r}: {err}") from err
+    except (OSError, ValueError, KeyError) as err:  # missing files, no network, unknown model_type, bad config
+        raise ModelError(f"could not load model {spec!r}: {' '.join(str(err).split())}") from err
     family(model)  # fail now, not at the first hook, for an unsupported family
     return model.to(pick_device(device)).eval(), tokenizer

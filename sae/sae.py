@@ -27,7 +27,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from .config import UserError
-from .store import atomic_write_bytes
+from .store import atomic_folder
 
 CFG_FILENAME = "cfg.json"
 
@@ -87,6 +87,21 @@ class SAEConfig:
             )
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default
+        problems = self.problems()
+        if problems:
+            raise SAEFormatError(f"invalid {self.architecture} SAE settings: {'; '.join(problems)}")
+
+    def problems(self) -> list[str]:
+        """Settings that would crash deep inside training (k > d_sae, a width of 0) or train silently to nothing
+        (k = 0 ends at FVU 1.0), each with the range it must lie in."""
+        found = [f"{name}={getattr(self, name)} must be > 0" for name in ("d_in", "d_sae") if getattr(self, name) <= 0]
+        if SAE_CLASSES[self.architecture].uses_k and self.d_sae > 0 and not 1 <= self.k <= self.d_sae:
+            found.append(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
+        found += [f"{name}={getattr(self, name)} must be ≥ 0" for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient")
+                  if not getattr(self, name) >= 0]  # `not >=` also catches NaN
+        found += [f"{name}={getattr(self, name)} must be > 0 (or unset)" for name in ("target_l0", "bandwidth", "aux_k")
+                  if getattr(self, name) is not None and not getattr(self, name) > 0]
+        return found
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
@@ -146,6 +161,8 @@ class SAE(nn.Module):
 
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_default: ClassVar[bool]
+    uses_k: ClassVar[bool] = False
+    """Whether ``cfg.k`` (active latents per token) shapes this variant's activations."""
     unit_norm_decoder: ClassVar[bool]
     """Keep decoder rows unit-norm: the trainer calls ``remove_parallel_grads`` before and
     ``project_parameters`` after each optimiser step."""
@@ -271,10 +288,10 @@ class SAE(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write a SAELens-6 folder: ``cfg.json`` + ``sae_weights.safetensors``, scale folded.
 
-        The model itself is left untouched (training may continue after a save).
+        The folder appears whole or not at all (a crash never pairs new weights with an old cfg); an SAE folder
+        already there is replaced. The model itself is left untouched (training may continue after a save).
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         ours = replace(self.cfg, scale=1.0)
         cfg_json: dict[str, Any] = {
             "architecture": self.sae_lens_architecture,
@@ -295,8 +312,10 @@ class SAE(nn.Module):
         }
         if self.sae_lens_architecture == "topk":
             cfg_json["k"] = self.cfg.k
-        atomic_write_bytes(path / WEIGHTS_FILENAME, save_bytes(self.folded_state()))
-        atomic_write_bytes(path / CFG_FILENAME, json.dumps(cfg_json, indent=2).encode())
+        _check_replaceable(path)
+        with atomic_folder(path) as tmp:
+            (tmp / WEIGHTS_FILENAME).write_bytes(save_bytes(self.folded_state()))
+            (tmp / CFG_FILENAME).write_text(json.dumps(cfg_json, indent=2))
         return path
 
     @staticmethod
@@ -334,6 +353,16 @@ class SAE(nn.Module):
                 getattr(sae, name).copy_(tensors[name])
             sae._load_extra_inference_tensors(tensors)
         return sae.to(device)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Saving replaces the whole folder, so refuse one that holds anything besides an SAE's own files."""
+    if path.exists() and not path.is_dir():
+        raise SAEFormatError(f"cannot save an SAE to {path}: it is a file; name a folder")
+    others = sorted(p.name for p in path.iterdir() if p.name not in (CFG_FILENAME, WEIGHTS_FILENAME)) if path.is_dir() else []
+    if others:
+        raise SAEFormatError(f"cannot save an SAE to {path}: saving replaces the folder, and it holds other files "
+                             f"({', '.join(others[:5])}); save to a new or empty folder")
 
 
 # ----- sparse kernels ------------------------------------------------------------------------
@@ -449,6 +478,7 @@ class _TopKFamily(SAE):
     encoder backward and decoder, and the AuxK loss for dead latents."""
 
     apply_b_dec_default = True
+    uses_k = True
     unit_norm_decoder = True
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,8 +23,7 @@ from torch import Tensor
 
 from . import model as model_lib
 from .config import UserError
-from .data import load_texts, pack
-from .harvest import HarvestConfig, check_config, forward_rows
+from .harvest import HarvestConfig, check_config, contexts, forward_rows
 from .store import DTYPES, ActivationStore, is_holdout
 
 
@@ -126,11 +125,8 @@ class ModelSource:
     def _train_contexts(self) -> Iterator[list[int]]:
         """The training contexts in stream order: every packed context whose index the held-out hash skips."""
         _, tokenizer = self._load()
-        cfg = self.cfg
-        stream = pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size,
-                      cfg.prepend_bos)
-        for seq, ids in enumerate(stream):
-            if not is_holdout(torch.tensor([seq]), cfg.eval_fraction)[0]:
+        for seq, ids in enumerate(contexts(self.cfg, tokenizer)):
+            if not is_holdout(torch.tensor([seq]), self.cfg.eval_fraction)[0]:
                 yield ids
 
     def _build_chunk(self, contexts: list[list[int]], key: tuple[int, ...]) -> dict[str, Tensor]:
@@ -154,9 +150,9 @@ class ModelSource:
     def _chunks(self, seed: int, first: int, rank: int, world_size: int) -> Iterator[dict[str, Tensor]]:
         """Rank `rank`'s chunks from chunk `first` on; the chunk `sample` built is reused, not recomputed."""
         size = self.chunk_contexts(world_size)
-        contexts = itertools.islice(self._train_contexts(), first * size, None)
+        stream = itertools.islice(self._train_contexts(), first * size, None)
         for index in itertools.count(first):
-            mine = [ids for t, ids in enumerate(itertools.islice(contexts, size)) if t % world_size == rank]
+            mine = [ids for t, ids in enumerate(itertools.islice(stream, size)) if t % world_size == rank]
             if len(mine) < size // world_size:
                 raise SourceError(
                     f"dataset {self.cfg.dataset!r} ran out after {index * size * self.rows_per_context} training "

@@ -18,12 +18,17 @@ for every reader, and exists even in a one-shard cache.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,18 +50,136 @@ class CacheError(UserError):
     """A cache that cannot be read or extended; the message names the file and what to do."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+#: What to do about a missing or corrupt shard (harvest.py's `repair` does it).
+REPAIR_HINT = ("run `sae harvest` again with the cache's config plus repair=true to re-harvest exactly the missing "
+               "or corrupt shards")
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: the bytes are on disk before any rename makes them visible."""
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: a rename inside it survives a power cut only once the directory itself is synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskFullError(UserError):
+    """ENOSPC while writing: nothing half-written is kept, and the same command resumes once there is space."""
+
+
+@contextmanager
+def disk_full_reported(folder: Path) -> Iterator[None]:
+    """Turn ENOSPC into one line naming the folder (an OSError traceback says neither where nor what to do)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(f"no space left on device while writing in {folder}; free some space there (or use "
+                            "another folder) and run the same command again to continue") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half.
+    A failed write removes its temp file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with disk_full_reported(path.parent):
+        try:
+            write_synced(tmp, data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):  # a kernel or filesystem without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put folder `new` at `path` in one rename, swapping out an old folder there (then deleting it)."""
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # now the old folder
+    else:  # no atomic swap here: move the old folder aside first; a crash in between leaves it beside `path`
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path, name: str | None = None) -> None:
+    """Delete the `.<name>.tmp*` / `.<name>.old*` files and folders (any name by default) that a process killed
+    mid-write leaves; nothing ever reads them, and they would fill the disk over many restarts."""
+    stem = "*" if name is None else glob.escape(name)
+    for pattern in (f".{stem}.tmp*", f".{stem}.old*"):
+        for stale in folder.glob(pattern):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temp folder beside `path` to fill; when the block ends its files are fsynced and it replaces `path` in one
+    rename, so the folder appears whole or not at all. On an error the temp folder is removed and `path` is kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        with disk_full_reported(path.parent):
+            yield tmp
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            _replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NonFiniteError(UserError):
+    """NaN or inf where a number is needed: in cached activations, or in a value about to be written as JSON."""
+
+
+def to_json(obj: Any, path: Path, **kw: Any) -> str:
+    """Strict JSON: bare NaN/Infinity, which Python would write by default, breaks every other JSON parser."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError as err:
+        raise NonFiniteError(f"refusing to write {path}: a value is NaN or infinite ({err}); nothing was written") from None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    atomic_write_bytes(path, to_json(obj, path, indent=1).encode())
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Stop at NaN/inf activations, saying where: one such row turns every mean, sort and histogram into NaN."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        raise NonFiniteError(f"{int(bad.sum())} of {len(x)} rows of {what} hold NaN/inf values; the cache is corrupt "
+                             "or the model overflowed its storage dtype (harvest again, with dtype=float32 if so)")
 
 
 SPLITS = ("train", "eval", "all")
@@ -92,6 +215,66 @@ class Rows:
     """int64 [n] position of the row within its context."""
 
 
+#: Manifest keys every reader relies on, with their JSON types (the others are provenance, read with .get).
+MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "hooks": dict, "dtype": str, "context_size": int, "exclude_first": (int, bool),
+    "eval_fraction": (int, float), "contexts_per_shard": int, "shards": list, "complete": bool,
+}
+SHARD_TYPES: dict[str, type] = {"file": str, "contexts": int, "rows": int, "sha256": str}
+
+
+def _type_problem(obj: dict[str, Any], types: dict[str, Any], where: str) -> str | None:
+    for key, tp in types.items():
+        if key not in obj:
+            return f"{where}key {key!r} is missing"
+        value = obj[key]
+        if not isinstance(value, tp) or (isinstance(value, bool) and tp in (int, (int, float))):
+            names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            return f"{where}{key!r} should be {names}, not {value!r}"
+    return None
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """What in a manifest would crash a reader later (a missing key, a wrong type, a value out of range), or None."""
+    problem = _type_problem(m, MANIFEST_TYPES, "")
+    if problem:
+        return problem
+    bad_hooks = {h: d for h, d in m["hooks"].items() if not isinstance(d, int) or isinstance(d, bool) or d <= 0}
+    checks = [
+        (not m["hooks"] or bad_hooks, f"'hooks' should map hook names to widths > 0, not {m['hooks']!r}"),
+        (m["dtype"] not in DTYPES, f"'dtype' {m['dtype']!r} is not one of {', '.join(DTYPES)}"),
+        (not 0 <= int(m["exclude_first"]) < m["context_size"], f"'exclude_first' {m['exclude_first']!r} should be "
+                                                                f"between 0 and context_size - 1 = {m['context_size'] - 1}"),
+        (not 0 <= m["eval_fraction"] < 1, f"'eval_fraction' {m['eval_fraction']!r} should be in [0, 1)"),
+        (m["contexts_per_shard"] < 1, f"'contexts_per_shard' {m['contexts_per_shard']!r} should be ≥ 1"),
+    ]
+    shards = [f"shards[{i}] should be an object, not {shard!r}" if not isinstance(shard, dict)
+              else _type_problem(shard, SHARD_TYPES, f"shards[{i}]: ")
+              or (f"shards[{i}] is {shard['file']!r}, not shard_{i:05d}.safetensors (an entry was removed: shard i "
+                  "holds contexts from i × contexts_per_shard on)" if shard["file"] != f"shard_{i:05d}.safetensors" else None)
+              for i, shard in enumerate(m["shards"])]
+    return next((msg for bad, msg in checks if bad), None) or next(filter(None, shards), None)
+
+
+def width_problem(path: Path, m: dict[str, Any]) -> str | None:
+    """The manifest's width of each hook against the first shard's tensors (a header read: no data is loaded).
+    An unreadable shard is left to `load_shard`, whose message says how to repair it."""
+    if not m["shards"]:
+        return None
+    file = m["shards"][0]["file"]
+    try:
+        with safe_open(str(path / file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError):
+        return None
+    for hook, d in m["hooks"].items():
+        if hook not in shapes:
+            return f"hook {hook!r} is listed but {file} holds no such tensor"
+        if shapes[hook][1:] != [d]:
+            return f"hooks[{hook!r}] says d_model {d} but {file} holds {hook} of shape {shapes[hook]}"
+    return None
+
+
 class ActivationStore:
     """Read side of a cache: metadata, shard access with checksums, and the readers built on them."""
 
@@ -104,8 +287,13 @@ class ActivationStore:
             self.manifest: dict[str, Any] = json.loads(file.read_text())
         except json.JSONDecodeError as err:
             raise CacheError(f"{file} is corrupt ({err}); delete the cache folder and harvest again") from err
+        if not isinstance(self.manifest, dict):
+            raise CacheError(f"{file} is damaged: it holds no JSON object; harvest again into a fresh folder")
         if self.manifest.get("format") != FORMAT_VERSION:
             raise CacheError(f"{file} has format {self.manifest.get('format')!r}; this sae reads format {FORMAT_VERSION}")
+        problem = manifest_problem(self.manifest) or width_problem(self.path, self.manifest)
+        if problem:
+            raise CacheError(f"{file} is damaged: {problem}; restore it or harvest again into a fresh folder")
         self._verified: set[int] = set()
         self._lock = threading.Lock()
         self._shard_locks: dict[int, threading.Lock] = {}
@@ -213,7 +401,7 @@ class ActivationStore:
         """Shard i's file, which must exist: a listed shard that is gone means the cache was tampered with."""
         file = self.path / self.shards[i]["file"]
         if not file.is_file():
-            raise CacheError(f"shard {file} listed in the manifest is missing; harvest again into a fresh folder")
+            raise CacheError(f"shard {file} listed in the manifest is missing; {REPAIR_HINT}")
         return file
 
     def verify_shard(self, i: int) -> Path:
@@ -228,7 +416,7 @@ class ActivationStore:
         with lock:
             if i not in self._verified:
                 if _sha256(file) != self.shards[i]["sha256"]:
-                    raise CacheError(f"shard {file} is corrupt (checksum mismatch); delete it and its manifest entry, or harvest again")
+                    raise CacheError(f"shard {file} is corrupt (checksum mismatch); {REPAIR_HINT}")
                 self._verified.add(i)
         return file
 
@@ -239,7 +427,7 @@ class ActivationStore:
             with safe_open(str(file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
         except (SafetensorError, OSError) as err:
-            raise CacheError(f"shard {file} cannot be read ({err}); harvest again into a fresh folder") from err
+            raise CacheError(f"shard {file} cannot be read ({err}); {REPAIR_HINT}") from err
 
     def _rows(self, i: int, hooks: list[str], split: str) -> tuple[dict[str, Tensor], Tensor]:
         """Shard i's rows of one split (storage dtype) and the boolean row mask that selected them."""
@@ -491,7 +679,7 @@ class ShuffledReader:
         try:
             spans = _tensor_spans(file, list(dest))
         except (OSError, KeyError, struct.error, json.JSONDecodeError) as err:
-            raise CacheError(f"shard {file} cannot be read ({err}); harvest again into a fresh folder") from err
+            raise CacheError(f"shard {file} cannot be read ({err}); {REPAIR_HINT}") from err
         for h, t in dest.items():
             start, end = spans[h]
             if end - start != t.numel() * t.element_size():
@@ -549,6 +737,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, meta: dict[str, Any], contexts_per_shard: int):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)
         self.file = self.path / MANIFEST
         meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
         if self.file.exists():
@@ -601,6 +790,17 @@ class CacheWriter:
             self._futures.pop(0).result()
 
     def _write(self, index: int, shard: dict[str, Tensor], first_pos: int) -> None:
+        if index != len(self.manifest["shards"]):  # an earlier shard failed (its future raises): no gap in the list
+            return
+        name, data, n_ctx, rows = self._shard_bytes(index, shard, first_pos)
+        atomic_write_bytes(self.path / name, data)
+        self.manifest["shards"].append(
+            {"file": name, "contexts": n_ctx, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        atomic_write_json(self.file, self.manifest)
+
+    def _shard_bytes(self, index: int, shard: dict[str, Tensor], first_pos: int) -> tuple[str, bytes, int, int]:
+        """(file name, safetensors bytes, contexts, rows) of shard `index` from [n_ctx, rows_per_ctx, d] activations."""
         ctx_tokens = shard.pop("context_tokens")
         n_ctx, ctx_size = ctx_tokens.shape
         first_seq = index * self.contexts_per_shard
@@ -613,13 +813,21 @@ class CacheWriter:
             pos=pos,
             context_tokens=ctx_tokens.to(torch.int32).contiguous(),
         )
-        data = save_bytes(tensors)
-        name = f"shard_{index:05d}.safetensors"
+        return f"shard_{index:05d}.safetensors", save_bytes(tensors), n_ctx, len(seq)
+
+    def damaged_shards(self) -> list[int]:
+        """Listed shards whose file is missing or fails its checksum (reads every shard once)."""
+        return [i for i, entry in enumerate(self.manifest["shards"])
+                if not (self.path / entry["file"]).is_file() or _sha256(self.path / entry["file"]) != entry["sha256"]]
+
+    def rewrite(self, index: int, acts: dict[str, Tensor], context_tokens: Tensor, first_pos: int) -> None:
+        """Write listed shard `index` again from re-harvested contexts; refused unless it is byte-identical to the
+        shard the manifest records, so a repair can never mix two different harvests."""
+        name, data, _, _ = self._shard_bytes(index, {**acts, "context_tokens": context_tokens}, first_pos)
+        if hashlib.sha256(data).hexdigest() != self.manifest["shards"][index]["sha256"]:
+            raise CacheError(f"re-harvesting {self.path / name} gives other bytes than the manifest records (the model, "
+                             "data or software changed since the harvest); harvest again into a fresh folder")
         atomic_write_bytes(self.path / name, data)
-        self.manifest["shards"].append(
-            {"file": name, "contexts": n_ctx, "rows": len(seq), "sha256": hashlib.sha256(data).hexdigest()}
-        )
-        atomic_write_json(self.file, self.manifest)
 
     def finish(self, first_pos: int) -> None:
         """Write the last partial shard, wait for every write, and mark the cache complete."""

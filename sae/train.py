@@ -29,7 +29,7 @@ from torch import Tensor
 from . import distributed, plan
 from .config import UserError
 from .harvest import HarvestConfig
-from .sae import SAE, SAE_CLASSES, SAEConfig, create_sae
+from .sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 from .source import CacheSource, ModelSource, Source
 from .store import atomic_write_json
 
@@ -78,6 +78,9 @@ class SAESpec:
             raise TrainError(
                 f"unknown SAE architecture {self.architecture!r}; valid: {sorted(SAE_CLASSES)}"
             )
+        if self.d_sae is None and self.expansion_factor <= 0:
+            raise TrainError(f"SAE {self.run_name}: expansion_factor={self.expansion_factor} must be > 0 "
+                             "(the width is expansion_factor × d_in)")
 
     @property
     def run_name(self) -> str:
@@ -91,17 +94,21 @@ class SAESpec:
         return f"{self.architecture}_{sparsity}_{width}_{self.hook}"
 
     def sae_config(self, d_in: int, model_name: str) -> SAEConfig:
-        return SAEConfig(
-            architecture=self.architecture,
-            d_in=d_in,
-            d_sae=self.d_sae or self.expansion_factor * d_in,
-            hook_name=self.hook,
-            model_name=model_name,
-            k=self.k,
-            l1_coefficient=self.l1_coefficient,
-            l0_coefficient=self.l0_coefficient,
-            target_l0=self.target_l0,
-        )
+        """The SAE's full config once the cache gives d_in; settings it rejects are named with this SAE."""
+        try:
+            return SAEConfig(
+                architecture=self.architecture,
+                d_in=d_in,
+                d_sae=self.expansion_factor * d_in if self.d_sae is None else self.d_sae,
+                hook_name=self.hook,
+                model_name=model_name,
+                k=self.k,
+                l1_coefficient=self.l1_coefficient,
+                l0_coefficient=self.l0_coefficient,
+                target_l0=self.target_l0,
+            )
+        except SAEFormatError as err:
+            raise TrainError(f"SAE {self.run_name}: {err}") from None
 
 
 @dataclass

@@ -88,6 +88,23 @@ def _hand_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | No
     return sae.eval()
 
 
+def _within_ulp(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Values stored in `dtype` that two code paths (other batch shapes, other kernels) round on their own may land
+    on neighbouring representable values: allow one step of `dtype` at the expected value, and no more."""
+    e = expected.to(dtype)
+    ulp = (torch.nextafter(e.abs(), torch.tensor(float("inf"), dtype=dtype)) - e.abs()).float()
+    gap = (actual.float() - e.float()).abs()
+    bad = gap > ulp
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} values differ by more than one {dtype} ulp; "
+                           f"worst {float((gap / ulp).max()):.1f} ulp")
+
+
+@pytest.fixture(scope="session")
+def within_ulp():
+    """within_ulp(actual, expected, dtype): every value within one `dtype` ulp of the expected value."""
+    return _within_ulp
+
+
 @pytest.fixture(scope="session")
 def hook() -> str:
     """The hook every tiny cache and hand-built SAE uses: layer 1's residual stream of the tiny models."""

@@ -41,10 +41,29 @@ def test_unknown_and_mistyped_keys_name_the_key():
         parse_overrides(["scale"])
 
 
+@dataclass
+class Flat:
+    batch_size: int = 4
+    hooks: list[str] = field(default_factory=list)
+    flag: bool = True
+    name: str = "run"
+    note: str | None = None
+
+
 def test_overrides_parse_yaml_values_and_merge_deeply():
-    extra = parse_overrides(["train.batch_size=512", "hooks=[a, b]", "flag=false", "name="])
-    assert extra == {"train": {"batch_size": 512}, "hooks": ["a", "b"], "flag": False, "name": ""}
-    assert merge({"train": {"lr": 1, "batch_size": 4}}, extra)["train"] == {"lr": 1, "batch_size": 512}
+    extra = parse_overrides(["train.batch_size=512", "train.hooks=[a, b]", "train.flag=false", "train.name="])
+    merged = merge({"train": {"note": "kept", "batch_size": 4}}, extra)["train"]
+    assert from_dict(Flat, merged) == Flat(batch_size=512, hooks=["a", "b"], flag=False, name="", note="kept")
+
+
+def test_override_of_a_text_field_is_the_string_as_typed():
+    """YAML would read `def f(x): return x` as a mapping and `[1, 2]` as a list; a `str` field keeps the text."""
+    typed = ["name=def f(x): return x", "note=[1, 2]", "hooks=blocks.1.hook_resid_post", "batch_size=2048"]
+    assert from_dict(Flat, parse_overrides(typed)) == Flat(
+        batch_size=2048, hooks=["blocks.1.hook_resid_post"], name="def f(x): return x", note="[1, 2]")
+    assert from_dict(Flat, parse_overrides(["note=null", "name=null"])) == Flat(name="null", note=None)
+    with pytest.raises(ConfigError, match="batch_size: expected int"):
+        from_dict(Flat, parse_overrides(["batch_size=def f(x): return x"]))
 
 
 def test_help_lists_every_key_with_its_doc():

@@ -258,7 +258,7 @@ def test_cli_overrides_typos_and_help(tiny_llama, text_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
-def test_real_smollm2_layer15_matches_hidden_states(tmp_path):
+def test_real_smollm2_layer15_matches_hidden_states(tmp_path, within_ulp):
     """The embedded SmolLM2: harvested blocks.15.hook_resid_post == output_hidden_states[16] of a plain forward."""
     cfg = HarvestConfig(hooks=["blocks.15.hook_resid_post"], context_size=64, max_tokens=4 * 62, batch_size=2, out=str(tmp_path / "c"))
     harvest(cfg)
@@ -271,7 +271,7 @@ def test_real_smollm2_layer15_matches_hidden_states(tmp_path):
     rows = list(store.iter_ordered(cfg.hooks))
     acts = torch.cat([r.acts[cfg.hooks[0]] for r in rows])
     seq, pos = torch.cat([r.seq for r in rows]), torch.cat([r.pos for r in rows])
-    torch.testing.assert_close(acts, hidden[seq, pos].half().float())
+    within_ulp(acts, hidden[seq, pos], torch.float16)  # batch 2 vs 4: float32 sums round apart, so float16 may too
     assert torch.equal(torch.cat([r.tokens for r in rows]), ids[seq, pos])
     norm = acts.norm(dim=-1).mean()
     assert 100 < norm < 300, norm  # mid-depth residual (≈175 on Python source)

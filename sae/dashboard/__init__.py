@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sae.store import atomic_write_bytes
+from sae.store import atomic_write_bytes, to_json
 
 STATIC = ("index.html", "feature.html", "app.js", "style.css")
 #: Features per data file: one file per feature would be ~10k small files; one file would make every page load all.
@@ -36,7 +36,7 @@ WINDOW_SCALE = 1000
 
 def write_js(path: Path, variable: str, data: Any) -> None:
     """Write `window.<variable> = <data as JSON>;` atomically (a reader sees the old file or the new, never half)."""
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = to_json(data, path, separators=(",", ":"), ensure_ascii=False)
     atomic_write_bytes(path, f"window.{variable} = {text};\n".encode("utf-8"))
 
 

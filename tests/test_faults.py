@@ -1,0 +1,292 @@
+"""Faults a user meets — bad settings, broken caches, NaN rows, a full disk, no network — driven through the CLI:
+each must end in one line on stderr (exit 2) that says what is wrong, and leave nothing half-written behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sae.cli import main as cli_main
+from sae.store import ActivationStore, CacheError
+
+
+def refused(capsys, *argv: str) -> str:
+    """Run `sae argv...`; it must exit 2 with its message as one line (the last on stderr, after any progress bars of
+    model loading), which is returned."""
+    assert cli_main(list(argv)) == 2
+    err = capsys.readouterr().err
+    *before, line = err.rstrip("\n").split("\n")
+    assert line.startswith(f"sae {argv[0]}: error: ") and "Traceback" not in err, err
+    assert all("\r" in b for b in before), err  # only carriage-return progress bars may come before it
+    return line
+
+
+# ----- SAE settings -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("architecture: topk, expansion_factor: 2, k: 0",
+     r"SAE topk_k0_x2_\S+: invalid topk SAE settings: k=0 must be between 1 and d_sae=64$"),
+    ("architecture: topk, expansion_factor: 2, k: 65", r"k=65 must be between 1 and d_sae=64$"),
+    ("architecture: relu_l1, l1_coefficient: -1", r"l1_coefficient=-1.0 must be ≥ 0$"),
+    ("architecture: topk, expansion_factor: 0", r"expansion_factor=0 must be > 0"),
+    ("architecture: topk, d_sae: 0", r"d_sae=0 must be > 0$"),
+])
+def test_train_refuses_bad_sae_settings(spec, message, tiny_cache, hook, tmp_path, capsys):
+    err = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", f"saes=[{{{spec}, hook: {hook}}}]")
+    assert re.search(message, err.strip()), err
+
+
+# ----- a damaged manifest ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_copy(tiny_cache, tmp_path) -> Path:
+    """A writable copy of the session's tiny cache."""
+    return Path(shutil.copytree(tiny_cache, tmp_path / "cache"))
+
+
+def edit_manifest(cache: Path, edit) -> None:
+    file = cache / "manifest.json"
+    manifest = json.loads(file.read_text())
+    edit(manifest)
+    file.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("context_size"), "key 'context_size' is missing"),
+    (lambda m: m.update(eval_fraction="0.25"), "'eval_fraction' should be int or float, not '0.25'"),
+    (lambda m: m.update(dtype="float8"), "'dtype' 'float8' is not one of float16, bfloat16, float32"),
+    (lambda m: m["shards"][1].pop("sha256"), "shards\\[1\\]: key 'sha256' is missing"),
+    (lambda m: m["hooks"].update({"blocks.1.hook_resid_post": 48}),
+     r"hooks\['blocks.1.hook_resid_post'\] says d_model 48 but shard_00000.safetensors holds blocks.1.hook_resid_post of shape \[\d+, 32\]"),
+    (lambda m: m["hooks"].update({"blocks.2.hook_mlp_out": 32}), "hook 'blocks.2.hook_mlp_out' is listed but shard_00000.safetensors holds no such tensor"),
+])
+def test_damaged_manifest_is_named_on_open(edit, message, cache_copy):
+    edit_manifest(cache_copy, edit)
+    with pytest.raises(CacheError, match=f"{re.escape(str(cache_copy / 'manifest.json'))} is damaged: {message}; restore it"):
+        ActivationStore(cache_copy)
+
+
+@pytest.mark.parametrize("stage", ["train", "eval", "analyse"])
+def test_every_stage_refuses_a_manifest_whose_width_disagrees_with_its_shards(stage, cache_copy, hand_sae, tmp_path, capsys):
+    import torch
+
+    hand_sae(torch.eye(32), torch.eye(32)).save(tmp_path / "sae")
+    edit_manifest(cache_copy, lambda m: m["hooks"].update({"blocks.1.hook_resid_post": 48}))
+    sae_key = {"train": "saes=[{architecture: topk, hook: blocks.1.hook_resid_post, k: 4}]", "eval": f"saes=[{tmp_path / 'sae'}]",
+               "analyse": f"sae={tmp_path / 'sae'}"}[stage]
+    err = refused(capsys, stage, f"cache={cache_copy}", f"out={tmp_path / 'out'}", sae_key)
+    assert f"{cache_copy / 'manifest.json'} is damaged: hooks['blocks.1.hook_resid_post'] says d_model 48" in err
+
+
+# ----- NaN/inf rows and strict JSON -------------------------------------------------------------------------------
+
+
+def poison(cache: Path, every: int = 7) -> None:
+    """Every `every`-th row of every shard set to NaN, checksums updated: what a model that overflowed writes."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        tensors = load_file(cache / entry["file"])
+        for hook in manifest["hooks"]:
+            tensors[hook][::every] = float("nan")
+        data = save(tensors)
+        (cache / entry["file"]).write_bytes(data)
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def saved_sae(hand_sae, tmp_path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    return hand_sae(torch.randn(32, 16), torch.randn(16, 32)).save(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("stage, extra", [("eval", "saes=[{sae}]"), ("analyse", "sae={sae}"), ("score", "sae={sae}")])
+def test_nan_rows_stop_every_stage_and_leave_no_output(stage, extra, cache_copy, saved_sae, tmp_path, capsys):
+    poison(cache_copy)
+    args = [stage, f"cache={cache_copy}", extra.format(sae=saved_sae)]
+    args += ["text=def f(x): return x"] if stage == "score" else [f"out={tmp_path / 'out'}"]
+    err = refused(capsys, *args)
+    assert re.search(rf"\d+ of \d+ rows of .*blocks.1.hook_resid_post in {re.escape(str(cache_copy))}.* hold NaN/inf", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_analyse_failing_midway_leaves_no_partial_folder(cache_copy, saved_sae, tmp_path, capsys, monkeypatch):
+    import sae.dashboard.export as export
+    from sae.store import NonFiniteError
+
+    written = []
+
+    def write_then_fail(path, variable, data):
+        written.append(path)
+        if len(written) == 2:
+            raise NonFiniteError(f"refusing to write {path}: injected")
+        export_write(path, variable, data)
+
+    export_write = export.write_js
+    monkeypatch.setattr(export, "write_js", write_then_fail)
+    err = refused(capsys, "analyse", f"cache={cache_copy}", f"sae={saved_sae}", f"out={tmp_path / 'out'}")
+    assert "injected" in err and len(written) == 2 and not (tmp_path / "out").exists()
+
+
+def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
+    from sae.dashboard import write_js
+    from sae.store import NonFiniteError, atomic_write_json
+
+    for write in (lambda p: atomic_write_json(p, {"fvu": float("nan")}), lambda p: write_js(p, "X", [float("inf")])):
+        with pytest.raises(NonFiniteError, match=r"refusing to write .*out\.json: a value is NaN or infinite"):
+            write(tmp_path / "out.json")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_undefined_ce_recovered_is_null_not_nan(tiny_cache, saved_sae, tmp_path, monkeypatch):
+    """When zero-ablating the hook costs nothing, CE recovered is undefined: JSON null and "n/a" in the table."""
+    import sae.evaluate as ev
+
+    real = ev.lm_losses
+
+    def no_gap(*a, **k):
+        return {n: ev.LMLoss(**{**vars(l), "ce_zero": l.ce_clean, "ce_recovered": None}) for n, l in real(*a, **k).items()}
+
+    monkeypatch.setattr(ev, "lm_losses", no_gap)
+    results = ev.evaluate(ev.EvalConfig(cache=str(tiny_cache), saes=[str(saved_sae)], out=str(tmp_path / "eval"),
+                                        lm_loss_contexts=2, device="cpu"))
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["saes"][0]["ce_recovered"] is None
+    assert "    n/a" in ev.format_table(results)
+
+
+# ----- offline ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset=nobody/no-such-dataset", "dataset 'nobody/no-such-dataset' is a hub id but HF_HUB_OFFLINE is set"),
+    ("model=nobody/no-such-model", "model 'nobody/no-such-model' is a hub id not in the local cache, and HF_HUB_OFFLINE is set"),
+])
+def test_hub_ids_while_offline_fail_at_once_leaving_nothing(override, message, tiny_llama, text_dir, hook, tmp_path,
+                                                            capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    err = refused(capsys, "harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]", override,
+                  f"out={tmp_path / 'out'}")
+    assert message in err and time.monotonic() - start < 10  # no network retries
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_dataset_is_one_line(tiny_llama, hook, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def no_network(*a, **k):
+        raise ConnectionError("Couldn't reach 'nobody/ds' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    err = refused(capsys, "harvest", f"model={tiny_llama}", "dataset=nobody/ds", f"hooks=[{hook}]", f"out={tmp_path / 'out'}")
+    assert "cannot reach the Hugging Face hub for dataset 'nobody/ds' (ConnectionError)" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ----- disk full ----------------------------------------------------------------------------------------------------
+
+
+def tiny_harvest_args(tiny_llama: Path, text_dir: Path, hook: str, out: Path) -> list[str]:
+    """`sae harvest` with the settings of the session's `tiny_cache` (conftest), so its shards are the clean run."""
+    return ["harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]", "context_size=32",
+            "max_tokens=2400", "batch_size=8", "shard_tokens=600", "dtype=float32", "eval_fraction=0.25", "exclude_first=1",
+            f"out={out}"]
+
+
+def fill_disk_at(monkeypatch, n: int) -> None:
+    """The n-th synced write (1-based) stops half-way with ENOSPC, as a full disk does."""
+    import errno
+
+    import sae.store as store
+
+    real, calls = store.write_synced, []
+
+    def write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == n:
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(store, "write_synced", write)
+
+
+def shard_bytes(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.glob("shard_*.safetensors"))}
+
+
+def test_disk_full_during_harvest_is_one_line_then_resumes_exactly(tiny_llama, text_dir, hook, tiny_cache, tmp_path,
+                                                                 capsys, monkeypatch):
+    out = tmp_path / "cache"
+    fill_disk_at(monkeypatch, 3)  # shard 0, manifest, then shard 1
+    err = refused(capsys, *tiny_harvest_args(tiny_llama, text_dir, hook, out))
+    assert err.endswith(f"no space left on device while writing in {out}; free some space there (or use another "
+                        "folder) and run the same command again to continue")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.safetensors"]  # no temp file
+    monkeypatch.undo()
+    (out / ".shard_00001.safetensors.tmp4242").write_bytes(b"left by a process killed mid-write")
+    assert cli_main(tiny_harvest_args(tiny_llama, text_dir, hook, out)) == 0
+    assert not list(out.glob(".*"))  # the stale temp file is gone
+    assert shard_bytes(out) == shard_bytes(tiny_cache) and len(shard_bytes(out)) == 4
+
+
+def test_disk_full_while_saving_an_sae_keeps_the_old_folder(saved_sae, monkeypatch):
+    import errno
+
+    from sae.sae import SAE
+    from sae.store import DiskFullError
+
+    before = {p.name: p.read_bytes() for p in saved_sae.iterdir()}
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DiskFullError, match=f"no space left on device while writing in {re.escape(str(saved_sae.parent))}"):
+        SAE.load(saved_sae).save(saved_sae)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in saved_sae.iterdir()} == before
+    assert not list(saved_sae.parent.glob(".*"))
+
+
+# ----- missing and corrupt shards ------------------------------------------------------------------------------------
+
+
+def test_corrupt_and_missing_shards_are_repaired_byte_identical(tiny_llama, text_dir, hook, cache_copy, tiny_cache,
+                                                                tmp_path, capsys):
+    data = bytearray((cache_copy / "shard_00001.safetensors").read_bytes())
+    data[-100:-90] = bytes(10)  # flipped activation bytes: only the checksum can tell
+    (cache_copy / "shard_00001.safetensors").write_bytes(bytes(data))
+    (cache_copy / "shard_00002.safetensors").unlink()
+
+    err = refused(capsys, "train", f"cache={cache_copy}", f"out={tmp_path / 'saes'}",
+                  f"saes=[{{architecture: topk, hook: {hook}, k: 4}}]", "total_tokens=2000")
+    assert re.search(r"shard \S+shard_0000[12].safetensors (is corrupt \(checksum mismatch\)|listed in the manifest is "
+                     r"missing); run `sae harvest` again with the cache's config plus repair=true", err), err
+
+    assert cli_main(tiny_harvest_args(tiny_llama, text_dir, hook, cache_copy) + ["repair=true"]) == 0
+    assert "repair: 2 of 4 shards re-harvested (shard_00001.safetensors, shard_00002.safetensors)" in capsys.readouterr().out
+    assert shard_bytes(cache_copy) == shard_bytes(tiny_cache)
+    assert (cache_copy / "manifest.json").read_bytes() == (tiny_cache / "manifest.json").read_bytes()
+
+
+def test_a_removed_manifest_entry_is_named_not_misread(cache_copy):
+    edit_manifest(cache_copy, lambda m: m["shards"].pop(1))
+    with pytest.raises(CacheError, match=r"shards\[1\] is 'shard_00002.safetensors', not shard_00001.safetensors"):
+        ActivationStore(cache_copy)

@@ -1,0 +1,120 @@
+"""Every `sae ...` command the README shows, run as written against a tiny model, so the README cannot drift.
+
+The commands are read from README.md's bash blocks; each runs with the README's own arguments (the demo config
+included) plus section overrides that swap the embedded model for the tiny test Llama and shrink the sizes. The
+test runs in a temporary folder holding a copy of `configs/`, so the config's relative `runs/demo/...` paths land
+there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sae.cli import main as cli_main
+from sae.cli import stage_config
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+DEMO = "configs/demo.yaml"
+
+
+def _bash_lines() -> list[str]:
+    return [line for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines()]
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `sae` command in the README's bash blocks, split as a shell would (comments dropped)."""
+    commands = []
+    for line in _bash_lines():
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            if words[:1] == ["sae"]:
+                commands.append(words[1:])
+    return commands
+
+
+def readme_alternatives() -> list[tuple[str, list[str]]]:
+    """`sae <stage> ... # or: key=value ...`: the overrides a comment offers instead, with their stage."""
+    found = []
+    for line in _bash_lines():
+        match = re.match(r"sae (\w+) .*# or: (.*)$", line)
+        if match:
+            found.append((match[1], shlex.split(match[2])))
+    return found
+
+
+def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str) -> list[str]:
+    """The demo on the tiny Llama: same SAE recipes, the tiny model's hook, a 2.4k-token cache."""
+    demo = yaml.safe_load((ROOT / DEMO).read_text())
+    specs = [{**spec, "hook": hook} for spec in demo["train"]["saes"]]
+    from sae.train import SAESpec
+
+    first = Path(demo["train"]["out"]) / SAESpec(**specs[0]).run_name
+    return [
+        f"harvest.model={tiny_llama}", f"harvest.dataset={text_dir}", f"harvest.hooks=[{hook}]",
+        "harvest.context_size=32", "harvest.max_tokens=2400", "harvest.batch_size=8", "harvest.shard_tokens=600",
+        "harvest.eval_fraction=0.25", f"train.saes={json.dumps(specs)}", "eval.lm_loss_contexts=4",
+        "analyse.n_top=5", f"score.sae={first}",
+    ]
+
+
+def test_readme_shows_each_stage_and_the_demo():
+    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "score"]
+    assert all(c[1:3] == ["--config", DEMO] for c in readme_commands()[1:])
+
+
+def test_readme_alternative_overrides_are_valid():
+    (stage, overrides), = readme_alternatives()
+    cfg = stage_config(stage, str(ROOT / DEMO), overrides)
+    assert (cfg.out, cfg.max_tokens, cfg.hooks) == ("runs/big/cache", 2_000_000, ["blocks.20.hook_mlp_out"])
+
+
+def test_score_default_is_the_demo_topk_sae():
+    """`sae score --config configs/demo.yaml` relies on ScoreConfig's default naming the demo's first SAE."""
+    from sae.analyse import ScoreConfig
+    from sae.train import SAESpec
+
+    demo = yaml.safe_load((ROOT / DEMO).read_text())
+    assert ScoreConfig(text="x").sae == str(Path(demo["train"]["out"]) / SAESpec(**demo["train"]["saes"][0]).run_name)
+
+
+@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "score", "demo"])
+def test_help_of_every_command(stage, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([stage, "--help"])
+    assert exit_.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+def _in_copy(tmp_path: Path, name: str, monkeypatch) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "configs", folder / "configs")
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch, capsys):
+    folder = _in_copy(tmp_path, "stages", monkeypatch)
+    extra = tiny_overrides(tiny_llama, text_dir, hook)
+    printed = {}
+    for args in readme_commands()[1:]:
+        assert cli_main([*args, *extra]) == 0, (args, capsys.readouterr().err)
+        printed[args[0]] = capsys.readouterr().out
+    runs = folder / "runs" / "demo"
+    assert len(json.loads((runs / "eval" / "eval.json").read_text())["saes"]) == 2
+    assert (runs / "analysis" / "index.html").is_file() or any((runs / "analysis").glob("*/index.html"))
+    assert "feature browser:" in printed["analyse"] and "return" in printed["score"]
+
+
+def test_readme_demo_command_runs_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch, capsys):
+    folder = _in_copy(tmp_path, "demo", monkeypatch)
+    (args,) = [c for c in readme_commands() if c[0] == "demo"]
+    assert cli_main([*args, *tiny_overrides(tiny_llama, text_dir, hook)]) == 0, capsys.readouterr().err
+    assert "demo finished" in capsys.readouterr().out
+    assert (folder / "runs" / "demo" / "eval" / "eval.json").is_file()
