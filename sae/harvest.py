@@ -132,11 +132,11 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
             return Path(cfg.out)
         done = writer.contexts_done
         # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
-        contexts = itertools.islice(contexts(cfg, tokenizer), done, max_contexts)
+        stream = itertools.islice(contexts(cfg, tokenizer), done, max_contexts)
         n_done = done
         bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
         with bar, torch.inference_mode():  # the bar is closed before an error's message is printed, not after
-            while batch := list(itertools.islice(contexts, cfg.batch_size)):
+            while batch := list(itertools.islice(stream, cfg.batch_size)):
                 ids = torch.tensor(batch, device=device)
                 writer.add(_stored_acts(model, ids, cfg), ids.cpu(), first_pos)
                 n_done += len(batch)
@@ -177,10 +177,10 @@ def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer) -> None:
     device = next(model.parameters()).device
     for index in damaged:
         start = index * writer.contexts_per_shard
-        contexts = itertools.islice(contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])
+        stream = itertools.islice(contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])
         parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         with torch.inference_mode():
-            while batch := list(itertools.islice(contexts, cfg.batch_size)):
+            while batch := list(itertools.islice(stream, cfg.batch_size)):
                 ids = torch.tensor(batch, device=device)
                 parts.append((_stored_acts(model, ids, cfg), ids.cpu()))
         acts = {h: torch.cat([a[h] for a, _ in parts]) for h in cfg.hooks}

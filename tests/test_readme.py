@@ -40,6 +40,16 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+def readme_torchrun_commands() -> list[list[str]]:
+    """The `torchrun ... -m sae <stage> ...` lines: (launcher arguments, sae arguments)."""
+    commands = []
+    for line in _bash_lines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["torchrun"]:
+            commands.append(words)
+    return commands
+
+
 def readme_alternatives() -> list[tuple[str, list[str]]]:
     """`sae <stage> ... # or: key=value ...`: the overrides a comment offers instead, with their stage."""
     found = []
@@ -61,13 +71,14 @@ def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str) -> list[str]:
         f"harvest.model={tiny_llama}", f"harvest.dataset={text_dir}", f"harvest.hooks=[{hook}]",
         "harvest.context_size=32", "harvest.max_tokens=2400", "harvest.batch_size=8", "harvest.shard_tokens=600",
         "harvest.eval_fraction=0.25", f"train.saes={json.dumps(specs)}", "eval.lm_loss_contexts=4",
-        "analyse.n_top=5", f"score.sae={first}",
+        "analyse.n_top=5", f"score.sae={first}", "train.total_tokens=1536", "train.shuffle_rows=600",
     ]
 
 
 def test_readme_shows_each_stage_and_the_demo():
-    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "score"]
+    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "score", "train"]
     assert all(c[1:3] == ["--config", DEMO] for c in readme_commands()[1:])
+    assert len(readme_torchrun_commands()) == 2
 
 
 def test_readme_alternative_overrides_are_valid():
@@ -110,6 +121,26 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     assert len(json.loads((runs / "eval" / "eval.json").read_text())["saes"]) == 2
     assert (runs / "analysis" / "index.html").is_file() or any((runs / "analysis").glob("*/index.html"))
     assert "feature browser:" in printed["analyse"] and "return" in printed["score"]
+    assert (runs / "saes" / "topk_k32_x8_" f"{hook}" / "cfg.json").is_file()
+    assert (folder / "runs" / "live" / "saes" / "checkpoints" / "latest.json").is_file()  # the on-the-fly line
+
+
+def test_readme_torchrun_commands_run_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch):
+    """The torchrun lines, launched as written (2 gloo processes on this CPU) on a tiny demo cache."""
+    import os
+    import subprocess
+    import sys
+
+    folder = _in_copy(tmp_path, "torchrun", monkeypatch)
+    extra = tiny_overrides(tiny_llama, text_dir, hook)
+    assert cli_main(["harvest", "--config", DEMO, *extra]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    for words in readme_torchrun_commands():
+        launcher = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+        done = subprocess.run([*launcher, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (words, done.stderr[-3000:])
+        out = folder / words[-1].split("=", 1)[1]
+        assert len([p for p in out.iterdir() if (p / "cfg.json").is_file()]) == 2, words
 
 
 def test_readme_demo_command_runs_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch, capsys):
