@@ -1,16 +1,17 @@
-"""TopK SAEs too wide for one device: the latent dimension sharded across torchrun's processes (`shard_latents`).
+"""TopK/BatchTopK SAEs too wide for one device: the latents sharded across torchrun's processes (`shard_latents`).
 
-Gao et al. 2024 ("Scaling and evaluating sparse autoencoders", §A.5 and their released kernels) train up to 16M
-latents by splitting the latents over devices. With W processes, rank r holds latents [r·d/W, (r+1)·d/W): its slice of
-W_enc [d_in, d/W], b_enc [d/W] and W_dec [d/W, d_in]; b_dec and the input scale are replicated. Every rank reads the
-same full batch, so the only traffic per step is:
+Gao et al. 2024 ("Scaling and evaluating sparse autoencoders") train TopK SAEs of up to 16M latents; at that width
+W_enc and W_dec alone (2·d_in·d_sae floats) outgrow one device. The latent dimension is split the way a
+tensor-parallel MLP splits its hidden layer (Megatron-LM, Shoeybi et al. 2019 §3): with W processes, rank r holds
+latents [r·d/W, (r+1)·d/W) — its slice of W_enc [d_in, d/W], b_enc [d/W] and W_dec [d/W, d_in] — while b_dec and
+the input scale are replicated. Every rank reads the same full batch, so the only traffic per step is:
 
-* selection: each rank takes its local top-k per row (its best candidates can be the only ones of the global top-k
-  that it holds), all-gathers the W·k candidate values, and keeps those of its own candidates that are among the
-  global top-k (``shard_winners``). AuxK selects among the dead latents the same way.
+* selection: each rank takes its local top-k per row (BatchTopK: its top k·n of the batch), all-gathers these
+  candidate values, and keeps those of its own candidates that are among the global top-k (``shard_winners``);
+  exact, since a global winner is always among its own shard's top k. AuxK selects among dead latents the same way.
 * decoding: x̂ = Σ_ranks (partial sum over own latents) + b_dec, all-reduced. The loss is then computed identically on
   every rank, so the gradient of x̂ is already the full one everywhere and the backward passes it through unchanged
-  (Megatron-LM's "g" operator, Shoeybi et al. 2019 §3; torch.distributed.nn's all_reduce would sum it again).
+  (Megatron-LM's "g" operator; torch.distributed.nn's all_reduce would sum it again).
 * b_dec's encoder-side gradient −W_enc·∂b_enc is a sum over latents, so each rank holds a partial sum: it is
   all-reduced in the backward (Megatron's "f": identity forward, all-reduce backward).
 * gradient clipping uses the global norm; logged L0 and the AuxK dead count are summed over shards; each rank tracks
@@ -24,13 +25,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from . import distributed
-from .sae import SAE, SAEConfig, TopKSAE, create_sae
+from .sae import SAE, BatchTopKSAE, SAEConfig, SparseActs, TopKSAE, _TopKFamily, create_sae
 from .train import SAETrainer, TrainError
 
 LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
@@ -75,11 +76,13 @@ class _SumGradOverShards(torch.autograd.Function):
         return distributed.all_reduce_(grad.clone())
 
 
-class ShardedTopKSAE(TopKSAE):
-    """Rank `rank`'s shard of a TopK SAE of `world_size`·cfg.d_sae latents (``cfg.d_sae`` is the shard's width).
+class _LatentShard(_TopKFamily):
+    """Rank `rank`'s shard of a TopK-family SAE of `world_size`·cfg.d_sae latents (``cfg.d_sae`` is the shard's
+    width), mixed in before the variant. Its training forward pass is collective: every rank calls it on the same
+    batch."""
 
-    Its training forward pass is collective: every rank must call it on the same batch.
-    """
+    batch_wide: ClassVar[bool]
+    """The variant selects its top activations over the whole batch (BatchTopK), not row by row (TopK)."""
 
     def __init__(self, cfg: SAEConfig, rank: int, world_size: int) -> None:
         super().__init__(cfg)
@@ -90,8 +93,11 @@ class ShardedTopKSAE(TopKSAE):
         return shard_winners(distributed.all_gather(values), k, self.rank).flatten()
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        # The variant's own selection on this shard gives as many candidates per group (row, or batch) as the
+        # global selection keeps: k per row for TopK, k·n per batch for BatchTopK.
         rows, feats = super()._select(pre)
-        keep = self._global_winners(pre[rows, feats].view(pre.shape[0], -1), self.cfg.k)
+        values = pre[rows, feats].view(1 if self.batch_wide else pre.shape[0], -1)
+        keep = self._global_winners(values, values.shape[1])
         return rows[keep], feats[keep]
 
     def _select_aux(self, pre: Tensor, dead_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -126,20 +132,39 @@ class ShardedTopKSAE(TopKSAE):
         return Path(path)
 
 
-def shard(full: SAE, rank: int, world_size: int) -> ShardedTopKSAE:
+class ShardedTopKSAE(_LatentShard, TopKSAE):
+    batch_wide = False
+
+
+class ShardedBatchTopKSAE(_LatentShard, BatchTopKSAE):
+    batch_wide = True
+
+    @torch.no_grad()
+    def _observe(self, acts: SparseActs) -> None:
+        # The threshold follows the smallest positive activation kept in the whole batch, i.e. on any shard.
+        positive = acts.values[acts.values > 0]
+        smallest = positive.min() if positive.numel() else acts.values.new_tensor(torch.inf)
+        smallest = -distributed.all_reduce_(-smallest, "max")
+        super()._observe(acts._replace(values=smallest[torch.isfinite(smallest)].view(-1)))
+
+
+SHARDED_CLASSES: dict[str, type[_LatentShard]] = {"topk": ShardedTopKSAE, "batchtopk": ShardedBatchTopKSAE}
+
+
+def shard(full: SAE, rank: int, world_size: int) -> _LatentShard:
     """Rank `rank`'s shard of `full`, initialised as the matching slice of it, so that a sharded run starts (and,
     up to float rounding, stays) where a single process would."""
     cfg = full.cfg
-    if cfg.architecture != "topk":
-        raise TrainError(f"shard_latents supports topk SAEs only, not {cfg.architecture!r}; train it on one "
-                         "process per SAE (distribute_saes=true) instead")
+    if cfg.architecture not in SHARDED_CLASSES:
+        raise TrainError(f"shard_latents supports {' and '.join(SHARDED_CLASSES)} SAEs, not {cfg.architecture!r}; "
+                         "train it with data parallelism or distribute_saes=true instead")
     if cfg.d_sae % world_size:
         raise TrainError(f"shard_latents: d_sae {cfg.d_sae} is not divisible by the {world_size} processes; "
                          "choose a width that is")
     if cfg.d_sae // world_size < cfg.k:
         raise TrainError(f"shard_latents: each of the {world_size} processes would hold {cfg.d_sae // world_size} "
                          f"latents, fewer than k={cfg.k}; use fewer processes")
-    part = ShardedTopKSAE(replace(cfg, d_sae=cfg.d_sae // world_size), rank, world_size)
+    part = SHARDED_CLASSES[cfg.architecture](replace(cfg, d_sae=cfg.d_sae // world_size), rank, world_size)
     part.load_state_dict({k: v.chunk(world_size, LATENT_DIM[k])[rank] if k in LATENT_DIM else v
                           for k, v in full.state_dict().items()})
     return part

@@ -702,7 +702,8 @@ def _stop_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _gather_metrics(metrics: dict[str, dict[str, Tensor]], every_rank: bool, device: torch.device) -> dict[str, float]:
+def _gather_metrics(metrics: dict[str, dict[str, Tensor]], every_rank: bool,
+                    device: torch.device) -> dict[str, float]:
     """Every SAE's metrics on rank 0 as plain floats: averaged over the ranks when `every_rank` steps every SAE
     (data parallel; shard_latents, where the dead fraction is per shard and the rest is the same everywhere), or
     collected from the ranks that train them (distribute_saes)."""

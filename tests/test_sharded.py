@@ -3,6 +3,9 @@ test_distributed.py), and the global top-k selection that makes it exact."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,20 +33,48 @@ def test_sharded_top_k_is_the_global_top_k(world, k):
     assert _sharded_selection(pre, world, k) == {(i, int(j)) for i in range(len(pre)) for j in full[i]}
 
 
-def test_sharded_run_writes_the_same_sae_as_one_process(tmp_path, cache):  # noqa: F811
-    """2 ranks of 128 latents each == 1 process with 256, batch for batch; a short dead window makes AuxK select
-    (globally) among dead latents for most of the run."""
-    common = dict(saes=[{"architecture": "topk", "hook": "h1", "d_sae": 256, "k": 2}], batch_size=128,
-                  total_tokens=128 * 20, dead_window_tokens=128, grad_clip=0.05, checkpoint_every=10)
-    one = _sae_train(_config(tmp_path, cache, "one", **common))
-    two = _sae_train(_config(tmp_path, cache, "two", shard_latents=True, **common), nproc=2)
+NAMES = ("topk_k2_d256_h1", "batchtopk_k2_d256_h0")
+COMMON = dict(saes=[{"architecture": "topk", "hook": "h1", "d_sae": 256, "k": 2},
+                    {"architecture": "batchtopk", "hook": "h0", "d_sae": 256, "k": 2}], batch_size=128,
+              total_tokens=128 * 20, dead_window_tokens=128, grad_clip=0.05, checkpoint_every=10)
+"""A short dead window makes AuxK select (globally) among dead latents for most of the run (~45% dead); the small
+grad_clip makes every step clip, by the global norm."""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):  # noqa: F811
+    """The same run in 1 process (256 latents) and in 2 processes of 128 latents each."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    one = _sae_train(_config(tmp, cache, "one", **COMMON))
+    two = _sae_train(_config(tmp, cache, "two", shard_latents=True, **COMMON), nproc=2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "on 2 processes (1/2 of each SAE's latents each)" in two.stdout
-    ckpt = sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step_*/*.safetensors"))
-    assert ckpt == ["rng.safetensors", "topk_k2_d256_h1.shard0.safetensors", "topk_k2_d256_h1.shard1.safetensors"]
-    name = "topk_k2_d256_h1"
-    a, b = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (key, (a[key] - b[key]).abs().max())
+    return tmp, cache
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    for name in NAMES:
+        wa, wb = _weights(a / name), _weights(b / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5), (name, key, (wa[key] - wb[key]).abs().max())
+
+
+def test_sharded_run_writes_the_same_sae_as_one_process(runs):
+    tmp, _ = runs
+    _assert_same(tmp / "one", tmp / "two")
+
+
+def test_each_rank_checkpoints_and_resumes_its_own_shard(runs):
+    tmp, cache = runs
+    files = sorted(p.name for p in (tmp / "two" / "checkpoints").glob("step_*/*.safetensors"))
+    assert files == sorted(["rng.safetensors", *(f"{n}.shard{r}.safetensors" for n in NAMES for r in (0, 1))])
+    config = _config(tmp, cache, "two", shard_latents=True, **COMMON)
+    other = _sae_train(config, "resume=true")
+    assert other.returncode == 2 and "resume with torchrun --nproc_per_node 2" in other.stderr
+    shutil.copytree(tmp / "two", tmp / "before", ignore=shutil.ignore_patterns("checkpoints"))
+    resumed = _sae_train(config, "resume=true", nproc=2)  # at the last step: rewrites the SAE from the shards
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 20" in resumed.stdout
+    _assert_same(tmp / "before", tmp / "two")
