@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.sharded import shard_winners
+from sae.sae import SAEConfig, create_sae
+from sae.sharded import shard, shard_winners
+from sae.train import TrainError
 from test_distributed import _config, _sae_train, _weights, cache  # noqa: F401 - cache is a fixture
 
 
@@ -31,6 +33,23 @@ def test_sharded_top_k_is_the_global_top_k(world, k):
     pre = torch.randn(50, 48, generator=torch.Generator().manual_seed(world * k))
     full = pre.topk(k, dim=-1).indices
     assert _sharded_selection(pre, world, k) == {(i, int(j)) for i in range(len(pre)) for j in full[i]}
+
+
+@pytest.mark.parametrize(("architecture", "d_sae", "k", "message"), [
+    ("relu_l1", 64, 4, "supports topk and batchtopk SAEs, not 'relu_l1'"),
+    ("topk", 63, 4, "d_sae 63 is not divisible by the 2 processes"),
+    ("topk", 64, 40, "hold 32 latents, fewer than k=40"),
+])
+def test_shard_refuses_what_it_cannot_split(architecture, d_sae, k, message):
+    with pytest.raises(TrainError, match=message):
+        shard(create_sae(SAEConfig(architecture, d_in=8, d_sae=d_sae, k=k)), 0, 2)
+
+
+def test_shard_is_the_slice_of_the_whole_sae():
+    full = create_sae(SAEConfig("topk", d_in=8, d_sae=64, k=4))
+    part = shard(full, 1, 2)
+    assert part.cfg.d_sae == 32 and torch.equal(part.W_enc, full.W_enc[:, 32:])
+    assert torch.equal(part.W_dec, full.W_dec[32:]) and torch.equal(part.b_dec, full.b_dec)
 
 
 NAMES = ("topk_k2_d256_h1", "batchtopk_k2_d256_h0")
