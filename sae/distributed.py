@@ -101,6 +101,25 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_gather(t: Tensor) -> Tensor:
+    """Every rank's `t` (same shape on every rank), stacked in rank order: [world size, *t.shape]."""
+    if not _active():
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    _collective(dist.all_gather, out, t.contiguous())
+    return torch.stack(out)
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0, in rank order (None on the other ranks): unlike `gather_objects`, only one
+    process holds them all (the shards of an SAE too wide for one device)."""
+    if not _active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    _collective(dist.gather_object, obj, out, 0)
+    return out
+
+
 def barrier() -> None:
     if _active():
         _collective(dist.barrier)

@@ -485,10 +485,25 @@ class _TopKFamily(SAE):
         """(rows, latents) of the main activation, rows sorted ascending."""
         raise NotImplementedError
 
+    def _select_aux(self, pre: Tensor, dead_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """AuxK (Gao et al. §A.2): (rows, latents) of each row's top-k *dead* latents, rows ascending."""
+        feats = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return rows, feats.flatten()
+
+    def _sum_over_shards(self, t: Tensor) -> Tensor:
+        """A sum over latents completed across latent shards: the identity here, where this process holds every
+        latent (``sae.sharded`` overrides it, and ``_encoder_b_dec``, to shard the latents across processes)."""
+        return t
+
+    def _encoder_b_dec(self) -> Tensor:
+        """b_dec as the encoder subtracts it (its gradient there is a sum over latents; see ``_sum_over_shards``)."""
+        return self.b_dec
+
     def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         n = x_n.shape[0]
-        aux_k = min(self.cfg.aux_k or self.cfg.d_in // 2, self.cfg.d_sae)
-        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        n_dead = int(self._sum_over_shards(dead_mask.sum())) if dead_mask is not None else 0
+        aux_k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
         n_main: list[int] = []
 
         def select(pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -496,31 +511,29 @@ class _TopKFamily(SAE):
             n_main.append(rows.numel())
             if n_dead == 0:
                 return rows, feats
-            # AuxK (Gao et al. §A.2): the top-k_aux *dead* latents model the residual.
-            k = min(aux_k, n_dead)
-            aux_feats = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1).indices
-            aux_rows = torch.arange(n, device=pre.device).repeat_interleave(k)
-            return torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats.flatten()])
+            aux_rows, aux_feats = self._select_aux(pre, dead_mask, aux_k)
+            return torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats])
 
         vals, rows, feats = _SparseEncode.apply(
-            x_n, self.b_dec, self.W_enc, self.b_enc, self.cfg.apply_b_dec_to_input, select
+            x_n, self._encoder_b_dec(), self.W_enc, self.b_enc, self.cfg.apply_b_dec_to_input, select
         )
         m = n_main[0]
         acts = SparseActs(rows[:m], feats[:m], F.relu(vals[:m]))
         self._observe(acts)
-        x_hat = sparse_decode(acts, self.W_dec, n) + self.b_dec
+        x_hat = self._sum_over_shards(sparse_decode(acts, self.W_dec, n)) + self.b_dec
         mse = (x_hat - x_n).pow(2).sum(-1).mean()
         loss = mse
         losses = {"mse": mse.detach()}
         if n_dead:
             aux = SparseActs(rows[m:], feats[m:], F.relu(vals[m:]))
             residual = (x_n - x_hat).detach()
-            auxk = auxk_loss(sparse_decode(aux, self.W_dec, n), residual, self.cfg.d_in)
+            aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, n))
+            auxk = auxk_loss(aux_hat, residual, self.cfg.d_in)
             loss = loss + self.cfg.aux_coefficient * auxk
             losses["auxk"] = auxk.detach()
         fired = acts.values.detach() > 0
         fire_counts = torch.bincount(acts.features[fired], minlength=self.cfg.d_sae)
-        l0 = fired.sum(dtype=torch.float32) / n
+        l0 = self._sum_over_shards(fired.sum(dtype=torch.float32)) / n
         return x_hat, acts, loss, losses, l0, fire_counts
 
     def _observe(self, acts: SparseActs) -> None:

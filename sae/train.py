@@ -169,6 +169,9 @@ class TrainConfig:
     distribute_saes: bool = False
     """Under torchrun: split the SAEs of the sweep across the processes, each training its share on the whole
     stream with no gradient traffic (sparsify's --distribute_modules), instead of splitting every batch (DDP)."""
+    shard_latents: bool = False
+    """Under torchrun: shard the latents of each (topk) SAE across the processes, for SAEs too wide for one device
+    (Gao et al. 2024): each holds d_sae / processes latents and reads every batch whole; see `sae.sharded`."""
     log_every: int = 10
     """Steps between log lines (wandb and the progress bar's FVU)."""
 
@@ -281,7 +284,7 @@ class SAETrainer:
         if sae.unit_norm_decoder:
             sae.remove_parallel_grads()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+            self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -302,6 +305,9 @@ class SAETrainer:
             "dead_frac": self.dead_mask.float().mean(),
             "lr": torch.tensor(lr),
         }
+
+    def _clip_gradients(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
 
     def _synchronise(self, fire_counts: Tensor) -> Tensor:
         """Data parallel: average the gradients and the buffers training updates (BatchTopK's threshold) over the
@@ -417,13 +423,18 @@ class Prefetcher:
 # ----- checkpoints ---------------------------------------------------------------------------
 
 
+def _checkpoint_file(name: str, shard: int | None) -> str:
+    """An SAE's file in a checkpoint: one per rank when its latents are sharded (`shard` = the rank)."""
+    return f"{name}.safetensors" if shard is None else f"{name}.shard{shard}.safetensors"
+
+
 def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dict[str, SAETrainer],
-                      world: distributed.World, writes_saes: bool) -> None:
+                      world: distributed.World, writes_saes: bool, shard: int | None) -> None:
     """Write ``checkpoints/step_N/`` completely, then point ``latest.json`` at it (atomic
     rename), then drop older checkpoints: a crash at any moment leaves one whole checkpoint.
 
     Rank 0 writes the run's state; the SAEs' files come from the ranks that train them (rank 0
-    alone when data-parallel ranks hold identical copies)."""
+    alone when data-parallel ranks hold identical copies; every rank its own shard with shard_latents)."""
     root = out / CHECKPOINT_DIR
     folder = root / f"step_{step:09d}"
     tmp = root / f".tmp_step_{step:09d}"
@@ -433,7 +444,7 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
     distributed.barrier()
     if writes_saes:
         for name, trainer in trainers.items():
-            save_file(trainer.state_tensors(), str(tmp / f"{name}.safetensors"))
+            save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
     metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # also waits for the files
     if not world.is_main:
         return
@@ -469,7 +480,7 @@ class JobStopped(TrainError):
 def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues."""
     keys = ("source", "total_tokens", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "grad_clip",
-            "dead_window_tokens", "seed", "shuffle_rows", "distribute_saes")
+            "dead_window_tokens", "seed", "shuffle_rows", "distribute_saes", "shard_latents")
     data = asdict(cfg.harvest) if cfg.source == "model" else cfg.cache
     return {"batch_size": batch_size, "world_size": world_size, "data": data,
             "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
@@ -538,6 +549,8 @@ def train(cfg: TrainConfig) -> list[Path]:
 
 
 def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device: torch.device) -> list[Path]:
+    from . import sharded  # it builds on this module's SAETrainer
+
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     hooks = sorted({s.hook for s in cfg.saes})
@@ -550,7 +563,10 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     )
     # Data parallel: every rank steps every SAE on its share of the batch. distribute_saes: rank r
     # trains SAEs r, r + W, ... on whole batches.
-    ddp = world.distributed and not cfg.distribute_saes
+    if cfg.distribute_saes and cfg.shard_latents:
+        raise TrainError("distribute_saes and shard_latents exclude each other: set one")
+    ddp = world.distributed and not cfg.distribute_saes and not cfg.shard_latents
+    shard = world.rank if world.distributed and cfg.shard_latents else None
     mine = [i for i in range(len(cfg.saes)) if not cfg.distribute_saes or i % world.size == world.rank]
     if not mine:
         raise TrainError(f"distribute_saes needs at least one SAE per process: {len(cfg.saes)} SAEs, "
@@ -564,10 +580,12 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         spec, name = cfg.saes[i], names[i]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sae_seed(cfg.seed, i))
-            sae = create_sae(spec.sae_config(source.hooks[spec.hook], source.model_name)).to(device)
+            sae = create_sae(spec.sae_config(source.hooks[spec.hook], source.model_name))
         lrs[name] = spec.lr or cfg.lr or default_lr(spec.architecture, sae.cfg.d_sae, total_steps)
-        trainers[name] = SAETrainer(
-            sae,
+        if shard is not None:
+            sae = sharded.shard(sae, world.rank, world.size)
+        trainers[name] = (SAETrainer if shard is None else sharded.ShardedTrainer)(
+            sae.to(device),
             lr=lrs[name],
             total_steps=total_steps,
             lr_warmup_frac=cfg.lr_warmup_frac,
@@ -581,8 +599,9 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
              for n, t in trainers.items()]
     plan.check_fits(costs, device)  # before the model loads or a shard is read
     if world.is_main:
-        mode = (f" on {world.size} processes ({'one share of the SAEs' if cfg.distribute_saes else f'{local_batch} rows'}"
-                " each)" if world.distributed else "")
+        share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
+                 if shard is not None else f"{local_batch} rows")
+        mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
         print(f"plan: {total_steps * batch_size:,} tokens from the {cfg.source} in {total_steps:,} steps of "
               f"{batch_size}{mode} on {device}")
         print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" for c in costs))
@@ -599,7 +618,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                     f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
                     f"the data's hook has d_model {trainer.sae.cfg.d_in}"
                 )
-            trainer.load_state(load_file(str(folder / f"{name}.safetensors")), meta)
+            trainer.load_state(load_file(str(folder / _checkpoint_file(name, shard))), meta)
         rng = load_file(str(folder / "rng.safetensors"))
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and "cuda0" in rng:
@@ -647,7 +666,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             if done % cfg.log_every == 0 or done == total_steps:
                 _check_finite(trainers)
                 elapsed = time.perf_counter() - t_log
-                logged = _gather_metrics(metrics, ddp, device)
+                logged = _gather_metrics(metrics, ddp or shard is not None, device)
                 logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
                 run.log(logged, step=done)
                 bar.set_postfix({k.split("_")[0] + "_fvu": f"{v:.3f}" for k, v in logged.items()
@@ -656,7 +675,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             if done % cfg.checkpoint_every == 0 or done == total_steps:
                 _check_finite(trainers)
                 state["reader_position"] = position + (done - start_step) * batch_size
-                _write_checkpoint(out, done, state, trainers, world, writes_saes=world.is_main or not ddp)
+                _write_checkpoint(out, done, state, trainers, world, writes_saes=world.is_main or not ddp, shard=shard)
                 last_good = done
     except (DivergedError, JobStopped, distributed.PeerLost) as err:
         if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
@@ -672,7 +691,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         run.finish()
 
     paths = [out / name for name in names]
-    if world.is_main or not ddp:
+    if world.is_main or not ddp:  # a latent shard's save is collective: rank 0 writes the whole SAE
         for name, trainer in trainers.items():
             trainer.sae.eval()
             trainer.sae.save(out / name)
@@ -690,11 +709,13 @@ def _stop_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _gather_metrics(metrics: dict[str, dict[str, Tensor]], ddp: bool, device: torch.device) -> dict[str, float]:
-    """Every SAE's metrics on rank 0 as plain floats: averaged over data-parallel ranks, or collected from the
-    ranks that train them (distribute_saes)."""
+def _gather_metrics(metrics: dict[str, dict[str, Tensor]], every_rank: bool,
+                    device: torch.device) -> dict[str, float]:
+    """Every SAE's metrics on rank 0 as plain floats: averaged over the ranks when `every_rank` steps every SAE
+    (data parallel; shard_latents, where the dead fraction is per shard and the rest is the same everywhere), or
+    collected from the ranks that train them (distribute_saes)."""
     keys = [(n, k) for n, m in metrics.items() for k in m]
-    if ddp:
+    if every_rank:
         values = distributed.all_reduce_(torch.stack([metrics[n][k].to(device, torch.float32) for n, k in keys]), "mean").tolist()
         return {f"{n}/{k}": v for (n, k), v in zip(keys, values)}
     local = {f"{n}/{k}": float(metrics[n][k]) for n, k in keys}
