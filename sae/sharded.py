@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import distributed
 from .sae import SAE, BatchTopKSAE, SAEConfig, SparseActs, TopKSAE, _TopKFamily, create_sae
-from .train import SAETrainer, TrainError
+from .trainer import SAETrainer, TrainError
 
 LATENT_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 """The sharded tensors and the dimension that indexes latents; every other tensor is replicated."""

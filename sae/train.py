@@ -26,28 +26,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import distributed, plan
-from .config import UserError
+from . import distributed, plan, sharded
 from .harvest import HarvestConfig
-from .sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
+from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 from .source import CacheSource, ModelSource, Source
 from .store import atomic_write_json
+from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
 SCALE_SAMPLE_ROWS = 65536
-GAO_DEAD_TOKENS = 10_000_000
-"""Gao et al. call a latent dead after 10M tokens without firing; shorter runs scale it down."""
-
-
-class TrainError(UserError):
-    """Training cannot go on; the message says why and what to do."""
-
-
-class DivergedError(TrainError):
-    """The loss became NaN/inf."""
-
-
 @dataclass
 class SAESpec:
     """One SAE to train."""
@@ -214,152 +202,6 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None = None) ->
     steps = total_steps or ref
     boost = min(MAX_LR_BOOST, max(1.0, math.sqrt(ref / max(1, steps))))
     return base * boost
-
-
-def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
-    """Linear warm-up, constant, then linear decay to zero."""
-    warmup = max(1, round(warmup_frac * total_steps))
-    decay = max(1, round(decay_frac * total_steps))
-    return max(0.0, min(1.0, (step + 1) / warmup, (total_steps - step) / decay))
-
-
-class SAETrainer:
-    """Everything one SAE needs to take a step: Adam, lr and sparsity schedules, gradient
-    clipping, the unit-norm decoder constraint, and dead-latent tracking."""
-
-    def __init__(
-        self,
-        sae: SAE,
-        *,
-        lr: float,
-        total_steps: int,
-        lr_warmup_frac: float = 0.01,
-        lr_decay_frac: float = 0.2,
-        penalty_warmup_frac: float = 0.05,
-        grad_clip: float = 1.0,
-        dead_window_tokens: int = GAO_DEAD_TOKENS,
-        world_size: int = 1,
-    ) -> None:
-        self.sae = sae
-        self.world_size = world_size
-        """Data-parallel ranks stepping this SAE together (1: no gradient traffic)."""
-        self.total_steps = total_steps
-        self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
-        self.grad_clip = grad_clip
-        self.dead_window_tokens = dead_window_tokens
-        params = list(sae.parameters())
-        betas = getattr(sae, "adam_betas", (0.9, 0.999))  # JumpReLU: β₁ = 0
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, total_steps, lr_warmup_frac, lr_decay_frac),
-        )
-        self.tokens_since_fired = torch.zeros(
-            sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device
-        )
-        self.step_count = 0
-        self.first_nonfinite_step = torch.tensor(-1, device=sae.W_dec.device)
-        """First step whose loss was NaN/inf (-1: none); kept on device to avoid a sync per step."""
-
-    @property
-    def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.dead_window_tokens
-
-    def step(self, x: Tensor, autocast: bool = False) -> dict[str, Tensor]:
-        """One optimiser step on raw activations x [batch, d_in]; returns detached metrics."""
-        if x.shape[-1] != self.sae.cfg.d_in:
-            raise TrainError(
-                f"batch for hook {self.sae.cfg.hook_name!r} has d_model {x.shape[-1]} but the "
-                f"SAE expects d_in {self.sae.cfg.d_in}; the cache and the SAE do not match"
-            )
-        sae = self.sae
-        penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = sae(x, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        fire_counts, tokens = out.fire_counts, x.shape[0]
-        if self.world_size > 1:
-            fire_counts, tokens = self._synchronise(fire_counts), tokens * self.world_size
-        if sae.unit_norm_decoder:
-            sae.remove_parallel_grads()
-        if self.grad_clip:
-            self._clip_gradients()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        sae.project_parameters()
-        self.tokens_since_fired = torch.where(fire_counts > 0, 0, self.tokens_since_fired + tokens)
-        self.step_count += 1
-        bad = ~torch.isfinite(out.loss.detach()) & (self.first_nonfinite_step < 0)
-        self.first_nonfinite_step = torch.where(bad, self.step_count, self.first_nonfinite_step)
-        with torch.no_grad():
-            x = x.float()
-            err = (x - out.x_hat.float()).pow(2).sum()
-            fvu = err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return {
-            "loss": out.loss.detach(),
-            **out.losses,
-            "l0": out.l0,
-            "fvu": fvu,
-            "dead_frac": self.dead_mask.float().mean(),
-            "lr": torch.tensor(lr),
-        }
-
-    def _clip_gradients(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
-
-    def _synchronise(self, fire_counts: Tensor) -> Tensor:
-        """Data parallel: average the gradients and the buffers training updates (BatchTopK's threshold) over the
-        ranks, and sum the fire counts, so every rank takes the same optimiser step and sees the same dead latents.
-
-        Each rank's loss is a mean over its b = B/W rows, so the average of the ranks' gradients is the gradient of
-        the mean over the global batch B: the step a single process takes on B rows (up to float rounding), except
-        where a loss is not a mean over rows (BatchTopK selects its top k·b per rank; AuxK normalises per rank).
-        """
-        for p in self.sae.parameters():
-            if p.grad is None:  # every rank must send the same tensors
-                p.grad = torch.zeros_like(p)
-            distributed.all_reduce_(p.grad, "mean")
-        for name, buf in self.sae.named_buffers():
-            if name != "scale" and buf.is_floating_point():
-                distributed.all_reduce_(buf, "mean")
-        return distributed.all_reduce_(fire_counts.clone(), "sum")
-
-    # ----- checkpoint state ----------------------------------------------------------------
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """Model weights, Adam moments and the dead tracker, for one safetensors file."""
-        out = {f"model.{k}": v for k, v in self.sae.state_dict().items()}
-        for i, state in self.optimizer.state_dict()["state"].items():
-            out.update({f"optim.{i}.{k}": torch.as_tensor(v) for k, v in state.items()})
-        out["tokens_since_fired"] = self.tokens_since_fired
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-    def state_json(self) -> dict[str, Any]:
-        groups = self.optimizer.state_dict()["param_groups"]
-        return {
-            "step": self.step_count,
-            "sae_config": asdict(self.sae.cfg),
-            "param_groups": groups,
-            "scheduler": self.scheduler.state_dict(),
-        }
-
-    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        device = self.sae.W_dec.device
-        self.sae.load_state_dict(
-            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        )
-        self.sae.cfg.scale = float(self.sae.scale)
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, v in tensors.items():
-            if key.startswith("optim."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.tokens_since_fired = tensors["tokens_since_fired"].to(device)
-        self.step_count = meta["step"]
 
 
 # ----- data ----------------------------------------------------------------------------------
@@ -549,8 +391,6 @@ def train(cfg: TrainConfig) -> list[Path]:
 
 
 def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device: torch.device) -> list[Path]:
-    from . import sharded  # it builds on this module's SAETrainer
-
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     hooks = sorted({s.hook for s in cfg.saes})

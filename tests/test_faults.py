@@ -91,7 +91,6 @@ def poison(cache: Path, every: int = 7) -> None:
     """Every `every`-th row of every shard set to NaN, checksums updated: what a model that overflowed writes."""
     import hashlib
 
-    import torch
     from safetensors.torch import load_file, save
 
     manifest = json.loads((cache / "manifest.json").read_text())

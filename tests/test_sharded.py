@@ -86,10 +86,10 @@ def test_sharded_run_writes_the_same_sae_as_one_process(runs):
 
 
 def test_each_rank_checkpoints_and_resumes_its_own_shard(runs):
-    tmp, cache = runs
+    tmp, cache_dir = runs
     files = sorted(p.name for p in (tmp / "two" / "checkpoints").glob("step_*/*.safetensors"))
     assert files == sorted(["rng.safetensors", *(f"{n}.shard{r}.safetensors" for n in NAMES for r in (0, 1))])
-    config = _config(tmp, cache, "two", shard_latents=True, **COMMON)
+    config = _config(tmp, cache_dir, "two", shard_latents=True, **COMMON)
     other = _sae_train(config, "resume=true")
     assert other.returncode == 2 and "resume with torchrun --nproc_per_node 2" in other.stderr
     shutil.copytree(tmp / "two", tmp / "before", ignore=shutil.ignore_patterns("checkpoints"))
