@@ -30,7 +30,7 @@ from . import distributed, plan, sharded
 from .harvest import HarvestConfig
 from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 from .source import CacheSource, ModelSource, Source
-from .store import atomic_write_json
+from .store import DiskFullError, atomic_write_json, disk_full_reported
 from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -280,25 +280,27 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
     root = out / CHECKPOINT_DIR
     folder = root / f"step_{step:09d}"
     tmp = root / f".tmp_step_{step:09d}"
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    if writes_saes:
-        for name, trainer in trainers.items():
-            save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
-    metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # also waits for the files
-    if not world.is_main:
-        return
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
+    with disk_full_reported(root):
+        if world.is_main:
+            for stale in root.glob(".tmp_step_*"):  # left by a process killed (or out of space) mid-checkpoint
+                shutil.rmtree(stale)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        if writes_saes:
+            for name, trainer in trainers.items():
+                save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
+        metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # waits for the files
+        if not world.is_main:
+            return
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
     for old in root.glob("step_*"):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
@@ -517,7 +519,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 state["reader_position"] = position + (done - start_step) * batch_size
                 _write_checkpoint(out, done, state, trainers, world, writes_saes=world.is_main or not ddp, shard=shard)
                 last_good = done
-    except (DivergedError, JobStopped, distributed.PeerLost) as err:
+    except (DivergedError, JobStopped, distributed.PeerLost, DiskFullError) as err:
         if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop = None

@@ -289,3 +289,33 @@ def test_a_removed_manifest_entry_is_named_not_misread(cache_copy):
     edit_manifest(cache_copy, lambda m: m["shards"].pop(1))
     with pytest.raises(CacheError, match=r"shards\[1\] is 'shard_00002.safetensors', not shard_00001.safetensors"):
         ActivationStore(cache_copy)
+
+
+def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_cache, hook, tmp_path, capsys,
+                                                                         monkeypatch):
+    """ENOSPC while writing the second checkpoint: one line naming the folder and the checkpoint to resume from,
+    the half-written checkpoint removed by the next run, and resume=true finishing the run."""
+    import errno
+
+    import sae.train
+
+    real_save, calls = sae.train.save_file, {"n": 0}
+
+    def full_disk(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second checkpoint's SAE file (the first wrote an SAE file and rng)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path)
+
+    monkeypatch.setattr(sae.train, "save_file", full_disk)
+    out = tmp_path / "saes"
+    args = ["train", f"cache={tiny_cache}", f"out={out}", "batch_size=64", "total_tokens=768", "checkpoint_every=4",
+            f"saes=[{{architecture: topk, expansion_factor: 2, k: 4, hook: {hook}}}]", "wandb_mode=disabled"]
+    line = refused(capsys, *args)
+    assert "no space left on device while writing in" in line and "checkpoints" in line
+    assert "last good checkpoint is step 4" in line and "resume=true" in line
+    assert list((out / "checkpoints").glob(".tmp_step_*"))  # what the full disk interrupted ...
+    monkeypatch.setattr(sae.train, "save_file", real_save)
+    assert cli_main([*args, "resume=true"]) == 0
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # ... is gone once a checkpoint is written
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 12
