@@ -136,9 +136,9 @@ class ModelSource:
         n_rows = len(contexts) * self.rows_per_context
         g = torch.Generator().manual_seed(seed * 1_000_003 + index * 7919 + rank)
         dest = torch.randperm(n_rows, generator=g).to(self.device)  # row j of the chunk is served at dest[j]
-        out = {h: torch.empty(n_rows, d, dtype=self.storage, device=self.device) for h, d in self.hooks.items()}
         step = self.cfg.batch_size
-        with torch.no_grad():
+        with torch.inference_mode():  # as harvest; batches drawn from the chunk later are ordinary tensors (torch.cat)
+            out = {h: torch.empty(n_rows, d, dtype=self.storage, device=self.device) for h, d in self.hooks.items()}
             for start in range(0, len(contexts), step):
                 ids = torch.tensor(contexts[start : start + step], device=self.device)
                 acts = forward_rows(model, ids, list(self.hooks), self.first_pos, self.storage)
