@@ -1,7 +1,8 @@
 """Where the trainer's activations come from: a harvested cache, or the model itself, live.
 
-Both sources give the trainer the same thing — an infinite stream of shuffled float32 batches {hook: [b, d]} that
-resumes exactly from a row count (`position`) — so the training loop does not know which one it reads:
+Both sources give the trainer the same thing — an infinite stream of shuffled batches {hook: [b, d]} that
+resumes exactly from a row count (`position`) — so the training loop does not know which one it reads. Batches come
+in the data's storage dtype (float16 by default); the SAE casts them on its device:
 
 * `CacheSource` reads a cache written by `sae harvest` (`store.ShuffledReader`).
 * `ModelSource` runs the model as it trains ("on the fly", as SAELens, sparsify and dictionary_learning do), for
@@ -191,4 +192,4 @@ class ModelSource:
                     parts[h].append(chunk[h][offset : offset + take])
                 offset += take
                 need -= take
-            yield {h: torch.cat(p).float() for h, p in parts.items()}
+            yield {h: torch.cat(p) for h, p in parts.items()}

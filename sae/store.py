@@ -582,8 +582,9 @@ class ShuffledReader:
     `position` by the whole batch, so the ranks' batches in rank order are exactly the one-rank batch.
 
     Speed: while a group is consumed, a thread pool verifies (once per store) and reads the next group straight into
-    the buffers of the group before it; a batch is then one gather of its rows and one conversion to float32, of
-    this rank's rows only. At most two groups are resident.
+    the buffers of the group before it; a batch is then one gather of this rank's rows, in the storage dtype: the
+    trainer casts on its device, so a float16 cache crosses to a GPU at half the bytes and the host never converts.
+    At most two groups are resident.
     """
 
     def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0,
@@ -608,7 +609,6 @@ class ShuffledReader:
         self._plans: dict[int, list[tuple[list[int], int]]] = {}
         self._resident: dict[tuple[int, int], _Group] = {}  # the group being consumed and the next one
         self._spare: dict[str, Tensor] | None = None  # buffers of a consumed group, for the next read
-        self._scratch: dict[str, Tensor] = {}
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sae-reader")
 
     # ----------------------------------------------------------------------------------------- the virtual stream
@@ -688,8 +688,8 @@ class ShuffledReader:
 
     # ----------------------------------------------------------------------------------------- batches
     def _take(self, position: int, n: int) -> dict[str, Tensor]:
-        """`n` rows (float32) of the virtual stream starting at `position` (crossing groups and epochs as needed)."""
-        out = {h: torch.empty(n, self.store.hooks[h], dtype=torch.float32) for h in self.hooks}
+        """`n` rows (storage dtype) of the virtual stream from `position` on (crossing groups and epochs as needed)."""
+        out = {h: torch.empty(n, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
         done = 0
         while done < n:
             key, offset, size = self._locate(position + done)
@@ -697,26 +697,15 @@ class ShuffledReader:
             take = min(n - done, size - offset)
             rows = group.source[offset : offset + take]
             for h in self.hooks:
-                self._gather(h, group.data[h], rows, out[h][done : done + take])
+                torch.index_select(group.data[h], 0, rows, out=out[h][done : done + take])
             done += take
         return out
-
-    def _gather(self, hook: str, data: Tensor, rows: Tensor, dest: Tensor) -> None:
-        """dest = data[rows] in dest's dtype, through a reused scratch buffer rather than fresh memory each batch."""
-        if data.dtype == dest.dtype:
-            torch.index_select(data, 0, rows, out=dest)
-            return
-        scratch = self._scratch.get(hook)
-        if scratch is None or len(scratch) < len(rows):
-            scratch = self._scratch[hook] = torch.empty(len(rows), data.shape[1], dtype=data.dtype)
-        torch.index_select(data, 0, rows, out=scratch[: len(rows)])
-        dest.copy_(scratch[: len(rows)])
 
     def __iter__(self) -> "ShuffledReader":
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        """This rank's slice of the next global batch: hook → float32 [batch_size / world_size, d]."""
+        """This rank's slice of the next global batch: hook → [batch_size / world_size, d] in the storage dtype."""
         local = self.batch_size // self.world_size
         batch = self._take(self.position + self.rank * local, local)
         self.position += self.batch_size

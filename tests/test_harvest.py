@@ -301,7 +301,7 @@ def test_shuffled_reader_ranks_slice_the_global_batch(tmp_path):
     ranks = [batches(40, rank=r, world_size=2) for r in range(2)]
     for i, batch in enumerate(whole):
         for h, d in hooks.items():
-            assert ranks[0][i][h].shape == (12, d) and ranks[0][i][h].dtype == torch.float32
+            assert ranks[0][i][h].shape == (12, d) and ranks[0][i][h].dtype == store.dtype
             assert torch.equal(torch.cat([ranks[0][i][h], ranks[1][i][h]]), batch[h])
     resumed = store.shuffled(list(hooks), 24, seed=5, shuffle_rows=100, position=13 * 24, rank=1, world_size=2)
     for i in range(13, 40):
