@@ -24,33 +24,13 @@ from pathlib import Path
 
 import torch
 
-from sae.store import READ_THREADS, ActivationStore, CacheWriter
+from bench_train import HOOK, build_cache  # the same random float16 cache, built by the store's writer
+from sae.store import READ_THREADS, ActivationStore
 
-HOOK = "blocks.0.hook_resid_post"
-CONTEXT_SIZE = 128
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def build_cache(path: Path, n_shards: int, shard_rows: int, d: int) -> None:
-    """A complete float16 cache of random activations (5% held out), written by the store's own writer."""
-    n_ctx = shard_rows // CONTEXT_SIZE
-    meta = {"model": "bench-random", "hooks": {HOOK: d}, "dtype": "float16", "model_dtype": "float32",
-            "context_size": CONTEXT_SIZE, "prepend_bos": False, "exclude_first": False,
-            "bos_token_id": None, "dataset": {"name": "random"}, "eval_fraction": 0.05,
-            "max_contexts": n_ctx * n_shards}
-    writer = CacheWriter(path, meta, contexts_per_shard=n_ctx)
-    g = torch.Generator().manual_seed(0)
-    try:
-        for _ in range(n_shards):
-            acts = torch.randn(n_ctx, CONTEXT_SIZE, d, generator=g).to(torch.float16)
-            tokens = torch.randint(0, 50_000, (n_ctx, CONTEXT_SIZE), generator=g)
-            writer.add({HOOK: acts}, tokens, first_pos=0)
-        writer.finish(first_pos=0)
-    finally:
-        writer.close()
 
 
 def read_raw(files: list[Path]) -> float:
