@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,33 @@ def hand_sae():
 def tiny_cache(tiny_llama, text_dir, tmp_path_factory) -> Path:
     """One harvested tiny-Llama cache for the whole session (read-only: tests must not write into it)."""
     return _harvest_tiny(tiny_llama, text_dir, tmp_path_factory.mktemp("tiny_cache") / "cache")
+
+
+# ------------------------------------------------------------------------------------------------ fault tally
+# tests/test_faults.py records what each injected fault ended in (a "fault" user property); a test that fails counts
+# its fault as lost or silently wrong. The sums are printed at the end of the session (and quoted in the README).
+
+FAULT_OUTCOMES = ("recovered exactly", "refused with a message", "finished before the kill")
+_fault_tally: Counter = Counter()
+_failed: set[str] = set()
+_kills: list[str] = []  # where each kill -9 trial's signal landed
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _failed.add(report.nodeid)
+    if report.when == "teardown":
+        for name, outcome in report.user_properties:
+            if name == "fault":
+                _fault_tally["lost or silently wrong" if report.nodeid in _failed else outcome] += 1
+            elif name == "kill":
+                _kills.append(outcome)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _fault_tally:
+        counts = ", ".join(f"{_fault_tally[o]} {o}" for o in (*FAULT_OUTCOMES, "lost or silently wrong"))
+        terminalreporter.write_sep("-", "fault injection")
+        terminalreporter.write_line(f"faults tried: {sum(_fault_tally.values())}: {counts}")
+        if _kills:
+            terminalreporter.write_line("kill -9 trials: " + "; ".join(_kills))

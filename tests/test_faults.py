@@ -1,17 +1,40 @@
-"""Faults a user meets — bad settings, broken caches, NaN rows, a full disk, no network — driven through the CLI:
-each must end in one line on stderr (exit 2) that says what is wrong, and leave nothing half-written behind."""
+"""Faults a user meets — bad settings, broken caches, NaN rows, a full disk, no network, kill -9 — driven through the
+CLI: each must end in one line on stderr (exit 2) that says what is wrong and leave nothing half-written behind, or be
+recovered by running the same command again to exactly the result of a clean run.
+
+Every test here injects one fault (unless marked `fault(None)`); what it ended in is tallied for the whole session
+(conftest) and printed at the end: `pytest tests/test_faults.py` gives the counts the README quotes."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from sae.cli import main as cli_main
 from sae.store import ActivationStore, CacheError
+
+RECOVERED, REFUSED, FINISHED = "recovered exactly", "refused with a message", "finished before the kill"
+
+
+@pytest.fixture(autouse=True)
+def fault(request, record_property) -> dict:
+    """The test's fault outcome for the session tally: its `fault` marker's, else refused with a message. A test may
+    change it (a kill that landed after the run had finished); if the test fails, the tally counts it as lost."""
+    marker = request.node.get_closest_marker("fault")
+    outcome = {"kind": marker.args[0] if marker else REFUSED}
+    yield outcome
+    if outcome["kind"] is not None:
+        record_property("fault", outcome["kind"])
 
 
 def refused(capsys, *argv: str) -> str:
@@ -150,6 +173,7 @@ def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fault(None)  # an edge case of the numbers, not a fault
 def test_undefined_ce_recovered_is_null_not_nan(tiny_cache, saved_sae, tmp_path, monkeypatch):
     """When zero-ablating the hook costs nothing, CE recovered is undefined: JSON null and "n/a" in the table."""
     import sae.evaluate as ev
@@ -208,6 +232,13 @@ def tiny_harvest_args(tiny_llama: Path, text_dir: Path, hook: str, out: Path) ->
             f"out={out}"]
 
 
+def tiny_train_args(cache: Path, hook: str, out: Path, total_tokens: int, checkpoint_every: int) -> list[str]:
+    """`sae train` of one small TopK SAE on the tiny cache, 64 rows a step."""
+    return ["train", f"cache={cache}", f"out={out}", "batch_size=64", f"total_tokens={total_tokens}",
+            f"checkpoint_every={checkpoint_every}", f"saes=[{{architecture: topk, expansion_factor: 2, k: 4, hook: {hook}}}]",
+            "wandb_mode=disabled"]
+
+
 def fill_disk_at(monkeypatch, n: int) -> None:
     """The n-th synced write (1-based) stops half-way with ENOSPC, as a full disk does."""
     import errno
@@ -230,6 +261,7 @@ def shard_bytes(cache: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(cache.glob("shard_*.safetensors"))}
 
 
+@pytest.mark.fault(RECOVERED)
 def test_disk_full_during_harvest_is_one_line_then_resumes_exactly(tiny_llama, text_dir, hook, tiny_cache, tmp_path,
                                                                  capsys, monkeypatch):
     out = tmp_path / "cache"
@@ -267,6 +299,7 @@ def test_disk_full_while_saving_an_sae_keeps_the_old_folder(saved_sae, monkeypat
 # ----- missing and corrupt shards ------------------------------------------------------------------------------------
 
 
+@pytest.mark.fault(RECOVERED)
 def test_corrupt_and_missing_shards_are_repaired_byte_identical(tiny_llama, text_dir, hook, cache_copy, tiny_cache,
                                                                 tmp_path, capsys):
     data = bytearray((cache_copy / "shard_00001.safetensors").read_bytes())
@@ -309,8 +342,7 @@ def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_ca
 
     monkeypatch.setattr(sae.train, "save_file", full_disk)
     out = tmp_path / "saes"
-    args = ["train", f"cache={tiny_cache}", f"out={out}", "batch_size=64", "total_tokens=768", "checkpoint_every=4",
-            f"saes=[{{architecture: topk, expansion_factor: 2, k: 4, hook: {hook}}}]", "wandb_mode=disabled"]
+    args = tiny_train_args(tiny_cache, hook, out, total_tokens=768, checkpoint_every=4)
     line = refused(capsys, *args)
     assert "no space left on device while writing in" in line and "checkpoints" in line
     assert "last good checkpoint is step 4" in line and "resume=true" in line
@@ -319,3 +351,117 @@ def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_ca
     assert cli_main([*args, "resume=true"]) == 0
     assert not list((out / "checkpoints").glob(".tmp_step_*"))  # ... is gone once a checkpoint is written
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 12
+
+
+# ----- kill -9 at random moments ----------------------------------------------------------------------------------
+# Each trial starts `python -m sae ...` as a process, SIGKILLs it at a moment drawn by a seeded RNG, runs the same
+# command again (train: with resume=true) and compares the result with a clean uninterrupted run.
+
+KILL_TRIALS = 3
+
+
+def kill_at_random(argv: list[str], rng: random.Random, progress, done, stages: int, log: Path) -> str:
+    """Run `python -m sae argv...` and SIGKILL it at a drawn stage (shards or checkpoints written, per `progress()`)
+    plus a drawn fraction of that stage, its length guessed from the stage before (the first two, which include the
+    start-up, are taken as 0.05 s): kills land
+    inside the work, not in the imports before it. Returns where the kill landed, or FINISHED if the process had
+    already exited (it must have exited 0) or `done()` said its output was complete (a kill while the interpreter
+    shuts down tests nothing)."""
+    import sae
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(sae.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    stage, fraction, reached_at = rng.randrange(stages), rng.random(), {}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sae", *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and progress() < stage and time.monotonic() < deadline:
+            reached_at.setdefault(progress(), time.monotonic())
+            time.sleep(0.005)
+        now = time.monotonic()
+        extra = fraction * (now - reached_at[stage - 1] if stage >= 2 and stage - 1 in reached_at else 0.05)
+        time.sleep(extra)
+        reached, complete = progress(), done()
+        proc.send_signal(signal.SIGKILL)
+        code = proc.wait()
+    if code != -signal.SIGKILL:  # it had exited before the signal
+        assert code == 0, log.read_text()
+        return FINISHED
+    if complete:
+        return FINISHED
+    return f"killed after {reached} of {stages} (+{extra:.2f} s)"
+
+
+def shards_listed(cache: Path) -> int:
+    """Shards the manifest lists (-1 before harvest has made its folder): how far a harvest has come."""
+    manifest = cache / "manifest.json"
+    if not manifest.exists():
+        return 0 if cache.exists() else -1
+    return len(json.loads(manifest.read_text())["shards"])
+
+
+@pytest.mark.slow  # ~10 s a trial: most of it the subprocess importing torch
+@pytest.mark.fault(RECOVERED)
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_harvest_killed_at_random_then_rerun_is_byte_identical(trial, tiny_llama, text_dir, hook, tiny_cache, tmp_path,
+                                                               fault, record_property):
+    """The session's `tiny_cache` is the clean run; shards, manifest and the folder's listing (no temp files) must
+    come out byte-identical after a kill anywhere from the first shard to the last."""
+    out = tmp_path / "cache"
+    args = tiny_harvest_args(tiny_llama, text_dir, hook, out)
+    landed = kill_at_random(args, random.Random(trial), lambda: shards_listed(out),
+                            lambda: shards_listed(out) > 0 and json.loads((out / "manifest.json").read_text())["complete"],
+                            stages=len(shard_bytes(tiny_cache)),
+                            log=tmp_path / "log")
+    record_property("kill", f"harvest {landed}")
+    if landed == FINISHED:
+        fault["kind"] = FINISHED
+    else:
+        assert cli_main(args) == 0, landed
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_cache.iterdir()), landed
+    assert shard_bytes(out) == shard_bytes(tiny_cache), landed
+    assert (out / "manifest.json").read_bytes() == (tiny_cache / "manifest.json").read_bytes(), landed
+
+
+KILL_TRAIN = dict(total_tokens=64 * 192, checkpoint_every=32)  # 192 steps, 6 checkpoints: ~1-2 s of training
+
+
+@pytest.fixture(scope="module")
+def clean_train(tiny_cache, hook, tmp_path_factory) -> Path:
+    """The uninterrupted training run the killed ones are compared with."""
+    out = tmp_path_factory.mktemp("clean_train") / "saes"
+    assert cli_main(tiny_train_args(tiny_cache, hook, out, **KILL_TRAIN)) == 0
+    return out
+
+
+def checkpoint_step(out: Path) -> int:
+    latest = out / "checkpoints" / "latest.json"
+    return json.loads(latest.read_text())["step"] if latest.exists() else 0
+
+
+@pytest.mark.slow  # ~10 s a trial: most of it the subprocess importing torch
+@pytest.mark.fault(RECOVERED)
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_train_killed_at_random_then_resumed_matches_clean_run(trial, tiny_cache, hook, clean_train, tmp_path, fault,
+                                                               record_property):
+    """Weights equal to the clean run's at fp32 resolution (resume is exact; see test_train), the same final
+    checkpoint step, and no half-written checkpoint left."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "saes"
+    args = tiny_train_args(tiny_cache, hook, out, **KILL_TRAIN)
+    every = KILL_TRAIN["checkpoint_every"]
+    landed = kill_at_random(args, random.Random(100 + trial), lambda: checkpoint_step(out) // every,
+                            lambda: all((out / p.relative_to(clean_train)).exists() for p in clean_train.rglob("*")),
+                            stages=KILL_TRAIN["total_tokens"] // 64 // every, log=tmp_path / "log")
+    record_property("kill", f"train {landed}")
+    if landed == FINISHED:
+        fault["kind"] = FINISHED
+    else:
+        assert cli_main([*args, "resume=true"]) == 0, landed
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(clean_train) for p in clean_train.rglob("*"))
+    assert checkpoint_step(out) == checkpoint_step(clean_train)
+    for weights in clean_train.glob("*/sae_weights.safetensors"):
+        clean, resumed = load_file(weights), load_file(out / weights.relative_to(clean_train))
+        for name, tensor in clean.items():
+            torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=f"{landed}: {weights.parent.name} {name}")
