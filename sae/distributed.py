@@ -44,21 +44,28 @@ class World:
 def init(device: str = "auto") -> tuple[World, torch.device]:
     """Join torchrun's process group if there is one, and pick this process's device.
 
-    Under torchrun, "auto" means the GPU numbered LOCAL_RANK (one GPU per process, as torchrun expects) or the CPU
-    when there is none; the backend follows the device: nccl for CUDA, gloo for the CPU.
+    Under torchrun, "auto" and "cuda" mean the GPU numbered LOCAL_RANK (one GPU per process, as torchrun expects),
+    "auto" the CPU when there is none; the backend follows the device: nccl for CUDA, gloo for the CPU.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), pick_device(device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        picked = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    else:
+    wants_gpu = device == "auto" and torch.cuda.is_available() or device.startswith("cuda")
+    if not wants_gpu:
         picked = pick_device(device)
+    elif local >= torch.cuda.device_count():
+        raise UserError(f"process {local} of this node needs GPU {local} but {torch.cuda.device_count()} are visible; "
+                        "start at most one process per GPU (torchrun --nproc_per_node) or use device=cpu")
+    else:
+        picked = torch.device("cuda", local)  # one GPU per process, whatever index the config named
     if picked.type == "cuda":
         torch.cuda.set_device(picked)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if picked.type == "cuda" else "gloo", device_id=picked if picked.type == "cuda" else None)
+        # Tensors go over nccl; Python objects (metrics, checkpoint metadata, a sharded SAE gathered for saving)
+        # over gloo, so they never pass through a GPU.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if picked.type == "cuda" else "gloo",
+                                device_id=picked if picked.type == "cuda" else None)
     return World(rank, size), picked
 
 

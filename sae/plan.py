@@ -50,11 +50,11 @@ class SAECost:
     def describe(self) -> str:
         p = self.params
         acts = 4 * DENSE_ACT_COPIES[self.architecture] * self.batch * self.d_sae
-        return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {_size(4 * p)} weights + "
-                f"{_size(8 * p)} Adam + {_size(4 * p)} gradients + {_size(acts)} activations (batch {self.batch})")
+        return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {size(4 * p)} weights + "
+                f"{size(8 * p)} Adam + {size(4 * p)} gradients + {size(acts)} activations (batch {self.batch})")
 
 
-def _size(n: float) -> str:
+def size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
@@ -71,14 +71,15 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(costs: list[SAECost], device: torch.device, free: int | None = None) -> None:
-    """Raise `PlanError` when the SAEs of this process need more than the device has free, naming the largest
-    width the biggest of them could have with the others unchanged."""
+def check_fits(costs: list[SAECost], device: torch.device, free: int | None = None, data_bytes: int = 0) -> None:
+    """Raise `PlanError` when the SAEs of this process, with the `data_bytes` its data source keeps on the device
+    (a live model and its shuffle chunks, a cache's read-ahead windows), need more than the device has free, naming
+    the largest width the biggest SAE could have with the rest unchanged."""
     free = free_bytes(device) if free is None else free
     if free is None or not costs:
         return
     budget = HEADROOM * free
-    need = sum(c.bytes() for c in costs)
+    need = data_bytes + sum(c.bytes() for c in costs)
     if need <= budget:
         return
     big = max(costs, key=lambda c: c.bytes())
@@ -87,5 +88,5 @@ def check_fits(costs: list[SAECost], device: torch.device, free: int | None = No
     fits = int((budget - rest - big.bytes(0)) // per_latent)
     hint = (f"{big.name} would fit with d_sae ≤ {fits:,} (expansion_factor ≤ {fits // big.d_in})" if fits > 0
             else "even the smallest width does not fit beside the other SAEs")
-    raise PlanError(f"the SAEs need ≈ {_size(need)} on {device} but {_size(free)} is free; {hint}; "
+    raise PlanError(f"the SAEs and their data need ≈ {size(need)} on {device} but {size(free)} is free; {hint}; "
                     "or lower batch_size, or spread a sweep over processes with torchrun and distribute_saes=true")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -51,6 +52,10 @@ class Source(Protocol):
         """Rank `rank`'s share of each global batch of `batch_size` rows, from global row `position` on."""
         ...
 
+    def device_bytes(self, device: torch.device, world_size: int) -> int:
+        """Memory this source keeps on `device` (for the plan's fit check)."""
+        ...
+
 
 def check_split(batch_size: int, world_size: int) -> int:
     """Rows per rank of a global batch; the batch must split evenly so every rank steps on as many rows."""
@@ -78,9 +83,15 @@ class CacheSource:
 
     def batches(self, batch_size: int, *, seed: int, position: int, rank: int = 0,
                 world_size: int = 1) -> Iterator[dict[str, Tensor]]:
-        check_split(batch_size, world_size)
         return self.store.shuffled(list(self.hooks), batch_size, seed=seed, position=position,
                                    shuffle_rows=self.shuffle_rows, rank=rank, world_size=world_size)
+
+    def device_bytes(self, device: torch.device, world_size: int) -> int:
+        """Two shuffle windows of host memory (the one read and the next), which count where training is on the CPU."""
+        if device.type != "cpu":
+            return 0
+        rows = min(self.shuffle_rows, self.store.n_rows)
+        return 2 * rows * sum(self.hooks.values()) * self.store.dtype.itemsize
 
 
 class ModelSource:
@@ -165,6 +176,14 @@ class ModelSource:
                 chunk = self._build_chunk(mine, key)
             self._chunk_cache = None
             yield chunk
+
+    def device_bytes(self, device: torch.device, world_size: int) -> int:
+        """The model's weights (their size on disk, high when the model runs in bf16) and two chunks (the one served
+        and the next, built by the prefetch thread), all on the training device."""
+        source = model_lib.resolve_spec(self.cfg.model)
+        weights = sum(f.stat().st_size for f in Path(source).glob("*.safetensors")) if Path(source).is_dir() else 0
+        chunk = self.chunk_contexts(world_size) // world_size * self.rows_per_context
+        return weights + 2 * chunk * sum(self.hooks.values()) * self.storage.itemsize
 
     def sample(self, n_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
         """The first rows of this rank's first chunk, i.e. a random sample of that chunk's contexts; the chunk is

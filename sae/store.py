@@ -77,7 +77,7 @@ class DiskFullError(UserError):
 
 
 @contextmanager
-def disk_full_reported(folder: Path) -> Iterator[None]:
+def disk_full_reported(folder: Path, then: str = "run the same command again to continue") -> Iterator[None]:
     """Turn ENOSPC into one line naming the folder (an OSError traceback says neither where nor what to do)."""
     try:
         yield
@@ -85,7 +85,7 @@ def disk_full_reported(folder: Path) -> Iterator[None]:
         if err.errno != errno.ENOSPC:
             raise
         raise DiskFullError(f"no space left on device while writing in {folder}; free some space there (or use "
-                            "another folder) and run the same command again to continue") from None
+                            f"another folder), then {then}") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -700,6 +700,10 @@ class ShuffledReader:
                 torch.index_select(group.data[h], 0, rows, out=out[h][done : done + take])
             done += take
         return out
+
+    def close(self) -> None:
+        """Stop the read-ahead threads (a read already running finishes; queued ones are dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> "ShuffledReader":
         return self

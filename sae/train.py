@@ -29,7 +29,7 @@ from torch import Tensor
 from . import distributed, plan, sharded
 from .harvest import HarvestConfig
 from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
-from .source import CacheSource, ModelSource, Source
+from .source import CacheSource, ModelSource, Source, check_split
 from .store import DiskFullError, atomic_write_json, disk_full_reported
 from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 
@@ -258,8 +258,12 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the thread, then the reader's own threads (a cache reader's pool, a live model's stream)."""
         self._stop.set()
         self._thread.join()
+        close = getattr(self._args[0], "close", None)
+        if close is not None:
+            close()
 
 
 # ----- checkpoints ---------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
     root = out / CHECKPOINT_DIR
     folder = root / f"step_{step:09d}"
     tmp = root / f".tmp_step_{step:09d}"
-    with disk_full_reported(root):
+    with disk_full_reported(root, then="resume"):
         if world.is_main:
             for stale in root.glob(".tmp_step_*"):  # left by a process killed (or out of space) mid-checkpoint
                 shutil.rmtree(stale)
@@ -317,6 +321,11 @@ def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
 # ----- the run -------------------------------------------------------------------------------
 
 
+STREAM_KEYS = ("model", "dataset", "dataset_split", "text_column", "context_size", "prepend_bos", "exclude_first",
+               "dtype", "model_dtype", "eval_fraction")
+"""The harvest settings that decide what an on-the-fly run reads (its batch size, device or out do not)."""
+
+
 class JobStopped(TrainError):
     """torchrun stopped this process because another process of the job failed."""
 
@@ -325,7 +334,7 @@ def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str,
     """The settings a resumed run must share with the run it continues."""
     keys = ("source", "total_tokens", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "grad_clip",
             "dead_window_tokens", "seed", "shuffle_rows", "distribute_saes", "shard_latents")
-    data = asdict(cfg.harvest) if cfg.source == "model" else cfg.cache
+    data = {k: getattr(cfg.harvest, k) for k in STREAM_KEYS} if cfg.source == "model" else cfg.cache
     return {"batch_size": batch_size, "world_size": world_size, "data": data,
             "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
 
@@ -399,6 +408,8 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     source = _open_source(cfg, hooks, device)
     total_tokens = cfg.total_tokens or source.n_train_rows or cfg.harvest.max_tokens
     batch_size = cfg.batch_size or default_batch_size(total_tokens)
+    if not cfg.batch_size and world.distributed:  # the default is a power of two; 3 or 6 processes need a multiple
+        batch_size = -(-batch_size // world.size) * world.size
     total_steps = max(1, total_tokens // batch_size)
     dead_window = cfg.dead_window_tokens or min(
         GAO_DEAD_TOKENS, max(batch_size, total_steps * batch_size // 10)
@@ -409,12 +420,12 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         raise TrainError("distribute_saes and shard_latents exclude each other: set one")
     ddp = world.distributed and not cfg.distribute_saes and not cfg.shard_latents
     shard = world.rank if world.distributed and cfg.shard_latents else None
-    mine = [i for i in range(len(cfg.saes)) if not cfg.distribute_saes or i % world.size == world.rank]
-    if not mine:
+    if cfg.distribute_saes and len(cfg.saes) < world.size:  # every rank sees it, so every rank stops
         raise TrainError(f"distribute_saes needs at least one SAE per process: {len(cfg.saes)} SAEs, "
                          f"{world.size} processes")
+    mine = [i for i in range(len(cfg.saes)) if not cfg.distribute_saes or i % world.size == world.rank]
     rank, shards = (world.rank, world.size) if ddp else (0, 1)
-    local_batch = batch_size // shards
+    local_batch = check_split(batch_size, shards)
 
     trainers: dict[str, SAETrainer] = {}
     lrs: dict[str, float] = {}
@@ -439,7 +450,8 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         )
     costs = [plan.SAECost(n, t.sae.cfg.architecture, t.sae.cfg.d_in, t.sae.cfg.d_sae, local_batch)
              for n, t in trainers.items()]
-    plan.check_fits(costs, device)  # before the model loads or a shard is read
+    data_bytes = source.device_bytes(device, shards)
+    plan.check_fits(costs, device, data_bytes=data_bytes)  # before the model loads or a shard is read
     if world.is_main:
         share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
                  if shard is not None else f"{local_batch} rows")
@@ -447,6 +459,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         print(f"plan: {total_steps * batch_size:,} tokens from the {cfg.source} in {total_steps:,} steps of "
               f"{batch_size}{mode} on {device}")
         print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" for c in costs))
+        print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
 
     run_config = _run_config(cfg, batch_size, world.size)
     checkpoint = _resume_point(cfg, out, run_config, world)
@@ -463,8 +476,9 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             trainer.load_state(load_file(str(folder / _checkpoint_file(name, shard))), meta)
         rng = load_file(str(folder / "rng.safetensors"))
         torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and "cuda0" in rng:
-            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"cuda{i}" in rng:  # another set of visible GPUs at resume is no reason to fail
+                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
         start_step, position, wandb_id = state["step"], state["reader_position"], state.get("wandb_id")
         if world.is_main:
             print(f"resuming from step {start_step:,} ({folder})")

@@ -268,7 +268,7 @@ def test_disk_full_during_harvest_is_one_line_then_resumes_exactly(tiny_llama, t
     fill_disk_at(monkeypatch, 3)  # shard 0, manifest, then shard 1
     err = refused(capsys, *tiny_harvest_args(tiny_llama, text_dir, hook, out))
     assert err.endswith(f"no space left on device while writing in {out}; free some space there (or use another "
-                        "folder) and run the same command again to continue")
+                        "folder), then run the same command again to continue")
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.safetensors"]  # no temp file
     monkeypatch.undo()
     (out / ".shard_00001.safetensors.tmp4242").write_bytes(b"left by a process killed mid-write")

@@ -333,3 +333,5 @@ def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_th
     check_fits([costs[0], SAECost("big", "relu_l1", 576, fits, 4096)], torch.device("cpu"), free=free)
     with pytest.raises(PlanError):
         check_fits([costs[0], SAECost("big", "relu_l1", 576, int(fits * 1.02), 4096)], torch.device("cpu"), free=free)
+    with pytest.raises(PlanError, match="the SAEs and their data need"):  # a live model's weights count too
+        check_fits([costs[0]], torch.device("cpu"), free=free, data_bytes=free)
