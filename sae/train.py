@@ -342,8 +342,9 @@ def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str,
 def _open_source(cfg: TrainConfig, hooks: list[str], device: torch.device) -> Source:
     if cfg.source == "cache":
         return CacheSource(cfg.cache, hooks, cfg.shuffle_rows)
-    if cfg.source == "model":
-        return ModelSource(cfg.harvest, hooks, device, cfg.shuffle_rows)
+    if cfg.source == "model":  # a chunk longer than the run would run the model on rows nobody trains on
+        run_rows = cfg.total_tokens or cfg.harvest.max_tokens
+        return ModelSource(cfg.harvest, hooks, device, min(cfg.shuffle_rows, run_rows))
     raise TrainError(f"source must be cache or model, not {cfg.source!r}")
 
 
