@@ -428,14 +428,28 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     rank, shards = (world.rank, world.size) if ddp else (0, 1)
     local_batch = check_split(batch_size, shards)
 
+    # The plan first: an SAE that cannot fit fails here, before its weights, the model or a shard are allocated.
+    configs = {names[i]: cfg.saes[i].sae_config(source.hooks[cfg.saes[i].hook], source.model_name) for i in mine}
+    lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, total_steps)
+           for i, (name, c) in zip(mine, configs.items())}
+    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1), local_batch)
+             for n, c in configs.items()]
+    data_bytes = source.device_bytes(device, shards)
+    plan.check_fits(costs, device, data_bytes=data_bytes)
+    if world.is_main:
+        share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
+                 if shard is not None else f"{local_batch} rows")
+        mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
+        print(f"plan: {total_steps * batch_size:,} tokens from the {cfg.source} in {total_steps:,} steps of "
+              f"{batch_size}{mode} on {device}")
+        print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" for c in costs))
+        print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
+
     trainers: dict[str, SAETrainer] = {}
-    lrs: dict[str, float] = {}
-    for i in mine:
-        spec, name = cfg.saes[i], names[i]
+    for i, (name, sae_cfg) in zip(mine, configs.items()):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sae_seed(cfg.seed, i))
-            sae = create_sae(spec.sae_config(source.hooks[spec.hook], source.model_name))
-        lrs[name] = spec.lr or cfg.lr or default_lr(spec.architecture, sae.cfg.d_sae, total_steps)
+            sae = create_sae(sae_cfg)
         if shard is not None:
             sae = sharded.shard(sae, world.rank, world.size)
         trainers[name] = (SAETrainer if shard is None else sharded.ShardedTrainer)(
@@ -449,18 +463,6 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             dead_window_tokens=dead_window,
             world_size=shards,
         )
-    costs = [plan.SAECost(n, t.sae.cfg.architecture, t.sae.cfg.d_in, t.sae.cfg.d_sae, local_batch)
-             for n, t in trainers.items()]
-    data_bytes = source.device_bytes(device, shards)
-    plan.check_fits(costs, device, data_bytes=data_bytes)  # before the model loads or a shard is read
-    if world.is_main:
-        share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
-                 if shard is not None else f"{local_batch} rows")
-        mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
-        print(f"plan: {total_steps * batch_size:,} tokens from the {cfg.source} in {total_steps:,} steps of "
-              f"{batch_size}{mode} on {device}")
-        print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" for c in costs))
-        print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
 
     run_config = _run_config(cfg, batch_size, world.size)
     checkpoint = _resume_point(cfg, out, run_config, world)

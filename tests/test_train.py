@@ -335,3 +335,13 @@ def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_th
         check_fits([costs[0], SAECost("big", "relu_l1", 576, int(fits * 1.02), 4096)], torch.device("cpu"), free=free)
     with pytest.raises(PlanError, match="the SAEs and their data need"):  # a live model's weights count too
         check_fits([costs[0]], torch.device("cpu"), free=free, data_bytes=free)
+
+
+def test_too_wide_sae_is_refused_at_the_cli_before_anything_is_allocated(tmp_path, cache, capsys):
+    from sae.cli import main
+
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'o'}", "wandb_mode=disabled",
+            "saes=[{architecture: topk, hook: h0, d_sae: 100000000000, k: 4}]"]
+    assert main(args) == 2  # 10¹¹ latents: allocating them first would take the machine down, not fail cleanly
+    err = capsys.readouterr().err
+    assert "would fit with d_sae ≤" in err and "is free" in err and not (tmp_path / "o").exists()
