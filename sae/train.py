@@ -392,6 +392,11 @@ def train(cfg: TrainConfig) -> list[Path]:
     ``distribute_saes``, each rank its share of the SAEs."""
     if not cfg.saes:
         raise TrainError("the train config lists no SAEs (train.saes is empty)")
+    low = [f"{k}={getattr(cfg, k)}" for k in ("shuffle_rows", "checkpoint_every", "log_every") if getattr(cfg, k) < 1]
+    low += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "total_tokens") if getattr(cfg, k) is not None
+            and getattr(cfg, k) < 1]
+    if low:
+        raise TrainError(f"{', '.join(low)}: must be ≥ 1")
     names = [s.run_name for s in cfg.saes]
     if len(set(names)) != len(names):
         raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")

@@ -64,6 +64,13 @@ def test_train_refuses_bad_sae_settings(spec, message, tiny_cache, hook, tmp_pat
     assert re.search(message, err.strip()), err
 
 
+@pytest.mark.parametrize("setting", ["shuffle_rows=0", "checkpoint_every=0", "log_every=-1", "batch_size=0"])
+def test_train_refuses_counts_below_one(setting, tiny_cache, tmp_path, capsys):
+    """A zero step count would divide by zero mid-run, a negative shuffle would silently stop shuffling."""
+    err = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", setting)
+    assert err.endswith(f"{setting}: must be ≥ 1")
+
+
 # ----- a damaged manifest ---------------------------------------------------------------------------------------
 
 
