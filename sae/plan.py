@@ -38,20 +38,22 @@ class SAECost:
     batch: int
     """Rows per step on this process."""
 
-    @property
-    def params(self) -> int:
-        return 2 * self.d_in * self.d_sae + 2 * self.d_sae + self.d_in
+    def params(self, d_sae: int | None = None) -> int:
+        """W_enc, W_dec, b_enc, a threshold and b_dec, at this SAE's width or at `d_sae`."""
+        d = self.d_sae if d_sae is None else d_sae
+        return 2 * self.d_in * d + 2 * d + self.d_in
+
+    def activation_bytes(self, d_sae: int | None = None) -> int:
+        return 4 * DENSE_ACT_COPIES[self.architecture] * self.batch * (self.d_sae if d_sae is None else d_sae)
 
     def bytes(self, d_sae: int | None = None) -> int:
-        d = self.d_sae if d_sae is None else d_sae
-        params = 2 * self.d_in * d + 2 * d + self.d_in
-        return 4 * (PARAM_COPIES * params + DENSE_ACT_COPIES[self.architecture] * self.batch * d)
+        return 4 * PARAM_COPIES * self.params(d_sae) + self.activation_bytes(d_sae)
 
     def describe(self) -> str:
-        p = self.params
-        acts = 4 * DENSE_ACT_COPIES[self.architecture] * self.batch * self.d_sae
+        p = self.params()
         return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {size(4 * p)} weights + "
-                f"{size(8 * p)} Adam + {size(4 * p)} gradients + {size(acts)} activations (batch {self.batch})")
+                f"{size(8 * p)} Adam + {size(4 * p)} gradients + {size(self.activation_bytes())} activations "
+                f"(batch {self.batch})")
 
 
 def size(n: float) -> str:
