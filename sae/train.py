@@ -218,12 +218,14 @@ class Prefetcher:
                  n_batches: int, pin: bool, depth: int = 2) -> None:
         self._queue: queue.Queue[dict[str, Tensor] | BaseException] = queue.Queue(depth)
         self._stop = threading.Event()
-        self._args = (reader, start, batch_size, n_batches, pin)
+        self._reader = reader
+        self._args = (start, batch_size, n_batches, pin)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        reader, start, batch_size, n_batches, pin = self._args
+        reader = self._reader
+        start, batch_size, n_batches, pin = self._args
         try:
             for i in range(n_batches):
                 if self._stop.is_set():  # closed early (error, Ctrl-C): don't read the rest of the run
@@ -261,7 +263,7 @@ class Prefetcher:
         """Stop the thread, then the reader's own threads (a cache reader's pool, a live model's stream)."""
         self._stop.set()
         self._thread.join()
-        close = getattr(self._args[0], "close", None)
+        close = getattr(self._reader, "close", None)
         if close is not None:
             close()
 
@@ -431,6 +433,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                          f"{world.size} processes")
     mine = [i for i in range(len(cfg.saes)) if not cfg.distribute_saes or i % world.size == world.rank]
     rank, shards = (world.rank, world.size) if ddp else (0, 1)
+    writes_saes = world.is_main or not ddp  # data-parallel ranks hold identical copies: rank 0 writes them
     local_batch = check_split(batch_size, shards)
 
     # The plan first: an SAE that cannot fit fails here, before its weights, the model or a shard are allocated.
@@ -539,7 +542,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             if done % cfg.checkpoint_every == 0 or done == total_steps:
                 _check_finite(trainers)
                 state["reader_position"] = position + (done - start_step) * batch_size
-                _write_checkpoint(out, done, state, trainers, world, writes_saes=world.is_main or not ddp, shard=shard)
+                _write_checkpoint(out, done, state, trainers, world, writes_saes=writes_saes, shard=shard)
                 last_good = done
     except (DivergedError, JobStopped, distributed.PeerLost, DiskFullError) as err:
         if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
@@ -555,7 +558,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         run.finish()
 
     paths = [out / name for name in names]
-    if world.is_main or not ddp:  # a latent shard's save is collective: rank 0 writes the whole SAE
+    if writes_saes:  # a latent shard's save is collective: rank 0 writes the whole SAE
         for name, trainer in trainers.items():
             trainer.sae.eval()
             trainer.sae.save(out / name)
