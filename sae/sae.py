@@ -222,10 +222,14 @@ class SAE(nn.Module):
 
     # ----- training ------------------------------------------------------------------------
 
-    def forward(
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction [..., d_in] of raw activations x [..., d_in] (inference, as in SAELens and sparsify)."""
+        return self.decode(self.encode(x))
+
+    def train_forward(
         self, x: Tensor, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0
     ) -> ForwardOutput:
-        """Training forward pass on raw activations x [batch, d_in].
+        """Training forward pass on raw activations x [batch, d_in]: reconstruction, activations and loss terms.
 
         ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK uses it);
         ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up).

@@ -88,7 +88,7 @@ class SAETrainer:
         sae = self.sae
         penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = sae(x, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
+            out = sae.train_forward(x, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         fire_counts, tokens = out.fire_counts, x.shape[0]

@@ -43,7 +43,7 @@ def test_sparse_forward_matches_dense_reference(arch):
     sae, x = _fitted(arch)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    out = sae(x, dead_mask=dead)
+    out = sae.train_forward(x, dead_mask=dead)
     out.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
@@ -90,7 +90,7 @@ def test_relu_l1_loss_by_hand():
     sae, x = _fitted("relu_l1", l1_coefficient=3.0)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1, dtype=torch.float64) + 0.5)  # unequal row norms
-    out = sae(x, penalty_scale=0.5)
+    out = sae.train_forward(x, penalty_scale=0.5)
     x_n = x * sae.scale
     f = torch.relu(x_n @ sae.W_enc + sae.b_enc)  # April 2024: no b_dec subtraction
     mse = ((f @ sae.W_dec + sae.b_dec - x_n) ** 2).sum(1).mean()
@@ -102,7 +102,7 @@ def test_relu_l1_loss_by_hand():
 def test_jumprelu_pseudo_derivatives():
     """∂L/∂θ from the rectangle-kernel STE, worked out by hand (Rajamanoharan et al. 2024)."""
     sae, x = _fitted("jumprelu", bandwidth=0.5, init_threshold=0.3, l0_coefficient=2.0)
-    out = sae(x)
+    out = sae.train_forward(x)
     x_n = x * sae.scale
     pre = (x_n @ sae.W_enc + sae.b_enc).detach()
     theta = sae.threshold.detach()
@@ -300,3 +300,11 @@ def test_invalid_settings_are_named(kw, message):
 def test_k_only_binds_the_variants_that_use_it():
     """A ReLU SAE narrower than the default k=32 is fine: k means nothing to it (SAELens folders load this way)."""
     assert SAEConfig("relu_l1", 4, 8).k == 32 and SAEConfig("topk", 4, 8, k=8).k == 8
+
+
+def test_forward_is_the_reconstruction():
+    """``sae(x)`` is what SAELens and sparsify users expect: decode(encode(x)), any leading shape."""
+    sae, x = _fitted("topk")
+    x3 = x[:12].reshape(3, 4, -1)
+    assert torch.allclose(sae(x3), sae.decode(sae.encode(x3)))
+    assert torch.allclose(sae(x3).reshape(12, -1), sae.train_forward(x[:12]).x_hat, atol=1e-5)
