@@ -1,11 +1,12 @@
 """Sparse autoencoder models: one base class, one small class per architecture.
 
 Every variant stores ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]`` and
-``b_dec [d_in]`` and works on *normalised* activations ``x · scale`` internally, where the
-trainer fits ``scale`` so that E‖x·scale‖² = d_in (Anthropic, "Circuits Updates – April
-2024"). That makes the sparsity coefficients and learning rates transfer across models and
-layers. ``encode``/``decode``/``forward`` all take and return *raw* activations; ``save``
-folds the scale into the weights so that the files on disk need no normalisation at all.
+``b_dec [d_in]`` and works on *normalised* activations ``(x − mean) · scale`` internally, where the
+trainer fits ``mean`` and ``scale`` so that the normalised data is centred with E‖x_n‖² = d_in (see
+``SAE.initialise_from_data`` for why centred, where Anthropic's April 2024 update normalises E‖x‖²).
+That makes the sparsity coefficients and learning rates transfer across models and layers.
+``encode``/``decode``/``forward`` all take and return *raw* activations; ``save`` folds the mean
+and the scale into the weights so that the files on disk need no normalisation at all.
 
 On-disk layout is SAELens 6's (``cfg.json`` + ``sae_weights.safetensors``), so a saved folder
 loads with ``sae_lens.SAE.load_from_disk`` and ``SAE.load`` reads SAELens folders too.
@@ -57,7 +58,8 @@ class SAEConfig:
     model_name: str = ""
     dtype: str = "float32"
     scale: float = 1.0
-    """Input normalisation: the model sees ``x · scale``. 1.0 after ``save`` folds it."""
+    """Input normalisation: the model sees ``(x − mean) · scale`` (the mean is a buffer). 1.0 after ``save``
+    folds both."""
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec before encoding; None → the variant's paper default."""
     k: int = 32
@@ -115,6 +117,13 @@ def auxk_loss(aux_hat: Tensor, residual: Tensor, d_in: int) -> Tensor:
     it by the residual's energy (NMSE); our mse is in units where E‖x‖² = d_in, so AuxK is expressed in the same
     units to keep their α = 1/32."""
     return (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8) * d_in
+
+
+def auxk_weight(n_dead: int, aux_k: int) -> float:
+    """AuxK's weight relative to α: min(n_dead / k_aux, 1), as Gao et al.'s reference code, SAELens and sparsify
+    (``scale = min(num_dead / k_aux, 1.0)``) scale it: with fewer dead latents than k_aux the loss still asks a full
+    reconstruction of the residual from the few there are, so its pull is cut in proportion."""
+    return min(n_dead / aux_k, 1.0)
 
 
 class SparseActs(NamedTuple):
@@ -176,6 +185,7 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         self.register_buffer("scale", torch.tensor(float(cfg.scale), dtype=dtype))
+        self.register_buffer("mean", torch.zeros(cfg.d_in, dtype=dtype))
         self._init_tied(decoder_norm=1.0)
 
     @torch.no_grad()
@@ -188,17 +198,38 @@ class SAE(nn.Module):
 
     # ----- normalisation -------------------------------------------------------------------
 
+    FITTED_BUFFERS: ClassVar[tuple[str, ...]] = ("scale", "mean")
+    """Buffers fitted once from data (``initialise_from_data``), never changed by training."""
+
     @torch.no_grad()
     def initialise_from_data(self, sample: Tensor) -> None:
-        """Fit ``scale`` so E‖x·scale‖² = d_in, and start b_dec at the (normalised) data mean.
+        """Fit ``mean`` and ``scale`` so the normalised data x_n = (x − mean)·scale is centred with E‖x_n‖² = d_in.
 
-        The mean stands in for Gao et al.'s geometric median: nearly as good and one pass.
+        Anthropic (April 2024) scale so that E‖x‖² = d_in and leave the mean to b_dec; Gao et al. subtract a b_dec
+        initialised at the geometric median. Scaling the *uncentred* energy lets a constant offset eat the
+        budget: a residual stream's mean is as large as its spread or larger (SmolLM2-135M layer 15:
+        ‖mean‖ = 1.09·√E‖x − mean‖², so E‖x‖² = 2.2× the centred energy), and every coefficient tuned for
+        E‖x_n‖² = d_in then meets a signal several times weaker than it was tuned for. On the planted data of
+        `sae planted` (‖offset‖ = 4× the spread) ReLU+L1 at λ = 5 went to L0 = 0 (FVU 0.99) and TopK k = 4 left
+        40% of its latents dead (mean max cosine 0.84); centred, both recover the dictionary (see `sae.planted`).
+        Centring costs one subtraction per batch. b_dec then starts at 0, the normalised data's mean, which
+        stands in for Gao et al.'s geometric median (nearly as good, and one pass).
         """
         sample = sample.to(self.W_dec.device, torch.float32)
-        scale = math.sqrt(self.cfg.d_in / sample.pow(2).sum(-1).mean().item())
+        mean = sample.mean(0, dtype=torch.float64).float()
+        scale = math.sqrt(self.cfg.d_in / (sample - mean).pow(2).sum(-1).mean().clamp_min(1e-30).item())
         self.scale.fill_(scale)
         self.cfg.scale = scale
-        self.b_dec.copy_(sample.mean(0) * scale)
+        self.mean.copy_(mean)
+        self.b_dec.zero_()
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d_in] in the SAE's working units: (x − mean)·scale, in the SAE's dtype."""
+        return (x.to(self.W_enc.dtype) - self.mean) * self.scale
+
+    def denormalise(self, x_n: Tensor) -> Tensor:
+        """The inverse of ``normalise``: x_n/scale + mean."""
+        return x_n / self.scale + self.mean
 
     # ----- inference -----------------------------------------------------------------------
 
@@ -213,12 +244,12 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent activations [..., d_sae] of raw activations x [..., d_in]."""
-        flat = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.scale
+        flat = self.normalise(x.reshape(-1, self.cfg.d_in))
         return self.encode_normalised(flat).reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, f: Tensor) -> Tensor:
         """Raw-space reconstruction [..., d_in] of dense latents f [..., d_sae]."""
-        return (f @ self.W_dec + self.b_dec) / self.scale
+        return self.denormalise(f @ self.W_dec + self.b_dec)
 
     # ----- training ------------------------------------------------------------------------
 
@@ -234,16 +265,40 @@ class SAE(nn.Module):
         ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK uses it);
         ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up).
         """
-        x_n = x.to(self.W_enc.dtype) * self.scale
         x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(
-            x_n, dead_mask, penalty_scale
+            self.normalise(x), dead_mask, penalty_scale
         )
-        return ForwardOutput(x_hat_n / self.scale, acts, loss, losses, l0, fire_counts)
+        return ForwardOutput(self.denormalise(x_hat_n), acts, loss, losses, l0, fire_counts)
 
     def _train_forward(
         self, x_n: Tensor, dead_mask: Tensor | None, penalty_scale: float
     ) -> tuple[Tensor, Tensor | SparseActs, Tensor, dict[str, Tensor], Tensor, Tensor]:
         raise NotImplementedError
+
+    # ----- AuxK (Gao et al. §A.2): dead latents model the residual ---------------------------------------------
+
+    @property
+    def aux_k(self) -> int:
+        """k_aux: dead latents per token in the AuxK reconstruction (Gao et al.: d_in / 2)."""
+        return self.cfg.aux_k or self.cfg.d_in // 2
+
+    def _select_aux(self, pre: Tensor, dead_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(rows, latents) of each row's top-k *dead* latents by pre-activation, rows ascending."""
+        feats = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return rows, feats.flatten()
+
+    def _auxk(self, aux: SparseActs, x_n: Tensor, x_hat: Tensor, n_dead: int) -> tuple[Tensor, Tensor]:
+        """(the weighted AuxK term to add to the loss, the unweighted loss to log) for the dead latents' activations
+        ``aux``: α·min(n_dead/k_aux, 1)·AuxK (``auxk_weight``)."""
+        aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, len(x_n)))
+        auxk = auxk_loss(aux_hat, (x_n - x_hat).detach(), self.cfg.d_in)
+        return self.cfg.aux_coefficient * auxk_weight(n_dead, self.aux_k) * auxk, auxk.detach()
+
+    def _sum_over_shards(self, t: Tensor) -> Tensor:
+        """A sum over latents completed across latent shards: the identity here, where this process holds every
+        latent (``sae.sharded`` overrides it, and ``_encoder_b_dec``, to shard the latents across processes)."""
+        return t
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
@@ -272,25 +327,27 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def folded_state(self) -> dict[str, Tensor]:
-        """Weights with the input scale s folded in, for raw activations with no scaling.
+        """Weights with the input mean μ and scale s folded in, for raw activations with no normalisation.
 
-        With x_n = s·x:  pre = (s·x − a·b_dec) W_enc + b_enc = x (s·W_enc) − a (b_dec/s)(s·W_enc)
-        + b_enc, and x̂ = x̂_n / s = f (W_dec/s) + b_dec/s. So W_enc·s, W_dec/s, b_dec/s fold
-        it; b_enc and any threshold act on the (unchanged) pre-activations and stay as they are.
+        With x_n = s·(x − μ) and a = apply_b_dec_to_input (W' = s·W_enc, b_dec' = b_dec/s + μ):
+        x̂ = x̂_n/s + μ = f (W_dec/s) + b_dec', and pre = (s·(x − μ) − a·b_dec) W_enc + b_enc
+        = (x − μ − a·b_dec/s) W' + b_enc, which is (x − b_dec') W' + b_enc when a = 1, and
+        x W' + (b_enc − μ W') when a = 0. Thresholds act on the (unchanged) pre-activations.
         """
         s = self.scale
         dtype = getattr(torch, self.cfg.dtype)
+        W_enc = self.W_enc * s
         state = {
-            "W_enc": self.W_enc * s,
-            "b_enc": self.b_enc,
+            "W_enc": W_enc,
+            "b_enc": self.b_enc if self.cfg.apply_b_dec_to_input else self.b_enc - self.mean @ W_enc,
             "W_dec": self.W_dec / s,
-            "b_dec": self.b_dec / s,
+            "b_dec": self.b_dec / s + self.mean,
             **self._extra_inference_tensors(),
         }
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
     def save(self, path: str | Path) -> Path:
-        """Write a SAELens-6 folder: ``cfg.json`` + ``sae_weights.safetensors``, scale folded.
+        """Write a SAELens-6 folder: ``cfg.json`` + ``sae_weights.safetensors``, mean and scale folded.
 
         The folder appears whole or not at all (a crash never pairs new weights with an old cfg); an SAE folder
         already there is replaced. The model itself is left untouched (training may continue after a save).
@@ -489,17 +546,6 @@ class _TopKFamily(SAE):
         """(rows, latents) of the main activation, rows sorted ascending."""
         raise NotImplementedError
 
-    def _select_aux(self, pre: Tensor, dead_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """AuxK (Gao et al. §A.2): (rows, latents) of each row's top-k *dead* latents, rows ascending."""
-        feats = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1).indices
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-        return rows, feats.flatten()
-
-    def _sum_over_shards(self, t: Tensor) -> Tensor:
-        """A sum over latents completed across latent shards: the identity here, where this process holds every
-        latent (``sae.sharded`` overrides it, and ``_encoder_b_dec``, to shard the latents across processes)."""
-        return t
-
     def _encoder_b_dec(self) -> Tensor:
         """b_dec as the encoder subtracts it (its gradient there is a sum over latents; see ``_sum_over_shards``)."""
         return self.b_dec
@@ -507,7 +553,7 @@ class _TopKFamily(SAE):
     def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         n = x_n.shape[0]
         n_dead = int(self._sum_over_shards(dead_mask.sum())) if dead_mask is not None else 0
-        aux_k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
+        aux_k = min(self.aux_k, n_dead)
         n_main: list[int] = []
 
         def select(pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -529,12 +575,8 @@ class _TopKFamily(SAE):
         loss = mse
         losses = {"mse": mse.detach()}
         if n_dead:
-            aux = SparseActs(rows[m:], feats[m:], F.relu(vals[m:]))
-            residual = (x_n - x_hat).detach()
-            aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, n))
-            auxk = auxk_loss(aux_hat, residual, self.cfg.d_in)
-            loss = loss + self.cfg.aux_coefficient * auxk
-            losses["auxk"] = auxk.detach()
+            term, losses["auxk"] = self._auxk(SparseActs(rows[m:], feats[m:], F.relu(vals[m:])), x_n, x_hat, n_dead)
+            loss = loss + term
         fired = acts.values.detach() > 0
         fire_counts = torch.bincount(acts.features[fired], minlength=self.cfg.d_sae)
         l0 = self._sum_over_shards(fired.sum(dtype=torch.float32)) / n
@@ -734,14 +776,9 @@ class JumpReLUSAE(SAE):
         losses = {"mse": mse.detach(), "l0": l0_loss.detach()}
         n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         if n_dead and self.cfg.aux_coefficient:
-            # AuxK (Gao et al. §A.2), normalised as in _TopKFamily: the top-k_aux dead
-            # latents, by ReLU pre-activation, model the residual.
-            k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
-            vals, idx = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1)
-            aux_hat = torch.einsum("bk,bkd->bd", F.relu(vals), self.W_dec[idx])
-            auxk = auxk_loss(aux_hat, (x_n - x_hat).detach(), self.cfg.d_in)
-            loss = loss + self.cfg.aux_coefficient * auxk
-            losses["auxk"] = auxk.detach()
+            rows, feats = self._select_aux(pre, dead_mask, min(self.aux_k, n_dead))
+            term, losses["auxk"] = self._auxk(SparseActs(rows, feats, F.relu(pre[rows, feats])), x_n, x_hat, n_dead)
+            loss = loss + term
         active = f.detach() > 0
         return x_hat, f, loss, losses, l0_loss.detach(), active.sum(0)
 

@@ -135,7 +135,7 @@ class SAETrainer:
                 p.grad = torch.zeros_like(p)
             distributed.all_reduce_(p.grad, "mean")
         for name, buf in self.sae.named_buffers():
-            if name != "scale" and buf.is_floating_point():
+            if name not in self.sae.FITTED_BUFFERS and buf.is_floating_point():
                 distributed.all_reduce_(buf, "mean")
         return distributed.all_reduce_(fire_counts.clone(), "sum")
 

@@ -13,9 +13,10 @@ from sae.sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fitted(arch: str, d_in: int = 16, d_sae: int = 64, **kw) -> tuple[SAE, torch.Tensor]:
+def _fitted(arch: str, d_in: int = 16, d_sae: int = 64, offset: float = 0.5, **kw) -> tuple[SAE, torch.Tensor]:
+    """A fitted SAE and its data: spread 3 per dimension around a constant `offset` (in every dimension)."""
     torch.manual_seed(0)
-    x = torch.randn(64, d_in, dtype=torch.float64) * 3 + 0.5
+    x = torch.randn(64, d_in, dtype=torch.float64) * 3 + offset
     sae = create_sae(SAEConfig(arch, d_in, d_sae, k=4, aux_k=6, **kw)).double()
     sae.initialise_from_data(x)
     return sae, x
@@ -30,25 +31,32 @@ def test_unknown_architecture_lists_valid():
         create_sae(cfg)
 
 
-def test_initialise_from_data_normalises_to_d_in():
-    sae, x = _fitted("relu_l1")
-    assert torch.isclose((x * sae.scale).pow(2).sum(-1).mean(), torch.tensor(16.0, dtype=torch.float64))
-    assert torch.allclose(sae.b_dec, x.mean(0) * sae.scale)
+def test_initialise_from_data_centres_and_normalises_to_d_in():
+    sae, x = _fitted("relu_l1", offset=40.0)
+    x_n = sae.normalise(x)
+    # fitted in float32 (the reader's dtype): a float32 ulp of the offset (40) is ~4e-6
+    torch.testing.assert_close(x_n, (x - x.mean(0)) * sae.scale, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_n.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_n.pow(2).sum(-1).mean(), torch.tensor(16.0, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert torch.equal(sae.b_dec, torch.zeros(16, dtype=torch.float64))  # the normalised data's mean
+    assert torch.allclose(sae.denormalise(x_n), x)
 
 
+@pytest.mark.parametrize("n_dead", [22, 3])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_forward_matches_dense_reference(arch):
-    """Loss and every gradient of the sparse encoder/decoder path (incl. AuxK) equal a
-    straightforward dense implementation built from the same selection."""
-    sae, x = _fitted(arch)
+def test_sparse_forward_matches_dense_reference(arch, n_dead):
+    """Loss and every gradient of the sparse encoder/decoder path (incl. AuxK, weighted by min(n_dead / k_aux, 1))
+    equal a straightforward dense implementation built from the same selection."""
+    sae, x = _fitted(arch, offset=20.0)
     dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = True
+    dead[torch.randperm(64)[:n_dead]] = True
+    aux_k, weight = min(6, n_dead), min(n_dead / 6, 1.0)
     out = sae.train_forward(x, dead_mask=dead)
     out.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
 
-    x_n = x * sae.scale
+    x_n = sae.normalise(x)
     pre = (x_n - sae.b_dec) @ sae.W_enc + sae.b_enc
     a = out.acts
     chosen = torch.zeros_like(pre, dtype=torch.bool)
@@ -61,15 +69,15 @@ def test_sparse_forward_matches_dense_reference(arch):
     f = torch.where(chosen, pre, 0).relu()
     x_hat = f @ sae.W_dec + sae.b_dec
     mse = (x_hat - x_n).pow(2).sum(-1).mean()
-    aux_idx = pre.masked_fill(~dead, -torch.inf).topk(6, dim=-1).indices
+    aux_idx = pre.masked_fill(~dead, -torch.inf).topk(aux_k, dim=-1).indices
     f_aux = torch.where(torch.zeros_like(chosen).scatter_(-1, aux_idx, True), pre, 0).relu()
     resid = (x_n - x_hat).detach()
     auxk = (f_aux @ sae.W_dec - resid).pow(2).sum() / resid.pow(2).sum() * 16
-    loss = mse + auxk / 32
+    loss = mse + weight * auxk / 32
     loss.backward()
 
     assert torch.allclose(out.loss, loss)
-    assert torch.allclose(out.x_hat, x_hat / sae.scale)
+    assert torch.allclose(out.x_hat, x_hat / sae.scale + x.mean(0))
     assert torch.allclose(a.to_dense(len(x), 64), f)
     for name, p in sae.named_parameters():
         assert torch.allclose(sparse_grads[name], p.grad, atol=1e-12), name
@@ -80,7 +88,7 @@ def test_sparse_forward_matches_dense_reference(arch):
 def test_topk_encode_keeps_k_largest():
     sae, x = _fitted("topk")
     f = sae.encode(x)
-    pre = (x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc
+    pre = (sae.normalise(x) - sae.b_dec) @ sae.W_enc + sae.b_enc
     ref = torch.zeros_like(pre).scatter_(-1, pre.topk(4).indices, pre.topk(4).values.relu())
     assert torch.equal(f != 0, ref != 0)
     torch.testing.assert_close(f, ref)  # addmm and `@` then `+` may round the last bit apart
@@ -91,7 +99,7 @@ def test_relu_l1_loss_by_hand():
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1, dtype=torch.float64) + 0.5)  # unequal row norms
     out = sae.train_forward(x, penalty_scale=0.5)
-    x_n = x * sae.scale
+    x_n = sae.normalise(x)
     f = torch.relu(x_n @ sae.W_enc + sae.b_enc)  # April 2024: no b_dec subtraction
     mse = ((f @ sae.W_dec + sae.b_dec - x_n) ** 2).sum(1).mean()
     l1 = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
@@ -103,12 +111,12 @@ def test_jumprelu_pseudo_derivatives():
     """∂L/∂θ from the rectangle-kernel STE, worked out by hand (Rajamanoharan et al. 2024)."""
     sae, x = _fitted("jumprelu", bandwidth=0.5, init_threshold=0.3, l0_coefficient=2.0)
     out = sae.train_forward(x)
-    x_n = x * sae.scale
+    x_n = sae.normalise(x)
     pre = (x_n @ sae.W_enc + sae.b_enc).detach()
     theta = sae.threshold.detach()
     f = pre * (pre > theta)
     x_hat = f @ sae.W_dec + sae.b_dec
-    assert torch.allclose(out.x_hat * sae.scale, x_hat)
+    assert torch.allclose(sae.normalise(out.x_hat), x_hat)
     assert out.l0 == (pre > theta).sum() / len(x)
     out.loss.backward()
     B = len(x)
@@ -120,19 +128,26 @@ def test_jumprelu_pseudo_derivatives():
 
 
 @pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
-def test_save_load_roundtrip_folds_scale(arch, tmp_path):
-    sae, x = _fitted(arch)
-    sae = sae.float()
-    x = x.float()
+def test_save_load_roundtrip_folds_mean_and_scale(arch, tmp_path):
+    """A saved SAE computes the same features and reconstruction of raw inputs as before saving, with the input
+    mean (a big offset: ‖mean‖ ≈ 13× the spread) and the scale folded into the weights."""
+    sae, x = _fitted(arch, offset=100.0)
+    sae, x = sae.float(), x.float()
+    with torch.no_grad():  # trained-looking biases, so every term of the folding is exercised
+        sae.b_dec.copy_(torch.randn(16) * 0.3)
+        sae.b_enc.copy_(torch.randn(64) * 0.3)
     if arch == "batchtopk":
         sae.threshold.fill_(0.7)
-    assert sae.scale != 1
+    assert sae.scale != 1 and sae.mean.norm() > 10 * (x - x.mean(0)).pow(2).sum(-1).mean().sqrt()
     f, x_hat = sae.encode(x), sae.decode(sae.encode(x))
+    assert (f > 0).any() and (f == 0).any()
     sae.save(tmp_path / "s")
     loaded = SAE.load(tmp_path / "s")
-    assert type(loaded) is type(sae) and loaded.scale == 1 and loaded.cfg.scale == 1
-    assert torch.allclose(loaded.encode(x), f, atol=1e-5)
-    assert torch.allclose(loaded.decode(loaded.encode(x)), x_hat, atol=1e-4)
+    assert type(loaded) is type(sae) and loaded.scale == 1 and loaded.cfg.scale == 1 and not loaded.mean.any()
+    # Folding moves the offset's cancellation into the encoder bias: float32 rounding of terms ~‖x‖·‖W_enc‖.
+    assert torch.equal(loaded.encode(x) > 0, f > 0)
+    torch.testing.assert_close(loaded.encode(x), f, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), x_hat, atol=2e-4, rtol=1e-5)
     assert sae.scale != 1  # saving leaves the live model alone
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert cfg["architecture"] == {"relu_l1": "standard", "topk": "topk"}.get(arch, "jumprelu")
