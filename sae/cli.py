@@ -4,8 +4,8 @@
     sae train   --config configs/demo.yaml train.batch_size=2048
     sae demo
 
-A config file has one section per stage (harvest:, train:, eval:, analyse:). Overrides are `key=value` for the
-stage being run, or `section.key=value` for any section. Paths that link stages (the cache a trainer reads, the
+A config file has one section per stage (harvest:, train:, eval:, analyse:, score:, planted:). Overrides are
+`key=value` for the stage being run, or `section.key=value` for any section. Paths that link stages (the cache a trainer reads, the
 SAEs an evaluation reads) default to the previous stage's output in the same file, so one file describes a run.
 """
 
@@ -58,6 +58,12 @@ def _score(mod, cfg):
     return scores
 
 
+def _planted(mod, cfg):
+    scores = mod.run_planted(cfg)
+    print(mod.format_scores(scores))
+    return scores
+
+
 def _print(result):
     print(result)
     return result
@@ -69,6 +75,8 @@ STAGES = {
     "eval": Stage("eval", "evaluate", "EvalConfig", _eval, "metrics, PCA baseline and spliced LM loss"),
     "analyse": Stage("analyse", "analyse", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
     "score": Stage("score", "analyse", "ScoreConfig", _score, "anomaly scores: per-token reconstruction error of a text"),
+    "planted": Stage("planted", "planted", "PlantedConfig", _planted, "ground-truth benchmark: train the SAEs on "
+                     "activations built from a known dictionary and score how much of it they recover"),
 }
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

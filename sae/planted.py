@@ -13,14 +13,85 @@ frequencies following a power law, groups of features that co-occur, log-normal 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import UserError
+from .evaluate import fit_pca, pca_fvu_curve
+from .sae import SAE
+from .store import ActivationStore, CacheWriter, atomic_write_json
+from .train import SAESpec, TrainConfig, default_batch_size, train
+
 HOOK = "planted"
 """The hook name of the planted cache (its only one)."""
+CONTEXT_SIZE = 64
+"""Rows per "context" of the planted cache (they are independent draws; the store wants whole contexts)."""
+RECOVERED_COSINE = 0.9
+"""A true direction counts as recovered when some decoder row has at least this cosine with it."""
+
+
+@dataclass
+class PlantedConfig:
+    """Planted data with real data's hard properties, SAEs trained on it by `sae train`, scored against the truth."""
+
+    out: str = "runs/planted"
+    """Folder for the planted cache (cache/), the SAEs (saes/) and the scores (planted.json)."""
+    d_in: int = 64
+    """Width of the activations."""
+    n_features: int = 512
+    """True dictionary directions (random unit vectors, so more than d_in of them are in superposition)."""
+    l0: float = 4.0
+    """Mean number of true features active per token."""
+    frequency_exponent: float = 1.0
+    """Feature i (by rank) fires with probability ∝ i^−exponent (a power law, as in real SAE latent densities)."""
+    correlation: float = 0.5
+    """Correlation of the latent Gaussians of the features in one group: features of a group co-occur."""
+    group_size: int = 4
+    """Features per co-occurring group."""
+    magnitude_sigma: float = 0.5
+    """σ of the log-normal magnitudes of active features (mean 1)."""
+    offset: float = 4.0
+    """‖constant offset‖ / √E‖x − E x‖²: a residual stream's mean dwarfs its spread (SmolLM2-135M layer 15: 1.09)."""
+    noise: float = 0.02
+    """Energy of the isotropic Gaussian noise as a fraction of the signal's (centred) energy."""
+    tokens: int = 400_000
+    """Training rows written to the planted cache (one epoch of `sae train`)."""
+    eval_tokens: int = 16_384
+    """Fresh rows the SAEs, PCA and the reference loop are scored on."""
+    seed: int = 0
+    """Seeds the dictionary, the data and the training."""
+    saes: list[SAESpec] | None = None
+    """SAEs to train (their hook is set to the planted cache's); None → the four variants at width 2·n_features
+    with k = target_l0 = l0 and every other setting at its default."""
+
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)} must be > 0" for k in ("d_in", "n_features", "l0", "tokens", "eval_tokens",
+                                                                 "group_size") if not getattr(self, k) > 0]
+        bad += [f"{k}={getattr(self, k)} must be ≥ 0" for k in ("frequency_exponent", "magnitude_sigma", "offset",
+                                                                 "noise") if not getattr(self, k) >= 0]
+        if not 0 <= self.correlation < 1:
+            bad.append(f"correlation={self.correlation} must be in [0, 1)")
+        if self.l0 > self.n_features:
+            bad.append(f"l0={self.l0} must be at most n_features={self.n_features}")
+        if bad:
+            raise UserError(f"planted: {'; '.join(bad)}")
+
+    def specs(self) -> list[SAESpec]:
+        """The SAEs to train, on the planted hook."""
+        if self.saes is not None:
+            return [replace(s, hook=HOOK) for s in self.saes]
+        width, k = 2 * self.n_features, max(1, round(self.l0))
+        return [SAESpec("topk", HOOK, d_sae=width, k=k), SAESpec("batchtopk", HOOK, d_sae=width, k=k),
+                SAESpec("jumprelu", HOOK, d_sae=width, target_l0=self.l0), SAESpec("relu_l1", HOOK, d_sae=width)]
+
+    def data(self) -> PlantedData:
+        return make_planted(self.d_in, self.n_features, self.l0, self.frequency_exponent, self.correlation,
+                            self.group_size, self.magnitude_sigma, self.offset, self.noise, self.seed)
 
 
 @dataclass
@@ -82,3 +153,131 @@ def make_planted(d_in: int, n_features: int, l0: float, frequency_exponent: floa
     data.offset = F.normalize(torch.randn(d_in, generator=g), dim=0) * offset * spread
     data.noise_std = float(spread * math.sqrt(noise / d_in))
     return data
+
+
+# ----- the benchmark ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Score:
+    """One model's scores against the planted dictionary on fresh rows."""
+
+    name: str
+    mean_max_cos: float | None
+    """Mean over true directions of the best cosine with a decoder row (None: PCA has no dictionary)."""
+    recovered: float | None
+    """Fraction of true directions with a decoder row at cosine > ``RECOVERED_COSINE``."""
+    l0: float
+    fvu: float
+    pca_fvu: float
+    """FVU of PCA with as many components as this model's L0 (rounded): what a dense code of that size gets."""
+
+
+def write_cache(cfg: PlantedConfig, data: PlantedData, path: Path) -> Path:
+    """The planted training rows as an ordinary activation cache (the store's own writer), so `sae train` reads
+    them as it reads a harvest. A complete cache of the same settings is reused; other settings are refused."""
+    contexts = math.ceil(cfg.tokens / CONTEXT_SIZE)
+    per_shard = max(1, min(contexts, 65536 // CONTEXT_SIZE))
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "saes", "eval_tokens")}
+    meta = {"model": "planted", "hooks": {HOOK: cfg.d_in}, "dtype": "float32", "context_size": CONTEXT_SIZE,
+            "exclude_first": False, "eval_fraction": 0.0, "planted": settings}
+    writer = CacheWriter(path, meta, contexts_per_shard=per_shard)
+    try:
+        if writer.complete:
+            return path
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        done = writer.contexts_done
+        for _ in range(done):  # a resumed write draws the same rows for the shards still to come
+            data.sample(CONTEXT_SIZE, g)
+        for start in range(done, contexts, per_shard):
+            n = min(per_shard, contexts - start)
+            rows = torch.cat([data.sample(CONTEXT_SIZE, g) for _ in range(n)])
+            writer.add({HOOK: rows.view(n, CONTEXT_SIZE, cfg.d_in)},
+                       torch.zeros(n, CONTEXT_SIZE, dtype=torch.long), first_pos=0)
+        writer.finish(first_pos=0)
+    finally:
+        writer.close()
+    return path
+
+
+def max_cosines(dictionary: Tensor, W_dec: Tensor) -> Tensor:
+    """For each true direction, its best cosine with any decoder row [n_features]."""
+    return (dictionary @ F.normalize(W_dec.detach().float(), dim=1).T).max(1).values
+
+
+def reference_topk(batches: Any, d_in: int, d_sae: int, k: int, steps: int,
+                   lr: float = 1e-3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A textbook TopK SAE in plain PyTorch (Gao et al.'s architecture with none of its training recipe: no input
+    normalisation, no AuxK, constant lr): what a naive implementation gets from the same batches.
+    Returns (W_dec, W_enc, b_enc, b_dec)."""
+    W_dec = F.normalize(torch.randn(d_sae, d_in), dim=1).requires_grad_()
+    W_enc = W_dec.detach().T.clone().requires_grad_()
+    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_dec = None
+    for _ in range(steps):
+        x = next(batches)[HOOK].float()
+        if b_dec is None:
+            b_dec = x.mean(0).requires_grad_()
+            opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
+        top = ((x - b_dec) @ W_enc + b_enc).topk(k, dim=-1)
+        f = torch.zeros(len(x), d_sae).scatter(-1, top.indices, top.values.relu())
+        loss = (f @ W_dec + b_dec - x).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            W_dec.copy_(F.normalize(W_dec, dim=1))
+    return W_dec.detach(), W_enc.detach(), b_enc.detach(), b_dec.detach()
+
+
+def _score(name: str, dictionary: Tensor, W_dec: Tensor | None, x: Tensor, x_hat: Tensor, l0: float,
+           pca_curve: Tensor) -> Score:
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    cos = max_cosines(dictionary, W_dec) if W_dec is not None else None
+    return Score(name, None if cos is None else float(cos.mean()),
+                 None if cos is None else float((cos > RECOVERED_COSINE).float().mean()), l0, fvu,
+                 float(pca_curve[min(len(pca_curve) - 1, round(l0))]))
+
+
+@torch.no_grad()
+def run_planted(cfg: PlantedConfig) -> list[Score]:
+    """Write the planted cache, train the SAEs on it with `sae train`, and score them (and PCA, and the reference
+    loop) on fresh rows; the scores are also written to ``out/planted.json``."""
+    out = Path(cfg.out)
+    data = cfg.data()
+    cache = write_cache(cfg, data, out / "cache")
+    specs = cfg.specs()
+    with torch.enable_grad():
+        paths = train(TrainConfig(cache=str(cache), out=str(out / "saes"), saes=specs, seed=cfg.seed,
+                                  resume=True, wandb_mode="disabled"))
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    x = data.sample(cfg.eval_tokens, g)
+    pca_curve = pca_fvu_curve(fit_pca(data.sample(max(cfg.eval_tokens, 4 * cfg.d_in), g)), x)
+    scores = []
+    for path in paths:
+        sae = SAE.load(path)  # the saved folder: mean and scale folded into the weights
+        f = sae.encode(x)
+        scores.append(_score(path.name, data.dictionary, sae.W_dec, x, sae.decode(f),
+                             float((f > 0).sum(-1).float().mean()), pca_curve))
+    store = ActivationStore(cache)
+    batch = default_batch_size(store.n_train_rows)
+    k = max(1, round(cfg.l0))
+    torch.manual_seed(cfg.seed)
+    with torch.enable_grad():
+        W_dec, W_enc, b_enc, b_dec = reference_topk(iter(store.shuffled([HOOK], batch, seed=cfg.seed)), cfg.d_in,
+                                                    2 * cfg.n_features, k, store.n_train_rows // batch)
+    top = ((x - b_dec) @ W_enc + b_enc).topk(k, dim=-1)
+    f = torch.zeros(len(x), W_dec.shape[0]).scatter(-1, top.indices, top.values.relu())
+    scores.append(_score(f"reference topk k{k} (plain PyTorch)", data.dictionary, W_dec, x, f @ W_dec + b_dec,
+                         float((f > 0).sum(-1).float().mean()), pca_curve))
+    atomic_write_json(out / "planted.json", {"config": asdict(cfg), "scores": [asdict(s) for s in scores]})
+    return scores
+
+
+def format_scores(scores: list[Score]) -> str:
+    """The scores as a table: one row per SAE, then the reference loop."""
+    width = max(len(s.name) for s in scores)
+    lines = [f"{'model':<{width}}  mean max cos  recovered (cos > {RECOVERED_COSINE})     L0     FVU  PCA FVU at L0",
+             *(f"{s.name:<{width}}  {s.mean_max_cos:12.3f}  {s.recovered:22.1%}  {s.l0:5.2f}  {s.fvu:6.3f}  "
+               f"{s.pca_fvu:13.3f}" for s in scores)]
+    return "\n".join(lines)

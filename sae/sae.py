@@ -754,7 +754,7 @@ class JumpReLUSAE(SAE):
     def initialise_from_data(self, sample: Tensor) -> None:
         super().initialise_from_data(sample)
         # b_enc = θ − (1 − p)-quantile of W_enc·x: each latent fires on a fraction p at init.
-        pre = self.pre_acts(sample.to(self.W_enc.device, self.W_enc.dtype) * self.scale) - self.b_enc
+        pre = self.pre_acts(self.normalise(sample.to(self.W_enc.device))) - self.b_enc
         q = torch.quantile(pre.float(), 1 - self.init_fire_rate, dim=0).to(pre.dtype)
         self.b_enc.copy_(self.threshold - q)
 
