@@ -268,7 +268,7 @@ def run_planted(cfg: PlantedConfig) -> list[Score]:
                                                     2 * cfg.n_features, k, store.n_train_rows // batch)
     top = ((x - b_dec) @ W_enc + b_enc).topk(k, dim=-1)
     f = torch.zeros(len(x), W_dec.shape[0]).scatter(-1, top.indices, top.values.relu())
-    scores.append(_score(f"reference topk k{k} (plain PyTorch)", data.dictionary, W_dec, x, f @ W_dec + b_dec,
+    scores.append(_score(f"reference_topk_k{k}_plain_pytorch", data.dictionary, W_dec, x, f @ W_dec + b_dec,
                          float((f > 0).sum(-1).float().mean()), pca_curve))
     atomic_write_json(out / "planted.json", {"config": asdict(cfg), "scores": [asdict(s) for s in scores]})
     return scores

@@ -72,9 +72,10 @@ class SAEConfig:
     """jumprelu: None → the paper's λ·L0 penalty; a number → dictionary_learning's
     λ·(L0/target_l0 − 1)², which steers L0 to target_l0 (see JumpReLUSAE)."""
     bandwidth: float | None = None
-    """jumprelu: STE kernel width ε; None → 0.001·√d_in (see JumpReLUSAE)."""
+    """jumprelu: STE kernel width ε; None → 1.0, the spread of a unit encoder direction's pre-activation
+    (see JumpReLUSAE)."""
     init_threshold: float | None = None
-    """jumprelu: initial θ; None → 0.001·√d_in (see JumpReLUSAE)."""
+    """jumprelu: initial θ; None → 1.0, as ε (see JumpReLUSAE)."""
     aux_k: int | None = None
     """topk/batchtopk/jumprelu: latents in the AuxK reconstruction; None → d_in // 2 (Gao et al.)."""
     aux_coefficient: float = 1 / 32
@@ -712,9 +713,14 @@ class JumpReLUSAE(SAE):
     #494, fixed the same way in SAELens PR #718; dictionary_learning's ``JumpReluTrainer``
     also trains θ directly for this reason).
 
-    The paper's ε = θ₀ = 0.001 assume inputs with unit mean squared norm; ours have
-    E‖x‖² = d_in, i.e. pre-activations √d_in larger, so the defaults are scaled by √d_in.
-    Both are best set far wider in short runs (ε = θ₀ = 1 with d_in = 64 in the planted test).
+    ε and θ₀ default to 1.0 in our units, not the paper's 0.001. The paper's inputs have unit mean
+    squared norm; ours are centred with E‖x_n‖² = d_in, so a unit-norm encoder direction's
+    pre-activation has variance ≈ 1 on isotropic data whatever d_in is, and the kernel is best of
+    that width: a window ε much narrower than the pre-activations' spread catches almost no
+    tokens, so θ gets almost no gradient in a run of a few hundred steps. Measured on the CI-sized
+    hard configuration of `sae planted` (d_in 32, 128 true features, 781 steps, target_l0 3):
+    mean max cosine 0.61 with the old 0.001·√d_in, 0.67 with ε = θ₀ = 1 (0.72 with 0.5), and 0.74
+    to 0.81 when the lr is also raised 3–9× (not the default: untested on real data).
 
     Training recipe beyond the paper's loss:
 
@@ -743,12 +749,12 @@ class JumpReLUSAE(SAE):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        theta0 = cfg.init_threshold or 0.001 * math.sqrt(cfg.d_in)
+        theta0 = cfg.init_threshold or 1.0
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), theta0, dtype=self.W_enc.dtype))
 
     @property
     def bandwidth(self) -> float:
-        return self.cfg.bandwidth or 0.001 * math.sqrt(self.cfg.d_in)
+        return self.cfg.bandwidth or 1.0
 
     @torch.no_grad()
     def initialise_from_data(self, sample: Tensor) -> None:

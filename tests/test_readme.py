@@ -76,8 +76,9 @@ def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str) -> list[str]:
 
 
 def test_readme_shows_each_stage_and_the_demo():
-    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "score", "train"]
-    assert all(c[1:3] == ["--config", DEMO] for c in readme_commands()[1:])
+    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "score", "train",
+                                                  "planted"]
+    assert all(c[1:3] == ["--config", DEMO] for c in readme_commands()[1:-1])
     assert len(readme_torchrun_commands()) == 2
 
 
@@ -96,7 +97,7 @@ def test_score_default_is_the_demo_topk_sae():
     assert ScoreConfig(text="x").sae == str(Path(demo["train"]["out"]) / SAESpec(**demo["train"]["saes"][0]).run_name)
 
 
-@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "score", "demo"])
+@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "score", "planted", "demo"])
 def test_help_of_every_command(stage, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main([stage, "--help"])
@@ -114,7 +115,7 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     folder = _in_copy(tmp_path, "stages", monkeypatch)
     extra = tiny_overrides(tiny_llama, text_dir, hook)
     printed = {}
-    for args in readme_commands()[1:]:
+    for args in readme_commands()[1:-1]:
         assert cli_main([*args, *extra]) == 0, (args, capsys.readouterr().err)
         printed[args[0]] = capsys.readouterr().out
     runs = folder / "runs" / "demo"
@@ -123,6 +124,18 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     assert "feature browser:" in printed["analyse"] and "return" in printed["score"]
     assert (runs / "saes" / "topk_k32_x8_" f"{hook}" / "cfg.json").is_file()
     assert (folder / "runs" / "live" / "saes" / "checkpoints" / "latest.json").is_file()  # the on-the-fly line
+
+
+def test_readme_planted_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    """`sae planted` as the README shows it, shrunk (tests/test_planted.py runs the CI-sized benchmark)."""
+    monkeypatch.chdir(tmp_path)
+    args = readme_commands()[-1]
+    assert args[0] == "planted"
+    small = ["d_in=16", "n_features=32", "l0=2", "tokens=20000", "eval_tokens=2000"]
+    assert cli_main([*args, *small]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "mean max cos" in printed and "reference_topk_k2_plain_pytorch" in printed
+    assert len(json.loads((tmp_path / "runs" / "planted" / "planted.json").read_text())["scores"]) == 5
 
 
 def test_readme_torchrun_commands_run_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch):
