@@ -31,8 +31,19 @@ def test_unknown_architecture_lists_valid():
         create_sae(cfg)
 
 
-def test_initialise_from_data_centres_and_normalises_to_d_in():
+def test_initialise_from_data_without_centring_normalises_the_raw_energy():
+    """relu_l1's default: Anthropic's E‖x·scale‖² = d_in with b_dec at the normalised mean."""
     sae, x = _fitted("relu_l1", offset=40.0)
+    assert not sae.cfg.centre_input and not sae.mean.any()
+    torch.testing.assert_close((x * sae.scale).pow(2).sum(-1).mean(), torch.tensor(16.0, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(sae.b_dec, x.mean(0) * sae.scale, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch, kw", [("topk", {}), ("relu_l1", {"centre_input": True})])
+def test_initialise_from_data_centres_and_normalises_to_d_in(arch, kw):
+    sae, x = _fitted(arch, offset=40.0, **kw)
+    assert sae.cfg.centre_input
     x_n = sae.normalise(x)
     # fitted in float32 (the reader's dtype): a float32 ulp of the offset (40) is ~4e-6
     torch.testing.assert_close(x_n, (x - x.mean(0)) * sae.scale, atol=1e-5, rtol=0)
@@ -127,18 +138,19 @@ def test_jumprelu_pseudo_derivatives():
     assert window.sum() > 0  # the check above is not vacuous
 
 
-@pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
-def test_save_load_roundtrip_folds_mean_and_scale(arch, tmp_path):
+@pytest.mark.parametrize("arch, centre", [(a, None) for a in sorted(SAE_CLASSES)] + [("relu_l1", True)])
+def test_save_load_roundtrip_folds_mean_and_scale(arch, centre, tmp_path):
     """A saved SAE computes the same features and reconstruction of raw inputs as before saving, with the input
     mean (a big offset: ‖mean‖ ≈ 13× the spread) and the scale folded into the weights."""
-    sae, x = _fitted(arch, offset=100.0)
+    sae, x = _fitted(arch, offset=100.0, centre_input=centre)
     sae, x = sae.float(), x.float()
     with torch.no_grad():  # trained-looking biases, so every term of the folding is exercised
         sae.b_dec.copy_(torch.randn(16) * 0.3)
         sae.b_enc.copy_(torch.randn(64) * 0.3)
     if arch == "batchtopk":
         sae.threshold.fill_(0.7)
-    assert sae.scale != 1 and sae.mean.norm() > 10 * (x - x.mean(0)).pow(2).sum(-1).mean().sqrt()
+    assert sae.scale != 1
+    assert sae.mean.norm() > 10 * (x - x.mean(0)).pow(2).sum(-1).mean().sqrt() or not sae.cfg.centre_input
     f, x_hat = sae.encode(x), sae.decode(sae.encode(x))
     assert (f > 0).any() and (f == 0).any()
     sae.save(tmp_path / "s")
