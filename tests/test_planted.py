@@ -1,5 +1,5 @@
-"""`sae planted`: the generator has the properties it promises, and every variant recovers the planted dictionary at
-its defaults through the normal train path."""
+"""`sae planted`: the generator has the properties it promises, and the SAEs trained at their defaults through the
+normal train path recover the planted dictionary (TopK fully; see RECOVERY_FLOOR for the others)."""
 
 from __future__ import annotations
 
