@@ -374,8 +374,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
+    saes = load_saes(cfg.saes, device)  # before the model: a bad SAE name (or an offline hub) fails in a moment
     model, _ = load_model(store.model_name, str(device))
-    return evaluate_saes(cfg, store, load_saes(cfg.saes, device), model)
+    return evaluate_saes(cfg, store, saes, model)
 
 
 #: Width `format_table` keeps to: a terminal's default.
