@@ -163,44 +163,45 @@ def _release_folder(release: str, sae_id: str) -> str:
     return f"{entry['repo_id']}/{paths[sae_id]}"
 
 
-def _download(repo_id: str, patterns: list[str] | None, what: str) -> Path:
-    """``snapshot_download`` of a hub repo (only `patterns`), or one line saying why not. With HF_HUB_OFFLINE set
-    only the local hub cache is read, so an uncached repo fails at once instead of after network retries."""
+def _download(repo_id: str, patterns: list[str] | None, head: str) -> Path:
+    """``snapshot_download`` of a hub repo (only `patterns`), or one line, starting with `head`, saying why not. With
+    HF_HUB_OFFLINE set only the local hub cache is read, so an uncached repo fails at once instead of after retries."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=hub_offline()))
     except HFValidationError:
-        raise SAEFormatError(f"{what} is neither a local folder nor a valid hub repo id (owner/name[/folder])") from None
+        raise SAEFormatError(f"{head}{repo_id!r} is not a valid hub repo id (owner/name[/folder])") from None
     except RepositoryNotFoundError:
-        raise SAEFormatError(f"{what}: the hub has no repo {repo_id!r} you can read (misspelt, private or gated?) "
-                             "and there is no such local folder") from None
+        raise SAEFormatError(f"{head}the hub has no repo {repo_id!r} you can read (misspelt, private or gated?)") from None
     except LocalEntryNotFoundError as err:
         if hub_offline():
-            raise SAEFormatError(f"{what}: hub repo {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set; "
+            raise SAEFormatError(f"{head}hub repo {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set; "
                                  "unset HF_HUB_OFFLINE to download it, or pass a local folder") from None
-        raise SAEFormatError(f"{what}: cannot reach the hub for repo {repo_id!r} and it is not in the local cache "
+        raise SAEFormatError(f"{head}cannot reach the hub for repo {repo_id!r} and it is not in the local cache "
                              f"({type(err.__cause__ or err).__name__}); check the network, or pass a local folder") from None
 
 
-def _from_hub(spec: str, what: str, single: bool) -> Path:
-    """The local copy of ``owner/repo[/folder]``: only the folder's files are fetched. A whole repo with no SAE at
-    its root is fetched whole (a folder of SAEs), unless `single`: then its configs alone show which SAEs it holds."""
-    owner, name, *sub = spec.split("/")
+def _from_hub(path: str, spec: str, single: bool) -> Path:
+    """The local copy of hub `path` = ``owner/repo[/folder]``, which the user's `spec` names: only the folder's files
+    are fetched. A whole repo with no SAE at its root is fetched whole (a folder of SAEs), unless `single`: then its
+    configs alone show which SAEs it holds."""
+    owner, name, *sub = path.split("/")
     repo_id, folder = f"{owner}/{name}", "/".join(sub)
+    # A plain hub id might have been meant as a local path (`runs/x/saes` before training): say it is neither.
+    head = f"{spec}: " if path != spec else f"{spec}: no such local folder, and "
     if folder:
-        path = _download(repo_id, [f"{folder}/*"], what) / folder
-        if not path.is_dir():
-            raise SAEFormatError(f"{what}: hub repo {repo_id!r} has no folder {folder!r} (or it is not in the local "
-                                 "cache)")
-        return path
-    root = _download(repo_id, ["*.json"], what)
+        local = _download(repo_id, [f"{folder}/*"], head) / folder
+        if not local.is_dir():
+            raise SAEFormatError(f"{head}hub repo {repo_id!r} has no folder {folder!r} (or it is not in the local cache)")
+        return local
+    root = _download(repo_id, ["*.json"], head)
     if single and not (root / CFG_FILENAME).is_file():
         names = sorted(p.parent.name for p in root.glob(f"*/{CFG_FILENAME}"))
-        raise SAEFormatError(f"{what} holds {len(names)} SAEs ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+        raise SAEFormatError(f"{spec} holds {len(names)} SAEs ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
                              f"; name one, e.g. {spec}/{names[0] if names else '<folder>'}")
-    return _download(repo_id, None, what)
+    return _download(repo_id, None, head)
 
 
 def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -> Path:

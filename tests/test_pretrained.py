@@ -222,8 +222,8 @@ def test_unreachable_hub_is_one_line(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
-    with pytest.raises(SAEFormatError, match=r"^someone/saes/layers.0: cannot reach the hub for repo 'someone/saes' and "
-                                              r"it is not in the local cache"):
+    with pytest.raises(SAEFormatError, match=r"^someone/saes/layers.0: no such local folder, and cannot reach the hub "
+                                              r"for repo 'someone/saes' and it is not in the local cache"):
         SAE.from_pretrained("someone/saes/layers.0")
 
 
@@ -235,8 +235,9 @@ def test_offline_hub_sae_at_the_cli_is_one_line_at_once(stage, setting, tiny_cac
     code = cli_main([stage, f"cache={tiny_cache}", setting.format("nobody/no-such-saes/layers.0"), "device=cpu", *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and time.monotonic() - start < 10, err
-    assert err == (f"sae {stage}: error: nobody/no-such-saes/layers.0: hub repo 'nobody/no-such-saes' is not in the "
-                   "local cache and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download it, or pass a local folder")
+    assert err == (f"sae {stage}: error: nobody/no-such-saes/layers.0: no such local folder, and hub repo "
+                   "'nobody/no-such-saes' is not in the local cache and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to "
+                   "download it, or pass a local folder")
     assert not (tmp_path / "out").exists()
 
 
