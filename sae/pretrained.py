@@ -125,10 +125,11 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 # --------------------------------------------------------------------------------------------- names → folders
 
 
-def _looks_local(spec: str) -> bool:
-    """A name meant as a local path: explicit (./, /, ~), without a slash, or under a folder that exists here
-    (``runs/demo/saes`` before training is a missing folder, not the hub repo ``runs/demo``)."""
-    return spec.startswith((".", "/", "~")) or "/" not in spec or Path(spec.split("/")[0]).expanduser().is_dir()
+def _is_local(spec: str) -> bool:
+    """A name meant as a local path: one that exists, an explicit one (./, /, ~), one without a slash, or one under a
+    folder that exists here (``runs/demo/saes`` before training is a missing folder, not the hub repo ``runs/demo``)."""
+    return (spec.startswith((".", "/", "~")) or "/" not in spec or Path(spec.split("/")[0]).expanduser().is_dir()
+            or Path(spec).exists())
 
 
 @cache
@@ -217,7 +218,7 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
             raise SAEFormatError(f"{spec!r} is not a release in SAELens's registry"
                                  f"{'' if _saelens_registry() else ' (sae-lens is not installed)'}")
         return _from_hub(_release_folder(spec, sae_id), f"{spec}/{sae_id}", single)
-    if _looks_local(spec) or Path(spec).exists():
+    if _is_local(spec):
         return Path(spec).expanduser()
     release, _, rest = spec.partition("/")
     if release in _saelens_registry():
@@ -234,8 +235,7 @@ def find_saes(specs: Iterable[str | Path]) -> dict[str, Path]:
     for spec in specs:
         folder = resolve(spec)
         if layout(folder):
-            local = _looks_local(str(spec)) or Path(spec).exists()
-            found.append((folder.resolve().name if local else str(spec).rstrip("/").rsplit("/", 1)[-1], folder))
+            found.append((folder.resolve().name if _is_local(str(spec)) else Path(spec).name, folder))
             continue
         children = sorted(p for p in folder.iterdir() if layout(p)) if folder.is_dir() else []
         if not children:

@@ -343,6 +343,8 @@ class SAE(nn.Module):
         else:
             cfg = _saelens_config(path)
             tensors = load_file(path / WEIGHTS_FILENAME)
+            if "scaling_factor" in tensors:  # older SAELens: latents scaled by s before decoding, i.e. W_dec·diag(s)
+                tensors["W_dec"] = tensors["W_dec"] * tensors["scaling_factor"][:, None]
         sae = create_sae(cfg)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

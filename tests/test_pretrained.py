@@ -141,6 +141,31 @@ def test_saelens_folder_written_by_saelens(tmp_path):
         torch.testing.assert_close(ours(x), theirs.decode(f), rtol=1e-5, atol=1e-4)
 
 
+def test_pre_6_saelens_folder(tmp_path):
+    """The older SAELens config keys (hook_point, activation_fn_str topk, dtype "torch.float32", normalize_activations
+    false) and its finetuning scaling_factor, which multiplies the latents before the decoder."""
+    g = torch.Generator().manual_seed(0)
+    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g),
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g),
+         "scaling_factor": torch.rand(D_SAE, generator=g) + 0.5}
+    tmp_path.joinpath("s").mkdir()
+    save_file(t, str(tmp_path / "s" / "sae_weights.safetensors"))
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({
+        "d_in": D_IN, "d_sae": D_SAE, "dtype": "torch.float32", "hook_point": "blocks.8.hook_resid_pre",
+        "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "normalize_activations": False,
+        "apply_b_dec_to_input": True, "finetuning_scaling_factor": True, "model_name": "gpt2-small",
+    }))
+    sae = SAE.from_pretrained(tmp_path / "s")
+    assert type(sae) is TopKSAE and sae.cfg.k == K and sae.cfg.hook_name == "blocks.8.hook_resid_pre"
+    x = torch.randn(40, D_IN)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    top = pre.topk(K, dim=-1)
+    f = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae(x), (f * t["scaling_factor"]) @ t["W_dec"] + t["b_dec"], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
 def test_our_folders_load_in_eval_mode(arch, tmp_path):
     sae = trained_ours(arch).train()
