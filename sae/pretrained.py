@@ -93,13 +93,16 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     (sparsify/sparse_coder.py and fused_encoder.py), with ``encoder.weight`` [d_sae, d_in] and ``W_dec`` [d_sae, d_in].
     ReLU then top-k equals our TopK's top-k then ReLU (the same latents survive, the rest are zero), so it is our
     ``TopKSAE`` with ``W_enc = encoder.weightᵀ`` and b_dec subtracted from the input. What that cannot express is
-    refused: a skip connection (x·W_skipᵀ added to the output), a transcoder (it predicts another hookpoint), and
-    the GroupMax activation.
+    refused: a skip connection (x·W_skipᵀ added to the output), a transcoder (it predicts another hookpoint), the
+    GroupMax activation, and older sparsify's ``signed`` latents (top-k by |pre-activation|, no ReLU).
     """
     raw = json.loads((folder / CFG_FILENAME).read_text())
     where = f"{folder} (sparsify layout)"
     if raw.get("transcode"):
         raise SAEFormatError(f"{where} is a transcoder (transcode: true), not an SAE; load SAEs only")
+    if raw.get("signed"):
+        raise SAEFormatError(f"{where} has signed latents (top-k by absolute value, no ReLU), which our SAEs do not "
+                             "model; use an SAE trained with signed: false")
     if raw.get("activation", "topk") != "topk":
         raise SAEFormatError(f"{where} uses the {raw['activation']!r} activation; only sparsify's topk is supported")
     tensors = load_file(folder / SPARSIFY_WEIGHTS_FILENAME)
@@ -193,7 +196,8 @@ def _from_hub(path: str, spec: str, single: bool) -> Path:
     # A plain hub id might have been meant as a local path (`runs/x/saes` before training): say it is neither.
     head = f"{spec}: " if path != spec else f"{spec}: no such local folder, and "
     if folder:
-        local = _download(repo_id, [f"{folder}/*"], head) / folder
+        # config.json beside the folders is sparsify's run config: it names the model (see read_sparsify).
+        local = _download(repo_id, [f"{folder}/*", "config.json"], head) / folder
         if not local.is_dir():
             raise SAEFormatError(f"{head}hub repo {repo_id!r} has no folder {folder!r} (or it is not in the local cache)")
         return local

@@ -122,6 +122,7 @@ def test_sparsify_folder_is_sparsify_topk_exactly(tmp_path):
     ({"skip_connection": True}, "has a skip connection"),
     ({"transcode": True}, "is a transcoder"),
     ({"activation": "groupmax"}, "uses the 'groupmax' activation"),
+    ({"signed": True}, "has signed latents"),
 ])
 def test_sparsify_features_we_do_not_model_are_refused(cfg, message, tmp_path):
     write_sparsify(tmp_path / "layers.0", **cfg)
