@@ -455,13 +455,11 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
 
     trainers: dict[str, SAETrainer] = {}
     for i, (name, sae_cfg) in zip(mine, configs.items()):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it trains: no host copy
             torch.manual_seed(_sae_seed(cfg.seed, i))
-            sae = create_sae(sae_cfg)
-        if shard is not None:
-            sae = sharded.shard(sae, world.rank, world.size)
+            sae = create_sae(sae_cfg) if shard is None else sharded.shard(sae_cfg, world.rank, world.size)
         trainers[name] = (SAETrainer if shard is None else sharded.ShardedTrainer)(
-            sae.to(device),
+            sae,
             lr=lrs[name],
             total_steps=total_steps,
             lr_warmup_frac=cfg.lr_warmup_frac,
