@@ -27,7 +27,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
-from .pretrained import CFG_FILENAME, WEIGHTS_FILENAME, SAEFormatError, check_layout, read_sparsify, resolve
+from .pretrained import (
+    CFG_FILENAME, WEIGHTS_FILENAME, SAEFormatError, check_layout, find_saes, read_sparsify, resolve,
+)
 from .store import atomic_folder
 
 INIT_BLOCK = 4096
@@ -378,8 +380,6 @@ class SAE(nn.Module):
         """Load one SAE by any name ``sae.pretrained`` resolves, in eval mode: a local folder (ours, SAELens's or
         sparsify's layout), a hub repo ``owner/name`` or a folder in one ``owner/name/layers.10``, or a SAELens
         ``release/sae_id`` (also as ``from_pretrained(release, sae_id)``)."""
-        from .pretrained import find_saes
-
         found = find_saes([resolve(name_or_path, sae_id, single=True)])
         if len(found) > 1:
             names = list(found)
