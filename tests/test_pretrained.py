@@ -239,17 +239,33 @@ def test_saelens_release_and_sae_id_through_the_registry(hub):
         SAE.from_pretrained("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical")
 
 
-def test_unreachable_hub_is_one_line(monkeypatch):
-    import huggingface_hub
+def _no_network():
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    def no_network(*a, **k):
-        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+    return LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+
+
+def _no_repo():
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    request = httpx2.Request("GET", "https://hub.invalid/api/models/someone/saes")  # built only, never sent
+    return RepositoryNotFoundError("404 Repository Not Found", response=httpx2.Response(404, request=request))
+
+
+@pytest.mark.parametrize("error, message", [
+    (_no_network, "cannot reach the hub for repo 'someone/saes' and it is not in the local cache"),
+    (_no_repo, r"the hub has no repo 'someone/saes' you can read \(misspelt, private or gated\?\)$"),
+])
+def test_unreachable_hub_or_unknown_repo_is_one_line(error, message, monkeypatch):
+    import huggingface_hub
+
+    def download(*a, **k):
+        raise error()
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
-    with pytest.raises(SAEFormatError, match=r"^someone/saes/layers.0: no such local folder, and cannot reach the hub "
-                                              r"for repo 'someone/saes' and it is not in the local cache"):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    with pytest.raises(SAEFormatError, match=rf"^someone/saes/layers.0: no such local folder, and {message}"):
         SAE.from_pretrained("someone/saes/layers.0")
 
 
