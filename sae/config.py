@@ -171,7 +171,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (empty when there is none)."""
+    """The docstring of each field of a dataclass and its bases: the string written under the field, or the field's
+    `metadata["doc"]` (for fields made by `dataclasses.make_dataclass`, which have no source to read)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if _is_dataclass_type(klass):
+            docs.update({f.name: f.metadata["doc"] for f in dataclasses.fields(klass) if "doc" in f.metadata})
+        docs.update(_source_docs(klass))
+    return docs
+
+
+def _source_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field in the body of `cls` itself."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
