@@ -66,6 +66,14 @@ def _parse_yaml(raw: str) -> Any:
         raise ConfigError(f"override value {raw!r} is not valid YAML: {err}") from err
 
 
+def _yaml11_number(text: str) -> Any:
+    """PyYAML follows YAML 1.1, which reads `1e-3` and `2e6` (no dot) as text: a number field takes them as numbers."""
+    try:
+        return float(text) if any(c.isdigit() for c in text) else text
+    except ValueError:
+        return text
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, building nested dataclasses; ints are accepted for floats."""
     if isinstance(value, Typed):
@@ -101,6 +109,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
+    if tp in (float, int) and isinstance(value, str):
+        value = _yaml11_number(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
