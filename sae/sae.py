@@ -366,9 +366,7 @@ class SAE(nn.Module):
             cfg = SAEConfig.from_dict(fields_)
         else:
             cfg = _saelens_config(path)
-            tensors = load_file(path / WEIGHTS_FILENAME)
-            if "scaling_factor" in tensors:  # older SAELens: latents scaled by s before decoding, i.e. W_dec·diag(s)
-                tensors["W_dec"] = tensors["W_dec"] * tensors["scaling_factor"][:, None]
+            tensors = _saelens_tensors(path)
         sae = create_sae(cfg)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -417,6 +415,21 @@ def _saelens_config(path: Path) -> SAEConfig:
         apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True),
         k=raw.get("k") or legacy_k or 32,
     )
+
+
+def _saelens_tensors(path: Path) -> dict[str, Tensor]:
+    """The weights of a SAELens-layout folder with what SAELens applies at run time folded in, so our forward matches:
+    older SAELens's finetuning ``scaling_factor`` s (latents times s before decoding: W_dec·diag(s)), and TopK's
+    ``rescale_acts_by_decoder_norm`` (its training default: top k of pre·‖W_dec‖, decoded as acts/‖W_dec‖), which is
+    SAELens's own ``fold_W_dec_norm``: W_enc and b_enc times n, W_dec over n, n the decoder row norms."""
+    tensors = load_file(path / WEIGHTS_FILENAME)
+    if "scaling_factor" in tensors:
+        tensors["W_dec"] = tensors["W_dec"] * tensors["scaling_factor"][:, None]
+    if json.loads((path / CFG_FILENAME).read_text()).get("rescale_acts_by_decoder_norm"):
+        norms = tensors["W_dec"].norm(dim=1)
+        tensors["W_enc"], tensors["b_enc"] = tensors["W_enc"] * norms, tensors["b_enc"] * norms
+        tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+    return tensors
 
 
 def _check_replaceable(path: Path) -> None:

@@ -360,3 +360,24 @@ def test_no_import_cycles():
 
     cycles = [c for c in (cycle_from([m]) for m in sorted(graph)) if c]
     assert not cycles, " → ".join(cycles[0])
+
+
+def test_saelens_topk_that_rescales_by_decoder_norm(tmp_path):
+    """SAELens's TopK with rescale_acts_by_decoder_norm (its training default) selects the top k of pre·‖W_dec‖ and
+    decodes acts/‖W_dec‖: a folder saved that way loads with the norms folded in, so the same latents fire."""
+    import sae_lens
+
+    torch.manual_seed(0)
+    theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, apply_b_dec_to_input=True,
+                                                     rescale_acts_by_decoder_norm=True))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        theirs.W_dec.mul_(torch.rand(D_SAE, 1) * 4 + 0.1)  # very unequal decoder norms change which latents win
+    theirs.save_model(tmp_path / "s")
+    ours = SAE.from_pretrained(tmp_path / "s")
+    x = torch.randn(100, D_IN)
+    with torch.no_grad():
+        f = theirs.encode(x)
+        torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), theirs.decode(f), rtol=1e-5, atol=1e-4)
