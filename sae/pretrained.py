@@ -164,6 +164,13 @@ def _release_folder(release: str, sae_id: str) -> str:
         raise SAEFormatError(f"SAELens release {release!r} is stored in the {entry['conversion_func']!r} format, which "
                              f"needs SAELens's converter; layouts read: {ACCEPTED} (load it with sae_lens and save it "
                              "with save_model, then pass that folder)")
+    # SAELens applies a release's config_overrides over each folder's cfg.json at load time; the one that changes
+    # the numbers is an input normalisation, which the folder alone does not show.
+    norm = (entry.get("config_overrides") or {}).get("normalize_activations", "none")
+    if norm != "none":
+        raise SAEFormatError(f"SAELens release {release!r} sets normalize_activations={norm!r} for its SAEs, which we do "
+                             "not model; load it with sae_lens, fold the normalisation into its weights and save_model "
+                             "it, then pass that folder")
     return f"{entry['repo_id']}/{paths[sae_id]}"
 
 

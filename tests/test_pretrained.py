@@ -239,6 +239,14 @@ def test_saelens_release_and_sae_id_through_the_registry(hub):
         SAE.from_pretrained("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical")
 
 
+def test_saelens_release_whose_registry_entry_normalises_is_refused(hub):
+    """mistral-7b-res-wg's registry entry overrides its cfg.json with normalize_activations: constant_norm_rescale,
+    which SAELens applies at load time: read from the folder alone, its SAEs would be fed unnormalised input."""
+    write_saelens(hub("JoshEngels/Mistral-7B-Residual-Stream-SAEs") / "mistral_7b_layer_8")
+    with pytest.raises(SAEFormatError, match=r"'mistral-7b-res-wg' sets normalize_activations='constant_norm_rescale'"):
+        SAE.from_pretrained("mistral-7b-res-wg/blocks.8.hook_resid_pre")
+
+
 def _no_network():
     from huggingface_hub.errors import LocalEntryNotFoundError
 
