@@ -50,13 +50,13 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------- finding SAEs
 
 
-def load_saes(specs: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
+def load_saes(specs: Iterable[str | Path], device: torch.device, single: bool = False) -> dict[str, torch.nn.Module]:
     """Every SAE named by `specs` (folders, folders of folders, hub ids, SAELens release/sae_id: see
-    `sae.pretrained`), by folder name, in eval mode on `device`."""
+    `sae.pretrained`), by folder name, in eval mode on `device`; `single` as for `find_saes`."""
     from sae.pretrained import find_saes
     from sae.sae import SAE
 
-    return {name: SAE.load(path, device) for name, path in find_saes(specs).items()}
+    return {name: SAE.load(path, device) for name, path in find_saes(specs, single).items()}
 
 
 def check_matches(sae, store, name: str) -> None:

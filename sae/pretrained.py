@@ -237,14 +237,15 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
     return _from_hub(spec, spec, single)
 
 
-def find_saes(specs: Iterable[str | Path]) -> dict[str, Path]:
+def find_saes(specs: Iterable[str | Path], single: bool = False) -> dict[str, Path]:
     """Name → local folder of every SAE named, directly or as a folder of SAE folders one level down.
 
     Names are folder names (a hub or registry name's last part), which must be unique: results are keyed by them.
+    `single` (for a caller that takes one SAE) refuses a hub repo of several before its weights are downloaded.
     """
     found: list[tuple[str, Path]] = []
     for spec in specs:
-        folder = resolve(spec)
+        folder = resolve(spec, single=single)
         if layout(folder):
             found.append((folder.resolve().name if _is_local(str(spec)) else Path(spec).name, folder))
             continue

@@ -389,3 +389,22 @@ def test_saelens_topk_that_rescales_by_decoder_norm(tmp_path):
         f = theirs.encode(x)
         torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(x), theirs.decode(f), rtol=1e-5, atol=1e-4)
+
+
+def test_score_names_the_saes_of_a_hub_repo_before_downloading_them(hub, tiny_cache, capsys, monkeypatch):
+    """`sae score` takes one SAE: a hub repo of several is refused from its configs alone, not after a download of
+    every SAE in it (a sparsify repo is tens of GB)."""
+    import huggingface_hub
+
+    snap = hub("EleutherAI/sae-tiny-32x")
+    write_sparsify(snap / "layers.0")
+    write_sparsify(snap / "layers.1", seed=1)
+    patterns = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **k: patterns.append(k.get("allow_patterns")) or real(repo, **k))
+    assert cli_main(["score", f"cache={tiny_cache}", "sae=EleutherAI/sae-tiny-32x", "text=hello", "device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("sae score: error: EleutherAI/sae-tiny-32x holds 2 SAEs (layers.0, layers.1); name one, e.g. "
+                   "EleutherAI/sae-tiny-32x/layers.0")
+    assert None not in patterns  # only the configs were fetched
