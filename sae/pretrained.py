@@ -128,9 +128,12 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 # --------------------------------------------------------------------------------------------- names → folders
 
 
-def _is_local(spec: str) -> bool:
-    """A name meant as a local path: one that exists, an explicit one (./, /, ~), one without a slash, or one under a
-    folder that exists here (``runs/demo/saes`` before training is a missing folder, not the hub repo ``runs/demo``)."""
+def _is_local(spec: str | Path) -> bool:
+    """A name meant as a local path: a ``Path``, one that exists, an explicit one (./, /, ~), one without a slash, or
+    one under a folder that exists here (``runs/demo/saes`` before training is a missing folder, not the hub repo
+    ``runs/demo``)."""
+    if isinstance(spec, Path):
+        return True
     return (spec.startswith((".", "/", "~")) or "/" not in spec or Path(spec.split("/")[0]).expanduser().is_dir()
             or Path(spec).exists())
 
@@ -223,14 +226,14 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
     be one SAE or a folder of SAEs; `single` asks for one SAE, so that a hub repo of many is refused before its
     weights are downloaded. A local folder is returned as it is, existing or not: callers check its layout.
     """
+    if _is_local(spec) and sae_id is None:
+        return Path(spec).expanduser()
     spec = str(spec)
     if sae_id is not None:
         if spec not in _saelens_registry():
             raise SAEFormatError(f"{spec!r} is not a release in SAELens's registry"
                                  f"{'' if _saelens_registry() else ' (sae-lens is not installed)'}")
         return _from_hub(_release_folder(spec, sae_id), f"{spec}/{sae_id}", single)
-    if _is_local(spec):
-        return Path(spec).expanduser()
     release, _, rest = spec.partition("/")
     if release in _saelens_registry():
         return _from_hub(_release_folder(release, rest), spec, single)
@@ -247,7 +250,7 @@ def find_saes(specs: Iterable[str | Path], single: bool = False) -> dict[str, Pa
     for spec in specs:
         folder = resolve(spec, single=single)
         if layout(folder):
-            found.append((folder.resolve().name if _is_local(str(spec)) else Path(spec).name, folder))
+            found.append((folder.resolve().name if _is_local(spec) else Path(spec).name, folder))
             continue
         children = sorted(p for p in folder.iterdir() if layout(p)) if folder.is_dir() else []
         if not children:

@@ -408,3 +408,18 @@ def test_score_names_the_saes_of_a_hub_repo_before_downloading_them(hub, tiny_ca
     assert err == ("sae score: error: EleutherAI/sae-tiny-32x holds 2 SAEs (layers.0, layers.1); name one, e.g. "
                    "EleutherAI/sae-tiny-32x/layers.0")
     assert None not in patterns  # only the configs were fetched
+
+
+def test_a_path_object_is_a_local_folder_never_a_hub_id(tmp_path, monkeypatch):
+    """`Path("runs/x")` is a local path whatever its shape: a missing one says so, without asking the hub."""
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    with pytest.raises(SAEFormatError, match=r"^runs/x does not exist; pass an SAE folder"):
+        SAE.from_pretrained(Path("runs/x"))
+    with pytest.raises(SAEFormatError, match=r"^runs/x does not exist; pass an SAE folder"):
+        find_saes([Path("runs/x")])
