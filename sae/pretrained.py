@@ -57,6 +57,8 @@ def layout(folder: Path) -> str | None:
 def check_layout(folder: Path) -> str:
     """``layout(folder)``, or one line naming the layouts we read."""
     found = layout(folder)
+    if found is None and folder.is_file():
+        raise SAEFormatError(f"{folder} is a file; pass the SAE folder that holds it ({folder.parent})")
     if found is None and not folder.is_dir():
         raise SAEFormatError(f"{folder} does not exist; pass an SAE folder (or a folder of them), a hub repo id "
                              "owner/name[/folder] or a SAELens release/sae_id")

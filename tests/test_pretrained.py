@@ -423,3 +423,10 @@ def test_a_path_object_is_a_local_folder_never_a_hub_id(tmp_path, monkeypatch):
         SAE.from_pretrained(Path("runs/x"))
     with pytest.raises(SAEFormatError, match=r"^runs/x does not exist; pass an SAE folder"):
         find_saes([Path("runs/x")])
+
+
+def test_a_weights_file_instead_of_its_folder_says_so(tmp_path):
+    trained_ours("topk").save(tmp_path / "s")
+    weights = tmp_path / "s" / "sae_weights.safetensors"
+    with pytest.raises(SAEFormatError, match=rf"^{weights} is a file; pass the SAE folder that holds it \({tmp_path / 's'}\)"):
+        SAE.from_pretrained(weights)
