@@ -296,12 +296,11 @@ def plot_pareto(results: dict, path: Path) -> None:
 
 
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
-    """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
+    """Every metric for SAEs already loaded on the model's device and checked against the cache (`check_matches`);
+    `evaluate` does both."""
     from sae.sae import failure_signs
 
     first = store.first_pos
-    for name, sae in saes.items():
-        check_matches(sae, store, name)
     hooks_ = sorted({s.cfg.hook_name for s in saes.values()})
     heldout = store.holdout(hooks_, cfg.max_tokens)
     for hook, x in heldout.items():
@@ -377,7 +376,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
-    saes = load_saes(cfg.saes, device)  # before the model: a bad SAE name (or an offline hub) fails in a moment
+    # Before the model: a bad SAE name, an offline hub or an SAE of a hook the cache lacks fails in a moment.
+    saes = load_saes(cfg.saes, device)
+    for name, sae in saes.items():
+        check_matches(sae, store, name)
     model, _ = load_model(store.model_name, str(device))
     return evaluate_saes(cfg, store, saes, model)
 

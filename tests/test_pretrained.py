@@ -430,3 +430,19 @@ def test_a_weights_file_instead_of_its_folder_says_so(tmp_path):
     weights = tmp_path / "s" / "sae_weights.safetensors"
     with pytest.raises(SAEFormatError, match=rf"^{weights} is a file; pass the SAE folder that holds it \({tmp_path / 's'}\)"):
         SAE.from_pretrained(weights)
+
+
+def test_eval_refuses_an_sae_of_another_hook_before_loading_the_model(tiny_cache, tmp_path, capsys, monkeypatch):
+    """A downloaded sparsify repo holds every layer's SAE; one whose hook the cache lacks is named before the model
+    (minutes for a large one) is loaded."""
+    import sae.model
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sae.model, "load_model", no_model)
+    root = tmp_path / "sparsify"
+    write_sparsify(root / "layers.0")
+    assert cli_main(["eval", f"cache={tiny_cache}", f"saes=[{root}]", f"out={tmp_path / 'out'}", "device=cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "sae eval: error: hook(s) ['blocks.0.hook_resid_post'] are not in the cache")
