@@ -212,13 +212,26 @@ def _from_hub(path: str, spec: str, single: bool) -> Path:
         local = _download(repo_id, [f"{folder}/*", "config.json"], head) / folder
         if not local.is_dir():
             raise SAEFormatError(f"{head}hub repo {repo_id!r} has no folder {folder!r} (or it is not in the local cache)")
-        return local
+        return _cached_whole(local, repo_id, folder, head)
     root = _download(repo_id, ["*.json"], head)
     if single and not (root / CFG_FILENAME).is_file():
         names = sorted(p.parent.name for p in root.glob(f"*/{CFG_FILENAME}"))
         raise SAEFormatError(f"{spec} holds {len(names)} SAEs ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
                              f"; name one, e.g. {spec}/{names[0] if names else '<folder>'}")
-    return _download(repo_id, None, head)
+    return _cached_whole(_download(repo_id, None, head), repo_id, "", head)
+
+
+def _cached_whole(local: Path, repo_id: str, folder: str, head: str) -> Path:
+    """`local`, unless HF_HUB_OFFLINE is set and the cache holds an SAE's config without its weights: offline,
+    snapshot_download returns whatever part of a repo is cached (e.g. only the configs that an earlier name of the
+    whole repo fetched to list its SAEs), which would otherwise read as a folder in a layout we do not read."""
+    configs = [local / CFG_FILENAME, *local.glob(f"*/{CFG_FILENAME}")]
+    partial = [c.parent for c in configs if c.is_file() and layout(c.parent) is None]
+    if partial and hub_offline():
+        where = "/".join(filter(None, (folder, partial[0].relative_to(local).as_posix().strip(".")))) or "its root"
+        raise SAEFormatError(f"{head}the local cache holds hub repo {repo_id!r} only in part ({where} has {CFG_FILENAME} "
+                             "but no weights) and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download the rest")
+    return local
 
 
 def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -> Path:

@@ -446,3 +446,17 @@ def test_eval_refuses_an_sae_of_another_hook_before_loading_the_model(tiny_cache
     assert cli_main(["eval", f"cache={tiny_cache}", f"saes=[{root}]", f"out={tmp_path / 'out'}", "device=cpu"]) == 2
     assert capsys.readouterr().err.strip().startswith(
         "sae eval: error: hook(s) ['blocks.0.hook_resid_post'] are not in the cache")
+
+
+def test_offline_hub_folder_cached_without_its_weights_says_so(hub):
+    """Naming a whole repo fetches only its configs (to list its SAEs); offline, one of them named next is in the
+    cache without weights, which is said as such rather than as a folder in an unknown layout."""
+    snap = hub("EleutherAI/sae-tiny-32x")
+    write_sparsify(snap / "layers.0")
+    (snap / "layers.0" / "sae.safetensors").unlink()
+    message = (r"the local cache holds hub repo 'EleutherAI/sae-tiny-32x' only in part \(layers.0 has cfg.json but no "
+               r"weights\) and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download the rest$")
+    with pytest.raises(SAEFormatError, match=r"^EleutherAI/sae-tiny-32x/layers.0: no such local folder, and " + message):
+        SAE.from_pretrained("EleutherAI/sae-tiny-32x/layers.0")
+    with pytest.raises(SAEFormatError, match=r"^EleutherAI/sae-tiny-32x: no such local folder, and " + message):
+        find_saes(["EleutherAI/sae-tiny-32x"])
