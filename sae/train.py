@@ -41,7 +41,7 @@ class SAESpec:
     """One SAE to train."""
 
     architecture: str = "topk"
-    """One of relu_l1, topk, batchtopk, jumprelu."""
+    """One of relu_l1, topk, batchtopk, matryoshka_batchtopk, jumprelu."""
     hook: str = "blocks.15.hook_resid_post"
     """Hook whose activations the SAE reconstructs (must be in the cache)."""
     expansion_factor: int = 16
@@ -56,6 +56,9 @@ class SAESpec:
     """jumprelu: weight of the L0 penalty."""
     target_l0: float | None = None
     """jumprelu: steer L0 to this value with dictionary_learning's λ·(L0/target − 1)² loss; None → λ·L0."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: sizes of the nested dictionaries, increasing, the last = the SAE's width;
+    None → [width/16, width/4, width]."""
     lr: float | None = None
     """Overrides ``TrainConfig.lr`` for this SAE."""
     name: str | None = None
@@ -94,6 +97,7 @@ class SAESpec:
                 l1_coefficient=self.l1_coefficient,
                 l0_coefficient=self.l0_coefficient,
                 target_l0=self.target_l0,
+                matryoshka_widths=self.matryoshka_widths,
             )
         except SAEFormatError as err:
             raise TrainError(f"SAE {self.run_name}: {err}") from None
@@ -166,7 +170,7 @@ class TrainConfig:
 PAPER_BATCH = 4096
 MIN_STEPS = 500
 MIN_BATCH = 256
-REFERENCE_STEPS = {"topk": 3_000, "batchtopk": 3_000, "relu_l1": 200_000, "jumprelu": 200_000}
+REFERENCE_STEPS = {"topk": 3_000, "batchtopk": 3_000, "matryoshka_batchtopk": 3_000, "relu_l1": 200_000, "jumprelu": 200_000}
 """Run length (steps) at which ``default_lr`` hands over to the paper's learning rate, calibrated on
 the demo cache (SmolLM2 layer 15, 8×, 449 steps of 256 tokens), judged on held-out FVU against PCA at
 the SAE's own L0 and on dead latents. ReLU+L1 λ=5 needs the large boost: FVU 0.32 vs PCA-25 0.53 at
@@ -192,7 +196,7 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None = None) ->
     of the larger steps in check, as in the square-root batch-size/lr rule — capped at 25×;
     ``total_steps=None`` or n ≥ N gives the paper's lr unchanged.
     """
-    if architecture in ("topk", "batchtopk"):
+    if architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
         base = 2e-4 / math.sqrt(d_sae / 2**14)  # Gao et al. 2024, §2.2 (scaled with width)
     elif architecture == "jumprelu":
         base = 7e-5  # Gemma Scope (Lieberum et al. 2024)
