@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sae.sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 
@@ -77,7 +78,7 @@ def test_sparse_forward_matches_dense_reference(arch):
     assert torch.equal(out.fire_counts, (f > 0).sum(0))
 
 
-def test_matryoshka_loss_and_gradients_match_saelens():
+def test_matryoshka_loss_and_gradients_match_saelens(tmp_path):
     """Same weights and batch: our loss (full-width MSE + each inner prefix's MSE, summed), its terms and every
     gradient equal SAELens's ``MatryoshkaBatchTopKTrainingSAE.training_forward_pass`` (no dead latents, so no AuxK)."""
     from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
@@ -108,6 +109,17 @@ def test_matryoshka_loss_and_gradients_match_saelens():
     lens.loss.backward()
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.allclose(getattr(ours, name).grad, getattr(theirs, name).grad), name
+
+    # Saved the way SAELens saves its own Matryoshka SAEs: a jumprelu folder, the global threshold broadcast.
+    with torch.no_grad():
+        theirs.topk_threshold.fill_(0.5)
+        ours.threshold.fill_(0.5)
+    theirs.save_inference_model(tmp_path / "theirs")
+    ours.save(tmp_path / "ours")
+    cfg_theirs, cfg_ours = (json.loads((tmp_path / n / "cfg.json").read_text()) for n in ("theirs", "ours"))
+    assert cfg_ours["architecture"] == cfg_theirs["architecture"] == "jumprelu"
+    w_theirs, w_ours = (load_file(tmp_path / n / "sae_weights.safetensors") for n in ("theirs", "ours"))
+    assert sorted(w_ours) == sorted(w_theirs) and torch.equal(w_ours["threshold"], w_theirs["threshold"].float())
 
 
 def test_topk_encode_keeps_k_largest():
