@@ -37,6 +37,9 @@ class SAEFormatError(UserError):
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 
+INIT_BLOCK = 4096
+"""Latents per independently seeded block of the random initialisation (see ``SAE._init_tied``)."""
+
 # SAELens 6 decides how to parse cfg.json from metadata.sae_lens_version: anything older
 # than 6.0 goes through its legacy-key conversion. We write the 6.x layout, so we say so.
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -187,11 +190,29 @@ class SAE(nn.Module):
         self.register_buffer("scale", torch.tensor(float(cfg.scale), dtype=dtype))
         self._init_tied(decoder_norm=1.0)
 
+    first_latent: int = 0
+    """Index of this module's first latent in the whole SAE (a latent shard, ``sae.sharded``, holds a slice)."""
+
+    @property
+    def total_latents(self) -> int:
+        """Latents of the whole SAE, of which this module holds ``cfg.d_sae`` (all of them unless a shard)."""
+        return self.cfg.d_sae
+
     @torch.no_grad()
     def _init_tied(self, decoder_norm: float) -> None:
         """Random decoder directions of a fixed norm and W_enc = W_decᵀ — the initialisation
-        shared by all four recipes (Gao et al. §2.2; Anthropic April 2024; Rajamanoharan et al.)."""
-        self.W_dec.normal_()
+        shared by all four recipes (Gao et al. §2.2; Anthropic April 2024; Rajamanoharan et al.).
+
+        The directions come in blocks of ``INIT_BLOCK`` latents, each from its own generator seeded by one draw
+        from the global RNG, so latents [a, b) get the same values whether the SAE is built whole or as a shard
+        holding only them: a shard of an SAE too wide for one device never builds the whole SAE."""
+        seed = int(torch.randint(2**62, (), device="cpu"))
+        first, device = self.first_latent, self.W_dec.device
+        for start in range(first - first % INIT_BLOCK, first + self.cfg.d_sae, INIT_BLOCK):
+            gen = torch.Generator(device).manual_seed(seed + start // INIT_BLOCK)
+            block = torch.randn(INIT_BLOCK, self.cfg.d_in, generator=gen, device=device, dtype=self.W_dec.dtype)
+            lo, hi = max(start, first), min(start + INIT_BLOCK, first + self.cfg.d_sae)
+            self.W_dec[lo - first:hi - first] = block[lo - start:hi - start]
         self.W_dec.mul_(decoder_norm / self.W_dec.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec.T)
 
@@ -589,7 +610,7 @@ class BatchTopKSAE(_TopKFamily):
         # planted-dictionary test vs 0.7 for TopK), and the gradients shrink every encoder
         # column; most latents then never clear the global threshold again.
         with torch.no_grad():
-            self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / cfg.d_sae)))
+            self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         n, d_sae = pre.shape

@@ -459,13 +459,11 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
 
     trainers: dict[str, SAETrainer] = {}
     for i, (name, sae_cfg) in zip(mine, configs.items()):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it trains: no host copy
             torch.manual_seed(_sae_seed(cfg.seed, i))
-            sae = create_sae(sae_cfg)
-        if shard is not None:
-            sae = sharded.shard(sae, world.rank, world.size)
+            sae = create_sae(sae_cfg) if shard is None else sharded.shard(sae_cfg, world.rank, world.size)
         trainers[name] = (SAETrainer if shard is None else sharded.ShardedTrainer)(
-            sae.to(device),
+            sae,
             lr=lrs[name],
             total_steps=total_steps,
             lr_warmup_frac=cfg.lr_warmup_frac,
@@ -539,7 +537,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 elapsed = time.perf_counter() - t_log
                 logged = _gather_metrics(metrics, ddp or shard is not None, device)
                 logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
-                run.log(logged, step=done)
+                run.log({**logged, "step": done})
                 bar.set_postfix({k.split("_")[0] + "_fvu": f"{v:.3f}" for k, v in logged.items()
                                  if k.endswith("/fvu")})
                 t_log, tokens_log = time.perf_counter(), 0
@@ -613,5 +611,11 @@ def _init_wandb(cfg: TrainConfig, out: Path, world: distributed.World, run_id: s
 
     if not world.is_main:
         return wandb.init(mode="disabled")
-    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out), id=run_id,
-                      resume="allow" if run_id else None, config={**asdict(cfg), "resolved": resolved})
+    run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out), id=run_id,
+                     resume="allow" if run_id else None, config={**asdict(cfg), "resolved": resolved})
+    # The training step is a metric of its own, the x-axis of every other one, rather than wandb's `step=`: wandb
+    # drops any point whose `step=` is not above the last one it holds, so a run resumed from a checkpoint older
+    # than its crash would lose every point up to the crash's step. wandb's own step keeps counting log calls.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sae.train as train_module
 from sae.sae import SAE, SAEConfig, create_sae
 from sae.store import ActivationStore, CacheError, CacheWriter
 from sae.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
@@ -345,21 +346,37 @@ def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
 def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeypatch):
     import wandb
 
-    calls = []
+    calls, logged, ids = [], [], []
     real_init = wandb.init
 
     def init(**kw):
         calls.append(kw)
-        return real_init(mode="disabled")
+        run = real_init(mode="disabled")
+        ids.append(run.id)
+        monkeypatch.setattr(run, "log", lambda data, **kw: logged.append((data, kw)))
+        return run
 
     monkeypatch.setattr(wandb, "init", init)
-    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None)
-    train(dataclasses.replace(cfg, total_tokens=2048))
+    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None, checkpoint_every=4, log_every=2)
+    write_checkpoint = train_module._write_checkpoint
+
+    def killed_at_8(out, step, *args, **kw):
+        if step == 8:
+            raise RuntimeError("killed")
+        write_checkpoint(out, step, *args, **kw)
+
+    monkeypatch.setattr(train_module, "_write_checkpoint", killed_at_8)
+    with pytest.raises(RuntimeError, match="killed"):  # after logging step 8, before its checkpoint
+        train(dataclasses.replace(cfg, total_tokens=2048))
+    monkeypatch.setattr(train_module, "_write_checkpoint", write_checkpoint)
     train(dataclasses.replace(cfg, total_tokens=2048, resume=True))
     first, second = calls
-    assert first["id"] is None and second["id"] and second["resume"] == "allow"
+    assert first["id"] is None and second["id"] == ids[0] and second["resume"] == "allow"
+    # Steps 6 and 8 are logged again after the resume from step 4: as values of the "step" metric, not as wandb's
+    # `step=`, which would make wandb drop them (not above the last step it holds).
+    assert [d["step"] for d, _ in logged] == [2, 4, 6, 8, 6, 8] and all(not kw for _, kw in logged)
     state = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())
-    assert state["wandb_id"] == second["id"]
+    assert state["wandb_id"] == ids[1]  # (a disabled run gets a new id; a real one keeps the id it was given)
     resolved = first["config"]["resolved"]
     assert resolved["batch_size"] == 256 and resolved["total_steps"] == 8
     assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == len(cfg.saes)
