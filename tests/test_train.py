@@ -149,7 +149,8 @@ def test_matryoshka_keeps_the_parent_latent_firing_on_child_tokens():
         best = (F.normalize(sae.W_dec.detach(), dim=1) @ parents.T).argmax(0)
         rates[arch] = torch.stack([(f[test_child_on[:, p], best[p]] > 0).float().mean()
                                    for p in range(len(parents))]).mean().item()
-    # Data and init seeds 0, 1, 2: TopK 0.000 / 0.007 / 0.011, BatchTopK 0.47 / 0.44 / 0.53, Matryoshka 0.91 / 0.94 / 1.00.
+    # Data and init seeds 0, 1, 2, 3: TopK 0.000 / 0.000 / 0.004 / 0.000, BatchTopK 0.47 / 0.41 / 0.41 / 0.59,
+    # Matryoshka 1.00 / 0.88 / 1.00 / 0.97.
     assert rates["matryoshka_batchtopk"] >= 0.75, rates
     assert rates["topk"] <= 0.1, rates
     assert rates["batchtopk"] <= rates["matryoshka_batchtopk"] - 0.2, rates
