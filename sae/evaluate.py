@@ -3,7 +3,7 @@
 Reconstruction numbers alone flatter an SAE: a low FVU can come with a model that no longer predicts text, and an
 SAE can lose to plain PCA with as many dimensions as it has active features. So every SAE is reported with the
 language-model loss when it is spliced into the forward pass, and next to the PCA reconstruction of the same rank;
-an SAE that PCA beats at its own L0 is flagged as broken.
+an SAE that PCA beats at its own L0 is flagged as broken, and so is one with L0 = 0 or more than half its latents dead.
 """
 
 from __future__ import annotations
@@ -318,6 +318,8 @@ def plot_pareto(results: dict, path: Path) -> None:
 
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
     """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
+    from sae.sae import failure_signs
+
     first = store.first_pos
     for name, sae in saes.items():
         check_matches(sae, store, name)
@@ -379,6 +381,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
                 "pca_rank_quarter": d_in // 4,
                 "pca_fvu_at_quarter": curve[d_in // 4],
                 "beats_pca_at_l0": rec.fvu <= curve[r_l0],  # a tie (both exact) is not a loss
+                "failures": failure_signs(rec.l0, rec.dead_fraction),
                 "density_histogram": hist.name,
             }
         )
@@ -404,7 +407,8 @@ TABLE_WIDTH = 80
 
 
 def format_table(results: dict) -> str:
-    """One row per SAE, grouped by hook, within 80 columns; a PCA-beaten SAE gets a "!" and an explanation below.
+    """One row per SAE, grouped by hook, within 80 columns; a PCA-beaten SAE, or one with L0 = 0 or mostly dead
+    latents, gets a "!" and an explanation below.
 
     Names drop their hook suffix (the group heading says it); a name too long for its column gets a line of its own.
     """
@@ -414,7 +418,7 @@ def format_table(results: dict) -> str:
     for hook in sorted({r["hook"] for r in results["saes"]}):
         lines += [hook, head, "  " + "-" * (len(head) - 2)]
         for r in (r for r in results["saes"] if r["hook"] == hook):
-            mark = "  " if r["beats_pca_at_l0"] else "! "
+            mark = "  " if r["beats_pca_at_l0"] and not r["failures"] else "! "
             name = r["name"].removesuffix(f"_{hook}")
             metrics = (
                 f"{r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} {r['dead_fraction']:>6.1%} "
@@ -432,6 +436,8 @@ def format_table(results: dict) -> str:
         for r in results["saes"]
         if not r["beats_pca_at_l0"]
     ]
+    notes += [f"! FAILED: {r['name']} on {r['n_tokens']:,} held-out rows: {sign}." for r in results["saes"]
+              for sign in r["failures"]]
     notes.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
     for note in notes:
         lines += textwrap.wrap(note, TABLE_WIDTH, subsequent_indent="    ")

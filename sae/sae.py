@@ -54,6 +54,7 @@ class SAEConfig:
     """
 
     architecture: str
+    """The recipe: relu_l1, topk, batchtopk, matryoshka_batchtopk or jumprelu (see the class of each)."""
     d_in: int
     d_sae: int
     hook_name: str = ""
@@ -64,7 +65,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec before encoding; None → the variant's paper default."""
     k: int = 32
-    """topk: active latents per token; batchtopk: mean active latents per token."""
+    """topk: active latents per token; batchtopk, matryoshka_batchtopk: mean active latents per token."""
     l1_coefficient: float = 5.0
     """relu_l1: λ of the April-2024 recipe (λ = 5 with E‖x‖² = d_in normalisation)."""
     l0_coefficient: float = 2.0
@@ -839,3 +840,21 @@ def create_sae(cfg: SAEConfig) -> SAE:
             f"unknown SAE architecture {cfg.architecture!r}; valid: {sorted(SAE_CLASSES)}"
         )
     return SAE_CLASSES[cfg.architecture](cfg)
+
+
+DEAD_FRACTION_LIMIT = 0.5
+"""More dead latents than this and most of the width is wasted: Gao et al. (2024, §A.2) name dead latents the main
+failure of large SAEs; the demo's TopK and ReLU SAEs end with 3% (README, Benchmarks)."""
+
+
+def failure_signs(l0: float, dead_fraction: float) -> list[str]:
+    """What says an SAE failed to learn whatever its loss says, each with what to change; empty for a healthy one.
+
+    L0 = 0 means no latent ever fires, so every input is reconstructed as b_dec alone (e.g. a sparsity penalty so
+    strong it switched everything off); more than half the latents dead means most of the dictionary is unused."""
+    if l0 == 0:
+        return ["L0 = 0 (no latent fires: it outputs b_dec alone); lower its sparsity penalty or learning rate"]
+    if dead_fraction > DEAD_FRACTION_LIMIT:
+        return [f"{dead_fraction:.0%} of its latents dead (more than {DEAD_FRACTION_LIMIT:.0%}); lower its learning "
+                "rate, raise aux_coefficient (topk family) or train on more tokens"]
+    return []

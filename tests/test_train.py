@@ -226,7 +226,7 @@ def _cfg(tmp_path: Path, cache: Path, **kw) -> TrainConfig:
         cache=str(cache), out=str(tmp_path / "out"), batch_size=128, total_tokens=128 * 8,
         saes=[SAESpec("topk", "h0", expansion_factor=4, k=4), SAESpec("relu_l1", "h1", d_sae=48),
               SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4),
-              SAESpec("matryoshka_batchtopk", "h0", d_sae=64, k=4, matryoshka_widths=[8, 32, 64])],
+              SAESpec("matryoshka_batchtopk", "h0", d_sae=64, k=4)],
         lr=1e-3, checkpoint_every=4, wandb_mode="disabled", log_every=2, **kw,
     )
 
@@ -241,7 +241,7 @@ def test_train_writes_loadable_saes(tmp_path, cache):
     paths = train(_cfg(tmp_path, cache))
     assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
                                        "matryoshka_batchtopk_k4_d64_h0"]
-    assert SAE.load(paths[-1]).cfg.matryoshka_widths == [8, 32, 64]  # the spec's widths reach the saved SAE
+    assert SAE.load(paths[-1]).cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
     for p in paths:
         sae = SAE.load(p)
         assert sae.cfg.model_name == "planted" and sae.scale == 1
@@ -286,6 +286,60 @@ def test_resume_refuses_changed_settings_and_stops_reading_when_closed(tmp_path,
     prefetch.get()
     prefetch.close()
     assert not prefetch._thread.is_alive() and reader.position < 16 * 10
+
+
+def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without_newer_spec_keys(tmp_path, cache):
+    train(_cfg(tmp_path, cache))
+    first, *rest = _cfg(tmp_path, cache).saes
+    changed = dataclasses.replace(_cfg(tmp_path, cache, resume=True), saes=[dataclasses.replace(first, aux_coefficient=0.5), *rest])
+    with pytest.raises(TrainError, match=r"other settings \(saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
+        train(changed)
+    # A checkpoint from before the spec carried every SAEConfig field: those keys took their defaults in that run.
+    state_file = next((tmp_path / "out" / "checkpoints").glob("step_*/state.json"))
+    state = json.loads(state_file.read_text())
+    old_keys = {"architecture", "hook", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient",
+                "target_l0", "lr", "name"}
+    state["run_config"]["saes"] = [{k: v for k, v in s.items() if k in old_keys} for s in state["run_config"]["saes"]]
+    state_file.write_text(json.dumps(state))
+    assert [p.name for p in train(_cfg(tmp_path, cache, resume=True))] == [s.run_name for s in _cfg(tmp_path, cache).saes]
+    with pytest.raises(TrainError, match=r"saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
+        train(changed)
+
+
+def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, capsys, monkeypatch):
+    """A ReLU SAE whose encoder biases start far below every pre-activation never fires (L0 = 0, and ReLU passes no
+    gradient to revive it), and TopK with k = 1 over 1024 latents can fire at most 128 of them in the last 128-token
+    batch, the dead window here: ≥ 87.5% dead. Both end with a warning line, printed again when the finished run is
+    resumed; the healthy TopK gets none."""
+    from sae.cli import main
+    from sae.sae import SAE_CLASSES
+
+    relu = SAE_CLASSES["relu_l1"]
+    init = relu.initialise_from_data
+
+    def silenced(self, sample):
+        init(self, sample)
+        self.b_enc.data.fill_(-1e6)
+
+    monkeypatch.setattr(relu, "initialise_from_data", silenced)
+    specs = ("{architecture: relu_l1, hook: h0, d_sae: 64}, {architecture: topk, hook: h0, d_sae: 1024, k: 1}, "
+             "{architecture: topk, hook: h0, d_sae: 64, k: 4}")
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled", "batch_size=128",
+            "total_tokens=1024", "lr=0.001", f"saes=[{specs}]"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    m = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())["metrics"]
+    silent, sparse, healthy = "relu_l1_l1c5_d64_h0", "topk_k1_d1024_h0", "topk_k4_d64_h0"
+    assert m[f"{silent}/l0"] == 0 and m[f"{sparse}/dead_frac"] >= 1 - 128 / 1024
+    assert m[f"{healthy}/l0"] == 4 and m[f"{healthy}/dead_frac"] <= 0.5
+    assert warnings == [
+        f"warning: SAE {silent} ended training with L0 = 0 (no latent fires: it outputs b_dec alone); lower its "
+        "sparsity penalty or learning rate",
+        f"warning: SAE {sparse} ended training with {m[f'{sparse}/dead_frac']:.0%} of its latents dead (more than "
+        "50%); lower its learning rate, raise aux_coefficient (topk family) or train on more tokens",
+    ]
+    assert main([*args, "resume=true"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")] == warnings
 
 
 def test_nan_in_cache_is_reported(tmp_path):
