@@ -29,7 +29,8 @@ class EvalConfig:
     cache: str = "runs/demo/cache"
     """Activation cache the SAEs were trained on; its held-out contexts are what every metric is measured on."""
     saes: list[str] = field(default_factory=lambda: ["runs/demo/saes"])
-    """SAE folders, or folders of SAE folders (a `sae train` output); every SAE found is evaluated."""
+    """SAE folders, or folders of SAE folders (a `sae train` output), hub ids (owner/name[/folder]) or SAELens
+    release/sae_id names; every SAE found is evaluated."""
     out: str = "runs/demo/eval"
     """Folder for eval.json, the Pareto plot (L0 vs FVU against PCA) and one density histogram per SAE."""
     max_tokens: int = 20_000
@@ -49,35 +50,13 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------- finding SAEs
 
 
-def is_sae_dir(path: Path) -> bool:
-    """An SAE folder holds its weights as safetensors next to its config."""
-    return path.is_dir() and any(path.glob("*.safetensors"))
+def load_saes(specs: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
+    """Every SAE named by `specs` (folders, folders of folders, hub ids, SAELens release/sae_id: see
+    `sae.pretrained`), by folder name, in eval mode on `device`."""
+    from sae.pretrained import find_saes
+    from sae.sae import SAE
 
-
-def sae_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """SAE folders named directly, or found one level below a parent folder (a sweep's output)."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if is_sae_dir(path):
-            found.append(path)
-            continue
-        children = sorted(p for p in path.iterdir() if is_sae_dir(p)) if path.is_dir() else []
-        if not children:
-            raise FileNotFoundError(f"{path} is neither an SAE folder (*.safetensors) nor a folder of SAE folders")
-        found.extend(children)
-    return found
-
-
-def load_saes(paths: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
-    from sae.sae import SAE, SAEFormatError
-
-    dirs = sae_dirs(paths)
-    names = [p.name for p in dirs]
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        raise SAEFormatError(f"several SAE folders share the name(s) {clashes}; results are keyed by folder name, "
-                             "so evaluate them separately or rename one")
-    return {p.name: SAE.load(p).to(device).eval() for p in dirs}
+    return {name: SAE.load(path, device) for name, path in find_saes(specs).items()}
 
 
 def check_matches(sae, store, name: str) -> None:
@@ -398,8 +377,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
+    saes = load_saes(cfg.saes, device)  # before the model: a bad SAE name (or an offline hub) fails in a moment
     model, _ = load_model(store.model_name, str(device))
-    return evaluate_saes(cfg, store, load_saes(cfg.saes, device), model)
+    return evaluate_saes(cfg, store, saes, model)
 
 
 #: Width `format_table` keeps to: a terminal's default.
