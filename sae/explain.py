@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,8 +361,6 @@ def pick_silent(silent: Tensor, seqs: list[int], n: int, generator: torch.Genera
 
 def read_explanations(analysis: str | Path) -> dict[str, Any] | None:
     """The explanations.json of an analysis folder (format in the module docstring), or None if it has none."""
-    import json
-
     path = Path(analysis) / FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -446,6 +445,9 @@ def explain_folder(folder: Path, cfg: ExplainConfig, explainer: Callable[[], Exp
     ids = select_features(analysis.index, cfg)
     details = analysis.details(ids)
     split = {j: split_examples(details[j], cfg.n_explain_top, cfg.n_explain_samples, cfg.n_score) for j in ids}
+    # Non-activating windows first: a wrong cache or a missing SAE should stop the run before any model time is spent.
+    unscored = [j for j in ids if "score" not in done.get(str(j), {})]
+    negatives = negative_places(analysis, cfg, unscored, {j: len(split[j][1]) for j in unscored}) if unscored else {}
 
     todo = [j for j in ids if str(j) not in done]
     with tqdm(total=len(todo), desc=f"explain {folder.name}", unit="feature", disable=not todo) as bar:
@@ -457,15 +459,12 @@ def explain_folder(folder: Path, cfg: ExplainConfig, explainer: Callable[[], Exp
             save(folder, state)
             bar.update(len(group))
 
-    todo = [j for j in ids if "score" not in done[str(j)]]
-    if todo:
-        negatives = negative_places(analysis, cfg, todo, {j: len(split[j][1]) for j in todo})
-        partners = baseline_partners(ids, cfg.seed)
-        # One feature's own and baseline judgements (4 x n_score prompts) are batched together; saved per feature.
-        for j in tqdm(todo, desc=f"score {folder.name}", unit="feature"):
-            done[str(j)]["score"] = score_feature(analysis, explainer(), done, j, split[j][1], negatives[j],
-                                                  partners.get(j))
-            save(folder, state)
+    partners = baseline_partners(ids, cfg.seed)
+    # One feature's own and baseline judgements (4 x n_score prompts) are batched together; saved per feature.
+    for j in tqdm(unscored, desc=f"score {folder.name}", unit="feature", disable=not unscored):
+        done[str(j)]["score"] = score_feature(analysis, explainer(), done, j, split[j][1], negatives[j],
+                                              partners.get(j))
+        save(folder, state)
     save(folder, state)  # the browser's copy, even when everything was already saved
     return state
 
@@ -484,6 +483,9 @@ def negative_places(analysis: Analysis, cfg: ExplainConfig, ids: list[int], coun
     ((name, sae),) = load_saes([sae_path], pick_device(cfg.device)).items()
     check_matches(sae, store, name)
     seqs = sorted(int(s) for s in analysis.contexts)[: cfg.negative_contexts]
+    if store.context_tokens(torch.tensor(seqs)).tolist() != [analysis.contexts[str(s)] for s in seqs]:
+        raise ExplainError(f"the cache {cfg.cache} does not hold the contexts the analysis in {analysis.folder} shows; "
+                           "pass cache=<the cache `sae analyse` read>")
     acts = pool_activations(store, sae, ids, seqs)
     left, right = analysis.index["window"]
     out = {}

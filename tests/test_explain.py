@@ -204,9 +204,32 @@ def test_explain_and_score_with_the_embedded_model(analysis, tiny_cache, hook, t
 # ----------------------------------------------------------------------------------------------- the command line
 
 
-def test_cli_says_what_to_do(analysis, tiny_cache, tiny_llama, tmp_path, capsys):
+def test_cli_says_what_to_do(analysis, tiny_cache, tiny_llama, tmp_path, capsys, monkeypatch):
+    from sae.dashboard import write_js
+
     assert cli_main(["explain", f"analysis={tmp_path / 'nothing'}"]) == 2
     assert "run `sae analyse` first" in capsys.readouterr().err
     index = read_js(analysis / "data" / "index.js")
     assert cli_main(["explain", f"analysis={analysis}", f"cache={tiny_cache}", "features=[999]"]) == 2
     assert f"cannot explain feature(s) 999 (not in 0..{index['d_sae'] - 1})" in capsys.readouterr().err
+
+    calls = Counted(monkeypatch)
+    other = copy_of(analysis, tmp_path)  # an analysis whose contexts are not the cache's
+    contexts = read_js(other / "data" / "contexts.js")
+    first = min(contexts, key=int)
+    write_js(other / "data" / "contexts.js", "SAE_CONTEXTS", {**contexts, first: contexts[first][::-1]})
+    assert cli_main(["explain", f"analysis={other}", f"cache={tiny_cache}", f"model={tiny_llama}", "device=cpu"]) == 2
+    assert "does not hold the contexts the analysis" in capsys.readouterr().err
+    write_js(other / "data" / "index.js", "SAE_INDEX", {**index, "sae": str(tmp_path / "moved")})
+    assert cli_main(["explain", f"analysis={other}", f"cache={tiny_cache}", f"model={tiny_llama}", "device=cpu"]) == 2
+    assert f"{tmp_path / 'moved'}, is missing" in capsys.readouterr().err
+    assert calls.loads == 0 and not (other / "explanations.json").exists()  # stopped before any model time
+
+
+def test_every_config_field_is_documented():
+    from dataclasses import fields
+
+    from sae.config import field_docs
+
+    assert set(field_docs(ExplainConfig)) == {f.name for f in fields(ExplainConfig)}
+    assert set(ex.SETTINGS) <= {f.name for f in fields(ExplainConfig)}

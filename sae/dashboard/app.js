@@ -210,7 +210,7 @@
         `balanced accuracy ${num(s.balanced_accuracy, 2)}, AUROC ${num(s.auroc, 2)}; baseline (judged with ` +
         `feature ${s.baseline_feature ?? "\u2013"}'s explanation): ${num(s.baseline_balanced_accuracy, 2)}, ` +
         `AUROC ${num(s.baseline_auroc, 2)}`
-      : "not scored (no held-out examples)";
+      : "not scored: the analysis holds no held-out activating example, or no window where the feature is silent";
     return el("section", { id: "explanation" }, el("h2", { text: "Explanation" }),
       el("p", { class: "explanation", text: `Fires on ${e.explanation}` }), el("p", { class: "meta", text: scores }));
   }
