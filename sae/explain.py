@@ -113,6 +113,15 @@ class ExplainConfig:
     dtype: str = "auto"
     """Explainer dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16", ..."""
 
+    def __post_init__(self) -> None:
+        at_least = {"n_explain_top": 1, "n_score": 1, "negative_contexts": 1, "max_new_tokens": 1, "batch_size": 1,
+                    "n_top_features": 0, "n_random_features": 0, "n_explain_samples": 0}
+        low = [f"{k}={getattr(self, k)} (at least {n})" for k, n in at_least.items() if getattr(self, k) < n]
+        if not 0 <= self.mark_fraction <= 1:
+            low.append(f"mark_fraction={self.mark_fraction} (a fraction of the maximum, 0 to 1)")
+        if low:
+            raise ExplainError(f"explain settings out of range: {', '.join(low)}")
+
 
 # --------------------------------------------------------------------------------------------- contexts and prompts
 

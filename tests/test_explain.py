@@ -213,6 +213,9 @@ def test_cli_says_what_to_do(analysis, tiny_cache, tiny_llama, tmp_path, capsys,
     assert cli_main(["explain", f"analysis={analysis}", f"cache={tiny_cache}", "features=[999]"]) == 2
     assert f"cannot explain feature(s) 999 (not in 0..{index['d_sae'] - 1})" in capsys.readouterr().err
 
+    assert cli_main(["explain", f"analysis={analysis}", "n_score=0", "mark_fraction=2"]) == 2
+    assert "n_score=0 (at least 1), mark_fraction=2.0 (a fraction of the maximum, 0 to 1)" in capsys.readouterr().err
+
     calls = Counted(monkeypatch)
     other = copy_of(analysis, tmp_path)  # an analysis whose contexts are not the cache's
     contexts = read_js(other / "data" / "contexts.js")
