@@ -209,8 +209,11 @@ def judge_prompt(explanation: str, text: str) -> str:
 
 
 def first_phrase(completion: str) -> str:
-    """The explanation in a completion of `LEAD`: its first line up to the first full stop."""
+    """The explanation in a completion of `LEAD`: its first line up to the first full stop, the marks the model
+    copied from the prompt removed (the judge sees unmarked text)."""
     line = next((line for line in completion.strip().splitlines() if line.strip()), "")
+    for mark in MARKS:
+        line = line.replace(mark, "")
     return line.split(". ")[0].strip().rstrip(".").strip()
 
 

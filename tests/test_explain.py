@@ -51,6 +51,11 @@ def test_prompt_and_held_out_examples_are_disjoint():
     assert [e[0] for e in held] == [5]
 
 
+def test_explanation_is_the_first_phrase_without_marks():
+    assert ex.first_phrase(' the "Over<<flowError>>" token. It also fires on x.\nText 2:') == 'the "OverflowError" token'
+    assert ex.first_phrase("\n\n  numbers in version strings.") == "numbers in version strings"
+
+
 def test_balanced_accuracy_and_auroc_by_hand():
     margins = torch.tensor([2.0, -1.0, 0.5, -3.0, 1.0, -0.2])
     labels = torch.tensor([True, True, True, False, False, False])
