@@ -32,6 +32,7 @@ def test_demo_end_to_end_then_notebook(tmp_path, capsys):
     for r in saes:
         # Even this short run must beat the linear baseline with as many dimensions as it has active latents.
         assert r["beats_pca_at_l0"], (r["name"], r["fvu"], r["pca_fvu_at_l0"])
+        assert r["failures"] == [], (r["name"], r["failures"])  # neither silent nor mostly dead
         assert 0 < r["l0"] < 200 and 0 < r["fvu"] < 0.6
         assert r["ce_recovered"] > 0.5, (r["name"], r["ce_recovered"])
     index = Path(printed.split("feature browser:")[-1].split()[0])

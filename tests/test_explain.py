@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sae import explain as ex
-from sae.analyse import AnalyseConfig, analyse
+from sae.analyse import AnalyseConfig
+from sae.dashboard.build import analyse
 from sae.cli import main as cli_main
 from sae.dashboard import read_js
 from sae.explain import Analysis, ExplainConfig, auroc, balanced_accuracy, explain, split_examples
