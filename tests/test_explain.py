@@ -235,10 +235,7 @@ def test_cli_says_what_to_do(analysis, tiny_cache, tiny_llama, tmp_path, capsys,
     assert calls.loads == 0 and not (other / "explanations.json").exists()  # stopped before any model time
 
 
-def test_every_config_field_is_documented():
+def test_the_settings_a_saved_file_must_match_are_config_keys():
     from dataclasses import fields
 
-    from sae.config import field_docs
-
-    assert set(field_docs(ExplainConfig)) == {f.name for f in fields(ExplainConfig)}
-    assert set(ex.SETTINGS) <= {f.name for f in fields(ExplainConfig)}
+    assert set(ex.SETTINGS) <= {f.name for f in fields(ExplainConfig)}  # (tests/test_config.py checks their docs)
