@@ -239,3 +239,19 @@ def test_the_settings_a_saved_file_must_match_are_config_keys():
     from dataclasses import fields
 
     assert set(ex.SETTINGS) <= {f.name for f in fields(ExplainConfig)}  # (tests/test_config.py checks their docs)
+
+
+def test_an_explainer_needs_no_hook_map(tmp_path, one_thread):
+    """Any causal LM can explain: a family without hook points (OPT) is refused for hooks but loads as explainer."""
+    from transformers import OPTConfig
+
+    from sae import tiny
+    from sae.model import ModelError, load_model
+
+    folder = tiny.save(tmp_path / "opt", OPTConfig(vocab_size=512, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(ModelError, match="no hook map"):
+        load_model(str(folder), "cpu")
+    explainer = ex.Explainer.load(ExplainConfig(model=str(folder), device="cpu", max_new_tokens=3, batch_size=2))
+    completions = explainer.complete([explainer.prompt("x", ex.LEAD), explainer.prompt("a longer request", ex.LEAD)])
+    assert len(completions) == 2 and explainer.margins([explainer.question("y")]).shape == (1,)
