@@ -82,7 +82,8 @@ STAGES = {
     "score": Stage("score", "analyse", "ScoreConfig", _score, "anomaly scores: per-token reconstruction error of a text"),
 }
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+"""Shipped inside the package (so `sae demo` works from a wheel); the repository's configs/demo.yaml links to it."""
 
 
 def _link(data: dict[str, Any]) -> dict[str, Any]:
