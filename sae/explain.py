@@ -487,12 +487,14 @@ def negative_places(analysis: Analysis, cfg: ExplainConfig, ids: list[int], coun
     from sae.model import pick_device
     from sae.store import ActivationStore
 
-    sae_path = Path(analysis.index["sae"])
-    if not sae_path.exists():
-        raise ExplainError(f"the SAE this analysis was made from, {sae_path}, is missing (scoring encodes the cache "
+    from sae.pretrained import is_local
+
+    sae_name = analysis.index["sae"]  # a folder, or a hub or SAELens name (`sae analyse` takes those too)
+    if is_local(sae_name) and not Path(sae_name).exists():
+        raise ExplainError(f"the SAE this analysis was made from, {sae_name}, is missing (scoring encodes the cache "
                            "with it); run from the folder `sae analyse` ran in")
     store = ActivationStore(cfg.cache)
-    ((name, sae),) = load_saes([sae_path], pick_device(cfg.device)).items()
+    ((name, sae),) = load_saes([sae_name], pick_device(cfg.device), single=True).items()
     check_matches(sae, store, name)
     seqs = sorted(int(s) for s in analysis.contexts)[: cfg.negative_contexts]
     if store.context_tokens(torch.tensor(seqs)).tolist() != [analysis.contexts[str(s)] for s in seqs]:

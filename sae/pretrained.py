@@ -130,7 +130,7 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 # --------------------------------------------------------------------------------------------- names → folders
 
 
-def _is_local(spec: str | Path) -> bool:
+def is_local(spec: str | Path) -> bool:
     """A name meant as a local path: a ``Path``, one that exists, an explicit one (./, /, ~), one without a slash, or
     one under a folder that exists here (``runs/demo/saes`` before training is a missing folder, not the hub repo
     ``runs/demo``)."""
@@ -241,7 +241,7 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
     be one SAE or a folder of SAEs; `single` asks for one SAE, so that a hub repo of many is refused before its
     weights are downloaded. A local folder is returned as it is, existing or not: callers check its layout.
     """
-    if _is_local(spec) and sae_id is None:
+    if is_local(spec) and sae_id is None:
         return Path(spec).expanduser()
     spec = str(spec)
     if sae_id is not None:
@@ -265,7 +265,7 @@ def find_saes(specs: Iterable[str | Path], single: bool = False) -> dict[str, Pa
     for spec in specs:
         folder = resolve(spec, single=single)
         if layout(folder):
-            found.append((folder.resolve().name if _is_local(spec) else Path(spec).name, folder))
+            found.append((folder.resolve().name if is_local(spec) else Path(spec).name, folder))
             continue
         children = sorted(p for p in folder.iterdir() if layout(p)) if folder.is_dir() else []
         if not children:

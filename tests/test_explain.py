@@ -255,3 +255,27 @@ def test_an_explainer_needs_no_hook_map(tmp_path, one_thread):
     explainer = ex.Explainer.load(ExplainConfig(model=str(folder), device="cpu", max_new_tokens=3, batch_size=2))
     completions = explainer.complete([explainer.prompt("x", ex.LEAD), explainer.prompt("a longer request", ex.LEAD)])
     assert len(completions) == 2 and explainer.margins([explainer.question("y")]).shape == (1,)
+
+
+def test_an_analysis_of_a_hub_sae_scores_with_it(analysis, tiny_cache, tmp_path, monkeypatch):
+    """`sae analyse sae=owner/repo/folder` records that hub name as the analysis's SAE: scoring loads it from the hub
+    (here its local cache, offline) like every other command that takes an SAE name."""
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    from sae.explain import Analysis, ExplainConfig, negative_places
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--saes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    local = Analysis.read(analysis)
+    shutil.copytree(local.index["sae"], repo / "snapshots" / commit / "layer")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    hub = Analysis(local.folder, {**local.index, "sae": "someone/saes/layer"}, local.tokens, local.contexts)
+    cfg = ExplainConfig(analysis=str(analysis), cache=str(tiny_cache), device="cpu")
+    ids = [int(j) for j in list(local.index.get("live", []))[:2]] or [0, 1]
+    assert negative_places(hub, cfg, ids, {j: 2 for j in ids}) == negative_places(local, cfg, ids, {j: 2 for j in ids})
