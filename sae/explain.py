@@ -490,7 +490,7 @@ def negative_places(analysis: Analysis, cfg: ExplainConfig, ids: list[int], coun
     from sae.pretrained import is_local
 
     sae_name = analysis.index["sae"]  # a folder, or a hub or SAELens name (`sae analyse` takes those too)
-    if is_local(sae_name) and not Path(sae_name).exists():
+    if is_local(sae_name) and not Path(sae_name).expanduser().exists():
         raise ExplainError(f"the SAE this analysis was made from, {sae_name}, is missing (scoring encodes the cache "
                            "with it); run from the folder `sae analyse` ran in")
     store = ActivationStore(cfg.cache)

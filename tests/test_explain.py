@@ -279,3 +279,17 @@ def test_an_analysis_of_a_hub_sae_scores_with_it(analysis, tiny_cache, tmp_path,
     cfg = ExplainConfig(analysis=str(analysis), cache=str(tiny_cache), device="cpu")
     ids = [int(j) for j in list(local.index.get("live", []))[:2]] or [0, 1]
     assert negative_places(hub, cfg, ids, {j: 2 for j in ids}) == negative_places(local, cfg, ids, {j: 2 for j in ids})
+
+
+def test_an_analysis_of_an_sae_under_home_scores_with_it(analysis, tiny_cache, tmp_path, monkeypatch):
+    """`sae analyse` expands ~ in its SAE's name (a YAML config keeps it), so scoring must too."""
+    import shutil
+
+    from sae.explain import Analysis, ExplainConfig, negative_places
+
+    local = Analysis.read(analysis)
+    shutil.copytree(local.index["sae"], tmp_path / "s")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = Analysis(local.folder, {**local.index, "sae": "~/s"}, local.tokens, local.contexts)
+    cfg = ExplainConfig(analysis=str(analysis), cache=str(tiny_cache), device="cpu")
+    assert negative_places(home, cfg, [0, 1], {0: 2, 1: 2}) == negative_places(local, cfg, [0, 1], {0: 2, 1: 2})
