@@ -359,7 +359,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
                 "pca_rank_quarter": d_in // 4,
                 "pca_fvu_at_quarter": curve[d_in // 4],
                 "beats_pca_at_l0": rec.fvu <= curve[r_l0],  # a tie (both exact) is not a loss
-                "failures": failure_signs(rec.l0, rec.dead_fraction),
+                "failures": failure_signs(rec.l0, rec.dead_fraction, rec.n_tokens * rec.l0 / sae.cfg.d_sae),
                 "density_histogram": hist.name,
             }
         )

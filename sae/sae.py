@@ -903,16 +903,21 @@ def create_sae(cfg: SAEConfig) -> SAE:
 DEAD_FRACTION_LIMIT = 0.5
 """More dead latents than this and most of the width is wasted: Gao et al. (2024, §A.2) name dead latents the main
 failure of large SAEs; the demo's TopK and ReLU SAEs end with 3% (README, Benchmarks)."""
+MIN_FIRES_TO_JUDGE_DEAD = 50
+"""Firings per latent on average (tokens·L0/d_sae) below which no latent is called dead (see ``failure_signs``)."""
 
 
-def failure_signs(l0: float, dead_fraction: float) -> list[str]:
+def failure_signs(l0: float, dead_fraction: float, fires_per_latent: float = math.inf) -> list[str]:
     """What says an SAE failed to learn whatever its loss says, each with what to change; empty for a healthy one.
 
     L0 = 0 means no latent ever fires, so every input is reconstructed as b_dec alone (e.g. a sparsity penalty so
-    strong it switched everything off); more than half the latents dead means most of the dictionary is unused."""
+    strong it switched everything off); more than half the latents dead means most of the dictionary is unused.
+    `fires_per_latent` (tokens·L0/d_sae, the firings an average latent had over the tokens measured): below
+    ``MIN_FIRES_TO_JUDGE_DEAD`` a latent that never fired may just be rare — a wide SAE's features fire on as few as
+    1 in 10⁶ tokens (Templeton et al. 2024) — so the dead fraction is not judged on so few tokens."""
     if l0 == 0:
         return ["L0 = 0 (no latent fires: it outputs b_dec alone); lower its sparsity penalty or learning rate"]
-    if dead_fraction > DEAD_FRACTION_LIMIT:
+    if dead_fraction > DEAD_FRACTION_LIMIT and fires_per_latent >= MIN_FIRES_TO_JUDGE_DEAD:
         return [f"{dead_fraction:.0%} of its latents dead (more than {DEAD_FRACTION_LIMIT:.0%}); lower its learning "
                 "rate, raise aux_coefficient (topk family) or train on more tokens"]
     return []
