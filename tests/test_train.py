@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sae.train as train_module
 from sae.sae import SAE, SAEConfig, create_sae
 from sae.store import ActivationStore, CacheError, CacheWriter
 from sae.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
@@ -88,6 +89,47 @@ def test_linear_autoencoder_spans_top_pca_subspace():
     assert cosines.min() > 0.99, cosines
 
 
+def hierarchical(n: int, d: int = 64, n_parents: int = 4, n_children: int = 8, p_parent: float = 0.25,
+                 p_child: float = 0.75, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Planted parent/child features (Chanin et al. 2024's absorption setting): orthonormal directions, each parent
+    on with probability p_parent, and, when it is, one of its children with probability p_child — so a parent is
+    present whenever any of its children is, and alone otherwise. Returns the data, the parents' directions and a
+    [n, n_parents] mask of the tokens where some child of each parent is present."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    parents, children = Q.T[:n_parents], Q.T[n_parents: n_parents * (1 + n_children)].reshape(n_parents, n_children, d)
+    parent_on = torch.rand(n, n_parents, generator=g) < p_parent
+    child_on = parent_on & (torch.rand(n, n_parents, generator=g) < p_child)
+    which = F.one_hot(torch.randint(n_children, (n, n_parents), generator=g), n_children) * child_on[..., None]
+    x = parent_on.float() @ parents + torch.einsum("npc,pcd->nd", which.float(), children)
+    return x + 0.01 * torch.randn(n, d, generator=g), parents, child_on
+
+
+def test_matryoshka_keeps_the_parent_latent_firing_on_child_tokens():
+    """Feature absorption, measured: each parent's best latent (largest decoder cosine with the parent's direction)
+    and how often it fires on tokens where one of the parent's children is present (the parent is present there
+    too). TopK and BatchTopK fold the parent into the children's latents and leave the parent's latent silent on
+    much of them; the Matryoshka SAE's inner prefix of d_sae/16 = 4 latents must reconstruct those tokens without
+    the children, so its parent latents keep firing (Bussmann et al. 2025, the absorption toy)."""
+    x, parents, child_on = hierarchical(200_000)
+    train, test, test_child_on = x[:180_000], x[180_000:], child_on[180_000:]
+    rates = {}
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        torch.manual_seed(0)
+        sae = create_sae(SAEConfig(arch, 64, 64, k=2))
+        fit(sae, train, lr=5e-3, steps=400, dead_window_tokens=512 * 50)
+        with torch.no_grad():
+            f = sae.eval().encode(test)
+        best = (F.normalize(sae.W_dec.detach(), dim=1) @ parents.T).argmax(0)
+        rates[arch] = torch.stack([(f[test_child_on[:, p], best[p]] > 0).float().mean()
+                                   for p in range(len(parents))]).mean().item()
+    # Data and init seeds 0, 1, 2, 3: TopK 0.000 / 0.000 / 0.004 / 0.000, BatchTopK 0.47 / 0.41 / 0.41 / 0.59,
+    # Matryoshka 1.00 / 0.88 / 1.00 / 0.97.
+    assert rates["matryoshka_batchtopk"] >= 0.75, rates
+    assert rates["topk"] <= 0.1, rates
+    assert rates["batchtopk"] <= rates["matryoshka_batchtopk"] - 0.2, rates
+
+
 def test_step_aware_defaults():
     """Short runs get ≥ 500 steps (batch ≥ 256) and a raised lr; long runs the papers' values."""
     assert default_batch_size(115_000) == 256  # the demo: 449 steps rather than 28 of 4096
@@ -157,7 +199,8 @@ def _cfg(tmp_path: Path, cache: Path, **kw) -> TrainConfig:
     return TrainConfig(
         cache=str(cache), out=str(tmp_path / "out"), batch_size=128, total_tokens=128 * 8,
         saes=[SAESpec("topk", "h0", expansion_factor=4, k=4), SAESpec("relu_l1", "h1", d_sae=48),
-              SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4)],
+              SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4),
+              SAESpec("matryoshka_batchtopk", "h0", d_sae=64, k=4)],
         lr=1e-3, checkpoint_every=4, wandb_mode="disabled", log_every=2, **kw,
     )
 
@@ -170,7 +213,9 @@ def cache(tmp_path) -> Path:
 
 def test_train_writes_loadable_saes(tmp_path, cache):
     paths = train(_cfg(tmp_path, cache))
-    assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1"]
+    assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
+                                       "matryoshka_batchtopk_k4_d64_h0"]
+    assert SAE.load(paths[-1]).cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
     for p in paths:
         sae = SAE.load(p)
         assert sae.cfg.model_name == "planted" and sae.scale == 1
@@ -215,6 +260,60 @@ def test_resume_refuses_changed_settings_and_stops_reading_when_closed(tmp_path,
     prefetch.get()
     prefetch.close()
     assert not prefetch._thread.is_alive() and reader.position < 16 * 10
+
+
+def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without_newer_spec_keys(tmp_path, cache):
+    train(_cfg(tmp_path, cache))
+    first, *rest = _cfg(tmp_path, cache).saes
+    changed = dataclasses.replace(_cfg(tmp_path, cache, resume=True), saes=[dataclasses.replace(first, aux_coefficient=0.5), *rest])
+    with pytest.raises(TrainError, match=r"other settings \(saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
+        train(changed)
+    # A checkpoint from before the spec carried every SAEConfig field: those keys took their defaults in that run.
+    state_file = next((tmp_path / "out" / "checkpoints").glob("step_*/state.json"))
+    state = json.loads(state_file.read_text())
+    old_keys = {"architecture", "hook", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient",
+                "target_l0", "lr", "name"}
+    state["run_config"]["saes"] = [{k: v for k, v in s.items() if k in old_keys} for s in state["run_config"]["saes"]]
+    state_file.write_text(json.dumps(state))
+    assert [p.name for p in train(_cfg(tmp_path, cache, resume=True))] == [s.run_name for s in _cfg(tmp_path, cache).saes]
+    with pytest.raises(TrainError, match=r"saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
+        train(changed)
+
+
+def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, capsys, monkeypatch):
+    """A ReLU SAE whose encoder biases start far below every pre-activation never fires (L0 = 0, and ReLU passes no
+    gradient to revive it), and TopK with k = 1 over 1024 latents can fire at most 128 of them in the last 128-token
+    batch, the dead window here: ≥ 87.5% dead. Both end with a warning line, printed again when the finished run is
+    resumed; the healthy TopK gets none."""
+    from sae.cli import main
+    from sae.sae import SAE_CLASSES
+
+    relu = SAE_CLASSES["relu_l1"]
+    init = relu.initialise_from_data
+
+    def silenced(self, sample):
+        init(self, sample)
+        self.b_enc.data.fill_(-1e6)
+
+    monkeypatch.setattr(relu, "initialise_from_data", silenced)
+    specs = ("{architecture: relu_l1, hook: h0, d_sae: 64}, {architecture: topk, hook: h0, d_sae: 1024, k: 1}, "
+             "{architecture: topk, hook: h0, d_sae: 64, k: 4}")
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled", "batch_size=128",
+            "total_tokens=1024", "lr=0.001", f"saes=[{specs}]"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    m = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())["metrics"]
+    silent, sparse, healthy = "relu_l1_l1c5_d64_h0", "topk_k1_d1024_h0", "topk_k4_d64_h0"
+    assert m[f"{silent}/l0"] == 0 and m[f"{sparse}/dead_frac"] >= 1 - 128 / 1024
+    assert m[f"{healthy}/l0"] == 4 and m[f"{healthy}/dead_frac"] <= 0.5
+    assert warnings == [
+        f"warning: SAE {silent} ended training with L0 = 0 (no latent fires: it outputs b_dec alone); lower its "
+        "sparsity penalty or learning rate",
+        f"warning: SAE {sparse} ended training with {m[f'{sparse}/dead_frac']:.0%} of its latents dead (more than "
+        "50%); lower its learning rate, raise aux_coefficient (topk family) or train on more tokens",
+    ]
+    assert main([*args, "resume=true"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")] == warnings
 
 
 def test_nan_in_cache_is_reported(tmp_path):
@@ -276,24 +375,40 @@ def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
 def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeypatch):
     import wandb
 
-    calls = []
+    calls, logged, ids = [], [], []
     real_init = wandb.init
 
     def init(**kw):
         calls.append(kw)
-        return real_init(mode="disabled")
+        run = real_init(mode="disabled")
+        ids.append(run.id)
+        monkeypatch.setattr(run, "log", lambda data, **kw: logged.append((data, kw)))
+        return run
 
     monkeypatch.setattr(wandb, "init", init)
-    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None)
-    train(dataclasses.replace(cfg, total_tokens=2048))
+    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None, checkpoint_every=4, log_every=2)
+    write_checkpoint = train_module._write_checkpoint
+
+    def killed_at_8(out, step, *args, **kw):
+        if step == 8:
+            raise RuntimeError("killed")
+        write_checkpoint(out, step, *args, **kw)
+
+    monkeypatch.setattr(train_module, "_write_checkpoint", killed_at_8)
+    with pytest.raises(RuntimeError, match="killed"):  # after logging step 8, before its checkpoint
+        train(dataclasses.replace(cfg, total_tokens=2048))
+    monkeypatch.setattr(train_module, "_write_checkpoint", write_checkpoint)
     train(dataclasses.replace(cfg, total_tokens=2048, resume=True))
     first, second = calls
-    assert first["id"] is None and second["id"] and second["resume"] == "allow"
+    assert first["id"] is None and second["id"] == ids[0] and second["resume"] == "allow"
+    # Steps 6 and 8 are logged again after the resume from step 4: as values of the "step" metric, not as wandb's
+    # `step=`, which would make wandb drop them (not above the last step it holds).
+    assert [d["step"] for d, _ in logged] == [2, 4, 6, 8, 6, 8] and all(not kw for _, kw in logged)
     state = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())
-    assert state["wandb_id"] == second["id"]
+    assert state["wandb_id"] == ids[1]  # (a disabled run gets a new id; a real one keeps the id it was given)
     resolved = first["config"]["resolved"]
     assert resolved["batch_size"] == 256 and resolved["total_steps"] == 8
-    assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == 4
+    assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == len(cfg.saes)
 
 
 def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_that_fits():
