@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 import textwrap
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, ContextManager, Iterable
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from sae.splice import keep_first, splice_fn, spliced
 from sae.store import atomic_write_json, check_finite
 
 #: Rows encoded at once; bounds the dense [rows, d_sae] feature matrix (4096 x 9216 floats = 150 MB).
@@ -98,8 +100,7 @@ def check_matches(sae, store, name: str) -> None:
 
 def reconstruct(sae, x: Tensor) -> Tensor:
     """x̂ in the caller's dtype, whatever dtype the SAE computes in."""
-    dtype = sae.W_dec.dtype
-    return sae.decode(sae.encode(x.to(dtype))).to(x.dtype)
+    return splice_fn(sae, keep_error=False)(x).to(x.dtype)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
@@ -189,18 +190,6 @@ class LMLoss:
     kl: float  # mean KL(clean || spliced) of the next-token distribution, nats per token
 
 
-def _keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """A hook that replaces positions >= `first` with fn(activation) and leaves the leading ones untouched."""
-
-    def hook(a: Tensor) -> Tensor:
-        new = fn(a).to(a.dtype)
-        if first:
-            new = torch.cat([a[:, :first], new[:, first:]], dim=1)
-        return new
-
-    return hook
-
-
 @torch.no_grad()
 def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first: int, batch_size: int) -> dict[str, LMLoss]:
     """Next-token CE of `tokens` [n, T] clean, with `hook_name` zero-ablated, and with it replaced by each SAE's output.
@@ -219,16 +208,16 @@ def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first
         ids = ids.to(device)
         targets = ids[:, first + 1 :].reshape(-1)
 
-        def logprobs(replace: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-            with hooks(model, {hook_name: _keep_first(first, replace)} if replace else {}):
+        def logprobs(splice: ContextManager[None] = nullcontext()) -> Tensor:
+            with splice:
                 logits = model(input_ids=ids, use_cache=False).logits[:, first:-1].float()
             return logits.log_softmax(-1).reshape(-1, logits.shape[-1])
 
         clean = logprobs()
         clean_sum += float(F.nll_loss(clean, targets, reduction="sum"))
-        zero_sum += float(F.nll_loss(logprobs(torch.zeros_like), targets, reduction="sum"))
+        zero_sum += float(F.nll_loss(logprobs(hooks(model, {hook_name: keep_first(first, torch.zeros_like)})), targets, reduction="sum"))
         for name, sae in saes.items():
-            lp = logprobs(lambda a, sae=sae: reconstruct(sae, a))
+            lp = logprobs(spliced(model, sae, keep_error=False, first=first))
             sums[name]["spliced"] += float(F.nll_loss(lp, targets, reduction="sum"))
             sums[name]["kl"] += float(F.kl_div(lp, clean, log_target=True, reduction="sum"))
         count += targets.numel()
@@ -236,9 +225,9 @@ def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first
     gap = ce_zero - ce_clean
     out = {}
     for name, s in sums.items():
-        spliced = s["spliced"] / count
-        out[name] = LMLoss(ce_clean=ce_clean, ce_zero=ce_zero, ce_spliced=spliced,
-                           ce_recovered=(ce_zero - spliced) / gap if gap else None, kl=s["kl"] / count)
+        ce_spliced = s["spliced"] / count
+        out[name] = LMLoss(ce_clean=ce_clean, ce_zero=ce_zero, ce_spliced=ce_spliced,
+                           ce_recovered=(ce_zero - ce_spliced) / gap if gap else None, kl=s["kl"] / count)
     return out
 
 
