@@ -19,9 +19,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from sae.config import UserError
 from sae.splice import keep_first, splice_fn, spliced
 from sae.store import atomic_write_json, check_finite
 
+#: The demo's TopK SAE (`configs/demo.yaml`'s first): the default of the stages that read one SAE.
+DEMO_SAE = "runs/demo/saes/topk_k32_x8_blocks.15.hook_resid_post"
 #: Rows encoded at once; bounds the dense [rows, d_sae] feature matrix (4096 x 9216 floats = 150 MB).
 ROW_CHUNK = 4096
 
@@ -80,6 +83,15 @@ def load_saes(paths: Iterable[str | Path], device: torch.device) -> dict[str, to
         raise SAEFormatError(f"several SAE folders share the name(s) {clashes}; results are keyed by folder name, "
                              "so evaluate them separately or rename one")
     return {p.name: SAE.load(p).to(device).eval() for p in dirs}
+
+
+def load_sae(path: str | Path, device: torch.device) -> tuple[str, torch.nn.Module]:
+    """The one SAE in `path` and its name; a folder of several is an error naming them."""
+    saes = load_saes([path], device)
+    if len(saes) != 1:
+        raise UserError(f"{path} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
+    ((name, sae),) = saes.items()
+    return name, sae
 
 
 def check_matches(sae, store, name: str) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sae.model import hooks
+from sae.model import ModelError, hooks, resolve_hook
 
 FeatureEdit = Callable[[Tensor], Tensor]
 """Dense features [..., d_sae] → the features to decode instead (a new tensor; the input is left as it is)."""
@@ -60,10 +60,20 @@ def splice_fn(sae: nn.Module, edit: FeatureEdit | None = None, keep_error: bool 
     return fn
 
 
+def check_fits(model: nn.Module, sae: nn.Module) -> None:
+    """The SAE's hook must exist in the model (else the hook map's error lists the valid names) and carry d_in."""
+    resolve_hook(model, sae.cfg.hook_name)
+    width = model.config.hidden_size
+    if sae.cfg.d_in != width:
+        raise ModelError(f"the SAE reads {sae.cfg.d_in}-wide activations at {sae.cfg.hook_name} but this model's are "
+                         f"{width} wide; use the model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
+
+
 @contextmanager
 def spliced(model: nn.Module, sae: nn.Module, edit: FeatureEdit | None = None, *, keep_error: bool = True,
             first: int = 0) -> Iterator[None]:
     """While open, the model runs with `sae` spliced in at `sae.cfg.hook_name` (see `splice_fn`), positions before
     `first` left untouched. Positions count across forward calls (see `keep_first`): one `with` per sequence."""
+    check_fits(model, sae)
     with hooks(model, {sae.cfg.hook_name: keep_first(first, splice_fn(sae, edit, keep_error))}):
         yield
