@@ -76,10 +76,21 @@ def check_features(features: dict[Any, Any], d_sae: int) -> dict[int, float]:
     return out
 
 
-def feature_edit(features: dict[int, float], mode: str) -> FeatureEdit:
-    """The edit of the dense features that `mode` means: add each value, or set each feature to it."""
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise SteerError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+def check_generation(max_new_tokens: int, temperature: float) -> None:
+    if max_new_tokens < 1:
+        raise SteerError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if not temperature >= 0:
+        raise SteerError(f"temperature={temperature} must be ≥ 0 (0: greedy)")
+
+
+def feature_edit(features: dict[int, float], mode: str) -> FeatureEdit:
+    """The edit of the dense features that `mode` means: add each value, or set each feature to it."""
+    check_mode(mode)
     ids = torch.tensor(list(features))
     values = torch.tensor(list(features.values()))
 
@@ -113,10 +124,7 @@ def generate(model: nn.Module, ids: list[int], max_new_tokens: int, temperature:
     counts positions."""
     from transformers import GenerationConfig
 
-    if max_new_tokens < 1:
-        raise SteerError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if not temperature >= 0:
-        raise SteerError(f"temperature={temperature} must be ≥ 0 (0: greedy)")
+    check_generation(max_new_tokens, temperature)
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
@@ -163,7 +171,9 @@ def run(cfg: SteerConfig) -> Steered:
 
     device = pick_device(cfg.device)
     _, sae = load_sae(cfg.sae, device)
-    check_features(cfg.features, sae.cfg.d_sae)  # before the model loads
+    check_features(cfg.features, sae.cfg.d_sae)  # the request first: the model takes longer to load
+    check_mode(cfg.mode)
+    check_generation(cfg.max_new_tokens, cfg.temperature)
     model_name = cfg.model or sae.cfg.model_name
     if not model_name:
         raise SteerError(f"the SAE in {cfg.sae} does not record its model; pass model=<the model it was trained on>")
