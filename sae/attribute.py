@@ -212,15 +212,12 @@ def target_token(tokenizer, text: str) -> int:
 
 def run(cfg: AttributeConfig) -> AttributionReport:
     """Load the SAE and its model, and attribute (`sae attribute`)."""
-    from sae.evaluate import load_sae
-    from sae.model import load_model, pick_device
+    from sae.evaluate import load_model_of, load_sae
+    from sae.model import pick_device
 
     device = pick_device(cfg.device)
     _, sae = load_sae(cfg.sae, device)
-    model_name = cfg.model or sae.cfg.model_name
-    if not model_name:
-        raise AttributionError(f"the SAE in {cfg.sae} does not record its model; pass model=<the model it was trained on>")
-    model, tokenizer = load_model(model_name, str(device))
+    model, tokenizer = load_model_of(sae, cfg.model, device)
     return report(model, tokenizer, sae, cfg.prompt, cfg.target, cfg.n_features, cfg.logit_tokens, cfg.exclude_first,
                   read_explanations(Path(cfg.analysis) / EXPLANATIONS_FILE))
 

@@ -94,6 +94,15 @@ def load_sae(path: str | Path, device: torch.device) -> tuple[str, torch.nn.Modu
     return name, sae
 
 
+def load_model_of(sae, spec: str, device: torch.device):
+    """(model, tokenizer): `spec`, or when it is empty the model the SAE's cfg.json names."""
+    from sae.model import load_model
+
+    if not (spec or sae.cfg.model_name):
+        raise UserError("this SAE does not record its model; pass model=<the model it was trained on>")
+    return load_model(spec or sae.cfg.model_name, str(device))
+
+
 def check_matches(sae, store, name: str) -> None:
     """An SAE must read the cache's hook at the cache's width; a different model name is only worth a warning
     (SAELens and hub ids spell the same model differently)."""

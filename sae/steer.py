@@ -166,18 +166,15 @@ def steer(model: nn.Module, tokenizer, sae: nn.Module, prompt: str, features: di
 
 def run(cfg: SteerConfig) -> Steered:
     """Load the SAE and its model, and steer (`sae steer`)."""
-    from sae.evaluate import load_sae
-    from sae.model import load_model, pick_device
+    from sae.evaluate import load_model_of, load_sae
+    from sae.model import pick_device
 
     device = pick_device(cfg.device)
     _, sae = load_sae(cfg.sae, device)
     check_features(cfg.features, sae.cfg.d_sae)  # the request first: the model takes longer to load
     check_mode(cfg.mode)
     check_generation(cfg.max_new_tokens, cfg.temperature)
-    model_name = cfg.model or sae.cfg.model_name
-    if not model_name:
-        raise SteerError(f"the SAE in {cfg.sae} does not record its model; pass model=<the model it was trained on>")
-    model, tokenizer = load_model(model_name, str(device))
+    model, tokenizer = load_model_of(sae, cfg.model, device)
     return steer(model, tokenizer, sae, cfg.prompt, cfg.features, cfg.mode, cfg.max_new_tokens, cfg.temperature,
                  cfg.seed, cfg.exclude_first)
 
