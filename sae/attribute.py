@@ -21,10 +21,6 @@ from torch import Tensor, nn
 from sae.config import UserError
 from sae.evaluate import DEMO_SAE
 
-EXPLANATIONS_FILE = "explanations.json"
-"""What `sae explain` writes into an SAE's analysis folder, read here if present."""
-
-
 class AttributionError(UserError):
     """An attribution request that cannot run (a target that is not one token, ...); the message says why."""
 
@@ -36,7 +32,7 @@ class AttributeConfig:
     target: str = ""
     """The next token whose logit is attributed, as text (e.g. target=" Paris"); empty: the model's top prediction."""
     sae: str = DEMO_SAE
-    """One SAE folder (default: the demo's TopK SAE)."""
+    """One SAE folder (default: the demo's TopK SAE), hub id (owner/name/folder) or SAELens release/sae_id."""
     model: str = ""
     """The model; empty: the model the SAE was trained on (its cfg.json's model_name)."""
     analysis: str = f"runs/demo/analysis/{Path(DEMO_SAE).name}"
@@ -112,29 +108,16 @@ def attribute_logit(model: nn.Module, sae: nn.Module, ids: list[int], target: in
                            bias=float((bias * g * spliced_at).sum()))
 
 
-def read_explanations(path: str | Path) -> dict[int, str]:
-    """{feature id: explanation} from an explanations JSON, or {} when there is none.
+def explanations_of(analysis: str | Path) -> dict[int, str]:
+    """{feature id: explanation} from an analysis folder's explanations.json (`sae explain`), or {} without one."""
+    from sae.explain import read_explanations
 
-    Accepts {"<id>": "text"}, {"<id>": {"explanation": "text", ...}}, either under a top-level "features" key, or a
-    list of {"feature": id, "explanation": "text"}: the format belongs to `sae explain`; this reads only id and text.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return {}
     try:
-        data = json.loads(path.read_text())
+        saved = read_explanations(analysis) or {}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AttributionError(f"{path} is not valid JSON ({err}); run `sae explain` again or remove it") from err
-    if isinstance(data, dict) and "features" in data:
-        data = data["features"]
-    items = data.items() if isinstance(data, dict) else (
-        (d.get("feature", d.get("id")), d) for d in data if isinstance(d, dict)) if isinstance(data, list) else ()
-    out = {}
-    for key, value in items:
-        text = value.get("explanation") if isinstance(value, dict) else value
-        if isinstance(text, str) and str(key).lstrip("-").isdigit():
-            out[int(key)] = text
-    return out
+        raise AttributionError(f"{Path(analysis) / 'explanations.json'} is not valid JSON ({err}); run `sae explain` "
+                               "again, or pass analysis= a folder without it") from err
+    return {int(j): f["explanation"] for j, f in saved.get("features", {}).items() if f.get("explanation")}
 
 
 @dataclass
@@ -219,7 +202,7 @@ def run(cfg: AttributeConfig) -> AttributionReport:
     _, sae = load_sae(cfg.sae, device)
     model, tokenizer = load_model_of(sae, cfg.model, device)
     return report(model, tokenizer, sae, cfg.prompt, cfg.target, cfg.n_features, cfg.logit_tokens, cfg.exclude_first,
-                  read_explanations(Path(cfg.analysis) / EXPLANATIONS_FILE))
+                  explanations_of(cfg.analysis))
 
 
 def format_report(r: AttributionReport) -> str:

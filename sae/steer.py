@@ -43,7 +43,7 @@ class SteerConfig:
     features: dict[int, float]
     """{feature id: value}: α for mode add, the activation to pin for mode clamp, e.g. features="{123: 40}"."""
     sae: str = DEMO_SAE
-    """One SAE folder (default: the demo's TopK SAE)."""
+    """One SAE folder (default: the demo's TopK SAE), hub id (owner/name/folder) or SAELens release/sae_id."""
     mode: str = "add"
     """"add" (x + α·decoder direction) or "clamp" (set the feature's activation, keep the SAE's error)."""
     model: str = ""

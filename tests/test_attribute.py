@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sae.attribute import attribute_logit, read_explanations
+from sae.attribute import attribute_logit, explanations_of
 from sae.cli import main as cli_main
 from sae.model import load_model
 from sae.steer import steering
@@ -81,7 +81,8 @@ def tiny_sae_dir(hand_sae, tiny_llama, tmp_path):
 def test_cli_lists_features_with_tokens_and_explanations(tiny_sae_dir, tmp_path, capsys):
     analysis = tmp_path / "analysis"
     analysis.mkdir()
-    (analysis / "explanations.json").write_text(json.dumps({str(j): f"explained {j}." for j in range(48)}))
+    features = {str(j): {"explanation": f"explained {j}.", "shown": []} for j in range(48)}
+    (analysis / "explanations.json").write_text(json.dumps({"format": 1, "features": features}))  # as `sae explain`
     args = ["attribute", f"sae={tiny_sae_dir}", "prompt=def f(x):\n    return x", f"analysis={analysis}",
             "n_features=3", "device=cpu"]
     assert cli_main(args) == 0, capsys.readouterr().err
@@ -109,10 +110,8 @@ def test_cli_refuses_bad_requests_in_one_line(override, message, tiny_sae_dir, t
     assert err[-1].startswith("sae attribute: error: ") and message in err[-1], err
 
 
-def test_explanations_are_read_from_the_shapes_a_json_file_may_take(tmp_path):
-    path = tmp_path / "e.json"
-    assert read_explanations(path) == {}
-    for data in ({"3": "a", "5": {"explanation": "b", "score": 0.4}}, {"features": {"3": "a", "5": {"explanation": "b"}}},
-                 [{"feature": 3, "explanation": "a"}, {"id": 5, "explanation": "b"}]):
-        path.write_text(json.dumps(data))
-        assert read_explanations(path) == {3: "a", 5: "b"}
+def test_explanations_are_read_from_sae_explains_file(tmp_path):
+    assert explanations_of(tmp_path) == {}
+    features = {"3": {"explanation": "a", "score": None}, "5": {"explanation": "b"}, "8": {"explanation": ""}}
+    (tmp_path / "explanations.json").write_text(json.dumps({"format": 1, "features": features}))
+    assert explanations_of(tmp_path) == {3: "a", 5: "b"}

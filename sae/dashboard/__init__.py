@@ -1,14 +1,16 @@
-"""The static feature browser: its data format (written by `sae.analyse`) and the pages that show it.
+"""The static feature browser: its data format (written by `sae.dashboard.export` from `sae.analyse`'s statistics;
+`sae.dashboard.build` runs the stage) and the pages that show it.
 
 The site is opened straight from disk (file://), where browsers refuse fetch() of local JSON, so the data is stored
 as `.js` files that assign one global each (`window.NAME = <JSON>;`) and the pages load them with <script> tags.
-`sae.analyse` writes those files directly and they are the only copy of the analysis: Python reads them back with
+`sae analyse` writes those files directly and they are the only copy of the analysis: Python reads them back with
 `read_js` (the notebook, the tests), the browser runs them. An analysis folder holds::
 
     data/index.js        SAE_INDEX: metadata, one summary row per live feature, dead ids (written last: marks completion)
     data/tokens.js       SAE_TOKENS: {token id: text}, each id decoded once, for every id the other files mention
     data/contexts.js     SAE_CONTEXTS: {context index: [token ids]}, the contexts any example comes from
     data/features/<c>.js SAE_CHUNK: {feature id: details} for the live ids j with j // FEATURES_PER_FILE == c
+    data/explanations.js SAE_EXPLANATIONS: optional, written by `sae explain` (see sae.explain for its format)
 
 Examples are `[seq, pos, act, window]` (samples insert an interval index before `window`): the feature's activation
 at context `seq`, position `pos`, and its activations at the cached positions max(first_pos, pos - left) ..
