@@ -96,7 +96,7 @@ def attribute_logit(model: nn.Module, sae: nn.Module, ids: list[int], target: in
     with torch.enable_grad(), hooks(model, {sae.cfg.hook_name: hook}):
         logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1]
         target = int(logits.argmax()) if target is None else target
-        grad_f, grad_out = torch.autograd.grad(logits[target], [kept["f"], kept["out"]])
+        grad_f, grad_out = torch.autograd.grad(logits[target], [kept["f"], kept["out"]], materialize_grads=True)
     f, g, x = kept["f"].detach()[0], grad_out[0].to(sae.W_dec.dtype), kept["x"][0].to(sae.W_dec.dtype)
     with torch.no_grad():
         spliced_at = (torch.arange(len(f), device=f.device) >= first)[:, None]
