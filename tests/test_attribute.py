@@ -49,6 +49,7 @@ def test_on_a_linear_toy_attributions_are_exact(tiny_llama, hand_sae):
     assert abs(a.error) > 100 * tol and abs(a.bias) > 100 * tol  # both terms are really there
 
 
+@pytest.mark.slow
 def test_top_attributed_features_matter_more_than_random_active_ones(smollm2, smollm2_sae):
     """On SmolLM2, zero-ablating the 5 features with the largest attribution lowers the predicted token's logit more
     than zero-ablating 5 active features drawn at random (10 seeded draws), on two prompts."""

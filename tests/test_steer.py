@@ -26,6 +26,7 @@ def _logits(model, ids: list[int], context=None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the real model
 
 
+@pytest.mark.slow
 def test_adding_a_feature_raises_its_logit_lens_tokens(smollm2, smollm2_sae):
     """For three features, α·d_j at every position (α·‖d_j‖ = 3 × the mean residual norm) raises the mean next-token
     log-probability of d_j's own top-10 logit-lens tokens by over 1 nat, and by more than the other features'."""
@@ -48,6 +49,7 @@ def test_adding_a_feature_raises_its_logit_lens_tokens(smollm2, smollm2_sae):
         assert rise[n] > 1.0 and rise[n] > others.max(), (j, rise.tolist())
 
 
+@pytest.mark.slow
 def test_null_interventions_leave_the_logits_unchanged(smollm2, smollm2_sae, within_ulp):
     """α = 0 and a clamp of a feature to its own activation give the clean logits (to one float32 ulp); clamping it
     to 0 instead moves them, so the comparison can fail."""
@@ -67,6 +69,7 @@ def test_null_interventions_leave_the_logits_unchanged(smollm2, smollm2_sae, wit
     assert torch.equal(ablated[:last], clean[:last]) and (ablated[last] - clean[last]).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_generation_uses_one_seed_for_both_texts(smollm2, smollm2_sae):
     """Sampled at temperature 1, α = 0 reproduces the plain text token for token; a large α changes the text."""
     model, tokenizer = smollm2
@@ -108,7 +111,7 @@ def test_format_wraps_each_text_into_its_column():
     ("mode=scale", "unknown steering mode 'scale'; use one of add, clamp"),
     ("max_new_tokens=0", "max_new_tokens=0 must be at least 1"),
     ("prompt=", "prompt is empty"),
-    ("sae=MISSING", "is neither an SAE folder"),
+    ("sae=MISSING", "nothing does not exist; pass an SAE folder"),
 ])
 def test_cli_refuses_bad_requests_in_one_line(override, message, tiny_sae_dir, tmp_path, capsys):
     args = ["steer", f"sae={tiny_sae_dir}", "prompt=def", "features={3: 1}", "device=cpu", override.replace(
