@@ -49,7 +49,7 @@ class SAEConfig:
     """
 
     architecture: str
-    """The recipe: relu_l1, topk, batchtopk or jumprelu (see the class of each)."""
+    """The recipe: relu_l1, topk, batchtopk, matryoshka_batchtopk or jumprelu (see the class of each)."""
     d_in: int
     d_sae: int
     hook_name: str = ""
@@ -60,7 +60,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec before encoding; None → the variant's paper default."""
     k: int = 32
-    """topk: active latents per token; batchtopk: mean active latents per token."""
+    """topk: active latents per token; batchtopk, matryoshka_batchtopk: mean active latents per token."""
     l1_coefficient: float = 5.0
     """relu_l1: λ of the April-2024 recipe (λ = 5 with E‖x‖² = d_in normalisation)."""
     l0_coefficient: float = 2.0
@@ -78,6 +78,9 @@ class SAEConfig:
     """topk/batchtopk/jumprelu: weight α of the AuxK loss (Gao et al. §A.2)."""
     threshold_momentum: float = 0.01
     """batchtopk: EMA rate of the inference threshold."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: sizes of the nested dictionaries (prefixes of the latents) whose reconstruction errors
+    the loss sums, strictly increasing and ending at d_sae; None → [d_sae/16, d_sae/4, d_sae]."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SAE_CLASSES:
@@ -86,6 +89,8 @@ class SAEConfig:
             )
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default
+        if self.architecture == "matryoshka_batchtopk" and self.matryoshka_widths is None:
+            self.matryoshka_widths = sorted({w for w in (self.d_sae // 16, self.d_sae // 4, self.d_sae) if w > 0})
         problems = self.problems()
         if problems:
             raise SAEFormatError(f"invalid {self.architecture} SAE settings: {'; '.join(problems)}")
@@ -100,6 +105,10 @@ class SAEConfig:
                   if not getattr(self, name) >= 0]  # `not >=` also catches NaN
         found += [f"{name}={getattr(self, name)} must be > 0 (or unset)" for name in ("target_l0", "bandwidth", "aux_k")
                   if getattr(self, name) is not None and not getattr(self, name) > 0]
+        widths = self.matryoshka_widths
+        if widths is not None and (not widths or widths[-1] != self.d_sae or widths[0] < 1
+                                   or any(a >= b for a, b in zip(widths, widths[1:]))):
+            found.append(f"matryoshka_widths={widths} must be strictly increasing, ≥ 1 and end at d_sae={self.d_sae}")
         return found
 
     @classmethod
@@ -700,6 +709,41 @@ class BatchTopKSAE(_TopKFamily):
         self.threshold.copy_(tensors["threshold"].flatten()[0])
 
 
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """BatchTopK with nested dictionaries (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning Multi-Level
+    Features with Matryoshka Sparse Autoencoders"; Nabeshima 2024, "Matryoshka Sparse Autoencoders"). With prefix
+    widths m₁ < … < m_L = d_sae (``cfg.matryoshka_widths``) and f the one BatchTopK selection over all latents,
+
+        L = Σ_ℓ ‖x − b_dec − Σ_{j < m_ℓ} f_j W_dec,j‖² + α·AuxK,
+
+    so the first m₁ latents must reconstruct x on their own and learn the general features, while later ones add
+    detail. That counters feature absorption (Chanin et al. 2024, "A is for Absorption"): when a parent feature is
+    present whenever its child is, a plain sparse SAE saves L0 by folding the parent's direction into the child's
+    latent and silencing the parent's latent on the child's tokens; here an inner prefix that holds the parent's
+    latent but not the child's must still reconstruct those tokens, so the parent's latent keeps firing on them.
+
+    The loss is SAELens's (``MatryoshkaBatchTopKTrainingSAE``: the full-width loss plus each inner prefix's MSE, all
+    summed) and the paper's; Bussmann et al.'s reference code averages the levels instead, which under Adam only
+    changes AuxK's weight relative to them. AuxK models the full reconstruction's residual, as in both (SAELens's
+    default ``use_matryoshka_aux_loss=False``). Inference and the saved folder are BatchTopK's: SAELens saves its
+    Matryoshka SAEs as ``jumprelu`` with the global threshold broadcast, and so do we.
+    """
+
+    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+        x_hat, acts, loss, losses, l0, fire_counts = super()._train_forward(x_n, dead_mask, penalty_scale)
+        # Cumulative partial decodes: each prefix adds only its own band [previous width, width) of the active
+        # latents to the one before, so all inner reconstructions together decode each active latent at most once.
+        partial, start = self.b_dec, 0
+        for width in self.cfg.matryoshka_widths[:-1]:
+            band = (acts.features >= start) & (acts.features < width)
+            partial = partial + sparse_decode(SparseActs(*(t[band] for t in acts)), self.W_dec, len(x_n))
+            mse = (partial - x_n).pow(2).sum(-1).mean()
+            loss = loss + mse
+            losses[f"mse_{width}"] = mse.detach()
+            start = width
+        return x_hat, acts, loss, losses, l0, fire_counts
+
+
 class _JumpReLU(torch.autograd.Function):
     """f = z·H(z − θ) with the straight-through pseudo-derivative of Rajamanoharan et al.
     2024 ("Jumping Ahead", §4 and the pseudo-code in their appendix):
@@ -840,7 +884,8 @@ SAE_CLASSES: dict[str, type[SAE]] = {
     "relu_l1": ReLUL1SAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
-    "jumprelu": JumpReLUSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+    "jumprelu": JumpReLUSAE,  # last of the SAELens "jumprelu" savers: SAE.load reads plain jumprelu folders as it
 }
 
 
