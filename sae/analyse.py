@@ -19,8 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sae.config import UserError
-from sae.evaluate import ROW_CHUNK, check_matches, load_saes, reconstruct
+from sae.evaluate import DEMO_SAE, ROW_CHUNK, check_matches, load_sae, reconstruct
 from sae.store import check_finite
 
 #: Activation histogram bins: fixed log10 edges shared by all features, so counts can be accumulated in one pass
@@ -322,7 +321,7 @@ def percentile(errors: Tensor, reference_errors: Tensor) -> Tensor:
 class ScoreConfig:
     text: str
     """The text to score (the CLI passes it as text=...)."""
-    sae: str = "runs/demo/saes/topk_k32_x8_blocks.15.hook_resid_post"
+    sae: str = DEMO_SAE
     """One SAE folder (default: the demo's TopK SAE), hub id (owner/name/folder) or SAELens release/sae_id."""
     cache: str = "runs/demo/cache"
     """Cache the SAE was trained on: its held-out rows give the reference error distribution."""
@@ -347,26 +346,19 @@ class TokenScore:
 @torch.no_grad()
 def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     """Run the model on `cfg.text` to the SAE's hook and score every token against the held-out error distribution."""
-    from sae.model import capture, load_model, pick_device
+    from sae.model import capture, load_model, pick_device, prompt_ids
     from sae.store import ActivationStore
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
-    saes = load_saes([cfg.sae], device, single=True)  # a hub repo of several is refused before it is downloaded
-    if len(saes) != 1:
-        raise UserError(f"{cfg.sae} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
-    ((name, sae),) = saes.items()
+    name, sae = load_sae(cfg.sae, device)
     check_matches(sae, store, name)
     hook = sae.cfg.hook_name
     model, tokenizer = load_model(store.model_name, str(device))
     held = store.holdout([hook], cfg.reference_tokens)[hook]
     check_finite(held, f"the held-out rows of {hook} in {store.path}")
     reference = normalised_error(sae, held)
-    ids = tokenizer(cfg.text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise UserError("text is empty: pass the text to score, e.g. text=\"def f(x): return x\"")
-    if store.bos_token_id is not None:
-        ids = [store.bos_token_id, *ids]
+    ids = prompt_ids(tokenizer, cfg.text, store.bos_token_id, key="text")
     acts = capture(model, torch.tensor([ids], device=device), [hook])[hook][0]
     return token_scores(sae, acts, reference, [tokenizer.decode([i]) for i in ids], store.first_pos, cfg.threshold)
 

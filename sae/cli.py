@@ -38,10 +38,15 @@ class Stage:
         return getattr(mod, self.config), lambda cfg: self.run(mod, cfg)
 
 
-def _eval(mod, cfg):
-    results = mod.evaluate(cfg)
-    print(mod.format_table(results))
-    return results
+def _shown(run: str, show: str) -> Callable[[Any, Any], Any]:
+    """A stage that runs `mod.<run>(cfg)` and prints `mod.<show>(result)`."""
+
+    def stage(mod, cfg):
+        result = getattr(mod, run)(cfg)
+        print(getattr(mod, show)(result))
+        return result
+
+    return stage
 
 
 def _analyse(mod, cfg):
@@ -62,18 +67,6 @@ def _explain(mod, cfg):
     return index
 
 
-def _score(mod, cfg):
-    scores = mod.score_text(cfg)
-    print(mod.format_scores(scores))
-    return scores
-
-
-def _planted(mod, cfg):
-    scores = mod.run_planted(cfg)
-    print(mod.format_scores(scores))
-    return scores
-
-
 def _print(result):
     print(result)
     return result
@@ -82,12 +75,16 @@ def _print(result):
 STAGES = {
     "harvest": Stage("harvest", "harvest", "HarvestConfig", lambda m, c: _print(m.harvest(c)), "cache activations of a model on a text dataset"),
     "train": Stage("train", "train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
-    "eval": Stage("eval", "evaluate", "EvalConfig", _eval, "metrics, PCA baseline and spliced LM loss"),
+    "eval": Stage("eval", "evaluate", "EvalConfig", _shown("evaluate", "format_table"), "metrics, PCA baseline and spliced LM loss"),
     "analyse": Stage("analyse", "dashboard.build", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
     "explain": Stage("explain", "explain", "ExplainConfig", _explain, "explain features in words with a language model and score the explanations by detection"),
-    "score": Stage("score", "analyse", "ScoreConfig", _score, "anomaly scores: per-token reconstruction error of a text"),
-    "planted": Stage("planted", "planted", "PlantedConfig", _planted, "ground-truth benchmark: train the SAEs on "
-                     "activations built from a known dictionary and score how much of it they recover"),
+    "score": Stage("score", "analyse", "ScoreConfig", _shown("score_text", "format_scores"), "anomaly scores: per-token reconstruction error of a text"),
+    "steer": Stage("steer", "steer", "SteerConfig", _shown("run", "format_steered"), "generate with features added or clamped, next to the plain text"),
+    "attribute": Stage("attribute", "attribute", "AttributeConfig", _shown("run", "format_report"),
+                       "which features drove a next-token prediction (activation × gradient)"),
+    "planted": Stage("planted", "planted", "PlantedConfig", _shown("run_planted", "format_scores"),
+                     "ground-truth benchmark: train the SAEs on activations built from a known dictionary and score "
+                     "how much of it they recover"),
 }
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"

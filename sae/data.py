@@ -105,6 +105,11 @@ def _column(source: Iterable[dict], column: str, dataset: str) -> Iterator[str]:
                         "run the same command again to continue where it stopped") from None
 
 
+def bos_token(tokenizer) -> int | None:
+    """The token each context starts with: BOS, or EOS for tokenizers without one (GPT-2's)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def pack(
     texts: Iterable[str],
     tokenizer,
@@ -118,7 +123,7 @@ def pack(
     SAELens does, so position 0 is always the same (outlier) token and can be dropped cleanly. The tail shorter
     than a context is dropped.
     """
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_token(tokenizer)
     eos = tokenizer.eos_token_id
     if prepend_bos and bos is None:
         raise DataError("prepend_bos needs a tokenizer with a BOS or EOS token; set prepend_bos=false")

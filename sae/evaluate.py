@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import math
 import textwrap
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, ContextManager, Iterable
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from sae.config import UserError
+from sae.splice import keep_first, splice_fn, spliced
 from sae.store import atomic_write_json, check_finite
 
+#: The demo's TopK SAE (`configs/demo.yaml`'s first): the default of the stages that read one SAE.
+DEMO_SAE = "runs/demo/saes/topk_k32_x8_blocks.15.hook_resid_post"
 #: Rows encoded at once; bounds the dense [rows, d_sae] feature matrix (4096 x 9216 floats = 150 MB).
 ROW_CHUNK = 4096
 
@@ -59,6 +64,24 @@ def load_saes(specs: Iterable[str | Path], device: torch.device, single: bool = 
     return {name: SAE.load(path, device) for name, path in find_saes(specs, single).items()}
 
 
+def load_sae(path: str | Path, device: torch.device) -> tuple[str, torch.nn.Module]:
+    """The one SAE in `path` and its name; a folder of several is an error naming them."""
+    saes = load_saes([path], device, single=True)  # a hub repo of several is refused before it is downloaded
+    if len(saes) != 1:
+        raise UserError(f"{path} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
+    ((name, sae),) = saes.items()
+    return name, sae
+
+
+def load_model_of(sae, spec: str, device: torch.device):
+    """(model, tokenizer): `spec`, or when it is empty the model the SAE's cfg.json names."""
+    from sae.model import load_model
+
+    if not (spec or sae.cfg.model_name):
+        raise UserError("this SAE does not record its model; pass model=<the model it was trained on>")
+    return load_model(spec or sae.cfg.model_name, str(device))
+
+
 def check_matches(sae, store, name: str) -> None:
     """An SAE must read the cache's hook at the cache's width; a different model name is only worth a warning
     (SAELens and hub ids spell the same model differently)."""
@@ -77,8 +100,7 @@ def check_matches(sae, store, name: str) -> None:
 
 def reconstruct(sae, x: Tensor) -> Tensor:
     """x̂ in the caller's dtype, whatever dtype the SAE computes in."""
-    dtype = sae.W_dec.dtype
-    return sae.decode(sae.encode(x.to(dtype))).to(x.dtype)
+    return splice_fn(sae, keep_error=False)(x).to(x.dtype)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
@@ -168,18 +190,6 @@ class LMLoss:
     kl: float  # mean KL(clean || spliced) of the next-token distribution, nats per token
 
 
-def _keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """A hook that replaces positions >= `first` with fn(activation) and leaves the leading ones untouched."""
-
-    def hook(a: Tensor) -> Tensor:
-        new = fn(a).to(a.dtype)
-        if first:
-            new = torch.cat([a[:, :first], new[:, first:]], dim=1)
-        return new
-
-    return hook
-
-
 @torch.no_grad()
 def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first: int, batch_size: int) -> dict[str, LMLoss]:
     """Next-token CE of `tokens` [n, T] clean, with `hook_name` zero-ablated, and with it replaced by each SAE's output.
@@ -198,16 +208,16 @@ def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first
         ids = ids.to(device)
         targets = ids[:, first + 1 :].reshape(-1)
 
-        def logprobs(replace: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-            with hooks(model, {hook_name: _keep_first(first, replace)} if replace else {}):
+        def logprobs(splice: ContextManager[None] = nullcontext()) -> Tensor:
+            with splice:
                 logits = model(input_ids=ids, use_cache=False).logits[:, first:-1].float()
             return logits.log_softmax(-1).reshape(-1, logits.shape[-1])
 
         clean = logprobs()
         clean_sum += float(F.nll_loss(clean, targets, reduction="sum"))
-        zero_sum += float(F.nll_loss(logprobs(torch.zeros_like), targets, reduction="sum"))
+        zero_sum += float(F.nll_loss(logprobs(hooks(model, {hook_name: keep_first(first, torch.zeros_like)})), targets, reduction="sum"))
         for name, sae in saes.items():
-            lp = logprobs(lambda a, sae=sae: reconstruct(sae, a))
+            lp = logprobs(spliced(model, sae, keep_error=False, first=first))
             sums[name]["spliced"] += float(F.nll_loss(lp, targets, reduction="sum"))
             sums[name]["kl"] += float(F.kl_div(lp, clean, log_target=True, reduction="sum"))
         count += targets.numel()
@@ -215,9 +225,9 @@ def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first
     gap = ce_zero - ce_clean
     out = {}
     for name, s in sums.items():
-        spliced = s["spliced"] / count
-        out[name] = LMLoss(ce_clean=ce_clean, ce_zero=ce_zero, ce_spliced=spliced,
-                           ce_recovered=(ce_zero - spliced) / gap if gap else None, kl=s["kl"] / count)
+        ce_spliced = s["spliced"] / count
+        out[name] = LMLoss(ce_clean=ce_clean, ce_zero=ce_zero, ce_spliced=ce_spliced,
+                           ce_recovered=(ce_zero - ce_spliced) / gap if gap else None, kl=s["kl"] / count)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import model as model_lib
-from .data import DataError, load_texts, pack
+from .data import DataError, bos_token, load_texts, pack
 from .store import DTYPES, CacheError, CacheWriter
 
 
@@ -118,7 +118,7 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
         "exclude_first": int(cfg.exclude_first),
-        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "bos_token_id": bos_token(tokenizer),
         "dataset": {"name": cfg.dataset, "split": cfg.dataset_split, "text_column": cfg.text_column},
         "eval_fraction": cfg.eval_fraction,
         "max_contexts": max_contexts,

@@ -188,6 +188,15 @@ def capture(model: nn.Module, input_ids: Tensor, names: list[str], attention_mas
     return out
 
 
+def prompt_ids(tokenizer, text: str, bos_token_id: int | None, key: str = "prompt") -> list[int]:
+    """Token ids of a text typed by the user, laid out as the harvest laid out contexts: the BOS first (when the cache
+    or tokenizer has one), then the text with no other special tokens. `key` names the setting in the error."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ModelError(f'{key} is empty: pass some text, e.g. {key}="def f(x): return x"')
+    return [bos_token_id, *ids] if bos_token_id is not None else ids
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 

@@ -539,9 +539,9 @@ class _SparseEncode(torch.autograd.Function):
     """Pre-activations at selected (row, latent) pairs, with a *sparse* backward.
 
     Forward runs the dense encoder matmul once and lets ``select`` pick the pairs. Backward
-    only touches the selected pairs: dW_enc, db_enc and db_dec cost O(nnz·d_in) instead of
-    the O(batch·d_sae·d_in) dense weight-gradient matmul. dW_enc is assembled with
-    ``embedding_bag`` over pairs sorted by latent, which avoids materialising [nnz, d_in].
+    only touches the selected pairs: dW_enc, db_enc, db_dec and dx cost O(nnz·d_in) instead of
+    the O(batch·d_sae·d_in) dense matmuls. dW_enc and dx are assembled with ``embedding_bag``
+    (over pairs sorted by latent, and by row), which avoids materialising [nnz, d_in].
     """
 
     @staticmethod
@@ -582,7 +582,18 @@ class _SparseEncode(torch.autograd.Function):
         grad_b_enc.index_add_(0, feats, grad_vals)
         # pre = (x − b_dec) W_enc + b_enc  ⇒  ∂/∂b_dec = −W_enc · (∂/∂b_enc).
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.apply_b_dec else None
-        return None, grad_b_dec, grad_W_enc_t.T, grad_b_enc, None, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # the input itself needs a gradient only when something upstream is trained
+            # dx[b] = Σ_{(b, j) selected} grad · W_enc[:, j]: one bag of encoder columns per token row.
+            by_row = torch.argsort(rows, stable=True)  # AuxK's pairs follow the main ones: rows are not sorted
+            grad_x = F.embedding_bag(
+                feats[by_row],
+                W_enc.T.contiguous(),
+                _csr_offsets(rows, x_c.shape[0]),
+                mode="sum",
+                per_sample_weights=grad_vals[by_row],
+            )
+        return grad_x, grad_b_dec, grad_W_enc_t.T, grad_b_enc, None, None
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, n_rows: int) -> Tensor:

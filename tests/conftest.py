@@ -160,3 +160,35 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"faults tried: {sum(_fault_tally.values())}: {counts}")
         if _kills:
             terminalreporter.write_line("kill -9 trials: " + "; ".join(_kills))
+
+
+# ------------------------------------------------------------------------------------------------ the real model
+# Shared by test_steer and test_attribute: SmolLM2 and a TopK SAE trained here in seconds on its layer-15 residual
+# stream (the demo's hook), so interventions are checked on real directions of a real model.
+
+REAL_HOOK = "blocks.15.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M on the CPU, parameters frozen."""
+    from sae.model import load_model
+
+    model, tokenizer = load_model("smollm2", "cpu")
+    return model.requires_grad_(False), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_sae(smollm2, text_dir, tmp_path_factory):
+    """A TopK SAE (k 32, 4x) trained on 6k tokens of stdlib source at SmolLM2's layer 15, through harvest and train."""
+    from sae.harvest import HarvestConfig, harvest_with
+    from sae.sae import SAE
+    from sae.train import SAESpec, TrainConfig, train
+
+    model, tokenizer = smollm2
+    out = tmp_path_factory.mktemp("smollm2_sae")
+    cache = harvest_with(HarvestConfig(hooks=[REAL_HOOK], dataset=str(text_dir), context_size=64, max_tokens=6144,
+                                       dtype="float32", out=str(out / "cache")), model, tokenizer)
+    (folder,) = train(TrainConfig(cache=str(cache), out=str(out / "saes"), total_tokens=4 * 6144, device="cpu",
+                                  wandb_mode="disabled", saes=[SAESpec("topk", REAL_HOOK, expansion_factor=4, k=32)]))
+    return SAE.load(folder).eval().requires_grad_(False)

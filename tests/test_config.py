@@ -97,4 +97,6 @@ def test_every_stage_documents_every_key_and_has_defaults():
         assert set(field_docs(cls)) == names, (cls.__name__, names - set(field_docs(cls)))
     required = [(cls.__name__, f.name) for cls in classes for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    assert required == [("ScoreConfig", "text")]
+    # Only what has no sensible default: the text to score, the prompt and features to steer, the prompt to attribute.
+    assert required == [("ScoreConfig", "text"), ("SteerConfig", "prompt"), ("SteerConfig", "features"),
+                        ("AttributeConfig", "prompt")]

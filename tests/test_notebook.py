@@ -29,5 +29,6 @@ def test_explore_notebook_runs(tiny_cache, tiny_llama, hand_sae, tmp_path, monke
     for heading in ("highest maximum activation", "densest", "rarest that ever fire"):
         assert f"== {heading}" in text
     assert "[[" in text and "fires most on" in text  # contexts shown, and the typed sentence was looked up
+    assert "| steered (add #" in text and "activation × gradient at blocks.1.hook_resid_post" in text
     assert any(out.get("output_type") == "display_data" and "image/png" in out.get("data", {})
                for cell in nb.cells for out in cell.get("outputs", []))  # the density plot rendered

@@ -72,13 +72,14 @@ def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str) -> list[str]:
         "harvest.context_size=32", "harvest.max_tokens=2400", "harvest.batch_size=8", "harvest.shard_tokens=600",
         "harvest.eval_fraction=0.25", f"train.saes={json.dumps(specs)}", "eval.lm_loss_contexts=4",
         "analyse.n_top=5", f"score.sae={first}", f"explain.model={tiny_llama}", "explain.n_top_features=2",
-        "explain.n_random_features=1", "explain.max_new_tokens=4", "train.total_tokens=1536", "train.shuffle_rows=600",
+        "explain.n_random_features=1", "explain.max_new_tokens=4", f"steer.sae={first}", "steer.max_new_tokens=4",
+        f"attribute.sae={first}", "train.total_tokens=1536", "train.shuffle_rows=600",
     ]
 
 
 def test_readme_shows_each_stage_and_the_demo():
     assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "explain", "score",
-                                                  "train", "planted"]
+                                                  "train", "steer", "attribute", "planted"]
     assert all(c[1:3] == ["--config", DEMO] for c in readme_commands()[1:-1])
     assert len(readme_torchrun_commands()) == 2
 
@@ -98,7 +99,8 @@ def test_score_default_is_the_demo_topk_sae():
     assert ScoreConfig(text="x").sae == str(Path(demo["train"]["out"]) / SAESpec(**demo["train"]["saes"][0]).run_name)
 
 
-@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "explain", "score", "planted", "demo"])
+@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "explain", "score", "steer", "attribute",
+                                   "planted", "demo"])
 def test_help_of_every_command(stage, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main([stage, "--help"])
@@ -126,6 +128,7 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     for explained in (runs / "analysis").glob("*/explanations.json"):  # one per SAE, 3 features each
         assert json.loads(explained.read_text())["summary"]["n_explained"] == 3
     assert "3 features explained" in printed["explain"] and len(list((runs / "analysis").glob("*/explanations.json"))) == 2
+    assert "| steered (add #42 +8)" in printed["steer"] and "features for" in printed["attribute"]
     assert (runs / "saes" / "topk_k32_x8_" f"{hook}" / "cfg.json").is_file()
     assert (folder / "runs" / "live" / "saes" / "checkpoints" / "latest.json").is_file()  # the on-the-fly line
 

@@ -60,12 +60,14 @@ def test_sparse_forward_matches_dense_reference(arch, n_dead):
     """Loss and every gradient of the sparse encoder/decoder path (incl. AuxK, weighted by min(n_dead / k_aux, 1))
     equal a straightforward dense implementation built from the same selection."""
     sae, x = _fitted(arch, offset=20.0)
+    x.requires_grad_(True)  # the input's gradient too (what upstream of an SAE needs, e.g. attribution through it)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:n_dead]] = True
     aux_k, weight = min(6, n_dead), min(n_dead / 6, 1.0)
     out = sae.train_forward(x, dead_mask=dead)
     out.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sparse_grad_x, x.grad = x.grad.clone(), None
     sae.zero_grad()
 
     x_n = sae.normalise(x)
@@ -93,6 +95,7 @@ def test_sparse_forward_matches_dense_reference(arch, n_dead):
     assert torch.allclose(a.to_dense(len(x), 64), f)
     for name, p in sae.named_parameters():
         assert torch.allclose(sparse_grads[name], p.grad, atol=1e-12), name
+    assert torch.allclose(sparse_grad_x, x.grad, atol=1e-12)
     assert out.l0 == (f > 0).sum() / len(x)
     assert torch.equal(out.fire_counts, (f > 0).sum(0))
 
