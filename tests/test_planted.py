@@ -77,7 +77,7 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
         assert scores[name]["l0"] == pytest.approx(3, abs=0.2), scores[name]
     for name in ("topk", "reference", "batchtopk", "jumprelu"):
         assert scores[name]["fvu"] < scores[name]["pca_fvu"], scores[name]  # beats PCA at its own L0
-    assert scores["topk"]["recovered"] >= 0.95
+    assert scores["topk"]["recovered"] >= 0.9
     # A second run reuses the cache and the finished training (resume) and gives the same scores.
     assert main(args) == 0
     assert _by_model(out) == scores
