@@ -68,10 +68,10 @@ class LinearAE(SAE):
     def encode_normalised(self, x_n):
         return self.pre_acts(x_n)
 
-    def _train_forward(self, x_n, dead_mask, penalty_scale):
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):
         f = self.pre_acts(x_n)
         x_hat = f @ self.W_dec + self.b_dec
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        mse = (x_hat - y_n).pow(2).sum(-1).mean()
         return x_hat, f, mse, {"mse": mse.detach()}, torch.tensor(0.0), (f > 0).sum(0)
 
 
