@@ -19,39 +19,43 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_map(n: int, *, dense: float = 0.0, seed: int = 0, d_in: int = 64, d_out: int = 48, n_true: int = 256):
-    """x = c·E + dense noise ε, y = c·D + ε·A: sparse non-negative codes c (~4 active of `n_true`) written into the
-    input through one unit dictionary E and into the output through another, D (the truth a transcoder must find),
-    plus, with `dense` > 0, a dense input part that reaches the output linearly (what a skip path is for). The maps
-    are fixed; `seed` draws the rows."""
+    """x = c·E, y = c·D: sparse non-negative codes c (~4 active of `n_true`) written into the input through one unit
+    dictionary E and into the output through another, D (the truth a transcoder must find). With `dense` > 0, x gets
+    16 more dimensions of dense Gaussian ε (std `dense`) that reach the output linearly, y += ε·A (what a skip path is
+    for). The maps are fixed; `seed` draws the rows."""
     maps = torch.Generator().manual_seed(1)
     E = F.normalize(torch.randn(n_true, d_in, generator=maps), dim=1)
     D = F.normalize(torch.randn(n_true, d_out, generator=maps), dim=1)
-    A = torch.randn(d_in, d_out, generator=maps) / d_in**0.5
+    A = torch.randn(16, d_out, generator=maps) / 4
     g = torch.Generator().manual_seed(100 + seed)
     c = (torch.rand(n, n_true, generator=g) < 4 / n_true) * (torch.rand(n, n_true, generator=g) * 1.5 + 0.5)
-    eps = dense * torch.randn(n, d_in, generator=g)
-    return c @ E + eps + 0.01 * torch.randn(n, d_in, generator=g), c @ D + eps @ A, D
+    x, y = c @ E + 0.01 * torch.randn(n, d_in, generator=g), c @ D
+    if dense:
+        eps = dense * torch.randn(n, 16, generator=g)
+        x, y = torch.cat([x, eps], 1), y + eps @ A
+    return x, y, D
 
 
 def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
     return float((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
-def _train_planted(tmp_path, dense: float, **spec) -> tuple[SAE, ...]:
-    """Transcoders from hook "x" to hook "y" of a cache of the planted map, trained by `train` itself."""
-    x, y, D = planted_map(150_000, dense=dense)
+def _train_planted(tmp_path, dense: float, skips: tuple[bool, ...], steps: int) -> tuple[SAE, ...]:
+    """TopK transcoders (with and without a skip path) from hook "x" to hook "y" of a cache of the planted map,
+    trained by `train` itself."""
+    x, y, D = planted_map(100_000, dense=dense)
     cache = make_cache(tmp_path / "cache", {"x": x, "y": y})
-    specs = [SAESpec(hook="x", hook_out="y", d_sae=512, k=4, **spec, **extra) for extra in ({}, {"skip": True})]
+    specs = [SAESpec(hook="x", hook_out="y", d_sae=512, k=4, skip=skip) for skip in skips]
     paths = train(TrainConfig(cache=str(cache), out=str(tmp_path / "saes"), saes=specs, batch_size=512,
-                              total_tokens=500 * 512, lr=3e-3, dead_window_tokens=512 * 50, wandb_mode="disabled"))
+                              total_tokens=steps * 512, lr=3e-3, dead_window_tokens=512 * 50, wandb_mode="disabled"))
     return tuple(SAE.load(p) for p in paths)
 
 
 def test_transcoder_recovers_a_planted_sparse_map(tmp_path):
     """Trained by `train` on (x, y) pairs, a TopK transcoder's decoder rows are the true output directions, and its
     held-out FVU beats the best linear map of rank L0 (least squares on the training rows)."""
-    plain, skip = _train_planted(tmp_path, dense=0.0)
-    assert plain.cfg.hook_name_out == "y" and plain.cfg.d_out == 48 and skip.cfg.skip
+    (plain,) = _train_planted(tmp_path, dense=0.0, skips=(False,), steps=400)
+    assert plain.cfg.hook_name_out == "y" and plain.cfg.d_out == 48
     assert mean_max_cos(planted_map(1)[2], plain.W_dec) >= 0.95  # 0.996 when written
     x, y, _ = planted_map(20_000, seed=1)  # held out
     fit_x, fit_y, _ = planted_map(20_000, seed=2)
@@ -59,19 +63,28 @@ def test_transcoder_recovers_a_planted_sparse_map(tmp_path):
     with torch.no_grad():
         got = fvu(y, plain(x))
         l0 = float((plain.encode(x) > 0).sum(-1).float().mean())
+    print(f"planted: cos {mean_max_cos(planted_map(1)[2], plain.W_dec):.3f} FVU {got:.3f} L0 {l0:.2f} "
+          f"linear rank-4 FVU {float(linear[4]):.3f}")
     assert l0 <= 4
     assert got < 0.3 and got < 0.5 * float(linear[4]), (got, float(linear[4]))  # 0.20 vs 0.86 when written
+
+
+DENSE = 0.4
+"""Std of the dense input part: its share of y's variance (0.16 per dimension) is about that of the sparse part
+(~4 codes of mean square 1.75 over 48 dimensions: 0.15)."""
 
 
 def test_skip_transcoder_learns_the_dense_linear_part(tmp_path):
     """With a dense part that reaches the output linearly, the skip path (Paulo et al. 2025) takes it: FVU well
     below the same transcoder without it, and below the full-rank least-squares map."""
-    plain, skip = _train_planted(tmp_path, dense=1.0)
-    x, y, _ = planted_map(20_000, dense=1.0, seed=1)
-    fit_x, fit_y, _ = planted_map(20_000, dense=1.0, seed=2)
+    plain, skip = _train_planted(tmp_path, dense=DENSE, skips=(False, True), steps=300)
+    assert skip.cfg.skip and not plain.cfg.skip
+    x, y, _ = planted_map(20_000, dense=DENSE, seed=1)
+    fit_x, fit_y, _ = planted_map(20_000, dense=DENSE, seed=2)
     full_rank = float(linear_fvu_curve(fit_linear(fit_x, fit_y), x, y)[-1])
     with torch.no_grad():
         plain_fvu, skip_fvu = fvu(y, plain(x)), fvu(y, skip(x))
+    print(f"dense part: FVU skip {skip_fvu:.3f} plain {plain_fvu:.3f} full-rank linear {full_rank:.3f}")
     assert skip_fvu < 0.6 * plain_fvu and skip_fvu < full_rank, (skip_fvu, plain_fvu, full_rank)
 
 
