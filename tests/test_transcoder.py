@@ -272,6 +272,7 @@ def test_smollm2_layer15_mlp_transcoder_beats_the_linear_map(tmp_path):
     the least-squares linear map of rank L0 on held-out FVU, and recovers most of the CE loss when it replaces the
     MLP; the analysis ranks its features by their input tokens."""
     from sae.analyse import AnalyseConfig, analyse
+    from sae.dashboard import read_js
     from sae.harvest import HarvestConfig, harvest
     from sae.model import load_model
     from sae.store import ActivationStore
@@ -294,4 +295,8 @@ def test_smollm2_layer15_mlp_transcoder_beats_the_linear_map(tmp_path):
         assert r["beats_pca_at_l0"] and r["fvu"] < r["pca_fvu_at_l0"] - 0.05, r
         assert r["ce_recovered"] > 0.5, r
     out = analyse(AnalyseConfig(cache=str(cache), sae=str(paths[0]), out=str(tmp_path / "analysis"), n_top=5))
-    assert (out / "index.html").is_file()
+    features = read_js(out / "data" / "index.js")["features"]
+    x = torch.cat([rows.acts[hook_in] for rows in store.iter_ordered([hook_in])]).float()
+    with torch.no_grad():
+        f = saes[paths[0].name].encode(x)
+    assert features[0]["max_act"] == pytest.approx(float(f.max()), rel=1e-3)  # ranked by activation on input tokens
