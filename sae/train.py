@@ -456,8 +456,8 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     configs = {names[i]: cfg.saes[i].sae_config(source.hooks, source.model_name) for i in mine}
     lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, total_steps)
            for i, (name, c) in zip(mine, configs.items())}
-    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1), local_batch)
-             for n, c in configs.items()]
+    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1), local_batch,
+                          d_out=c.d_out, skip=c.skip) for n, c in configs.items()]
     data_bytes = source.device_bytes(device, shards)
     plan.check_fits(costs, device, data_bytes=data_bytes)
     if world.is_main:
