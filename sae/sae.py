@@ -223,6 +223,12 @@ class SAE(nn.Module):
         else:
             self.W_enc.copy_(self.W_dec.T)
 
+    def sync_cfg_scales(self) -> None:
+        """Copy the scale buffers (loaded from a checkpoint, or broadcast from rank 0) into the config."""
+        self.cfg.scale = float(self.scale)
+        if self.cfg.is_transcoder:
+            self.cfg.scale_out = float(self.scale_out)
+
     @property
     def out_scale(self) -> Tensor:
         """Scale of the output space: the input's for an SAE, its own for a transcoder."""

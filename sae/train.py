@@ -519,7 +519,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         if ddp:
             for trainer in trainers.values():
                 distributed.broadcast_module_(trainer.sae)
-                trainer.sae.cfg.scale = float(trainer.sae.scale)
+                trainer.sae.sync_cfg_scales()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
 

@@ -82,10 +82,10 @@ class SAETrainer:
         """One optimiser step on raw activations x [batch, d_in] (and, for a transcoder, the `target` [batch, d_out]
         at its output hook); returns detached metrics, the FVU being the target's."""
         cfg = self.sae.cfg
-        for hook, t, d in ((cfg.hook_name, x, cfg.d_in), (cfg.hook_name_out, target, cfg.d_out)):
+        for hook, t, what, d in ((cfg.hook_name, x, "d_in", cfg.d_in), (cfg.hook_name_out, target, "d_out", cfg.d_out)):
             if t is not None and t.shape[-1] != d:
-                raise TrainError(f"batch for hook {hook!r} has d_model {t.shape[-1]} but the SAE expects {d}; the "
-                                 "cache and the SAE do not match")
+                raise TrainError(f"batch for hook {hook!r} has d_model {t.shape[-1]} but the SAE expects {what} {d}; "
+                                 "the cache and the SAE do not match")
         sae = self.sae
         penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -136,7 +136,7 @@ class SAETrainer:
                 p.grad = torch.zeros_like(p)
             distributed.all_reduce_(p.grad, "mean")
         for name, buf in self.sae.named_buffers():
-            if name != "scale" and buf.is_floating_point():
+            if name not in ("scale", "scale_out") and buf.is_floating_point():
                 distributed.all_reduce_(buf, "mean")
         return distributed.all_reduce_(fire_counts.clone(), "sum")
 
@@ -164,7 +164,7 @@ class SAETrainer:
         self.sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )
-        self.sae.cfg.scale = float(self.sae.scale)
+        self.sae.sync_cfg_scales()
         state: dict[int, dict[str, Tensor]] = {}
         for key, v in tensors.items():
             if key.startswith("optim."):

@@ -183,7 +183,8 @@ def _cfg(tmp_path: Path, cache: Path, **kw) -> TrainConfig:
     return TrainConfig(
         cache=str(cache), out=str(tmp_path / "out"), batch_size=128, total_tokens=128 * 8,
         saes=[SAESpec("topk", "h0", expansion_factor=4, k=4), SAESpec("relu_l1", "h1", d_sae=48),
-              SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4)],
+              SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4),
+              SAESpec("topk", "h0", hook_out="h1", d_sae=64, k=4, skip=True)],  # a transcoder
         lr=1e-3, checkpoint_every=4, wandb_mode="disabled", log_every=2, **kw,
     )
 
@@ -196,7 +197,8 @@ def cache(tmp_path) -> Path:
 
 def test_train_writes_loadable_saes(tmp_path, cache):
     paths = train(_cfg(tmp_path, cache))
-    assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1"]
+    assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
+                                       "topk_k4_d64_skip_h0_to_h1"]
     for p in paths:
         sae = SAE.load(p)
         assert sae.cfg.model_name == "planted" and sae.scale == 1
@@ -319,7 +321,7 @@ def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeyp
     assert state["wandb_id"] == second["id"]
     resolved = first["config"]["resolved"]
     assert resolved["batch_size"] == 256 and resolved["total_steps"] == 8
-    assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == 4
+    assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == len(cfg.saes)
 
 
 def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_that_fits():
