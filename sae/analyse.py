@@ -5,16 +5,15 @@ examples alone overstate how specific a feature is), density, an activation hist
 decoder direction promotes and suppresses (logit lens). Everything comes from one streaming pass over the cache, so
 the model is never re-run for contexts and memory stays bounded by d_sae x (examples kept per feature).
 
-The output folder is the feature browser's data (see `sae.dashboard` for the format), which the notebook also reads.
+Its statistics become the feature browser's data (see `sae.dashboard` for the format, which the notebook also reads):
+`sae.dashboard.export` writes them and `sae.dashboard.build` drives the `sae analyse` stage, so imports run one way,
+dashboard → analyse.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -34,7 +33,8 @@ INTERVALS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75))
 @dataclass
 class AnalyseConfig:
     sae: str = "runs/demo/saes"
-    """An SAE folder, or a folder of SAE folders (a `sae train` output): each is analysed into `<out>/<its name>/`."""
+    """An SAE folder, or a folder of SAE folders (a `sae train` output): each is analysed into `<out>/<its name>/`.
+    Hub ids (owner/name[/folder]) and SAELens release/sae_id names work too."""
     cache: str = "runs/demo/cache"
     """Activation cache the SAE was trained on (it must hold the SAE's hook)."""
     out: str = "runs/demo/analysis"
@@ -325,7 +325,7 @@ class ScoreConfig:
     text: str
     """The text to score (the CLI passes it as text=...)."""
     sae: str = "runs/demo/saes/topk_k32_x8_blocks.15.hook_resid_post"
-    """One SAE folder (default: the demo's TopK SAE)."""
+    """One SAE folder (default: the demo's TopK SAE), hub id (owner/name/folder) or SAELens release/sae_id."""
     cache: str = "runs/demo/cache"
     """Cache the SAE was trained on: its held-out rows give the reference error distribution."""
     threshold: float = 3.0
@@ -397,50 +397,3 @@ def format_scores(scores: list[TokenScore]) -> str:
         mark = "  <-- anomalous" if s.flagged else ("  (not scored: a leading position the cache dropped)" if not s.scored else "")
         lines.append(f"{s.token!r:<20} {s.error:>8.4f} {s.z:>7.2f} {s.percentile:>7.1%}{mark}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- driver
-
-
-def analyse(cfg: AnalyseConfig) -> Path:
-    """Analyse the SAE (or each SAE of a folder) into the feature browser's data; returns `cfg.out`.
-
-    With several SAEs the model (tokenizer, final norm, unembedding) is loaded once and each SAE is written to
-    `<out>/<its folder name>/`; `sae.dashboard.write_dashboard(out)` then makes one browser per SAE plus an index.
-    """
-    from sae.dashboard.export import write_analysis
-    from sae.model import final_norm, load_model, pick_device
-    from sae.store import ActivationStore
-
-    store = ActivationStore(cfg.cache)
-    device = pick_device(cfg.device)
-    saes = load_saes([cfg.sae], device)
-    for name, sae in saes.items():
-        check_matches(sae, store, name)
-    model, tokenizer = load_model(store.model_name, str(device))
-    out = Path(cfg.out)
-    # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one.
-    shutil.rmtree(out / "data", ignore_errors=True)
-    for name, sae in saes.items():
-        target, source = (out / name, Path(cfg.sae) / name) if len(saes) > 1 else (out, Path(cfg.sae))
-        shutil.rmtree(target / "data", ignore_errors=True)
-        stats = stream_features(store, sae, cfg)
-        live = (stats.n_active > 0).nonzero().squeeze(1)
-        lens = logit_lens(sae.W_dec[live], final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
-        with discard_on_error(target):
-            write_analysis(target, source, stats, lens, sae, store, tokenizer, cfg)
-    return out
-
-
-@contextmanager
-def discard_on_error(folder: Path) -> Iterator[None]:
-    """Remove what a failed write put in `folder` (and the folder, if it made it): a half-written analysis would
-    otherwise look like data."""
-    existed = folder.exists()
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(folder / "data", ignore_errors=True)
-        if not existed:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise

@@ -67,11 +67,12 @@ STAGES = {
     "harvest": Stage("harvest", "harvest", "HarvestConfig", lambda m, c: _print(m.harvest(c)), "cache activations of a model on a text dataset"),
     "train": Stage("train", "train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
     "eval": Stage("eval", "evaluate", "EvalConfig", _eval, "metrics, PCA baseline and spliced LM loss"),
-    "analyse": Stage("analyse", "analyse", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
+    "analyse": Stage("analyse", "dashboard.build", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
     "score": Stage("score", "analyse", "ScoreConfig", _score, "anomaly scores: per-token reconstruction error of a text"),
 }
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+"""Shipped inside the package (so `sae demo` works from a wheel); the repository's configs/demo.yaml links to it."""
 
 
 def _link(data: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,14 @@ def _parse_yaml(raw: str) -> Any:
         raise ConfigError(f"override value {raw!r} is not valid YAML: {err}") from err
 
 
+def _yaml11_number(text: str) -> Any:
+    """PyYAML follows YAML 1.1, which reads `1e-3` and `2e6` (no dot) as text: a number field takes them as numbers."""
+    try:
+        return float(text) if any(c.isdigit() for c in text) else text
+    except ValueError:
+        return text
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, building nested dataclasses; ints are accepted for floats."""
     if isinstance(value, Typed):
@@ -101,6 +109,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
+    if tp in (float, int) and isinstance(value, str):
+        value = _yaml11_number(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -171,7 +181,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (empty when there is none)."""
+    """The docstring of each field of a dataclass and its bases: the string written under the field, or the field's
+    `metadata["doc"]` (for fields made by `dataclasses.make_dataclass`, which have no source to read)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if _is_dataclass_type(klass):
+            docs.update({f.name: f.metadata["doc"] for f in dataclasses.fields(klass) if "doc" in f.metadata})
+        docs.update(_source_docs(klass))
+    return docs
+
+
+def _source_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field in the body of `cls` itself."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

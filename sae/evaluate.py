@@ -3,7 +3,7 @@
 Reconstruction numbers alone flatter an SAE: a low FVU can come with a model that no longer predicts text, and an
 SAE can lose to plain PCA with as many dimensions as it has active features. So every SAE is reported with the
 language-model loss when it is spliced into the forward pass, and next to the PCA reconstruction of the same rank;
-an SAE that PCA beats at its own L0 is flagged as broken.
+an SAE that PCA beats at its own L0 is flagged as broken, and so is one with L0 = 0 or more than half its latents dead.
 
 A transcoder (an SAE config with `hook_name_out`) is scored on its output: FVU of the activation it predicts, the
 language model's loss with its prediction in place of that activation (the MLP's output, for an MLP transcoder), and,
@@ -33,7 +33,8 @@ class EvalConfig:
     cache: str = "runs/demo/cache"
     """Activation cache the SAEs were trained on; its held-out contexts are what every metric is measured on."""
     saes: list[str] = field(default_factory=lambda: ["runs/demo/saes"])
-    """SAE folders, or folders of SAE folders (a `sae train` output); every SAE found is evaluated."""
+    """SAE folders, or folders of SAE folders (a `sae train` output), hub ids (owner/name[/folder]) or SAELens
+    release/sae_id names; every SAE found is evaluated."""
     out: str = "runs/demo/eval"
     """Folder for eval.json, the Pareto plot (L0 vs FVU against PCA) and one density histogram per SAE."""
     max_tokens: int = 20_000
@@ -53,35 +54,13 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------- finding SAEs
 
 
-def is_sae_dir(path: Path) -> bool:
-    """An SAE folder holds its weights as safetensors next to its config."""
-    return path.is_dir() and any(path.glob("*.safetensors"))
+def load_saes(specs: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
+    """Every SAE named by `specs` (folders, folders of folders, hub ids, SAELens release/sae_id: see
+    `sae.pretrained`), by folder name, in eval mode on `device`."""
+    from sae.pretrained import find_saes
+    from sae.sae import SAE
 
-
-def sae_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """SAE folders named directly, or found one level below a parent folder (a sweep's output)."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if is_sae_dir(path):
-            found.append(path)
-            continue
-        children = sorted(p for p in path.iterdir() if is_sae_dir(p)) if path.is_dir() else []
-        if not children:
-            raise FileNotFoundError(f"{path} is neither an SAE folder (*.safetensors) nor a folder of SAE folders")
-        found.extend(children)
-    return found
-
-
-def load_saes(paths: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
-    from sae.sae import SAE, SAEFormatError
-
-    dirs = sae_dirs(paths)
-    names = [p.name for p in dirs]
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        raise SAEFormatError(f"several SAE folders share the name(s) {clashes}; results are keyed by folder name, "
-                             "so evaluate them separately or rename one")
-    return {p.name: SAE.load(p).to(device).eval() for p in dirs}
+    return {name: SAE.load(path, device) for name, path in find_saes(specs).items()}
 
 
 def sae_hooks(sae) -> list[str]:
@@ -398,6 +377,8 @@ def plot_pareto(results: dict, path: Path) -> None:
 
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
     """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
+    from sae.sae import failure_signs
+
     first = store.first_pos
     for name, sae in saes.items():
         check_matches(sae, store, name)
@@ -469,6 +450,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
                 "pca_rank_quarter": d_in // 4,
                 "pca_fvu_at_quarter": curve[d_in // 4],
                 "beats_pca_at_l0": rec.fvu <= curve[r_l0],  # a tie (both exact) is not a loss
+                "failures": failure_signs(rec.l0, rec.dead_fraction),
                 "density_histogram": hist.name,
             }
         )
@@ -485,8 +467,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
+    saes = load_saes(cfg.saes, device)  # before the model: a bad SAE name (or an offline hub) fails in a moment
     model, _ = load_model(store.model_name, str(device))
-    return evaluate_saes(cfg, store, load_saes(cfg.saes, device), model)
+    return evaluate_saes(cfg, store, saes, model)
 
 
 #: Width `format_table` keeps to: a terminal's default.
@@ -494,7 +477,8 @@ TABLE_WIDTH = 80
 
 
 def format_table(results: dict) -> str:
-    """One row per SAE, grouped by hook, within 80 columns; a PCA-beaten SAE gets a "!" and an explanation below.
+    """One row per SAE, grouped by hook, within 80 columns; a PCA-beaten SAE, or one with L0 = 0 or mostly dead
+    latents, gets a "!" and an explanation below.
 
     Names drop their hook suffix (the group heading says it); a name too long for its column gets a line of its own.
     """
@@ -504,7 +488,7 @@ def format_table(results: dict) -> str:
     for hook in sorted({r["hook"] for r in results["saes"]}):
         lines += [hook, head, "  " + "-" * (len(head) - 2)]
         for r in (r for r in results["saes"] if r["hook"] == hook):
-            mark = "  " if r["beats_pca_at_l0"] else "! "
+            mark = "  " if r["beats_pca_at_l0"] and not r["failures"] else "! "
             name = r["name"].removesuffix(f"_{hook}")
             metrics = (
                 f"{r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} {r['dead_fraction']:>6.1%} "
@@ -523,6 +507,8 @@ def format_table(results: dict) -> str:
         for r in results["saes"]
         if not r["beats_pca_at_l0"]
     ]
+    notes += [f"! FAILED: {r['name']} on {r['n_tokens']:,} held-out rows: {sign}." for r in results["saes"]
+              for sign in r["failures"]]
     if any(r.get("transcoder") for r in results["saes"]):
         notes.append("transcoders (<in>_to_<out>): FVU of the output hook, CE with their output in place of it, and "
                      "PCA@L0 is the rank-L0 least-squares linear map from input to output")

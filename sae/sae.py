@@ -8,7 +8,8 @@ layers. ``encode``/``decode``/``forward`` all take and return *raw* activations;
 folds the scale into the weights so that the files on disk need no normalisation at all.
 
 On-disk layout is SAELens 6's (``cfg.json`` + ``sae_weights.safetensors``), so a saved folder
-loads with ``sae_lens.SAE.load_from_disk`` and ``SAE.load`` reads SAELens folders too.
+loads with ``sae_lens.SAE.load_from_disk``; ``SAE.load`` reads SAELens and sparsify folders too, and
+``SAE.from_pretrained`` also takes hub ids and SAELens release/sae_id names (``sae.pretrained``).
 
 Transcoders are the same classes with ``cfg.hook_name_out`` set (Dunefsky et al. 2024, "Transcoders find
 interpretable LLM feature circuits"): the encoder reads x at ``hook_name``, the decoder writes ŷ for the activation
@@ -32,16 +33,15 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
-from .config import UserError
+from .pretrained import (
+    CFG_FILENAME, WEIGHTS_FILENAME, SAEFormatError, check_layout, find_saes, read_sparsify, resolve,
+)
 from .store import atomic_folder
 
-CFG_FILENAME = "cfg.json"
-
-
-class SAEFormatError(UserError):
-    """An SAE config or folder this toolkit cannot build or read; the message names what is wrong."""
-
-WEIGHTS_FILENAME = "sae_weights.safetensors"
+INIT_BLOCK = 4096
+TRANSCODER_LAYOUTS = ["jumprelu_skip_transcoder", "jumprelu_transcoder", "skip_transcoder", "transcoder"]
+"""SAELens's transcoder architectures, which load as our relu_l1 / jumprelu with ``hook_name_out`` set."""
+"""Latents per independently seeded block of the random initialisation (see ``SAE._init_tied``)."""
 
 # SAELens 6 decides how to parse cfg.json from metadata.sae_lens_version: anything older
 # than 6.0 goes through its legacy-key conversion. We write the 6.x layout, so we say so.
@@ -57,6 +57,7 @@ class SAEConfig:
     """
 
     architecture: str
+    """The recipe: relu_l1, topk, batchtopk or jumprelu (see the class of each)."""
     d_in: int
     d_sae: int
     hook_name: str = ""
@@ -210,18 +211,40 @@ class SAE(nn.Module):
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, dtype=dtype))
         self._init_tied(decoder_norm=1.0)
 
+    first_latent: int = 0
+    """Index of this module's first latent in the whole SAE (a latent shard, ``sae.sharded``, holds a slice)."""
+
+    @property
+    def total_latents(self) -> int:
+        """Latents of the whole SAE, of which this module holds ``cfg.d_sae`` (all of them unless a shard)."""
+        return self.cfg.d_sae
+
     @torch.no_grad()
     def _init_tied(self, decoder_norm: float) -> None:
         """Random decoder directions of a fixed norm and W_enc = W_decᵀ — the initialisation
         shared by all four recipes (Gao et al. §2.2; Anthropic April 2024; Rajamanoharan et al.).
-        A transcoder's encoder and decoder live in different spaces, so its encoder gets directions of its own."""
-        self.W_dec.normal_()
-        self.W_dec.mul_(decoder_norm / self.W_dec.norm(dim=1, keepdim=True))
+
+        The directions come in blocks of ``INIT_BLOCK`` latents, each from its own generator seeded by one draw
+        from the global RNG, so latents [a, b) get the same values whether the SAE is built whole or as a shard
+        holding only them: a shard of an SAE too wide for one device never builds the whole SAE. A transcoder's
+        encoder and decoder live in different spaces, so its encoder gets directions of its own (a second draw)."""
+        self.W_dec.copy_(self._random_directions(self.cfg.d_out, decoder_norm))
         if self.cfg.is_transcoder:
-            self.W_enc.normal_()
-            self.W_enc.mul_(decoder_norm / self.W_enc.norm(dim=0, keepdim=True))
+            self.W_enc.copy_(self._random_directions(self.cfg.d_in, decoder_norm).T)
         else:
             self.W_enc.copy_(self.W_dec.T)
+
+    def _random_directions(self, width: int, norm: float) -> Tensor:
+        """[d_sae, width] random rows of the given norm for this module's latents (see ``_init_tied``)."""
+        seed = int(torch.randint(2**62, (), device="cpu"))
+        first, device = self.first_latent, self.W_dec.device
+        out = torch.empty(self.cfg.d_sae, width, device=device, dtype=self.W_dec.dtype)
+        for start in range(first - first % INIT_BLOCK, first + self.cfg.d_sae, INIT_BLOCK):
+            gen = torch.Generator(device).manual_seed(seed + start // INIT_BLOCK)
+            block = torch.randn(INIT_BLOCK, width, generator=gen, device=device, dtype=self.W_dec.dtype)
+            lo, hi = max(start, first), min(start + INIT_BLOCK, first + self.cfg.d_sae)
+            out[lo - first:hi - first] = block[lo - start:hi - start]
+        return out * (norm / out.norm(dim=1, keepdim=True))
 
     def sync_cfg_scales(self) -> None:
         """Copy the scale buffers (loaded from a checkpoint, or broadcast from rank 0) into the config."""
@@ -271,10 +294,28 @@ class SAE(nn.Module):
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def encode_sparse_normalised(self, x_n: Tensor) -> SparseActs:
+        """Active latents of normalised input; variants that select latents directly override it."""
+        f = self.encode_normalised(x_n)
+        rows, feats = f.nonzero(as_tuple=True)
+        return SparseActs(rows, feats, f[rows, feats])
+
+    def _normalised_rows(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d_in] as normalised rows [n, d_in] in the SAE's dtype."""
+        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.scale
+
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent activations [..., d_sae] of raw activations x [..., d_in]."""
-        flat = x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype) * self.scale
-        return self.encode_normalised(flat).reshape(*x.shape[:-1], self.cfg.d_sae)
+        return self.encode_normalised(self._normalised_rows(x)).reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def encode_sparse(self, x: Tensor) -> SparseActs:
+        """The nonzero latent activations of raw activations x [..., d_in] as (rows, features, values), rows
+        ascending and indexing ``x.reshape(-1, d_in)``: ``encode_sparse(x).to_dense(n, d_sae)`` is ``encode(x)``.
+
+        At L0 in the tens out of thousands of latents this is what analysis code wants to iterate over; the TopK
+        variant never builds the dense [n, d_sae] activation matrix (only its pre-activations).
+        """
+        return self.encode_sparse_normalised(self._normalised_rows(x))
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
         """Raw-space output [..., d_out] of dense latents f [..., d_sae]: the reconstruction of the input for an SAE,
@@ -414,45 +455,71 @@ class SAE(nn.Module):
 
     @staticmethod
     def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load a folder written by ``save`` or by SAELens (standard/topk/jumprelu)."""
+        """Load a local SAE folder, ours, SAELens's (standard/topk/jumprelu and its transcoders) or sparsify's (topk), in eval
+        mode."""
         path = Path(path)
-        raw = json.loads((path / CFG_FILENAME).read_text())
-        meta = raw.get("metadata") or {}
-        if raw.get("normalize_activations", "none") != "none":
-            raise SAEFormatError(
-                f"{path}: normalize_activations={raw['normalize_activations']!r} is not "
-                "supported; fold the normalisation into the weights first"
-            )
-        if "sae_config" in meta:
-            cfg = SAEConfig.from_dict(meta["sae_config"])
+        if check_layout(path) == "sparsify":
+            fields_, tensors = read_sparsify(path)
+            cfg = SAEConfig.from_dict(fields_)
         else:
-            by_saelens = {c.sae_lens_architecture: name for name, c in SAE_CLASSES.items()}
-            saved = raw.get("architecture", "standard")
-            transcoder = saved.endswith("transcoder")  # SAELens's (jumprelu_)(skip_)transcoder
-            arch = (saved.removesuffix("transcoder").removesuffix("skip_").removesuffix("_") or "standard"
-                    if transcoder else saved)
-            if arch not in by_saelens:
-                raise SAEFormatError(f"{path}: unsupported SAELens architecture {saved!r}")
-            cfg = SAEConfig(
-                architecture=by_saelens[arch],
-                hook_name_out=(meta.get("hook_name_out") or raw.get("hook_name_out") or "") if transcoder else None,
-                d_out=raw.get("d_out"),
-                skip=saved.endswith("skip_transcoder"),
-                d_in=raw["d_in"],
-                d_sae=raw["d_sae"],
-                hook_name=meta.get("hook_name") or raw.get("hook_name") or "",
-                model_name=meta.get("model_name") or raw.get("model_name") or "",
-                dtype=raw.get("dtype", "float32"),
-                apply_b_dec_to_input=raw.get("apply_b_dec_to_input", not transcoder),
-                k=raw.get("k", 32),
-            )
+            cfg = _saelens_config(path)
+            tensors = load_file(path / WEIGHTS_FILENAME)
+            if "scaling_factor" in tensors:  # older SAELens: latents scaled by s before decoding, i.e. W_dec·diag(s)
+                tensors["W_dec"] = tensors["W_dec"] * tensors["scaling_factor"][:, None]
         sae = create_sae(cfg)
-        tensors = load_file(path / WEIGHTS_FILENAME)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if cfg.skip else ())):
                 getattr(sae, name).copy_(tensors[name])
             sae._load_extra_inference_tensors(tensors)
-        return sae.to(device)
+        return sae.to(device).eval()
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | Path, sae_id: str | None = None, device: str | torch.device = "cpu") -> SAE:
+        """Load one SAE by any name ``sae.pretrained`` resolves, in eval mode: a local folder (ours, SAELens's or
+        sparsify's layout), a hub repo ``owner/name`` or a folder in one ``owner/name/layers.10``, or a SAELens
+        ``release/sae_id`` (also as ``from_pretrained(release, sae_id)``)."""
+        found = find_saes([resolve(name_or_path, sae_id, single=True)])
+        if len(found) > 1:
+            names = list(found)
+            raise SAEFormatError(f"{name_or_path} holds {len(names)} SAEs ({', '.join(names[:5])}); name one, "
+                                 f"e.g. {Path(name_or_path, names[0])}")
+        return SAE.load(next(iter(found.values())), device)
+
+
+def _saelens_config(path: Path) -> SAEConfig:
+    """Our config from a SAELens-layout cfg.json: ours verbatim from its metadata, else SAELens 6's keys (and the
+    pre-6 names SAELens itself still reads: hook_point, activation_fn_str/activation_fn_kwargs for topk)."""
+    raw = json.loads((path / CFG_FILENAME).read_text())
+    meta = raw.get("metadata") or {}
+    if raw.get("normalize_activations") not in (None, False, "none"):
+        raise SAEFormatError(
+            f"{path}: normalize_activations={raw['normalize_activations']!r} is not "
+            "supported; fold the normalisation into the weights first"
+        )
+    if "sae_config" in meta:
+        return SAEConfig.from_dict(meta["sae_config"])
+    by_saelens = {c.sae_lens_architecture: name for name, c in SAE_CLASSES.items()}
+    legacy_k = (raw.get("activation_fn_kwargs") or {}).get("k")
+    legacy_topk = (raw.get("activation_fn_str") or raw.get("activation_fn")) == "topk" and legacy_k
+    saved = "topk" if legacy_topk else raw.get("architecture", "standard")
+    transcoder = saved.endswith("transcoder")  # SAELens's (jumprelu_)(skip_)transcoder
+    arch = saved.removesuffix("transcoder").removesuffix("skip_").removesuffix("_") or "standard" if transcoder else saved
+    if arch not in by_saelens:
+        raise SAEFormatError(f"{path}: unsupported SAELens architecture {saved!r}; supported: "
+                             f"{sorted(by_saelens) + TRANSCODER_LAYOUTS}")
+    return SAEConfig(
+        architecture=by_saelens[arch],
+        hook_name_out=(meta.get("hook_name_out") or raw.get("hook_name_out") or "") if transcoder else None,
+        d_out=raw.get("d_out"),
+        skip=saved.endswith("skip_transcoder"),
+        d_in=raw["d_in"],
+        d_sae=raw["d_sae"],
+        hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
+        model_name=meta.get("model_name") or raw.get("model_name") or "",
+        dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
+        apply_b_dec_to_input=raw.get("apply_b_dec_to_input", not transcoder),
+        k=raw.get("k") or legacy_k or 32,
+    )
 
 
 def _check_replaceable(path: Path) -> None:
@@ -655,6 +722,13 @@ class TopKSAE(_TopKFamily):
         top = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
 
+    def encode_sparse_normalised(self, x_n: Tensor) -> SparseActs:
+        pre = self.pre_acts(x_n)
+        rows, feats = self._select(pre)
+        values = pre[rows, feats]
+        active = values > 0  # ReLU(TopK): a selected latent with a negative pre-activation is off
+        return SparseActs(rows[active], feats[active], values[active])
+
 
 class BatchTopKSAE(_TopKFamily):
     """Top k·B activations over the whole batch (Bussmann et al. 2024, "BatchTopK Sparse
@@ -676,7 +750,7 @@ class BatchTopKSAE(_TopKFamily):
         # planted-dictionary test vs 0.7 for TopK), and the gradients shrink every encoder
         # column; most latents then never clear the global threshold again.
         with torch.no_grad():
-            self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / cfg.d_sae)))
+            self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         n, d_sae = pre.shape
@@ -869,3 +943,21 @@ def create_sae(cfg: SAEConfig) -> SAE:
             f"unknown SAE architecture {cfg.architecture!r}; valid: {sorted(SAE_CLASSES)}"
         )
     return SAE_CLASSES[cfg.architecture](cfg)
+
+
+DEAD_FRACTION_LIMIT = 0.5
+"""More dead latents than this and most of the width is wasted: Gao et al. (2024, §A.2) name dead latents the main
+failure of large SAEs; the demo's TopK and ReLU SAEs end with 3% (README, Benchmarks)."""
+
+
+def failure_signs(l0: float, dead_fraction: float) -> list[str]:
+    """What says an SAE failed to learn whatever its loss says, each with what to change; empty for a healthy one.
+
+    L0 = 0 means no latent ever fires, so every input is reconstructed as b_dec alone (e.g. a sparsity penalty so
+    strong it switched everything off); more than half the latents dead means most of the dictionary is unused."""
+    if l0 == 0:
+        return ["L0 = 0 (no latent fires: it outputs b_dec alone); lower its sparsity penalty or learning rate"]
+    if dead_fraction > DEAD_FRACTION_LIMIT:
+        return [f"{dead_fraction:.0%} of its latents dead (more than {DEAD_FRACTION_LIMIT:.0%}); lower its learning "
+                "rate, raise aux_coefficient (topk family) or train on more tokens"]
+    return []

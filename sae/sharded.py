@@ -85,8 +85,12 @@ class _LatentShard(_TopKFamily):
     """The variant selects its top activations over the whole batch (BatchTopK), not row by row (TopK)."""
 
     def __init__(self, cfg: SAEConfig, rank: int, world_size: int) -> None:
+        self.rank, self.world_size, self.first_latent = rank, world_size, rank * cfg.d_sae  # read by the init
         super().__init__(cfg)
-        self.rank, self.world_size = rank, world_size
+
+    @property
+    def total_latents(self) -> int:
+        return self.cfg.d_sae * self.world_size
 
     def _global_winners(self, values: Tensor, k: int) -> Tensor:
         """Flat mask of this rank's candidate `values` [groups, c] that are among their group's global top k."""
@@ -151,10 +155,10 @@ class ShardedBatchTopKSAE(_LatentShard, BatchTopKSAE):
 SHARDED_CLASSES: dict[str, type[_LatentShard]] = {"topk": ShardedTopKSAE, "batchtopk": ShardedBatchTopKSAE}
 
 
-def shard(full: SAE, rank: int, world_size: int) -> _LatentShard:
-    """Rank `rank`'s shard of `full`, initialised as the matching slice of it, so that a sharded run starts (and,
-    up to float rounding, stays) where a single process would."""
-    cfg = full.cfg
+def shard(cfg: SAEConfig, rank: int, world_size: int) -> _LatentShard:
+    """Rank `rank`'s shard of the SAE `cfg` describes, initialised as the matching slice of that SAE built whole from
+    the same RNG state (see ``SAE._init_tied``; the whole SAE is never built), so that a sharded run starts (and, up
+    to float rounding, stays) where a single process would."""
     if cfg.architecture not in SHARDED_CLASSES:
         raise TrainError(f"shard_latents supports {' and '.join(SHARDED_CLASSES)} SAEs, not {cfg.architecture!r}; "
                          "train it with data parallelism or distribute_saes=true instead")
@@ -164,10 +168,7 @@ def shard(full: SAE, rank: int, world_size: int) -> _LatentShard:
     if cfg.d_sae // world_size < cfg.k:
         raise TrainError(f"shard_latents: each of the {world_size} processes would hold {cfg.d_sae // world_size} "
                          f"latents, fewer than k={cfg.k}; use fewer processes")
-    part = SHARDED_CLASSES[cfg.architecture](replace(cfg, d_sae=cfg.d_sae // world_size), rank, world_size)
-    part.load_state_dict({k: v.chunk(world_size, LATENT_DIM[k])[rank] if k in LATENT_DIM else v
-                          for k, v in full.state_dict().items()})
-    return part
+    return SHARDED_CLASSES[cfg.architecture](replace(cfg, d_sae=cfg.d_sae // world_size), rank, world_size)
 
 
 class ShardedTrainer(SAETrainer):

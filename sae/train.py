@@ -17,8 +17,9 @@ import shutil
 import signal
 import threading
 import time
+import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from . import distributed, plan, sharded
+from .config import field_docs
 from .harvest import HarvestConfig
-from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
+from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from .source import CacheSource, ModelSource, Source, check_split
 from .store import DiskFullError, atomic_write_json, disk_full_reported
 from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
@@ -36,31 +38,46 @@ from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
 SCALE_SAMPLE_ROWS = 65536
-@dataclass
-class SAESpec:
-    """One SAE to train."""
+SPEC_EXCLUDES = ("d_in", "d_sae", "hook_name", "model_name", "dtype", "scale", "hook_name_out", "d_out", "scale_out")
+"""SAEConfig fields the run fills in rather than a spec: d_in and d_out from the data, d_sae from the spec's width,
+hook_name and hook_name_out from its `hook` and `hook_out`, model_name from the source, scale and scale_out fitted on
+the data, and dtype float32 (the trainer keeps float32 weights and autocasts on CUDA)."""
+SPEC_DEFAULTS = {"architecture": "topk"}
+"""Defaults a spec gives SAEConfig fields that have none."""
 
-    architecture: str = "topk"
-    """One of relu_l1, topk, batchtopk, jumprelu."""
+
+def _sae_settings() -> type:
+    """A dataclass of every SAEConfig field a user sets, with SAEConfig's own types, defaults and docstrings, so a
+    field added to SAEConfig is a spec key and a line of `sae train --help` with nothing restated here. Only
+    `architecture` may be given by position (``SAESpec("topk", hook)``); the rest are keywords."""
+    hints = typing.get_type_hints(SAEConfig)
+    docs = field_docs(SAEConfig)
+    settings = [
+        (f.name, hints[f.name], field(default=SPEC_DEFAULTS.get(f.name, f.default), default_factory=f.default_factory,
+                                      kw_only=f.name != "architecture",
+                                      metadata={"doc": docs[f.name]} if f.name in docs else {}))
+        for f in fields(SAEConfig) if f.name not in SPEC_EXCLUDES
+    ]
+    return make_dataclass("SAESettings", settings, namespace={"__module__": __name__})
+
+
+SAESettings = _sae_settings()
+
+
+@dataclass
+class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
+    """One SAE to train: its hook, width, learning rate and folder name, plus every SAEConfig setting (k,
+    l1_coefficient, aux_coefficient, ...) under the same name."""
+
     hook: str = "blocks.15.hook_resid_post"
     """Hook whose activations the SAE reconstructs, or a transcoder reads (must be in the cache)."""
     hook_out: str | None = None
     """Set → a transcoder predicting this hook's activations from `hook`'s, e.g. blocks.15.ln2.hook_normalized →
     blocks.15.hook_mlp_out for layer 15's MLP (Dunefsky et al. 2024); None → an SAE."""
-    skip: bool = False
-    """Transcoder: add a learned linear skip from input to output (Paulo et al. 2025)."""
     expansion_factor: int = 16
     """Width as a multiple of d_in."""
     d_sae: int | None = None
     """Explicit width; overrides ``expansion_factor``."""
-    k: int = 32
-    """topk: active latents per token; batchtopk: their mean over the batch."""
-    l1_coefficient: float = 5.0
-    """relu_l1: λ of the L1 penalty (inputs normalised to E‖x‖² = d_in)."""
-    l0_coefficient: float = 2.0
-    """jumprelu: weight of the L0 penalty."""
-    target_l0: float | None = None
-    """jumprelu: steer L0 to this value with dictionary_learning's λ·(L0/target − 1)² loss; None → λ·L0."""
     lr: float | None = None
     """Overrides ``TrainConfig.lr`` for this SAE."""
     name: str | None = None
@@ -98,18 +115,13 @@ class SAESpec:
         d_in = widths[self.hook]
         try:
             return SAEConfig(
-                architecture=self.architecture,
+                **{f.name: getattr(self, f.name) for f in fields(SAESettings)},
                 d_in=d_in,
                 d_sae=self.expansion_factor * d_in if self.d_sae is None else self.d_sae,
                 hook_name=self.hook,
                 hook_name_out=self.hook_out,
                 d_out=None if self.hook_out is None else widths[self.hook_out],
-                skip=self.skip,
                 model_name=model_name,
-                k=self.k,
-                l1_coefficient=self.l1_coefficient,
-                l0_coefficient=self.l0_coefficient,
-                target_l0=self.target_l0,
             )
         except SAEFormatError as err:
             raise TrainError(f"SAE {self.run_name}: {err}") from None
@@ -357,6 +369,17 @@ def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str,
             "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
 
 
+def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """A run config with each SAE's settings as keys of their own (`saes[1].k`), so a refused resume names the
+    setting that changed. A spec key a checkpoint lacks (written before SAESpec had it) takes its default, which is
+    what that run used; a key SAESpec no longer has is dropped."""
+    defaults = asdict(SAESpec())
+    flat = {**run_config, "saes": len(run_config["saes"])}
+    for i, spec in enumerate(run_config["saes"]):
+        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items()})
+    return flat
+
+
 def _open_source(cfg: TrainConfig, hooks: list[str], device: torch.device) -> Source:
     if cfg.source == "cache":
         return CacheSource(cfg.cache, hooks, cfg.shuffle_rows)
@@ -395,7 +418,8 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
         raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
                          f"process(es), this one has {run_config['world_size']}; resume with torchrun "
                          f"--nproc_per_node {old.get('world_size', 1)}")
-    changed = {k: (v, run_config.get(k)) for k, v in old.items() if run_config.get(k) != v}
+    old, new = _flat_run_config(old), _flat_run_config(run_config)
+    changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
     if changed:
         diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
         raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
@@ -453,7 +477,9 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     local_batch = check_split(batch_size, shards)
 
     # The plan first: an SAE that cannot fit fails here, before its weights, the model or a shard are allocated.
-    configs = {names[i]: cfg.saes[i].sae_config(source.hooks, source.model_name) for i in mine}
+    # Every rank checks every SAE's settings, so a bad one stops the whole job rather than the rank that trains it.
+    every = [spec.sae_config(source.hooks, source.model_name) for spec in cfg.saes]
+    configs = {names[i]: every[i] for i in mine}
     lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, total_steps)
            for i, (name, c) in zip(mine, configs.items())}
     costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1), local_batch,
@@ -471,13 +497,11 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
 
     trainers: dict[str, SAETrainer] = {}
     for i, (name, sae_cfg) in zip(mine, configs.items()):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it trains: no host copy
             torch.manual_seed(_sae_seed(cfg.seed, i))
-            sae = create_sae(sae_cfg)
-        if shard is not None:
-            sae = sharded.shard(sae, world.rank, world.size)
+            sae = create_sae(sae_cfg) if shard is None else sharded.shard(sae_cfg, world.rank, world.size)
         trainers[name] = (SAETrainer if shard is None else sharded.ShardedTrainer)(
-            sae.to(device),
+            sae,
             lr=lrs[name],
             total_steps=total_steps,
             lr_warmup_frac=cfg.lr_warmup_frac,
@@ -490,7 +514,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
 
     run_config = _run_config(cfg, batch_size, world.size)
     checkpoint = _resume_point(cfg, out, run_config, world)
-    start_step, position, wandb_id = 0, 0, None
+    start_step, position, wandb_id, metrics_end = 0, 0, None, {}
     if checkpoint is not None:
         folder, state = checkpoint
         for name, trainer in trainers.items():
@@ -507,6 +531,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             if f"cuda{i}" in rng:  # another set of visible GPUs at resume is no reason to fail
                 torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
         start_step, position, wandb_id = state["step"], state["reader_position"], state.get("wandb_id")
+        metrics_end = state.get("metrics", {})  # a finished run resumed takes no step: its last logged metrics
         if world.is_main:
             print(f"resuming from step {start_step:,} ({folder})")
     else:
@@ -528,7 +553,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     prefetch = Prefetcher(reader, start=position, batch_size=batch_size,
                           n_batches=total_steps - start_step, pin=device.type == "cuda")
     autocast = device.type == "cuda"
-    state = {"run_config": run_config, "wandb_id": run.id if world.is_main else None}
+    state = {"run_config": run_config, "wandb_id": run.id if world.is_main else None, "metrics": metrics_end}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps * batch_size, initial=start_step * batch_size, unit="tok", unit_scale=True,
@@ -551,7 +576,8 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 elapsed = time.perf_counter() - t_log
                 logged = _gather_metrics(metrics, ddp or shard is not None, device)
                 logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
-                run.log(logged, step=done)
+                run.log({**logged, "step": done})
+                state["metrics"] = logged
                 bar.set_postfix({k.split("_")[0] + "_fvu": f"{v:.3f}" for k, v in logged.items()
                                  if k.endswith("/fvu")})
                 t_log, tokens_log = time.perf_counter(), 0
@@ -579,7 +605,18 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             trainer.sae.eval()
             trainer.sae.save(out / name)
     distributed.barrier()  # every folder is written before any rank returns
+    if world.is_main:
+        _warn_failed(state["metrics"], names)
     return paths
+
+
+def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
+    """A loud line for each SAE whose last logged metrics say it learned nothing useful (L0 = 0, mostly dead), which
+    a falling loss can hide; `sae eval` flags the same on held-out rows."""
+    for name in names:
+        if f"{name}/l0" in metrics:  # a checkpoint written before metrics were kept has none
+            for sign in failure_signs(metrics[f"{name}/l0"], metrics[f"{name}/dead_frac"]):
+                print(f"warning: SAE {name} ended training with {sign}")
 
 
 def _stop_on_sigterm() -> Any:
@@ -625,5 +662,11 @@ def _init_wandb(cfg: TrainConfig, out: Path, world: distributed.World, run_id: s
 
     if not world.is_main:
         return wandb.init(mode="disabled")
-    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out), id=run_id,
-                      resume="allow" if run_id else None, config={**asdict(cfg), "resolved": resolved})
+    run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out), id=run_id,
+                     resume="allow" if run_id else None, config={**asdict(cfg), "resolved": resolved})
+    # The training step is a metric of its own, the x-axis of every other one, rather than wandb's `step=`: wandb
+    # drops any point whose `step=` is not above the last one it holds, so a run resumed from a checkpoint older
+    # than its crash would lose every point up to the crash's step. wandb's own step keeps counting log calls.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run

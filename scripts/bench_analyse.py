@@ -46,13 +46,14 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default="runs/demo/cache")
-    parser.add_argument("--sae", help="SAE folder (default: an untrained TopK SAE of --d-sae features)")
+    parser.add_argument("--sae", help="SAE folder, hub id or SAELens release/sae_id (default: an untrained TopK SAE of "
+                                      "--d-sae features)")
     parser.add_argument("--d-sae", type=int, default=9216)
     parser.add_argument("--repeats", type=int, default=1, help="times to run the encode reference and the stream")
     args = parser.parse_args()
 
     store = ActivationStore(args.cache)
-    sae = SAE.load(args.sae).eval() if args.sae else untrained_topk(store, args.d_sae)
+    sae = SAE.from_pretrained(args.sae) if args.sae else untrained_topk(store, args.d_sae)
     hook = sae.cfg.hook_name
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AnalyseConfig(sae=args.sae or "untrained", cache=args.cache, out=tmp, device="cpu")

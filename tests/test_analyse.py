@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from sae.analyse import (
-    AnalyseConfig, ScoreConfig, analyse, logit_lens, normalised_error, percentile, score, score_text, stream_features,
+    AnalyseConfig, ScoreConfig, logit_lens, normalised_error, percentile, score, score_text, stream_features,
 )
+from sae.dashboard.build import analyse
 from sae.dashboard import read_js, write_dashboard
 from sae.store import ActivationStore, CacheWriter
 

@@ -32,6 +32,17 @@ def test_nested_lists_of_dataclasses_and_coercion():
     assert from_dict(Inner, {"k": 1e3}).k == 1000  # YAML's 1e3 is a float; a whole number is fine for an int
 
 
+def test_numbers_in_exponent_form_without_a_dot_are_numbers():
+    """PyYAML (YAML 1.1) reads `1e-3` and `2e3` as text, from a file as from the command line."""
+    import yaml
+
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}
+    assert from_dict(Inner, yaml.safe_load("lr: 1e-3\nk: 2e3")) == Inner(k=2000, lr=0.001)
+    assert from_dict(Inner, parse_overrides(["lr=5e-4", "k=1E2"])) == Inner(k=100, lr=0.0005)
+    with pytest.raises(ConfigError, match=r"k: expected int, got 2.5"):
+        from_dict(Inner, parse_overrides(["k=25e-1"]))
+
+
 def test_unknown_and_mistyped_keys_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'items\[1\]\.kk'\. Did you mean 'k'\?"):
         from_dict(Outer, {"items": [{}, {"kk": 3}]}, where="")

@@ -11,7 +11,8 @@ import pytest
 
 import torch
 
-from sae.analyse import AnalyseConfig, analyse
+from sae.analyse import AnalyseConfig
+from sae.dashboard.build import analyse
 from sae.dashboard import read_js, write_dashboard, write_js
 
 CHROMIUM = Path("/usr/bin/chromium")

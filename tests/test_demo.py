@@ -32,6 +32,7 @@ def test_demo_end_to_end_then_notebook(tmp_path, capsys):
     for r in saes:
         # Even this short run must beat the linear baseline with as many dimensions as it has active latents.
         assert r["beats_pca_at_l0"], (r["name"], r["fvu"], r["pca_fvu_at_l0"])
+        assert r["failures"] == [], (r["name"], r["failures"])  # neither silent nor mostly dead
         assert 0 < r["l0"] < 200 and 0 < r["fvu"] < 0.6
         assert r["ce_recovered"] > 0.5, (r["name"], r["ce_recovered"])
     index = Path(printed.split("feature browser:")[-1].split()[0])
@@ -52,3 +53,24 @@ def test_demo_end_to_end_then_notebook(tmp_path, capsys):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "feature" in outputs.lower()
+
+
+def test_a_wheel_ships_the_demo_config_and_the_browser(tmp_path):
+    """`sae demo` and the browser read files beside the modules: a wheel (not only the editable install) holds them."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: building writes build/ beside the sources
+    shutil.copytree(root, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".*", "build", "runs", "wandb", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(src)], check=True, capture_output=True, timeout=300)
+    names = zipfile.ZipFile(next(tmp_path.glob("sae-*.whl"))).namelist()
+    from sae.cli import DEMO_CONFIG
+
+    assert DEMO_CONFIG.is_relative_to(root / "sae") and DEMO_CONFIG.is_file()
+    for shipped in ["sae/configs/demo.yaml", "sae/dashboard/index.html", "sae/dashboard/app.js"]:
+        assert shipped in names, shipped

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sae.evaluate import EvalConfig, evaluate, fit_pca, format_table, pca_fvu_curve, reconstruction_metrics
-from sae.sae import SAE
+from sae.sae import SAE, failure_signs
 
 def identity_sae(hand_sae, d: int, model: str = "") -> SAE:
     """ReLU(x) − ReLU(−x) = x exactly: features ±e_i, so decode(encode(x)) == x bit for bit."""
@@ -122,6 +122,37 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_ll
     assert f"{zeros['fvu']:.3f}" in zero_line and any(line.startswith("  identity ") for line in table.splitlines())
     for png in ("pareto.png", "density_identity.png", "density_zeros.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 5000
+
+
+def test_silent_and_mostly_dead_saes_are_flagged_in_the_table(tiny_cache, tiny_llama, hand_sae, tmp_path, capsys):
+    """An SAE with L0 = 0 (encoder biases far below every pre-activation) and one with 2/3 of its latents dead (the
+    identity's ±e_i plus 128 all-zero encoder columns, which can never fire) are flagged in eval.json and marked in
+    the printed table, though the second reconstructs perfectly and beats PCA; the identity SAE is not flagged."""
+    from sae.cli import main
+
+    d, eye = 32, torch.eye(32)
+    saes = tmp_path / "saes"
+    identity_sae(hand_sae, d, str(tiny_llama)).save(saes / "identity")
+    hand_sae(eye, eye, b_enc=torch.full((d,), -1e6), model=str(tiny_llama)).save(saes / "silent")
+    hand_sae(torch.cat([eye, -eye, torch.zeros(d, 128)], 1), torch.cat([eye, -eye, torch.zeros(128, d)], 0),
+             model=str(tiny_llama)).save(saes / "mostly_dead")
+    assert main(["eval", f"cache={tiny_cache}", f"saes=[{saes}]", f"out={tmp_path / 'eval'}", "max_tokens=2000",
+                 "lm_loss_contexts=2", "device=cpu", "pca_fit_tokens=1500"]) == 0
+    table = capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads((tmp_path / "eval" / "eval.json").read_text())["saes"]}
+    silent, dead, ident = rows["silent"], rows["mostly_dead"], rows["identity"]
+    assert silent["l0"] == 0 and silent["dead_fraction"] == 1
+    assert dead["dead_fraction"] == pytest.approx(128 / 192, abs=1e-6) and dead["fvu"] == 0 and dead["beats_pca_at_l0"]
+    assert ident["failures"] == [] and ident["dead_fraction"] == 0
+    assert silent["failures"] == [failure_signs(0, 1)[0]] and "L0 = 0" in silent["failures"][0]
+    assert dead["failures"] == [failure_signs(dead["l0"], dead["dead_fraction"])[0]] and "67% of its latents dead" in dead["failures"][0]
+    lines = table.splitlines()
+    marked = [line.split()[1] for line in lines if line.startswith("! ") and not line.split()[1].endswith(":")]
+    assert marked == ["mostly_dead", "silent"]  # the rows; notes start "! BROKEN:" or "! FAILED:"
+    assert any(line.startswith("  identity ") for line in lines)
+    notes = " ".join(table.split("! FAILED: ")[1:])
+    n = f"{silent['n_tokens']:,}"
+    assert f"silent on {n} held-out rows: L0 = 0" in notes and f"mostly_dead on {n} held-out rows: 67% of" in notes
 
 
 def test_lm_loss_splices_every_position_when_cache_kept_position_0(tiny_llama, text_dir, harvest_tiny, hand_sae, hook,

@@ -56,6 +56,7 @@ def refused(capsys, *argv: str) -> str:
      r"SAE topk_k0_x2_\S+: invalid topk SAE settings: k=0 must be between 1 and d_sae=64$"),
     ("architecture: topk, expansion_factor: 2, k: 65", r"k=65 must be between 1 and d_sae=64$"),
     ("architecture: relu_l1, l1_coefficient: -1", r"l1_coefficient=-1.0 must be ≥ 0$"),
+    ("architecture: topk, aux_coefficient: -0.5, aux_k: 0", r"aux_coefficient=-0.5 must be ≥ 0; aux_k=0 must be > 0 \(or unset\)$"),
     ("architecture: topk, expansion_factor: 0", r"expansion_factor=0 must be > 0"),
     ("architecture: topk, d_sae: 0", r"d_sae=0 must be > 0$"),
 ])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.sae import SAEConfig, create_sae
+from sae.sae import INIT_BLOCK, SAEConfig, create_sae
 from sae.sharded import shard, shard_winners
 from sae.train import TrainError
 from test_distributed import _config, _sae_train, _weights, cache  # noqa: F401 - cache is a fixture
@@ -42,14 +42,23 @@ def test_sharded_top_k_is_the_global_top_k(world, k):
 ])
 def test_shard_refuses_what_it_cannot_split(architecture, d_sae, k, message):
     with pytest.raises(TrainError, match=message):
-        shard(create_sae(SAEConfig(architecture, d_in=8, d_sae=d_sae, k=k)), 0, 2)
+        shard(SAEConfig(architecture, d_in=8, d_sae=d_sae, k=k), 0, 2)
 
 
-def test_shard_is_the_slice_of_the_whole_sae():
-    full = create_sae(SAEConfig("topk", d_in=8, d_sae=64, k=4))
-    part = shard(full, 1, 2)
-    assert part.cfg.d_sae == 32 and torch.equal(part.W_enc, full.W_enc[:, 32:])
-    assert torch.equal(part.W_dec, full.W_dec[32:]) and torch.equal(part.b_dec, full.b_dec)
+@pytest.mark.parametrize(("architecture", "d_sae", "world"), [("topk", 64, 2), ("batchtopk", 3 * INIT_BLOCK, 4)])
+def test_a_shard_is_built_as_the_slice_of_the_whole_sae(architecture, d_sae, world):
+    """Built on its own from the same RNG state (never the whole SAE), each shard is the slice of the whole SAE;
+    (3·INIT_BLOCK, 4): shards that start and end inside the init's seeded blocks."""
+    cfg = SAEConfig(architecture, d_in=8, d_sae=d_sae, k=4)
+    torch.manual_seed(0)
+    full = create_sae(cfg)
+    width = d_sae // world
+    for rank in range(world):
+        torch.manual_seed(0)
+        part = shard(cfg, rank, world)
+        latents = slice(rank * width, (rank + 1) * width)
+        assert part.cfg.d_sae == width and torch.equal(part.W_enc, full.W_enc[:, latents])
+        assert torch.equal(part.W_dec, full.W_dec[latents]) and torch.equal(part.b_dec, full.b_dec)
 
 
 NAMES = ("topk_k2_d256_h1", "batchtopk_k2_d256_h0")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sae.train as train_module
 from sae.sae import SAE, SAEConfig, create_sae
 from sae.store import ActivationStore, CacheError, CacheWriter
 from sae.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
@@ -245,6 +246,60 @@ def test_resume_refuses_changed_settings_and_stops_reading_when_closed(tmp_path,
     assert not prefetch._thread.is_alive() and reader.position < 16 * 10
 
 
+def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without_newer_spec_keys(tmp_path, cache):
+    train(_cfg(tmp_path, cache))
+    first, *rest = _cfg(tmp_path, cache).saes
+    changed = dataclasses.replace(_cfg(tmp_path, cache, resume=True), saes=[dataclasses.replace(first, aux_coefficient=0.5), *rest])
+    with pytest.raises(TrainError, match=r"other settings \(saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
+        train(changed)
+    # A checkpoint from before the spec carried every SAEConfig field: those keys took their defaults in that run.
+    state_file = next((tmp_path / "out" / "checkpoints").glob("step_*/state.json"))
+    state = json.loads(state_file.read_text())
+    old_keys = {"architecture", "hook", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient",
+                "target_l0", "lr", "name"}
+    state["run_config"]["saes"] = [{k: v for k, v in s.items() if k in old_keys} for s in state["run_config"]["saes"]]
+    state_file.write_text(json.dumps(state))
+    assert [p.name for p in train(_cfg(tmp_path, cache, resume=True))] == [s.run_name for s in _cfg(tmp_path, cache).saes]
+    with pytest.raises(TrainError, match=r"saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
+        train(changed)
+
+
+def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, capsys, monkeypatch):
+    """A ReLU SAE whose encoder biases start far below every pre-activation never fires (L0 = 0, and ReLU passes no
+    gradient to revive it), and TopK with k = 1 over 1024 latents can fire at most 128 of them in the last 128-token
+    batch, the dead window here: ≥ 87.5% dead. Both end with a warning line, printed again when the finished run is
+    resumed; the healthy TopK gets none."""
+    from sae.cli import main
+    from sae.sae import SAE_CLASSES
+
+    relu = SAE_CLASSES["relu_l1"]
+    init = relu.initialise_from_data
+
+    def silenced(self, sample):
+        init(self, sample)
+        self.b_enc.data.fill_(-1e6)
+
+    monkeypatch.setattr(relu, "initialise_from_data", silenced)
+    specs = ("{architecture: relu_l1, hook: h0, d_sae: 64}, {architecture: topk, hook: h0, d_sae: 1024, k: 1}, "
+             "{architecture: topk, hook: h0, d_sae: 64, k: 4}")
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled", "batch_size=128",
+            "total_tokens=1024", "lr=0.001", f"saes=[{specs}]"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    m = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())["metrics"]
+    silent, sparse, healthy = "relu_l1_l1c5_d64_h0", "topk_k1_d1024_h0", "topk_k4_d64_h0"
+    assert m[f"{silent}/l0"] == 0 and m[f"{sparse}/dead_frac"] >= 1 - 128 / 1024
+    assert m[f"{healthy}/l0"] == 4 and m[f"{healthy}/dead_frac"] <= 0.5
+    assert warnings == [
+        f"warning: SAE {silent} ended training with L0 = 0 (no latent fires: it outputs b_dec alone); lower its "
+        "sparsity penalty or learning rate",
+        f"warning: SAE {sparse} ended training with {m[f'{sparse}/dead_frac']:.0%} of its latents dead (more than "
+        "50%); lower its learning rate, raise aux_coefficient (topk family) or train on more tokens",
+    ]
+    assert main([*args, "resume=true"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")] == warnings
+
+
 def test_nan_in_cache_is_reported(tmp_path):
     data, _ = planted(2048, d=16, n_true=64)
     data[100, 3] = float("nan")
@@ -304,21 +359,37 @@ def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
 def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeypatch):
     import wandb
 
-    calls = []
+    calls, logged, ids = [], [], []
     real_init = wandb.init
 
     def init(**kw):
         calls.append(kw)
-        return real_init(mode="disabled")
+        run = real_init(mode="disabled")
+        ids.append(run.id)
+        monkeypatch.setattr(run, "log", lambda data, **kw: logged.append((data, kw)))
+        return run
 
     monkeypatch.setattr(wandb, "init", init)
-    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None)
-    train(dataclasses.replace(cfg, total_tokens=2048))
+    cfg = dataclasses.replace(_cfg(tmp_path, cache), lr=None, batch_size=None, checkpoint_every=4, log_every=2)
+    write_checkpoint = train_module._write_checkpoint
+
+    def killed_at_8(out, step, *args, **kw):
+        if step == 8:
+            raise RuntimeError("killed")
+        write_checkpoint(out, step, *args, **kw)
+
+    monkeypatch.setattr(train_module, "_write_checkpoint", killed_at_8)
+    with pytest.raises(RuntimeError, match="killed"):  # after logging step 8, before its checkpoint
+        train(dataclasses.replace(cfg, total_tokens=2048))
+    monkeypatch.setattr(train_module, "_write_checkpoint", write_checkpoint)
     train(dataclasses.replace(cfg, total_tokens=2048, resume=True))
     first, second = calls
-    assert first["id"] is None and second["id"] and second["resume"] == "allow"
+    assert first["id"] is None and second["id"] == ids[0] and second["resume"] == "allow"
+    # Steps 6 and 8 are logged again after the resume from step 4: as values of the "step" metric, not as wandb's
+    # `step=`, which would make wandb drop them (not above the last step it holds).
+    assert [d["step"] for d, _ in logged] == [2, 4, 6, 8, 6, 8] and all(not kw for _, kw in logged)
     state = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())
-    assert state["wandb_id"] == second["id"]
+    assert state["wandb_id"] == ids[1]  # (a disabled run gets a new id; a real one keeps the id it was given)
     resolved = first["config"]["resolved"]
     assert resolved["batch_size"] == 256 and resolved["total_steps"] == 8
     assert all(lr > 0 for lr in resolved["lrs"].values()) and len(resolved["lrs"]) == len(cfg.saes)

@@ -1,8 +1,9 @@
-"""The static feature browser: its data format (written by `sae.analyse`) and the pages that show it.
+"""The static feature browser: its data format (written by `sae.dashboard.export` from `sae.analyse`'s statistics;
+`sae.dashboard.build` runs the stage) and the pages that show it.
 
 The site is opened straight from disk (file://), where browsers refuse fetch() of local JSON, so the data is stored
 as `.js` files that assign one global each (`window.NAME = <JSON>;`) and the pages load them with <script> tags.
-`sae.analyse` writes those files directly and they are the only copy of the analysis: Python reads them back with
+`sae analyse` writes those files directly and they are the only copy of the analysis: Python reads them back with
 `read_js` (the notebook, the tests), the browser runs them. An analysis folder holds::
 
     data/index.js        SAE_INDEX: metadata, one summary row per live feature, dead ids (written last: marks completion)
