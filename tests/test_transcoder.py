@@ -271,8 +271,9 @@ def test_smollm2_layer15_mlp_transcoder_beats_the_linear_map(tmp_path):
     """SmolLM2's layer-15 MLP (ln2.hook_normalized → hook_mlp_out): a TopK transcoder trained on a small cache beats
     the least-squares linear map of rank L0 on held-out FVU, and recovers most of the CE loss when it replaces the
     MLP; the analysis ranks its features by their input tokens."""
-    from sae.analyse import AnalyseConfig, analyse
+    from sae.analyse import AnalyseConfig
     from sae.dashboard import read_js
+    from sae.dashboard.build import analyse
     from sae.harvest import HarvestConfig, harvest
     from sae.model import load_model
     from sae.store import ActivationStore
