@@ -125,7 +125,8 @@ class SAEConfig:
             if self.d_out is not None and self.d_out <= 0:
                 found.append(f"d_out={self.d_out} must be > 0")
         elif self.skip or self.d_out not in (None, self.d_in):
-            found.append("skip and d_out are transcoder settings: set hook_name_out (the hook to predict) as well")
+            found.append("skip and d_out are transcoder settings: also name the hook to predict (hook_out in a train "
+                         "spec, hook_name_out in SAEConfig)")
         return found
 
     @property
