@@ -354,7 +354,7 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
-    saes = load_saes([cfg.sae], device)
+    saes = load_saes([cfg.sae], device, single=True)  # a hub repo of several is refused before it is downloaded
     if len(saes) != 1:
         raise UserError(f"{cfg.sae} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
     ((name, sae),) = saes.items()

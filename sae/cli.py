@@ -4,7 +4,7 @@
     sae train   --config configs/demo.yaml train.batch_size=2048
     sae demo
 
-A config file has one section per stage (harvest:, train:, eval:, analyse:). Overrides are `key=value` for the
+A config file has one section per stage (harvest:, train:, eval:, analyse:, explain:). Overrides are `key=value` for the
 stage being run, or `section.key=value` for any section. Paths that link stages (the cache a trainer reads, the
 SAEs an evaluation reads) default to the previous stage's output in the same file, so one file describes a run.
 """
@@ -52,6 +52,16 @@ def _analyse(mod, cfg):
     return index
 
 
+def _explain(mod, cfg):
+    from .dashboard import write_dashboard
+
+    for folder in mod.explain(cfg):
+        print(mod.format_summary(folder))
+    index = write_dashboard(cfg.analysis)  # refresh the pages, so they show the explanations
+    print(f"feature browser: {index.resolve()}")
+    return index
+
+
 def _score(mod, cfg):
     scores = mod.score_text(cfg)
     print(mod.format_scores(scores))
@@ -68,6 +78,7 @@ STAGES = {
     "train": Stage("train", "train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
     "eval": Stage("eval", "evaluate", "EvalConfig", _eval, "metrics, PCA baseline and spliced LM loss"),
     "analyse": Stage("analyse", "dashboard.build", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
+    "explain": Stage("explain", "explain", "ExplainConfig", _explain, "explain features in words with a language model and score the explanations by detection"),
     "score": Stage("score", "analyse", "ScoreConfig", _score, "anomaly scores: per-token reconstruction error of a text"),
 }
 
@@ -82,12 +93,15 @@ def _link(data: dict[str, Any]) -> dict[str, Any]:
         data.setdefault("train", {}).setdefault("harvest", data["harvest"])
     cache = data.get("harvest", {}).get("out")
     saes = data.get("train", {}).get("out")
-    for section in ("train", "eval", "analyse", "score"):
+    for section in ("train", "eval", "analyse", "explain", "score"):
         if cache is not None and section in STAGES:
             data.setdefault(section, {}).setdefault("cache", cache)
     for section in ("eval", "analyse"):  # `score` takes one SAE, not the folder of a sweep
         if saes is not None:
             data.setdefault(section, {}).setdefault("saes" if section == "eval" else "sae", saes)
+    analysis = data.get("analyse", {}).get("out")
+    if analysis is not None:
+        data.setdefault("explain", {}).setdefault("analysis", analysis)
     return data
 
 
@@ -123,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
             keys = "  (this stage is not available in this build)\n"
         p = sub.add_parser(name, help=stage.help, description=f"{stage.help}.\n\nkeys of the {stage.section}: section:\n{keys}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", help="YAML file with harvest:/train:/eval:/analyse: sections")
+        p.add_argument("--config", help="YAML file with harvest:/train:/eval:/analyse:/explain: sections")
         p.add_argument("overrides", nargs="*", help="key=value (this stage) or section.key=value")
     demo = sub.add_parser("demo", help="harvest → train → eval → analyse on the embedded SmolLM2 and the stdlib corpus")
     demo.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default: configs/demo.yaml)")

@@ -54,13 +54,13 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------- finding SAEs
 
 
-def load_saes(specs: Iterable[str | Path], device: torch.device) -> dict[str, torch.nn.Module]:
+def load_saes(specs: Iterable[str | Path], device: torch.device, single: bool = False) -> dict[str, torch.nn.Module]:
     """Every SAE named by `specs` (folders, folders of folders, hub ids, SAELens release/sae_id: see
-    `sae.pretrained`), by folder name, in eval mode on `device`."""
+    `sae.pretrained`), by folder name, in eval mode on `device`; `single` as for `find_saes`."""
     from sae.pretrained import find_saes
     from sae.sae import SAE
 
-    return {name: SAE.load(path, device) for name, path in find_saes(specs).items()}
+    return {name: SAE.load(path, device) for name, path in find_saes(specs, single).items()}
 
 
 def sae_hooks(sae) -> list[str]:
@@ -376,12 +376,11 @@ def plot_pareto(results: dict, path: Path) -> None:
 
 
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
-    """Every metric for SAEs already loaded on the model's device; `evaluate` does the loading."""
+    """Every metric for SAEs already loaded on the model's device and checked against the cache (`check_matches`);
+    `evaluate` does both."""
     from sae.sae import failure_signs
 
     first = store.first_pos
-    for name, sae in saes.items():
-        check_matches(sae, store, name)
     hooks_ = sorted({h for s in saes.values() for h in sae_hooks(s)})
     heldout = store.holdout(hooks_, cfg.max_tokens)
     for hook, x in heldout.items():
@@ -450,7 +449,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
                 "pca_rank_quarter": d_in // 4,
                 "pca_fvu_at_quarter": curve[d_in // 4],
                 "beats_pca_at_l0": rec.fvu <= curve[r_l0],  # a tie (both exact) is not a loss
-                "failures": failure_signs(rec.l0, rec.dead_fraction),
+                "failures": failure_signs(rec.l0, rec.dead_fraction, rec.n_tokens * rec.l0 / sae.cfg.d_sae),
                 "density_histogram": hist.name,
             }
         )
@@ -467,7 +466,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
-    saes = load_saes(cfg.saes, device)  # before the model: a bad SAE name (or an offline hub) fails in a moment
+    # Before the model: a bad SAE name, an offline hub or an SAE of a hook the cache lacks fails in a moment.
+    saes = load_saes(cfg.saes, device)
+    for name, sae in saes.items():
+        check_matches(sae, store, name)
     model, _ = load_model(store.model_name, str(device))
     return evaluate_saes(cfg, store, saes, model)
 

@@ -308,8 +308,11 @@ def hidden_size(spec: str) -> int:
         raise ModelError(f"could not load the config of model {spec!r}: {err}") from err
 
 
-def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32):
-    """Model and tokenizer in eval mode from a hub id, a local HF folder, a .gguf file, or "smollm2"."""
+def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32, hooked: bool = True):
+    """Model and tokenizer in eval mode from a hub id, a local HF folder, a .gguf file, or "smollm2".
+
+    `hooked=False` is for a model that is only asked for text (the explainer of `sae explain`): any causal LM
+    family loads, not just those whose hook points `FAMILIES` maps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_spec(spec)
@@ -321,5 +324,6 @@ def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dty
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:  # missing files, no network, unknown model_type, bad config
         raise ModelError(f"could not load model {spec!r}: {' '.join(str(err).split())}") from err
-    family(model)  # fail now, not at the first hook, for an unsupported family
+    if hooked:
+        family(model)  # fail now, not at the first hook, for an unsupported family
     return model.to(pick_device(device)).eval(), tokenizer

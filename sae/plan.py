@@ -16,10 +16,10 @@ from .config import UserError
 
 PARAM_COPIES = 4
 """Weights, gradients, Adam's first and second moments, all fp32."""
-DENSE_ACT_COPIES = {"relu_l1": 4, "jumprelu": 5, "topk": 2, "batchtopk": 2}
+DENSE_ACT_COPIES = {"relu_l1": 4, "jumprelu": 5, "topk": 2, "batchtopk": 2, "matryoshka_batchtopk": 2}
 """fp32 [batch, d_sae] tensors alive at once in one step: pre-activations, the activations and their gradient
 (ReLU+L1; JumpReLU adds its step mask); TopK/BatchTopK keep only the pre-activations and the selection's
-workspace, never the dense activations (see sae.sae._SparseEncode)."""
+workspace, never the dense activations (see sae.sae._SparseEncode; Matryoshka's prefix decodes are sparse too)."""
 HEADROOM = 0.9
 """Fraction of the free memory a plan may use: allocator fragmentation and the data stream need the rest."""
 GIB = 2**30

@@ -57,6 +57,8 @@ def layout(folder: Path) -> str | None:
 def check_layout(folder: Path) -> str:
     """``layout(folder)``, or one line naming the layouts we read."""
     found = layout(folder)
+    if found is None and folder.is_file():
+        raise SAEFormatError(f"{folder} is a file; pass the SAE folder that holds it ({folder.parent})")
     if found is None and not folder.is_dir():
         raise SAEFormatError(f"{folder} does not exist; pass an SAE folder (or a folder of them), a hub repo id "
                              "owner/name[/folder] or a SAELens release/sae_id")
@@ -128,9 +130,12 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 # --------------------------------------------------------------------------------------------- names → folders
 
 
-def _is_local(spec: str) -> bool:
-    """A name meant as a local path: one that exists, an explicit one (./, /, ~), one without a slash, or one under a
-    folder that exists here (``runs/demo/saes`` before training is a missing folder, not the hub repo ``runs/demo``)."""
+def is_local(spec: str | Path) -> bool:
+    """A name meant as a local path: a ``Path``, one that exists, an explicit one (./, /, ~), one without a slash, or
+    one under a folder that exists here (``runs/demo/saes`` before training is a missing folder, not the hub repo
+    ``runs/demo``)."""
+    if isinstance(spec, Path):
+        return True
     return (spec.startswith((".", "/", "~")) or "/" not in spec or Path(spec.split("/")[0]).expanduser().is_dir()
             or Path(spec).exists())
 
@@ -164,6 +169,13 @@ def _release_folder(release: str, sae_id: str) -> str:
         raise SAEFormatError(f"SAELens release {release!r} is stored in the {entry['conversion_func']!r} format, which "
                              f"needs SAELens's converter; layouts read: {ACCEPTED} (load it with sae_lens and save it "
                              "with save_model, then pass that folder)")
+    # SAELens applies a release's config_overrides over each folder's cfg.json at load time; the one that changes
+    # the numbers is an input normalisation, which the folder alone does not show.
+    norm = (entry.get("config_overrides") or {}).get("normalize_activations", "none")
+    if norm != "none":
+        raise SAEFormatError(f"SAELens release {release!r} sets normalize_activations={norm!r} for its SAEs, which we do "
+                             "not model; load it with sae_lens, fold the normalisation into its weights and save_model "
+                             "it, then pass that folder")
     return f"{entry['repo_id']}/{paths[sae_id]}"
 
 
@@ -200,13 +212,26 @@ def _from_hub(path: str, spec: str, single: bool) -> Path:
         local = _download(repo_id, [f"{folder}/*", "config.json"], head) / folder
         if not local.is_dir():
             raise SAEFormatError(f"{head}hub repo {repo_id!r} has no folder {folder!r} (or it is not in the local cache)")
-        return local
+        return _cached_whole(local, repo_id, folder, head)
     root = _download(repo_id, ["*.json"], head)
     if single and not (root / CFG_FILENAME).is_file():
         names = sorted(p.parent.name for p in root.glob(f"*/{CFG_FILENAME}"))
         raise SAEFormatError(f"{spec} holds {len(names)} SAEs ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
                              f"; name one, e.g. {spec}/{names[0] if names else '<folder>'}")
-    return _download(repo_id, None, head)
+    return _cached_whole(_download(repo_id, None, head), repo_id, "", head)
+
+
+def _cached_whole(local: Path, repo_id: str, folder: str, head: str) -> Path:
+    """`local`, unless HF_HUB_OFFLINE is set and the cache holds an SAE's config without its weights: offline,
+    snapshot_download returns whatever part of a repo is cached (e.g. only the configs that an earlier name of the
+    whole repo fetched to list its SAEs), which would otherwise read as a folder in a layout we do not read."""
+    configs = [local / CFG_FILENAME, *local.glob(f"*/{CFG_FILENAME}")]
+    partial = [c.parent for c in configs if c.is_file() and layout(c.parent) is None]
+    if partial and hub_offline():
+        where = "/".join(filter(None, (folder, partial[0].relative_to(local).as_posix().strip(".")))) or "its root"
+        raise SAEFormatError(f"{head}the local cache holds hub repo {repo_id!r} only in part ({where} has {CFG_FILENAME} "
+                             "but no weights) and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download the rest")
+    return local
 
 
 def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -> Path:
@@ -216,30 +241,31 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
     be one SAE or a folder of SAEs; `single` asks for one SAE, so that a hub repo of many is refused before its
     weights are downloaded. A local folder is returned as it is, existing or not: callers check its layout.
     """
+    if is_local(spec) and sae_id is None:
+        return Path(spec).expanduser()
     spec = str(spec)
     if sae_id is not None:
         if spec not in _saelens_registry():
             raise SAEFormatError(f"{spec!r} is not a release in SAELens's registry"
                                  f"{'' if _saelens_registry() else ' (sae-lens is not installed)'}")
         return _from_hub(_release_folder(spec, sae_id), f"{spec}/{sae_id}", single)
-    if _is_local(spec):
-        return Path(spec).expanduser()
     release, _, rest = spec.partition("/")
     if release in _saelens_registry():
         return _from_hub(_release_folder(release, rest), spec, single)
     return _from_hub(spec, spec, single)
 
 
-def find_saes(specs: Iterable[str | Path]) -> dict[str, Path]:
+def find_saes(specs: Iterable[str | Path], single: bool = False) -> dict[str, Path]:
     """Name → local folder of every SAE named, directly or as a folder of SAE folders one level down.
 
     Names are folder names (a hub or registry name's last part), which must be unique: results are keyed by them.
+    `single` (for a caller that takes one SAE) refuses a hub repo of several before its weights are downloaded.
     """
     found: list[tuple[str, Path]] = []
     for spec in specs:
-        folder = resolve(spec)
+        folder = resolve(spec, single=single)
         if layout(folder):
-            found.append((folder.resolve().name if _is_local(str(spec)) else Path(spec).name, folder))
+            found.append((folder.resolve().name if is_local(spec) else Path(spec).name, folder))
             continue
         children = sorted(p for p in folder.iterdir() if layout(p)) if folder.is_dir() else []
         if not children:

@@ -57,7 +57,7 @@ class SAEConfig:
     """
 
     architecture: str
-    """The recipe: relu_l1, topk, batchtopk or jumprelu (see the class of each)."""
+    """The recipe: relu_l1, topk, batchtopk, matryoshka_batchtopk or jumprelu (see the class of each)."""
     d_in: int
     d_sae: int
     hook_name: str = ""
@@ -68,7 +68,7 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec before encoding; None → the variant's paper default."""
     k: int = 32
-    """topk: active latents per token; batchtopk: mean active latents per token."""
+    """topk: active latents per token; batchtopk, matryoshka_batchtopk: mean active latents per token."""
     l1_coefficient: float = 5.0
     """relu_l1: λ of the April-2024 recipe (λ = 5 with E‖x‖² = d_in normalisation)."""
     l0_coefficient: float = 2.0
@@ -86,6 +86,9 @@ class SAEConfig:
     """topk/batchtopk/jumprelu: weight α of the AuxK loss (Gao et al. §A.2)."""
     threshold_momentum: float = 0.01
     """batchtopk: EMA rate of the inference threshold."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: sizes of the nested dictionaries (prefixes of the latents) whose reconstruction errors
+    the loss sums, strictly increasing and ending at d_sae; None → [d_sae/16, d_sae/4, d_sae]."""
     hook_name_out: str | None = None
     """Transcoder: the hook whose activations it predicts from those at ``hook_name`` (e.g. an MLP's output from its
     input); None → an SAE, which reconstructs its input."""
@@ -105,6 +108,8 @@ class SAEConfig:
             self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default and not self.is_transcoder
         if self.d_out is None:
             self.d_out = self.d_in
+        if self.architecture == "matryoshka_batchtopk" and self.matryoshka_widths is None:
+            self.matryoshka_widths = sorted({w for w in (self.d_sae // 16, self.d_sae // 4, self.d_sae) if w > 0})
         problems = self.problems()
         if problems:
             raise SAEFormatError(f"invalid {self.architecture} SAE settings: {'; '.join(problems)}")
@@ -119,6 +124,10 @@ class SAEConfig:
                   if not getattr(self, name) >= 0]  # `not >=` also catches NaN
         found += [f"{name}={getattr(self, name)} must be > 0 (or unset)" for name in ("target_l0", "bandwidth", "aux_k")
                   if getattr(self, name) is not None and not getattr(self, name) > 0]
+        widths = self.matryoshka_widths
+        if widths is not None and (not widths or widths[-1] != self.d_sae or widths[0] < 1
+                                   or any(a >= b for a, b in zip(widths, widths[1:]))):
+            found.append(f"matryoshka_widths={widths} must be strictly increasing, ≥ 1 and end at d_sae={self.d_sae}")
         if self.is_transcoder:
             if self.apply_b_dec_to_input:
                 found.append("apply_b_dec_to_input must be false for a transcoder (b_dec is the output's bias)")
@@ -327,7 +336,7 @@ class SAE(nn.Module):
         out = (f @ self.W_dec + self.b_dec) if x is None else self._output_offset(f @ self.W_dec, x.to(dtype) * self.scale)
         return out / self.out_scale
 
-    def _output_offset(self, decoded: Tensor, x_n: Tensor) -> Tensor:
+    def _output_offset(self, decoded: Tensor | float, x_n: Tensor) -> Tensor:
         """The latents' decoded sum plus b_dec and, for a skip transcoder, the linear path x_n·W_skipᵀ (normalised units)."""
         out = decoded + self.b_dec
         return out + x_n @ self.W_skip.T if self.cfg.skip else out
@@ -464,9 +473,7 @@ class SAE(nn.Module):
             cfg = SAEConfig.from_dict(fields_)
         else:
             cfg = _saelens_config(path)
-            tensors = load_file(path / WEIGHTS_FILENAME)
-            if "scaling_factor" in tensors:  # older SAELens: latents scaled by s before decoding, i.e. W_dec·diag(s)
-                tensors["W_dec"] = tensors["W_dec"] * tensors["scaling_factor"][:, None]
+            tensors = _saelens_tensors(path)
         sae = create_sae(cfg)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if cfg.skip else ())):
@@ -521,6 +528,21 @@ def _saelens_config(path: Path) -> SAEConfig:
         apply_b_dec_to_input=raw.get("apply_b_dec_to_input", not transcoder),
         k=raw.get("k") or legacy_k or 32,
     )
+
+
+def _saelens_tensors(path: Path) -> dict[str, Tensor]:
+    """The weights of a SAELens-layout folder with what SAELens applies at run time folded in, so our forward matches:
+    older SAELens's finetuning ``scaling_factor`` s (latents times s before decoding: W_dec·diag(s)), and TopK's
+    ``rescale_acts_by_decoder_norm`` (its training default: top k of pre·‖W_dec‖, decoded as acts/‖W_dec‖), which is
+    SAELens's own ``fold_W_dec_norm``: W_enc and b_enc times n, W_dec over n, n the decoder row norms."""
+    tensors = load_file(path / WEIGHTS_FILENAME)
+    if "scaling_factor" in tensors:
+        tensors["W_dec"] = tensors["W_dec"] * tensors["scaling_factor"][:, None]
+    if json.loads((path / CFG_FILENAME).read_text()).get("rescale_acts_by_decoder_norm"):
+        norms = tensors["W_dec"].norm(dim=1)
+        tensors["W_enc"], tensors["b_enc"] = tensors["W_enc"] * norms, tensors["b_enc"] * norms
+        tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+    return tensors
 
 
 def _check_replaceable(path: Path) -> None:
@@ -793,6 +815,41 @@ class BatchTopKSAE(_TopKFamily):
         self.threshold.copy_(tensors["threshold"].flatten()[0])
 
 
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """BatchTopK with nested dictionaries (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning Multi-Level
+    Features with Matryoshka Sparse Autoencoders"; Nabeshima 2024, "Matryoshka Sparse Autoencoders"). With prefix
+    widths m₁ < … < m_L = d_sae (``cfg.matryoshka_widths``) and f the one BatchTopK selection over all latents,
+
+        L = Σ_ℓ ‖x − b_dec − Σ_{j < m_ℓ} f_j W_dec,j‖² + α·AuxK,
+
+    so the first m₁ latents must reconstruct x on their own and learn the general features, while later ones add
+    detail. That counters feature absorption (Chanin et al. 2024, "A is for Absorption"): when a parent feature is
+    present whenever its child is, a plain sparse SAE saves L0 by folding the parent's direction into the child's
+    latent and silencing the parent's latent on the child's tokens; here an inner prefix that holds the parent's
+    latent but not the child's must still reconstruct those tokens, so the parent's latent keeps firing on them.
+
+    The loss is SAELens's (``MatryoshkaBatchTopKTrainingSAE``: the full-width loss plus each inner prefix's MSE, all
+    summed) and the paper's; Bussmann et al.'s reference code averages the levels instead, which under Adam only
+    changes AuxK's weight relative to them. AuxK models the full reconstruction's residual, as in both (SAELens's
+    default ``use_matryoshka_aux_loss=False``). Inference and the saved folder are BatchTopK's: SAELens saves its
+    Matryoshka SAEs as ``jumprelu`` with the global threshold broadcast, and so do we.
+    """
+
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+        x_hat, acts, loss, losses, l0, fire_counts = super()._train_forward(x_n, y_n, dead_mask, penalty_scale)
+        # Cumulative partial decodes: each prefix adds only its own band [previous width, width) of the active
+        # latents to the one before, so all inner reconstructions together decode each active latent at most once.
+        partial, start = self._output_offset(0.0, x_n), 0
+        for width in self.cfg.matryoshka_widths[:-1]:
+            band = (acts.features >= start) & (acts.features < width)
+            partial = partial + sparse_decode(SparseActs(*(t[band] for t in acts)), self.W_dec, len(x_n))
+            mse = (partial - y_n).pow(2).sum(-1).mean()
+            loss = loss + mse
+            losses[f"mse_{width}"] = mse.detach()
+            start = width
+        return x_hat, acts, loss, losses, l0, fire_counts
+
+
 class _JumpReLU(torch.autograd.Function):
     """f = z·H(z − θ) with the straight-through pseudo-derivative of Rajamanoharan et al.
     2024 ("Jumping Ahead", §4 and the pseudo-code in their appendix):
@@ -933,7 +990,8 @@ SAE_CLASSES: dict[str, type[SAE]] = {
     "relu_l1": ReLUL1SAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
-    "jumprelu": JumpReLUSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+    "jumprelu": JumpReLUSAE,  # last of the SAELens "jumprelu" savers: SAE.load reads plain jumprelu folders as it
 }
 
 
@@ -949,16 +1007,21 @@ def create_sae(cfg: SAEConfig) -> SAE:
 DEAD_FRACTION_LIMIT = 0.5
 """More dead latents than this and most of the width is wasted: Gao et al. (2024, §A.2) name dead latents the main
 failure of large SAEs; the demo's TopK and ReLU SAEs end with 3% (README, Benchmarks)."""
+MIN_FIRES_TO_JUDGE_DEAD = 50
+"""Firings per latent on average (tokens·L0/d_sae) below which no latent is called dead (see ``failure_signs``)."""
 
 
-def failure_signs(l0: float, dead_fraction: float) -> list[str]:
+def failure_signs(l0: float, dead_fraction: float, fires_per_latent: float = math.inf) -> list[str]:
     """What says an SAE failed to learn whatever its loss says, each with what to change; empty for a healthy one.
 
     L0 = 0 means no latent ever fires, so every input is reconstructed as b_dec alone (e.g. a sparsity penalty so
-    strong it switched everything off); more than half the latents dead means most of the dictionary is unused."""
+    strong it switched everything off); more than half the latents dead means most of the dictionary is unused.
+    `fires_per_latent` (tokens·L0/d_sae, the firings an average latent had over the tokens measured): below
+    ``MIN_FIRES_TO_JUDGE_DEAD`` a latent that never fired may just be rare — a wide SAE's features fire on as few as
+    1 in 10⁶ tokens (Templeton et al. 2024) — so the dead fraction is not judged on so few tokens."""
     if l0 == 0:
         return ["L0 = 0 (no latent fires: it outputs b_dec alone); lower its sparsity penalty or learning rate"]
-    if dead_fraction > DEAD_FRACTION_LIMIT:
+    if dead_fraction > DEAD_FRACTION_LIMIT and fires_per_latent >= MIN_FIRES_TO_JUDGE_DEAD:
         return [f"{dead_fraction:.0%} of its latents dead (more than {DEAD_FRACTION_LIMIT:.0%}); lower its learning "
                 "rate, raise aux_coefficient (topk family) or train on more tokens"]
     return []

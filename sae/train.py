@@ -194,7 +194,7 @@ class TrainConfig:
 PAPER_BATCH = 4096
 MIN_STEPS = 500
 MIN_BATCH = 256
-REFERENCE_STEPS = {"topk": 3_000, "batchtopk": 3_000, "relu_l1": 200_000, "jumprelu": 200_000}
+REFERENCE_STEPS = {"topk": 3_000, "batchtopk": 3_000, "matryoshka_batchtopk": 3_000, "relu_l1": 200_000, "jumprelu": 200_000}
 """Run length (steps) at which ``default_lr`` hands over to the paper's learning rate, calibrated on
 the demo cache (SmolLM2 layer 15, 8×, 449 steps of 256 tokens), judged on held-out FVU against PCA at
 the SAE's own L0 and on dead latents. ReLU+L1 λ=5 needs the large boost: FVU 0.32 vs PCA-25 0.53 at
@@ -220,7 +220,7 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None = None) ->
     of the larger steps in check, as in the square-root batch-size/lr rule — capped at 25×;
     ``total_steps=None`` or n ≥ N gives the paper's lr unchanged.
     """
-    if architecture in ("topk", "batchtopk"):
+    if architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
         base = 2e-4 / math.sqrt(d_sae / 2**14)  # Gao et al. 2024, §2.2 (scaled with width)
     elif architecture == "jumprelu":
         base = 7e-5  # Gemma Scope (Lieberum et al. 2024)

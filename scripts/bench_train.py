@@ -2,7 +2,7 @@
 
 One run prints ONE JSON document (on stdout; progress goes to stderr) with three parts:
 
-``throughput``  For each of our variants (relu_l1, topk, batchtopk, jumprelu) the real
+``throughput``  For each of our variants (relu_l1, topk, batchtopk, matryoshka_batchtopk, jumprelu) the real
     ``SAETrainer.step`` (forward, backward, grad clip, Adam, decoder projection, dead tracking)
     in tokens/s and as a ratio to the *matmul ceiling*: the five matmuls a dense SAE step cannot
     avoid — x@W_enc, its weight gradient, f@W_dec, its weight gradient and its input gradient —
@@ -161,7 +161,7 @@ def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: 
 
     def info() -> dict:
         return {"dead_frac": round(float(trainer.dead_mask.float().mean()), 3),
-                "sparse_decoder_and_encoder_backward": arch in ("topk", "batchtopk")}
+                "sparse_decoder_and_encoder_backward": arch in ("topk", "batchtopk", "matryoshka_batchtopk")}
 
     return Contender(arch, step, info)
 

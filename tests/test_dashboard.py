@@ -94,6 +94,37 @@ def real_site(tiny_cache, tiny_llama, hand_sae, tmp_path_factory) -> Path:
     return write_dashboard(out).parent
 
 
+@pytest.fixture(scope="module")
+def explained_site(site, tmp_path_factory) -> Path:
+    """The synthetic site with `sae explain` results for features 0 and 3 (3 not scored)."""
+    import shutil
+
+    root = Path(shutil.copytree(site, tmp_path_factory.mktemp("explained") / "an"))
+    score = {"balanced_accuracy": 0.875, "auroc": 0.9375, "baseline_balanced_accuracy": 0.5, "baseline_auroc": 0.4375,
+             "baseline_feature": 3, "positive": [[4, 1]] * 4, "negative": [[9, 2]] * 4}
+    write_js(root / "data" / "explanations.js", "SAE_EXPLANATIONS", {"features": {
+        "0": {"explanation": "html <tags> in strings", "shown": [[4, 1]], "score": score},
+        "3": {"explanation": "assignment operators", "shown": [[1, 2]], "score": None}}})
+    return root
+
+
+@pytest.mark.slow
+def test_explanations_show_in_the_index_search_and_the_feature_page(browser, explained_site, site, tmp_path):
+    url = (explained_site / "index.html").as_uri()
+    html = run_chromium(browser, tmp_path, "--dump-dom", url)
+    assert Dom(html).rows == [3, 0, 7] and "html &lt;tags&gt; in strings" in html and " 0.88 (0.50)" in html
+    assert "explanation: fires on" in html
+    assert Dom(run_chromium(browser, tmp_path, "--dump-dom", url + "#q=assignment")).rows == [3]  # by explanation text
+    assert Dom(run_chromium(browser, tmp_path, "--dump-dom", url + "#q=TAGS")).rows == [0]
+    page = run_chromium(browser, tmp_path, "--dump-dom", (explained_site / "feature.html").as_uri() + "#0")
+    assert "Fires on html &lt;tags&gt; in strings" in page
+    assert "4 activating and 4 non-activating" in page and "balanced accuracy 0.88, AUROC 0.94" in page
+    assert "feature 3's explanation): 0.50, AUROC 0.44" in page
+    assert "not scored" in run_chromium(browser, tmp_path, "--dump-dom", (explained_site / "feature.html").as_uri() + "#3")
+    plain = run_chromium(browser, tmp_path, "--dump-dom", (site / "index.html").as_uri())  # no explanations.js
+    assert "explanation: fires on" not in plain and Dom(plain).rows == [3, 0, 7]
+
+
 class Dom(HTMLParser):
     """Row order of the index table, and per context the displayed token texts and which one is the hit."""
 
@@ -149,7 +180,7 @@ def test_index_sorts_and_searches_in_chromium(browser, site, tmp_path):
     searched = run_chromium(browser, tmp_path, "--dump-dom", url + "#q=%3Cscript")
     assert Dom(searched).rows == [0]
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in searched  # shown as text ...
-    assert Dom(searched).scripts == ["data/index.js", "data/tokens.js", "app.js"]  # ... never turned into an element
+    assert Dom(searched).scripts == ["data/index.js", "data/tokens.js", "data/explanations.js", "app.js"]  # ... never an element
     assert "5 dead features" in searched and "1, 2, 4, 5, 6" in searched
 
 

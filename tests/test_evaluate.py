@@ -146,6 +146,8 @@ def test_silent_and_mostly_dead_saes_are_flagged_in_the_table(tiny_cache, tiny_l
     assert ident["failures"] == [] and ident["dead_fraction"] == 0
     assert silent["failures"] == [failure_signs(0, 1)[0]] and "L0 = 0" in silent["failures"][0]
     assert dead["failures"] == [failure_signs(dead["l0"], dead["dead_fraction"])[0]] and "67% of its latents dead" in dead["failures"][0]
+    # Too few tokens to tell a dead latent from a rare one (here 10 firings per latent): the dead fraction is not judged.
+    assert failure_signs(dead["l0"], dead["dead_fraction"], fires_per_latent=10) == []
     lines = table.splitlines()
     marked = [line.split()[1] for line in lines if line.startswith("! ") and not line.split()[1].endswith(":")]
     assert marked == ["mostly_dead", "silent"]  # the rows; notes start "! BROKEN:" or "! FAILED:"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sae.sae import SAE_CLASSES
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["model", "tests", "bench_train", "bench_harvest", "cache", "on_the_fly", "ddp"]
 MUST_PASS = STEPS
@@ -27,7 +29,7 @@ def test_cpu_mode_reports_every_step(tmp_path: Path) -> None:
     failed = {name: steps[name]["why"] for name in MUST_PASS if not steps[name]["ok"]}
     assert not failed, failed
     assert steps["tests"]["detail"]["skipped"] == steps["tests"]["detail"]["tests"] > 0  # no CUDA here: all skip
-    assert set(steps["bench_train"]["detail"]["ours"]) == {"relu_l1", "topk", "batchtopk", "jumprelu"}
+    assert set(steps["bench_train"]["detail"]["ours"]) == set(SAE_CLASSES)
     assert steps["bench_train"]["detail"]["config"]["dtype"].startswith("bfloat16")
     assert steps["bench_harvest"]["detail"]["model_dtype"] == "float32"  # bf16 is for the GPU run
     end = lines[-1]

@@ -239,6 +239,14 @@ def test_saelens_release_and_sae_id_through_the_registry(hub):
         SAE.from_pretrained("gemma-scope-2b-pt-res-canonical", "layer_0/width_16k/canonical")
 
 
+def test_saelens_release_whose_registry_entry_normalises_is_refused(hub):
+    """mistral-7b-res-wg's registry entry overrides its cfg.json with normalize_activations: constant_norm_rescale,
+    which SAELens applies at load time: read from the folder alone, its SAEs would be fed unnormalised input."""
+    write_saelens(hub("JoshEngels/Mistral-7B-Residual-Stream-SAEs") / "mistral_7b_layer_8")
+    with pytest.raises(SAEFormatError, match=r"'mistral-7b-res-wg' sets normalize_activations='constant_norm_rescale'"):
+        SAE.from_pretrained("mistral-7b-res-wg/blocks.8.hook_resid_pre")
+
+
 def _no_network():
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -360,3 +368,95 @@ def test_no_import_cycles():
 
     cycles = [c for c in (cycle_from([m]) for m in sorted(graph)) if c]
     assert not cycles, " → ".join(cycles[0])
+
+
+def test_saelens_topk_that_rescales_by_decoder_norm(tmp_path):
+    """SAELens's TopK with rescale_acts_by_decoder_norm (its training default) selects the top k of pre·‖W_dec‖ and
+    decodes acts/‖W_dec‖: a folder saved that way loads with the norms folded in, so the same latents fire."""
+    import sae_lens
+
+    torch.manual_seed(0)
+    theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, apply_b_dec_to_input=True,
+                                                     rescale_acts_by_decoder_norm=True))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        theirs.W_dec.mul_(torch.rand(D_SAE, 1) * 4 + 0.1)  # very unequal decoder norms change which latents win
+    theirs.save_model(tmp_path / "s")
+    ours = SAE.from_pretrained(tmp_path / "s")
+    x = torch.randn(100, D_IN)
+    with torch.no_grad():
+        f = theirs.encode(x)
+        torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), theirs.decode(f), rtol=1e-5, atol=1e-4)
+
+
+def test_score_names_the_saes_of_a_hub_repo_before_downloading_them(hub, tiny_cache, capsys, monkeypatch):
+    """`sae score` takes one SAE: a hub repo of several is refused from its configs alone, not after a download of
+    every SAE in it (a sparsify repo is tens of GB)."""
+    import huggingface_hub
+
+    snap = hub("EleutherAI/sae-tiny-32x")
+    write_sparsify(snap / "layers.0")
+    write_sparsify(snap / "layers.1", seed=1)
+    patterns = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **k: patterns.append(k.get("allow_patterns")) or real(repo, **k))
+    assert cli_main(["score", f"cache={tiny_cache}", "sae=EleutherAI/sae-tiny-32x", "text=hello", "device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("sae score: error: EleutherAI/sae-tiny-32x holds 2 SAEs (layers.0, layers.1); name one, e.g. "
+                   "EleutherAI/sae-tiny-32x/layers.0")
+    assert None not in patterns  # only the configs were fetched
+
+
+def test_a_path_object_is_a_local_folder_never_a_hub_id(tmp_path, monkeypatch):
+    """`Path("runs/x")` is a local path whatever its shape: a missing one says so, without asking the hub."""
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    with pytest.raises(SAEFormatError, match=r"^runs/x does not exist; pass an SAE folder"):
+        SAE.from_pretrained(Path("runs/x"))
+    with pytest.raises(SAEFormatError, match=r"^runs/x does not exist; pass an SAE folder"):
+        find_saes([Path("runs/x")])
+
+
+def test_a_weights_file_instead_of_its_folder_says_so(tmp_path):
+    trained_ours("topk").save(tmp_path / "s")
+    weights = tmp_path / "s" / "sae_weights.safetensors"
+    with pytest.raises(SAEFormatError, match=rf"^{weights} is a file; pass the SAE folder that holds it \({tmp_path / 's'}\)"):
+        SAE.from_pretrained(weights)
+
+
+def test_eval_refuses_an_sae_of_another_hook_before_loading_the_model(tiny_cache, tmp_path, capsys, monkeypatch):
+    """A downloaded sparsify repo holds every layer's SAE; one whose hook the cache lacks is named before the model
+    (minutes for a large one) is loaded."""
+    import sae.model
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sae.model, "load_model", no_model)
+    root = tmp_path / "sparsify"
+    write_sparsify(root / "layers.0")
+    assert cli_main(["eval", f"cache={tiny_cache}", f"saes=[{root}]", f"out={tmp_path / 'out'}", "device=cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "sae eval: error: hook(s) ['blocks.0.hook_resid_post'] are not in the cache")
+
+
+def test_offline_hub_folder_cached_without_its_weights_says_so(hub):
+    """Naming a whole repo fetches only its configs (to list its SAEs); offline, one of them named next is in the
+    cache without weights, which is said as such rather than as a folder in an unknown layout."""
+    snap = hub("EleutherAI/sae-tiny-32x")
+    write_sparsify(snap / "layers.0")
+    (snap / "layers.0" / "sae.safetensors").unlink()
+    message = (r"the local cache holds hub repo 'EleutherAI/sae-tiny-32x' only in part \(layers.0 has cfg.json but no "
+               r"weights\) and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE to download the rest$")
+    with pytest.raises(SAEFormatError, match=r"^EleutherAI/sae-tiny-32x/layers.0: no such local folder, and " + message):
+        SAE.from_pretrained("EleutherAI/sae-tiny-32x/layers.0")
+    with pytest.raises(SAEFormatError, match=r"^EleutherAI/sae-tiny-32x: no such local folder, and " + message):
+        find_saes(["EleutherAI/sae-tiny-32x"])

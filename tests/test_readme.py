@@ -79,7 +79,8 @@ def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str, config: str = DE
         f"harvest.model={tiny_llama}", f"harvest.dataset={text_dir}", f"harvest.hooks=[{','.join(hooks)}]",
         "harvest.context_size=32", "harvest.max_tokens=2400", "harvest.batch_size=8", "harvest.shard_tokens=600",
         "harvest.eval_fraction=0.25", f"train.saes={json.dumps(specs)}", "eval.lm_loss_contexts=4",
-        "analyse.n_top=5", f"score.sae={first}", "train.total_tokens=1536", "train.shuffle_rows=600",
+        "analyse.n_top=5", f"score.sae={first}", f"explain.model={tiny_llama}", "explain.n_top_features=2",
+        "explain.n_random_features=1", "explain.max_new_tokens=4", "train.total_tokens=1536", "train.shuffle_rows=600",
     ]
 
 
@@ -94,8 +95,9 @@ def transcoder_command() -> list[str]:
 
 
 def test_readme_shows_each_stage_and_the_demo():
-    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "score", "demo", "train"]
-    assert len(demo_stage_commands()) == 6 and transcoder_command() == ["demo", "--config", TRANSCODER]
+    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "explain", "score", "demo",
+                                                 "train"]
+    assert len(demo_stage_commands()) == 7 and transcoder_command() == ["demo", "--config", TRANSCODER]
     assert len(readme_torchrun_commands()) == 2
 
 
@@ -114,7 +116,7 @@ def test_score_default_is_the_demo_topk_sae():
     assert ScoreConfig(text="x").sae == str(Path(demo["train"]["out"]) / SAESpec(**demo["train"]["saes"][0]).run_name)
 
 
-@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "score", "demo"])
+@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "explain", "score", "demo"])
 def test_help_of_every_command(stage, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main([stage, "--help"])
@@ -139,6 +141,9 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     assert len(json.loads((runs / "eval" / "eval.json").read_text())["saes"]) == 2
     assert (runs / "analysis" / "index.html").is_file() or any((runs / "analysis").glob("*/index.html"))
     assert "feature browser:" in printed["analyse"] and "return" in printed["score"]
+    for explained in (runs / "analysis").glob("*/explanations.json"):  # one per SAE, 3 features each
+        assert json.loads(explained.read_text())["summary"]["n_explained"] == 3
+    assert "3 features explained" in printed["explain"] and len(list((runs / "analysis").glob("*/explanations.json"))) == 2
     assert (runs / "saes" / "topk_k32_x8_" f"{hook}" / "cfg.json").is_file()
     assert (folder / "runs" / "live" / "saes" / "checkpoints" / "latest.json").is_file()  # the on-the-fly line
 

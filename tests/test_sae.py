@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sae.sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 
@@ -77,6 +78,50 @@ def test_sparse_forward_matches_dense_reference(arch):
     assert torch.equal(out.fire_counts, (f > 0).sum(0))
 
 
+def test_matryoshka_loss_and_gradients_match_saelens(tmp_path):
+    """Same weights and batch: our loss (full-width MSE + each inner prefix's MSE, summed), its terms and every
+    gradient equal SAELens's ``MatryoshkaBatchTopKTrainingSAE.training_forward_pass`` (no dead latents, so no AuxK)."""
+    from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                         MatryoshkaBatchTopKTrainingSAEConfig)
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, dtype=torch.float64) * 3 + 0.5
+    ours = create_sae(SAEConfig("matryoshka_batchtopk", 16, 64, k=4)).double()  # scale 1: x is what both see
+    assert ours.cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
+    with torch.no_grad():
+        ours.b_dec.copy_(x.mean(0))
+        ours.b_enc.normal_(0, 0.5)
+    theirs = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=16, d_sae=64, k=4, matryoshka_widths=[4, 16, 64], apply_b_dec_to_input=True,
+        rescale_acts_by_decoder_norm=False, dtype="float64"))  # its dtype, else it casts the input to float32
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(theirs, name).copy_(getattr(ours, name))
+    out = ours.train_forward(x)
+    lens = theirs.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+    assert torch.allclose(out.loss, lens.loss)
+    assert torch.allclose(out.losses["mse"], lens.losses["mse_loss"])
+    for width in (4, 16):
+        assert torch.allclose(out.losses[f"mse_{width}"], lens.losses[f"inner_mse_loss_{width}"])
+    assert out.losses["mse_4"] > out.losses["mse_16"] > out.losses["mse"]  # the prefixes really differ
+    out.loss.backward()
+    lens.loss.backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(ours, name).grad, getattr(theirs, name).grad), name
+
+    # Saved the way SAELens saves its own Matryoshka SAEs: a jumprelu folder, the global threshold broadcast.
+    with torch.no_grad():
+        theirs.topk_threshold.fill_(0.5)
+        ours.threshold.fill_(0.5)
+    theirs.save_inference_model(tmp_path / "theirs")
+    ours.save(tmp_path / "ours")
+    cfg_theirs, cfg_ours = (json.loads((tmp_path / n / "cfg.json").read_text()) for n in ("theirs", "ours"))
+    assert cfg_ours["architecture"] == cfg_theirs["architecture"] == "jumprelu"
+    w_theirs, w_ours = (load_file(tmp_path / n / "sae_weights.safetensors") for n in ("theirs", "ours"))
+    assert sorted(w_ours) == sorted(w_theirs) and torch.equal(w_ours["threshold"], w_theirs["threshold"].float())
+
+
 def test_topk_encode_keeps_k_largest():
     sae, x = _fitted("topk")
     f = sae.encode(x)
@@ -124,7 +169,7 @@ def test_save_load_roundtrip_folds_scale(arch, tmp_path):
     sae, x = _fitted(arch)
     sae = sae.float()
     x = x.float()
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.threshold.fill_(0.7)
     assert sae.scale != 1
     f, x_hat = sae.encode(x), sae.decode(sae.encode(x))
@@ -161,7 +206,8 @@ def test_load_plain_saelens_folder(tmp_path):
     assert torch.allclose(sae.encode(x), torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]))
 
 
-SAELENS_CLASS = {"relu_l1": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE"}
+SAELENS_CLASS = {"relu_l1": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE",
+                 "matryoshka_batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE"}
 
 
 @pytest.mark.parametrize("arch", sorted(SAE_CLASSES))
@@ -170,7 +216,7 @@ def test_saelens_loads_our_folders(arch, tmp_path):
     import sae_lens
     sae, x = _fitted(arch, d_in=32, d_sae=128)
     sae, x = sae.float(), x.float()
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         sae.threshold.fill_(0.5)
     sae.save(tmp_path / arch)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch))
@@ -291,6 +337,11 @@ def test_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     (dict(architecture="jumprelu", l0_coefficient=float("nan")), r"l0_coefficient=nan must be ≥ 0"),
     (dict(aux_coefficient=-1.0, aux_k=0), r"aux_coefficient=-1.0 must be ≥ 0; aux_k=0 must be > 0"),
     (dict(architecture="jumprelu", target_l0=0.0), r"target_l0=0.0 must be > 0 \(or unset\)"),
+    (dict(architecture="matryoshka_batchtopk", k=2, matryoshka_widths=[2, 4]),
+     r"matryoshka_widths=\[2, 4\] must be strictly increasing, ≥ 1 and end at d_sae=8"),
+    (dict(architecture="matryoshka_batchtopk", k=2, matryoshka_widths=[4, 2, 8]), r"matryoshka_widths=\[4, 2, 8\] must"),
+    (dict(architecture="matryoshka_batchtopk", k=2, matryoshka_widths=[0, 8]), r"matryoshka_widths=\[0, 8\] must"),
+    (dict(architecture="matryoshka_batchtopk", k=2, matryoshka_widths=[]), r"matryoshka_widths=\[\] must"),
 ])
 def test_invalid_settings_are_named(kw, message):
     with pytest.raises(SAEFormatError, match=message):

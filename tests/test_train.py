@@ -115,6 +115,47 @@ def test_recovers_planted_dictionary(arch, lr, steps, extra):
     assert mean_max_cos(D, sae.W_dec) >= 0.9
 
 
+def hierarchical(n: int, d: int = 64, n_parents: int = 4, n_children: int = 8, p_parent: float = 0.25,
+                 p_child: float = 0.75, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Planted parent/child features (Chanin et al. 2024's absorption setting): orthonormal directions, each parent
+    on with probability p_parent, and, when it is, one of its children with probability p_child — so a parent is
+    present whenever any of its children is, and alone otherwise. Returns the data, the parents' directions and a
+    [n, n_parents] mask of the tokens where some child of each parent is present."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    parents, children = Q.T[:n_parents], Q.T[n_parents: n_parents * (1 + n_children)].reshape(n_parents, n_children, d)
+    parent_on = torch.rand(n, n_parents, generator=g) < p_parent
+    child_on = parent_on & (torch.rand(n, n_parents, generator=g) < p_child)
+    which = F.one_hot(torch.randint(n_children, (n, n_parents), generator=g), n_children) * child_on[..., None]
+    x = parent_on.float() @ parents + torch.einsum("npc,pcd->nd", which.float(), children)
+    return x + 0.01 * torch.randn(n, d, generator=g), parents, child_on
+
+
+def test_matryoshka_keeps_the_parent_latent_firing_on_child_tokens():
+    """Feature absorption, measured: each parent's best latent (largest decoder cosine with the parent's direction)
+    and how often it fires on tokens where one of the parent's children is present (the parent is present there
+    too). TopK and BatchTopK fold the parent into the children's latents and leave the parent's latent silent on
+    much of them; the Matryoshka SAE's inner prefix of d_sae/16 = 4 latents must reconstruct those tokens without
+    the children, so its parent latents keep firing (Bussmann et al. 2025, the absorption toy)."""
+    x, parents, child_on = hierarchical(200_000)
+    train, test, test_child_on = x[:180_000], x[180_000:], child_on[180_000:]
+    rates = {}
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        torch.manual_seed(0)
+        sae = create_sae(SAEConfig(arch, 64, 64, k=2))
+        fit(sae, train, lr=5e-3, steps=400, dead_window_tokens=512 * 50)
+        with torch.no_grad():
+            f = sae.eval().encode(test)
+        best = (F.normalize(sae.W_dec.detach(), dim=1) @ parents.T).argmax(0)
+        rates[arch] = torch.stack([(f[test_child_on[:, p], best[p]] > 0).float().mean()
+                                   for p in range(len(parents))]).mean().item()
+    # Data and init seeds 0, 1, 2, 3: TopK 0.000 / 0.000 / 0.004 / 0.000, BatchTopK 0.47 / 0.41 / 0.41 / 0.59,
+    # Matryoshka 1.00 / 0.88 / 1.00 / 0.97.
+    assert rates["matryoshka_batchtopk"] >= 0.75, rates
+    assert rates["topk"] <= 0.1, rates
+    assert rates["batchtopk"] <= rates["matryoshka_batchtopk"] - 0.2, rates
+
+
 def test_step_aware_defaults():
     """Short runs get ≥ 500 steps (batch ≥ 256) and a raised lr; long runs the papers' values."""
     assert default_batch_size(115_000) == 256  # the demo: 449 steps rather than 28 of 4096
@@ -185,6 +226,7 @@ def _cfg(tmp_path: Path, cache: Path, **kw) -> TrainConfig:
         cache=str(cache), out=str(tmp_path / "out"), batch_size=128, total_tokens=128 * 8,
         saes=[SAESpec("topk", "h0", expansion_factor=4, k=4), SAESpec("relu_l1", "h1", d_sae=48),
               SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4),
+              SAESpec("matryoshka_batchtopk", "h0", d_sae=64, k=4),
               SAESpec("topk", "h0", hook_out="h1", d_sae=64, k=4, skip=True)],  # a transcoder
         lr=1e-3, checkpoint_every=4, wandb_mode="disabled", log_every=2, **kw,
     )
@@ -199,7 +241,8 @@ def cache(tmp_path) -> Path:
 def test_train_writes_loadable_saes(tmp_path, cache):
     paths = train(_cfg(tmp_path, cache))
     assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
-                                       "topk_k4_d64_skip_h0_to_h1"]
+                                       "matryoshka_batchtopk_k4_d64_h0", "topk_k4_d64_skip_h0_to_h1"]
+    assert SAE.load(paths[4]).cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
     for p in paths:
         sae = SAE.load(p)
         assert sae.cfg.model_name == "planted" and sae.scale == 1

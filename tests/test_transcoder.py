@@ -175,6 +175,8 @@ def test_bad_transcoder_specs_are_one_line_at_the_cli(tmp_path, capsys):
 SAELENS_CLASS = {("relu_l1", False): "Transcoder", ("relu_l1", True): "SkipTranscoder",
                  ("jumprelu", False): "JumpReLUTranscoder", ("jumprelu", True): "JumpReLUSkipTranscoder",
                  ("batchtopk", False): "JumpReLUTranscoder", ("batchtopk", True): "JumpReLUSkipTranscoder",
+                 ("matryoshka_batchtopk", False): "JumpReLUTranscoder",
+                 ("matryoshka_batchtopk", True): "JumpReLUSkipTranscoder",
                  ("topk", False): "TopKSAE"}
 
 
@@ -187,7 +189,7 @@ def test_save_folds_both_scales_and_saelens_loads_it(arch, skip, tmp_path):
 
     sae, x, y = _transcoder(arch, skip=skip, d_in=16, d_out=16)
     sae, x = sae.float(), x.float()
-    if arch == "batchtopk":
+    if arch.endswith("batchtopk"):
         sae.threshold.fill_(0.5)
     f, y_hat = sae.encode(x), sae(x)
     assert (f > 0).any() and (f == 0).any()

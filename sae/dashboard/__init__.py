@@ -10,6 +10,7 @@ as `.js` files that assign one global each (`window.NAME = <JSON>;`) and the pag
     data/tokens.js       SAE_TOKENS: {token id: text}, each id decoded once, for every id the other files mention
     data/contexts.js     SAE_CONTEXTS: {context index: [token ids]}, the contexts any example comes from
     data/features/<c>.js SAE_CHUNK: {feature id: details} for the live ids j with j // FEATURES_PER_FILE == c
+    data/explanations.js SAE_EXPLANATIONS: optional, written by `sae explain` (see sae.explain for its format)
 
 Examples are `[seq, pos, act, window]` (samples insert an interval index before `window`): the feature's activation
 at context `seq`, position `pos`, and its activations at the cached positions max(first_pos, pos - left) ..

@@ -20,6 +20,8 @@
 
   const num = (x, digits = 3) => (x === null || x === undefined ? "\u2013" : Number(x).toPrecision(digits));
   const token = (id) => window.SAE_TOKENS[id] ?? `<token ${id}>`;
+  // `sae explain`'s results (data/explanations.js, optional): {id: {explanation, score: {balanced_accuracy, ...}}}.
+  const explained = (id) => window.SAE_EXPLANATIONS?.features?.[id];
   const percent = (d) => (d >= 0.001 ? `${(100 * d).toPrecision(3)}%` : `${(100 * d).toExponential(1)}%`);
 
   // Token text with whitespace made visible (·, ↵, →) in a dimmer style, and the empty token as ∅.
@@ -73,6 +75,7 @@
     if (!q) return true;
     if (/^\d+$/.test(q) && feature.id === Number(q)) return true;
     const needle = q.toLowerCase();
+    if ((explained(feature.id)?.explanation ?? "").toLowerCase().includes(needle)) return true;
     return [...feature.top_tokens, ...feature.promoted].some((t) => token(t).toLowerCase().includes(needle));
   }
 
@@ -99,16 +102,30 @@
           el("td", { class: "num", text: num(f.mean_top_act) }),
           el("td", { class: "num", text: percent(f.density) }),
           el("td", {}, ...f.top_tokens.map((t) => chip(token(t)))),
-          el("td", {}, ...f.promoted.map((t) => chip(token(t)))));
+          el("td", {}, ...f.promoted.map((t) => chip(token(t)))),
+          window.SAE_EXPLANATIONS ? explanationCell(explained(f.id)) : null);
       }));
     document.getElementById("count").textContent = `${rows.length} of ${index.features.length} live features`;
     document.getElementById("more").textContent =
       rows.length > SHOW_ROWS ? `Showing the first ${SHOW_ROWS}; search to narrow the list.` : "";
   }
 
+  // The explanation and its detection score (balanced accuracy; the baseline, another feature's explanation, after).
+  function explanationCell(e) {
+    if (!e) return el("td", { class: "meta", text: "\u2013" });
+    const s = e.score;
+    return el("td", { class: "explanation" }, el("span", { text: e.explanation }),
+      s ? el("span", { class: "meta score", text: ` ${num(s.balanced_accuracy, 2)} (${num(s.baseline_balanced_accuracy, 2)})`,
+        title: "detection balanced accuracy (baseline: judged with another feature's explanation)" }) : null);
+  }
+
   function index() {
     const data = window.SAE_INDEX;
     header(data);
+    if (window.SAE_EXPLANATIONS) {
+      document.querySelector("#features thead tr").append(el("th", { text: "explanation: fires on\u2026 (detection score)" }));
+      document.getElementById("search").placeholder = "Search: feature id, token or explanation text";
+    }
     const dead = document.getElementById("dead");
     dead.querySelector("summary").textContent = `${data.dead.length} dead features (never active)`;
     dead.querySelector(".ids").textContent = data.dead.join(", ") || "none";
@@ -184,6 +201,20 @@
       el("span", { class: "where meta", text: `context ${seq}, position ${pos}` }));
   }
 
+  function explanationSection(f) {
+    const e = explained(f.id);
+    if (!e) return null;
+    const s = e.score;
+    const scores = s
+      ? `detection on ${s.positive.length} activating and ${s.negative.length} non-activating held-out contexts: ` +
+        `balanced accuracy ${num(s.balanced_accuracy, 2)}, AUROC ${num(s.auroc, 2)}; baseline (judged with ` +
+        `feature ${s.baseline_feature ?? "\u2013"}'s explanation): ${num(s.baseline_balanced_accuracy, 2)}, ` +
+        `AUROC ${num(s.baseline_auroc, 2)}`
+      : "not scored: the analysis holds no held-out activating example, or no window where the feature is silent";
+    return el("section", { id: "explanation" }, el("h2", { text: "Explanation" }),
+      el("p", { class: "explanation", text: `Fires on ${e.explanation}` }), el("p", { class: "meta", text: scores }));
+  }
+
   function lensColumn(title, tokens) {
     return el("div", { class: "lens" }, el("h3", { text: title }),
       el("ol", {}, ...tokens.map(([t, v]) => el("li", {}, chip(token(t)), el("span", { class: "meta", text: ` ${num(v)}` })))));
@@ -207,6 +238,7 @@
       el("section", { class: "overview" },
         stats,
         el("figure", {}, histogram(f.histogram, window.SAE_INDEX.hist_edges), el("figcaption", { text: "activation histogram" }))),
+      explanationSection(f),
       el("section", { class: "logit-lens" }, el("h2", { text: "Logit lens" }),
         el("div", { class: "lens-cols" }, lensColumn("promotes", f.promoted), lensColumn("suppresses", f.suppressed))),
       el("section", { id: "top" }, el("h2", { text: "Top activations" }), ...f.top.map((e) => context(e, f.max_act))),
