@@ -47,8 +47,8 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
 
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
 RECOVERY_FLOOR = {"topk": 0.95, "reference": 0.95, "batchtopk": 0.75, "jumprelu": 0.6}
-"""Mean max cosine each model must reach at defaults. Issue 9 asks ≥ 0.95 of every variant; TopK (0.986) and the
-plain reference loop (0.990) reach it, the others do not yet (BatchTopK 0.826, JumpReLU 0.687 at 781 steps), so their
+"""Mean max cosine each model must reach at defaults. Issue 9 asks ≥ 0.95 of every variant; TopK (0.964) and the
+plain reference loop (0.990) reach it, the others do not yet (BatchTopK 0.820, JumpReLU 0.689 at 781 steps), so their
 floors guard the present level until their defaults are fixed. ReLU+L1 keeps Anthropic's uncentred normalisation by
 default (see ``SAE.initialise_from_data``), under which λ = 5 collapses on this offset data: it is not scored."""
 
