@@ -36,7 +36,8 @@ class AttributeConfig:
     model: str = ""
     """The model; empty: the model the SAE was trained on (its cfg.json's model_name)."""
     analysis: str = f"runs/demo/analysis/{Path(DEMO_SAE).name}"
-    """The SAE's `sae analyse` folder: its explanations.json (from `sae explain`) is shown when there is one."""
+    """The SAE's `sae analyse` folder: its explanations.json (from `sae explain`) is shown when there is one (one
+    written for another SAE is refused); empty: no explanations."""
     n_features: int = 10
     """Features listed for, and against, the target."""
     logit_tokens: int = 5
@@ -108,15 +109,28 @@ def attribute_logit(model: nn.Module, sae: nn.Module, ids: list[int], target: in
                            bias=float((bias * g * spliced_at).sum()))
 
 
-def explanations_of(analysis: str | Path) -> dict[int, str]:
-    """{feature id: explanation} from an analysis folder's explanations.json (`sae explain`), or {} without one."""
+def explanations_of(analysis: str | Path, sae: str | Path | None = None) -> dict[int, str]:
+    """{feature id: explanation} from an analysis folder's explanations.json (`sae explain`), or {} without one (or
+    with `analysis` empty). With `sae` (the SAE being attributed), explanations that `sae explain` wrote for another
+    SAE are refused: they would label these features with another dictionary's meanings."""
     from sae.explain import read_explanations
+    from sae.pretrained import is_local
 
+    if not str(analysis):
+        return {}
+    path = Path(analysis) / "explanations.json"
     try:
         saved = read_explanations(analysis) or {}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AttributionError(f"{Path(analysis) / 'explanations.json'} is not valid JSON ({err}); run `sae explain` "
-                               "again, or pass analysis= a folder without it") from err
+        raise AttributionError(f"{path} is not valid JSON ({err}); run `sae explain` again, or pass analysis= (empty) "
+                               "to show no explanations") from err
+
+    def same(name: str | Path) -> str:
+        return str(Path(name).expanduser().resolve()) if is_local(str(name)) else str(name).rstrip("/")
+
+    if sae is not None and saved.get("sae") and same(saved["sae"]) != same(sae):
+        raise AttributionError(f"{path} explains the features of {saved['sae']}, not of {sae}; pass analysis=<the "
+                               "`sae analyse` folder of this SAE>, or analysis= (empty) to show no explanations")
     return {int(j): f["explanation"] for j, f in saved.get("features", {}).items() if f.get("explanation")}
 
 
@@ -200,9 +214,10 @@ def run(cfg: AttributeConfig) -> AttributionReport:
 
     device = pick_device(cfg.device)
     _, sae = load_sae(cfg.sae, device)
+    explanations = explanations_of(cfg.analysis, cfg.sae)  # before the model, which takes longer to load
     model, tokenizer = load_model_of(sae, cfg.model, device)
     return report(model, tokenizer, sae, cfg.prompt, cfg.target, cfg.n_features, cfg.logit_tokens, cfg.exclude_first,
-                  explanations_of(cfg.analysis))
+                  explanations)
 
 
 def format_report(r: AttributionReport) -> str:

@@ -116,3 +116,21 @@ def test_explanations_are_read_from_sae_explains_file(tmp_path):
     features = {"3": {"explanation": "a", "score": None}, "5": {"explanation": "b"}, "8": {"explanation": ""}}
     (tmp_path / "explanations.json").write_text(json.dumps({"format": 1, "features": features}))
     assert explanations_of(tmp_path) == {3: "a", 5: "b"}
+
+
+def test_explanations_of_another_sae_are_refused_not_shown(tiny_sae_dir, tmp_path, capsys):
+    """An analysis folder whose explanations.json explains another SAE (e.g. the demo's default analysis= with another
+    sae=) would label these features with that SAE's explanations: refused in one line; analysis= (empty) shows none."""
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    features = {str(j): {"explanation": f"explained {j}.", "shown": []} for j in range(48)}
+    saved = {"format": 1, "sae": str(tmp_path / "other_sae"), "hook": "blocks.1.hook_resid_post", "features": features}
+    (analysis / "explanations.json").write_text(json.dumps(saved))
+    args = ["attribute", f"sae={tiny_sae_dir}", "prompt=def f(x):\n    return x", "n_features=3", "device=cpu"]
+    assert cli_main([*args, f"analysis={analysis}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "explains the features of" in err[0] and "other_sae" in err[0], err
+    saved["sae"] = str(tiny_sae_dir)  # the same SAE, named as `sae analyse` was given it: shown
+    (analysis / "explanations.json").write_text(json.dumps(saved))
+    assert cli_main([*args, f"analysis={analysis}"]) == 0 and "explained" in capsys.readouterr().out
+    assert cli_main([*args, "analysis="]) == 0 and "explained" not in capsys.readouterr().out
