@@ -211,10 +211,12 @@ def run(cfg: AttributeConfig) -> AttributionReport:
     """Load the SAE and its model, and attribute (`sae attribute`)."""
     from sae.evaluate import load_model_of, load_sae
     from sae.model import pick_device
+    from sae.splice import check_first
 
     device = pick_device(cfg.device)
     _, sae = load_sae(cfg.sae, device)
     explanations = explanations_of(cfg.analysis, cfg.sae)  # before the model, which takes longer to load
+    check_first(cfg.exclude_first)
     model, tokenizer = load_model_of(sae, cfg.model, device)
     return report(model, tokenizer, sae, cfg.prompt, cfg.target, cfg.n_features, cfg.logit_tokens, cfg.exclude_first,
                   explanations)

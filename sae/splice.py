@@ -21,6 +21,12 @@ FeatureEdit = Callable[[Tensor], Tensor]
 """Dense features [..., d_sae] → the features to decode instead (a new tensor; the input is left as it is)."""
 
 
+def check_first(first: int) -> None:
+    """A negative count of leading positions would splice every position yet slice from the end downstream."""
+    if first < 0:
+        raise ModelError(f"exclude_first={first} must be ≥ 0 (leading positions left as they are; 0: none)")
+
+
 def keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """A hook that replaces positions >= `first` with fn(activation) and leaves the leading ones untouched.
 
@@ -28,6 +34,7 @@ def keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor],
     one token at a time, the later one-token calls are positions `len(prompt)`, ... and are replaced; use a fresh
     hook for each sequence.
     """
+    check_first(first)
     seen = 0
 
     def hook(a: Tensor) -> Tensor:

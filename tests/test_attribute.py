@@ -99,6 +99,7 @@ def test_cli_lists_features_with_tokens_and_explanations(tiny_sae_dir, tmp_path,
     ("target=def f(x)", "is 5 tokens"),
     ("prompt=x", "the prompt has 2 tokens with the BOS, all before exclude_first=2"),
     ("n_features=0", "n_features=0 and logit_tokens=5 must both be at least 1"),
+    ("exclude_first=-1", "exclude_first=-1 must be ≥ 0"),
     ("analysis=BAD", "is not valid JSON"),
 ])
 def test_cli_refuses_bad_requests_in_one_line(override, message, tiny_sae_dir, tmp_path, capsys):
