@@ -18,7 +18,7 @@ with another explained feature's explanation (a seeded cyclic shift of a shuffle
 Cost is bounded: by default only the features with the largest maximum activation plus a seeded random sample of
 the rest are explained; results are saved after every batch, and a run started again skips what is saved.
 
-Output, per analysis folder — the file other tools (and `sae steer` / `sae attribute`) read::
+Output, per analysis folder — the file other tools (the browser, `sae attribute`) read::
 
     <analysis>/explanations.json     written atomically after every batch; `read_explanations(folder)` loads it
     {
