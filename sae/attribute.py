@@ -180,8 +180,8 @@ def report(model: nn.Module, tokenizer, sae: nn.Module, prompt: str, target: str
     tokens = [tokenizer.decode([i]) for i in ids]
     explanations = explanations or {}
 
-    def rows(order: Tensor) -> list[FeatureRow]:
-        chosen = [int(j) for j in order[:n_features] if totals[j] != 0]
+    def rows(order: Tensor, sign: int) -> list[FeatureRow]:
+        chosen = [int(j) for j in order[:n_features] if totals[j] * sign > 0]  # a side lists only its own sign
         if not chosen:
             return []
         lens = logit_lens(sae.W_dec[chosen], final_norm(model), model.get_output_embeddings().weight, logit_tokens)[1]
@@ -194,7 +194,7 @@ def report(model: nn.Module, tokenizer, sae: nn.Module, prompt: str, target: str
         prompt=prompt, hook=sae.cfg.hook_name, target=tokenizer.decode([result.target]), logit=result.logit,
         probability=result.probability, features_total=float(totals.sum()), error=result.error,
         bias=result.bias, n_active=int((result.activations[exclude_first:] > 0).any(0).sum()),
-        supporting=rows(totals.argsort(descending=True)), opposing=rows(totals.argsort()))
+        supporting=rows(totals.argsort(descending=True), 1), opposing=rows(totals.argsort(), -1))
 
 
 def target_token(tokenizer, text: str) -> int:

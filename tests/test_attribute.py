@@ -135,3 +135,19 @@ def test_explanations_of_another_sae_are_refused_not_shown(tiny_sae_dir, tmp_pat
     (analysis / "explanations.json").write_text(json.dumps(saved))
     assert cli_main([*args, f"analysis={analysis}"]) == 0 and "explained" in capsys.readouterr().out
     assert cli_main([*args, "analysis="]) == 0 and "explained" not in capsys.readouterr().out
+
+
+def test_features_for_the_target_have_positive_attributions_and_against_negative(tiny_sae_dir):
+    """With more rows asked for than features of one sign, a list must not fill up with features of the other sign
+    (listed "for" the token while they lower its logit): every nonzero feature appears once, on the side of its sign."""
+    from sae.attribute import report
+    from sae.sae import SAE
+
+    sae = SAE.load(tiny_sae_dir)
+    model, tokenizer = load_model(sae.cfg.model_name, "cpu")
+    r = report(model, tokenizer, sae, "def f(x):\n    return x", n_features=sae.cfg.d_sae, logit_tokens=1)
+    assert r.supporting and r.opposing
+    assert all(row.attribution > 0 for row in r.supporting) and all(row.attribution < 0 for row in r.opposing)
+    listed = [row.feature for row in r.supporting + r.opposing]
+    assert len(listed) == len(set(listed))
+    assert sum(row.attribution for row in r.supporting + r.opposing) == pytest.approx(r.features_total, abs=1e-4)
