@@ -139,7 +139,7 @@ class FeatureRow:
     feature: int
     attribution: float
     activation: float
-    """Its largest activation on the prompt."""
+    """Its largest activation on the prompt, at the positions the SAE is spliced into (from exclude_first on)."""
     token: str
     """The prompt token where it contributes most."""
     top_tokens: list[str]
@@ -185,7 +185,7 @@ def report(model: nn.Module, tokenizer, sae: nn.Module, prompt: str, target: str
         if not chosen:
             return []
         lens = logit_lens(sae.W_dec[chosen], final_norm(model), model.get_output_embeddings().weight, logit_tokens)[1]
-        return [FeatureRow(j, float(totals[j]), float(result.activations[:, j].max()),
+        return [FeatureRow(j, float(totals[j]), float(result.activations[exclude_first:, j].max()),
                            tokens[int(result.per_position[:, j].abs().argmax())],
                            [tokenizer.decode([int(i)]) for i in lens[n]], explanations.get(j))
                 for n, j in enumerate(chosen)]

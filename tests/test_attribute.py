@@ -151,3 +151,22 @@ def test_features_for_the_target_have_positive_attributions_and_against_negative
     listed = [row.feature for row in r.supporting + r.opposing]
     assert len(listed) == len(set(listed))
     assert sum(row.attribution for row in r.supporting + r.opposing) == pytest.approx(r.features_total, abs=1e-4)
+
+
+def test_a_features_max_activation_is_over_the_attributed_positions_only(tiny_sae_dir):
+    """"max act" is read at the positions the SAE is spliced into, not at the leading ones left out (the BOS's massive
+    activations would show there): with only the last position spliced it is the activation there."""
+    from sae.attribute import report
+    from sae.model import capture
+    from sae.sae import SAE
+
+    sae = SAE.load(tiny_sae_dir)
+    model, tokenizer = load_model(sae.cfg.model_name, "cpu")
+    prompt = "def f(x):\n    return x"
+    ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    f = sae.encode(capture(model, torch.tensor([ids]), [sae.cfg.hook_name])[sae.cfg.hook_name][0]).detach()
+    r = report(model, tokenizer, sae, prompt, n_features=sae.cfg.d_sae, logit_tokens=1, exclude_first=len(ids) - 1)
+    rows = r.supporting + r.opposing
+    assert rows and any(f[:, row.feature].max() > f[-1, row.feature] + 1e-3 for row in rows)  # the test can fail
+    for row in rows:
+        assert row.activation == pytest.approx(float(f[-1, row.feature]), rel=1e-4, abs=1e-5)
