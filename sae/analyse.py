@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sae.evaluate import DEMO_SAE, ROW_CHUNK, check_matches, load_sae, reconstruct
+from sae.evaluate import DEMO_SAE, ROW_CHUNK, check_matches, load_sae, output_hook, reconstruct, sae_hooks
 from sae.store import check_finite
 
 #: Activation histogram bins: fixed log10 edges shared by all features, so counts can be accumulated in one pass
@@ -285,12 +285,14 @@ def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int) -> tuple[Ten
 
 
 @torch.no_grad()
-def normalised_error(sae, acts: Tensor) -> Tensor:
-    """Per-row ‖x − x̂‖² / ‖x‖²: scale-free, so rows with large norms are not flagged for their size alone."""
+def normalised_error(sae, acts: Tensor, target: Tensor | None = None) -> Tensor:
+    """Per-row ‖y − ŷ‖² / ‖y‖² of the SAE's output ŷ for rows `acts`, y = `target` (a transcoder's output hook) or
+    `acts` itself: scale-free, so rows with large norms are not flagged for their size alone."""
     acts = acts.to(sae.W_dec.device)
+    target = acts if target is None else target.to(acts.device)
     errors = [
-        ((c.double() - reconstruct(sae, c).double()) ** 2).sum(-1) / (c.double() ** 2).sum(-1).clamp_min(1e-12)
-        for c in acts.reshape(-1, acts.shape[-1]).split(ROW_CHUNK)
+        ((y.double() - reconstruct(sae, c).double()) ** 2).sum(-1) / (y.double() ** 2).sum(-1).clamp_min(1e-12)
+        for c, y in zip(acts.reshape(-1, acts.shape[-1]).split(ROW_CHUNK), target.reshape(-1, target.shape[-1]).split(ROW_CHUNK))
     ]
     return torch.cat(errors).float().view(acts.shape[:-1]).cpu()
 
@@ -353,21 +355,25 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     device = pick_device(cfg.device)
     name, sae = load_sae(cfg.sae, device)
     check_matches(sae, store, name)
-    hook = sae.cfg.hook_name
+    hook, hooks = sae.cfg.hook_name, sae_hooks(sae)
     model, tokenizer = load_model(store.model_name, str(device))
-    held = store.holdout([hook], cfg.reference_tokens)[hook]
-    check_finite(held, f"the held-out rows of {hook} in {store.path}")
-    reference = normalised_error(sae, held)
+    held = store.holdout(hooks, cfg.reference_tokens)
+    for h in hooks:
+        check_finite(held[h], f"the held-out rows of {h} in {store.path}")
+    reference = normalised_error(sae, held[hook], held[output_hook(sae)])
     ids = prompt_ids(tokenizer, cfg.text, store.bos_token_id, key="text")
-    acts = capture(model, torch.tensor([ids], device=device), [hook])[hook][0]
-    return token_scores(sae, acts, reference, [tokenizer.decode([i]) for i in ids], store.first_pos, cfg.threshold)
+    acts = capture(model, torch.tensor([ids], device=device), hooks)
+    return token_scores(sae, acts[hook][0], reference, [tokenizer.decode([i]) for i in ids], store.first_pos,
+                        cfg.threshold, acts[output_hook(sae)][0])
 
 
 def token_scores(
-    sae, acts: Tensor, reference: Tensor, tokens: list[str], first_pos: int, threshold: float
+    sae, acts: Tensor, reference: Tensor, tokens: list[str], first_pos: int, threshold: float,
+    target: Tensor | None = None,
 ) -> list[TokenScore]:
-    """Scores for one sequence's activations [T, d_in]; positions the cache dropped (< first_pos) are reported unscored."""
-    errors = normalised_error(sae, acts)
+    """Scores for one sequence's activations [T, d_in] (and a transcoder's targets [T, d_out]); positions the cache
+    dropped (< first_pos) are reported unscored."""
+    errors = normalised_error(sae, acts, target)
     z = z_scores(errors, reference)
     pct = percentile(errors, reference)
     out = []

@@ -80,6 +80,9 @@ def attribute_logit(model: nn.Module, sae: nn.Module, ids: list[int], target: in
     from sae.model import hooks
     from sae.splice import check_fits, keep_first, splice_fn
 
+    if sae.cfg.is_transcoder:
+        raise AttributionError("sae attribute reads SAEs, not transcoders (attributing a transcoder's features is not "
+                        "supported yet): pass an SAE")
     check_fits(model, sae)
     device = next(model.parameters()).device
     kept: dict[str, Tensor] = {}
@@ -88,7 +91,8 @@ def attribute_logit(model: nn.Module, sae: nn.Module, ids: list[int], target: in
         kept["f"] = f.detach().requires_grad_(True)
         return kept["f"]
 
-    splice = keep_first(first, splice_fn(sae, edit))
+    fn = splice_fn(sae, edit)
+    splice = keep_first(first, lambda a: fn(a, a))
 
     def hook(a: Tensor) -> Tensor:
         kept["x"], kept["out"] = a.detach(), splice(a)

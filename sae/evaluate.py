@@ -4,6 +4,10 @@ Reconstruction numbers alone flatter an SAE: a low FVU can come with a model tha
 SAE can lose to plain PCA with as many dimensions as it has active features. So every SAE is reported with the
 language-model loss when it is spliced into the forward pass, and next to the PCA reconstruction of the same rank;
 an SAE that PCA beats at its own L0 is flagged as broken, and so is one with L0 = 0 or more than half its latents dead.
+
+A transcoder (an SAE config with `hook_name_out`) is scored on its output: FVU of the activation it predicts, the
+language model's loss with its prediction in place of that activation (the MLP's output, for an MLP transcoder), and,
+as its baseline, the least-squares linear map of the same rank from its input to its output.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from sae.config import UserError
-from sae.splice import keep_first, splice_fn, spliced
+from sae.splice import keep_first, spliced
 from sae.store import atomic_write_json, check_finite
 
 #: The demo's TopK SAE (`configs/demo.yaml`'s first): the default of the stages that read one SAE.
@@ -82,15 +86,30 @@ def load_model_of(sae, spec: str, device: torch.device):
     return load_model(spec or sae.cfg.model_name, str(device))
 
 
+def sae_hooks(sae) -> list[str]:
+    """The hooks an SAE reads: its input and, for a transcoder, the output it predicts."""
+    return [sae.cfg.hook_name] + ([sae.cfg.hook_name_out] if sae.cfg.is_transcoder else [])
+
+
+def output_hook(sae) -> str:
+    """The hook whose activation an SAE reproduces: its input for an SAE, its output hook for a transcoder."""
+    return sae.cfg.hook_name_out if sae.cfg.is_transcoder else sae.cfg.hook_name
+
+
+def baseline_key(sae) -> str:
+    """What an SAE's rank-r baseline is fitted to: its hook (PCA), or a transcoder's `<in>_to_<out>` (linear map)."""
+    return f"{sae.cfg.hook_name}_to_{sae.cfg.hook_name_out}" if sae.cfg.is_transcoder else sae.cfg.hook_name
+
+
 def check_matches(sae, store, name: str) -> None:
-    """An SAE must read the cache's hook at the cache's width; a different model name is only worth a warning
+    """An SAE must read the cache's hooks at the cache's widths; a different model name is only worth a warning
     (SAELens and hub ids spell the same model differently)."""
     from sae.sae import SAEFormatError
 
-    hook = sae.cfg.hook_name
-    store.check_hooks([hook])
-    if sae.cfg.d_in != store.hooks[hook]:
-        raise SAEFormatError(f"SAE {name} has d_in {sae.cfg.d_in} but the cache's {hook} has width {store.hooks[hook]}")
+    store.check_hooks(sae_hooks(sae))
+    for hook, width, what in zip(sae_hooks(sae), (sae.cfg.d_in, sae.cfg.d_out), ("d_in", "d_out")):
+        if width != store.hooks[hook]:
+            raise SAEFormatError(f"SAE {name} has {what} {width} but the cache's {hook} has width {store.hooks[hook]}")
     if sae.cfg.model_name and sae.cfg.model_name != store.model_name:
         print(f"warning: SAE {name} was trained on {sae.cfg.model_name!r}, the cache comes from {store.model_name!r}")
 
@@ -99,8 +118,8 @@ def check_matches(sae, store, name: str) -> None:
 
 
 def reconstruct(sae, x: Tensor) -> Tensor:
-    """x̂ in the caller's dtype, whatever dtype the SAE computes in."""
-    return splice_fn(sae, keep_error=False)(x).to(x.dtype)
+    """The SAE's output for x (x̂, or a transcoder's prediction) in the caller's dtype, whatever dtype it computes in."""
+    return sae(x.to(sae.W_dec.dtype)).to(x.dtype)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
@@ -121,24 +140,27 @@ class Reconstruction:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae, x: Tensor, dense_threshold: float) -> Reconstruction:
-    """L0, FVU, MSE and feature densities over rows `x` [n, d_in], encoded in chunks."""
+def reconstruction_metrics(sae, x: Tensor, dense_threshold: float, y: Tensor | None = None) -> Reconstruction:
+    """L0, FVU, MSE and feature densities over rows `x` [n, d_in], encoded in chunks; the errors are those of the
+    target rows `y` [n, d_out] (a transcoder's output hook), x itself by default."""
     x = x.to(sae.W_dec.device)
+    y = x if y is None else y.to(x.device)
     active = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64, device=x.device)
     l0 = sq_err = 0.0
-    for chunk in x.split(ROW_CHUNK):
-        f = sae.encode(chunk.to(sae.W_dec.dtype))
+    for chunk, target in zip(x.split(ROW_CHUNK), y.split(ROW_CHUNK)):
+        chunk = chunk.to(sae.W_dec.dtype)
+        f = sae.encode(chunk)
         fired = f != 0
         active += fired.sum(0)
         l0 += float(fired.sum())
-        sq_err += float(((chunk.double() - sae.decode(f).double()) ** 2).sum())
+        sq_err += float(((target.double() - sae.decode(f, chunk).double()) ** 2).sum())
     n = x.shape[0]
     density = (active / n).float().cpu()
-    total_var = float(((x.double() - x.double().mean(0)) ** 2).sum())
+    total_var = float(((y.double() - y.double().mean(0)) ** 2).sum())
     return Reconstruction(
         l0=l0 / n,
         fvu=sq_err / total_var,
-        mse=sq_err / x.numel(),
+        mse=sq_err / y.numel(),
         dead_fraction=float((density == 0).float().mean()),
         dense_fraction=float((density > dense_threshold).float().mean()),
         n_tokens=n,
@@ -177,6 +199,44 @@ def pca_fvu_curve(pca: PCA, x: Tensor) -> Tensor:
     return (residual.clamp_min(0) / ((x - x.mean(0)) ** 2).sum()).float().cpu()
 
 
+@dataclass
+class LinearMap:
+    """Least-squares affine map x → y and the principal directions of its fitted values, for the rank-r maps."""
+
+    x_mean: Tensor  # [d_in]
+    y_mean: Tensor  # [d_out]
+    coef: Tensor  # [d_in, d_out]
+    components: Tensor  # [d_out, d_out], column i the i-th principal direction of the fitted values
+
+
+def fit_linear(x: Tensor, y: Tensor) -> LinearMap:
+    """Ordinary least squares of y on x; the best rank-r map is its fit projected onto the top r principal directions
+    of the fitted values (reduced-rank regression, Izenman 1975), so one fit gives every rank."""
+    x, y = x.double(), y.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    ridge = 1e-10 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    coef = torch.linalg.solve(gram + ridge, xc.T @ yc)  # the ridge only guards a singular Gram matrix
+    fitted = xc @ coef
+    _, vecs = torch.linalg.eigh(fitted.T @ fitted)
+    return LinearMap(x_mean, y_mean, coef, vecs.flip(1))
+
+
+def linear_fvu_curve(m: LinearMap, x: Tensor, y: Tensor) -> Tensor:
+    """FVU of y predicted by the rank-r map for every r = 0..d_out (index r; rank 0 predicts the fitted mean).
+
+    With orthonormal directions v_i the rank-r prediction is P V_r V_rᵀ, P the full-rank one, so its squared error
+    about the fitted mean is ‖y_c‖² − Σ_{i≤r} (2⟨y_c v_i, P v_i⟩ − ‖P v_i‖²): one projection gives the whole curve.
+    """
+    x, y = x.double().to(m.coef.device), y.double().to(m.coef.device)
+    yc = y - m.y_mean
+    pv, yv = ((x - m.x_mean) @ m.coef) @ m.components, yc @ m.components
+    gain = (2 * pv * yv - pv**2).sum(0)
+    residual = (yc**2).sum() - torch.cat([gain.new_zeros(1), gain.cumsum(0)])
+    return (residual.clamp_min(0) / ((y - y.mean(0)) ** 2).sum()).float().cpu()
+
+
 # --------------------------------------------------------------------------------------------- language-model loss
 
 
@@ -192,7 +252,8 @@ class LMLoss:
 
 @torch.no_grad()
 def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first: int, batch_size: int) -> dict[str, LMLoss]:
-    """Next-token CE of `tokens` [n, T] clean, with `hook_name` zero-ablated, and with it replaced by each SAE's output.
+    """Next-token CE of `tokens` [n, T] clean, with `hook_name` zero-ablated, and with each SAE's output in its place
+    (SAEs on `hook_name`, or transcoders whose output hook it is; see `sae.splice.spliced`).
 
     The clean and zero-ablated runs are shared by every SAE on the hook, so a sweep of n SAEs costs n + 2 forward
     passes per batch rather than 3n. Positions before `first` are left un-spliced and their predictions are not
@@ -231,21 +292,24 @@ def lm_losses(model, tokens: Tensor, hook_name: str, saes: dict[str, Any], first
     return out
 
 
-def training_rows(store, hook_name: str, n: int) -> Tensor:
-    """The first `n` training rows of a hook, for fitting the PCA baseline away from the rows it is scored on."""
-    parts, have = [], 0
-    for rows in store.iter_ordered([hook_name], split="train"):
-        parts.append(rows.acts[hook_name])
-        have += parts[-1].shape[0]
+def training_rows(store, hook_names: list[str], n: int) -> dict[str, Tensor]:
+    """The first `n` training rows of hooks (the same tokens for each), for fitting a baseline away from the rows
+    it is scored on."""
+    parts: list[dict[str, Tensor]] = []
+    have = 0
+    for rows in store.iter_ordered(hook_names, split="train"):
+        parts.append(rows.acts)
+        have += rows.acts[hook_names[0]].shape[0]
         if have >= n:
             break
     if not parts:
         from sae.store import CacheError
 
-        raise CacheError(f"the cache at {store.path} has no training rows to fit the PCA baseline on")
-    rows = torch.cat(parts)[:n]
-    check_finite(rows, f"the training rows of {hook_name} in {store.path} (PCA fit)")
-    return rows
+        raise CacheError(f"the cache at {store.path} has no training rows to fit the baseline on")
+    out = {h: torch.cat([p[h] for p in parts])[:n] for h in hook_names}
+    for h, t in out.items():
+        check_finite(t, f"the training rows of {h} in {store.path} (baseline fit)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -275,6 +339,9 @@ def plot_density(density: Tensor, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+BASELINE_LABEL = {"pca": "PCA (rank r)", "linear": "least-squares linear map in → out (rank r)"}
+
+
 def plot_pareto(results: dict, path: Path) -> None:
     """L0 vs FVU of every SAE with the PCA curve (FVU vs rank) of its hook on the same axes, one panel per hook."""
     plt = _pyplot()
@@ -283,7 +350,7 @@ def plot_pareto(results: dict, path: Path) -> None:
     for ax, hook in zip(axes[0], hooks_):
         curve = results["pca"][hook]["fvu"]
         ranks = range(1, len(curve))
-        ax.plot(list(ranks), curve[1:], color="grey", label="PCA (rank r)")
+        ax.plot(list(ranks), curve[1:], color="grey", label=BASELINE_LABEL[results["pca"][hook].get("baseline", "pca")])
         rows = [r for r in results["saes"] if r["hook"] == hook]
         for beaten, style in ((False, dict(color="#4c72b0", label="SAE")),
                               (True, dict(color="red", label="SAE beaten by PCA at its L0 (broken)"))):
@@ -293,7 +360,7 @@ def plot_pareto(results: dict, path: Path) -> None:
         for row in rows:
             ax.annotate(row["name"], (row["l0"], row["fvu"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("L0 (SAE) / rank r (PCA)")
+        ax.set_xlabel("L0 (SAE) / rank r (baseline)")
         ax.set_ylabel("FVU (held out)")
         ax.set_title(hook)
         ax.legend()
@@ -311,7 +378,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
     from sae.sae import failure_signs
 
     first = store.first_pos
-    hooks_ = sorted({s.cfg.hook_name for s in saes.values()})
+    hooks_ = sorted({h for s in saes.values() for h in sae_hooks(s)})
     heldout = store.holdout(hooks_, cfg.max_tokens)
     for hook, x in heldout.items():
         check_finite(x, f"the held-out rows of {hook} in {store.path}")
@@ -333,15 +400,21 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
     }
     contexts = store.context_tokens(store.holdout_seqs(cfg.lm_loss_contexts))
     losses: dict[str, LMLoss] = {}
-    for hook in hooks_:
-        fit = training_rows(store, hook, cfg.pca_fit_tokens)
-        pca = fit_pca(fit)
-        results["pca"][hook] = {"fit_rows": len(fit), "fvu": pca_fvu_curve(pca, heldout[hook]).tolist()}
-        on_hook = {name: sae for name, sae in saes.items() if sae.cfg.hook_name == hook}
+    for key, sae in {baseline_key(s): s for s in saes.values()}.items():
+        fit = training_rows(store, sae_hooks(sae), cfg.pca_fit_tokens)
+        if sae.cfg.is_transcoder:
+            x_in, x_out = sae.cfg.hook_name, sae.cfg.hook_name_out
+            curve = linear_fvu_curve(fit_linear(fit[x_in], fit[x_out]), heldout[x_in], heldout[x_out])
+        else:
+            curve = pca_fvu_curve(fit_pca(fit[key]), heldout[key])
+        results["pca"][key] = {"fit_rows": len(fit[sae.cfg.hook_name]), "fvu": curve.tolist(),
+                               "baseline": "linear" if sae.cfg.is_transcoder else "pca"}
+    for hook in sorted({output_hook(s) for s in saes.values()}):
+        on_hook = {name: sae for name, sae in saes.items() if output_hook(sae) == hook}
         losses.update(lm_losses(model, contexts, hook, on_hook, first, cfg.batch_size))
     for name, sae in saes.items():
-        hook = sae.cfg.hook_name
-        rec = reconstruction_metrics(sae, heldout[hook], cfg.dense_threshold)
+        hook = baseline_key(sae)
+        rec = reconstruction_metrics(sae, heldout[sae.cfg.hook_name], cfg.dense_threshold, heldout[output_hook(sae)])
         loss = losses[name]
         curve = results["pca"][hook]["fvu"]
         d_in = len(curve) - 1
@@ -352,8 +425,12 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
             {
                 "name": name,
                 "hook": hook,
+                "hook_out": output_hook(sae),
                 "architecture": sae.cfg.architecture,
+                "transcoder": sae.cfg.is_transcoder,
+                "skip": sae.cfg.skip,
                 "d_in": sae.cfg.d_in,
+                "d_out": sae.cfg.d_out,
                 "d_sae": sae.cfg.d_sae,
                 "n_tokens": rec.n_tokens,
                 "l0": rec.l0,
@@ -422,7 +499,8 @@ def format_table(results: dict) -> str:
             else:
                 lines.append(f"{mark}{name:<{name_width}} {metrics}")
     notes = [
-        f"! BROKEN: {r['name']}: rank-{r['pca_rank_at_l0']} PCA reconstructs held-out rows better (FVU "
+        f"! BROKEN: {r['name']}: the rank-{r['pca_rank_at_l0']} "
+        f"{'linear map from its input' if r.get('transcoder') else 'PCA'} reconstructs held-out rows better (FVU "
         f"{r['pca_fvu_at_l0']:.3f}) than this SAE with L0 {r['l0']:.1f} (FVU {r['fvu']:.3f}); it is not learning a "
         "useful sparse code."
         for r in results["saes"]
@@ -430,6 +508,9 @@ def format_table(results: dict) -> str:
     ]
     notes += [f"! FAILED: {r['name']} on {r['n_tokens']:,} held-out rows: {sign}." for r in results["saes"]
               for sign in r["failures"]]
+    if any(r.get("transcoder") for r in results["saes"]):
+        notes.append("transcoders (<in>_to_<out>): FVU of the output hook, CE with their output in place of it, and "
+                     "PCA@L0 is the rank-L0 least-squares linear map from input to output")
     notes.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
     for note in notes:
         lines += textwrap.wrap(note, TABLE_WIDTH, subsequent_indent="    ")

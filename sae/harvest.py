@@ -26,7 +26,7 @@ class HarvestConfig:
     model: str = "smollm2"
     """Model: "smollm2" (embedded GGUF), a .gguf file, a local Hugging Face folder, or a hub id."""
     hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
-    """Hook points, TransformerLens style: blocks.{i}.hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out."""
+    """Hook points, TransformerLens style: blocks.{i}.hook_resid_pre|hook_attn_out|hook_mlp_in|ln2.hook_normalized|hook_mlp_out|hook_resid_post."""
     dataset: str = "stdlib"
     """Text: "stdlib" (the Python standard library's source), a local file/folder, or a hub dataset id (streamed)."""
     dataset_split: str = "train"

@@ -22,17 +22,24 @@ from .config import UserError
 from .data import hub_offline
 
 #: Module paths per model family: the decoder-layer list, and inside a layer the attention and MLP blocks whose
-#: outputs are added to the residual stream unchanged. Families that norm those outputs before the add (Gemma 2,
-#: OLMo 2) or whose final norm has no weight (OLMo) need their own entries, so they are not listed yet.
-_LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")
+#: outputs are added to the residual stream unchanged and the norm in front of the MLP (`ln2`). Families that norm
+#: those outputs before the add (Gemma 2, OLMo 2) or whose final norm has no weight (OLMo) need their own entries,
+#: so they are not listed yet.
+_LLAMA = dict(layers="model.layers", attn="self_attn", mlp="mlp", ln2="post_attention_layernorm", final_norm="model.norm")
 FAMILIES: dict[str, dict[str, str]] = {
     **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
-    "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f"),
-    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", final_norm="gpt_neox.final_layer_norm"),
+    "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", ln2="ln_2", final_norm="transformer.ln_f"),
+    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", ln2="post_attention_layernorm",
+                     final_norm="gpt_neox.final_layer_norm"),
 }
 
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
+#: Hook kinds in the order the forward pass reaches them inside a block. As in TransformerLens, `hook_mlp_in` is
+#: the residual stream entering the MLP sublayer before its norm (resid_mid; resid_pre in GPT-NeoX's parallel
+#: blocks), and `ln2.hook_normalized` is that norm's output, the MLP's actual input, which transcoders read
+#: (Dunefsky et al. 2024): the MLP is a function of it alone, while from `hook_mlp_in` a transcoder must also learn the norm.
+HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_in", "ln2.hook_normalized", "hook_mlp_out",
+              "hook_resid_post")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK_KINDS) + ")$")
 
 SMOLLM2 = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,13 +108,14 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
         return HookPoint(name, layer, block, pre=True)
     if kind == "hook_resid_post":
         return HookPoint(name, layer, block, pre=False)
+    if kind in ("hook_mlp_in", "ln2.hook_normalized"):  # the MLP's norm: its input, or its output
+        return HookPoint(name, layer, _get(block, fam["ln2"]), pre=kind == "hook_mlp_in")
     return HookPoint(name, layer, _get(block, fam["attn" if kind == "hook_attn_out" else "mlp"]), pre=False)
 
 
 def _depth(point: HookPoint) -> tuple[int, int]:
-    """Order hook points by when the forward pass reaches them (resid_pre < attn < mlp = resid_post)."""
-    order = {"hook_resid_pre": 0, "hook_attn_out": 1, "hook_mlp_out": 2, "hook_resid_post": 3}
-    return point.layer, order[point.name.rsplit(".", 1)[1]]
+    """Order hook points by when the forward pass reaches them (`HOOK_KINDS` order within a block)."""
+    return point.layer, HOOK_KINDS.index(point.name.split(".", 2)[2])
 
 
 HookFn = Callable[[Tensor], "Tensor | None"]

@@ -37,11 +37,16 @@ class SAECost:
     d_sae: int
     batch: int
     """Rows per step on this process."""
+    d_out: int | None = None
+    """A transcoder's output width (None: an SAE, d_in)."""
+    skip: bool = False
+    """A transcoder's linear skip W_skip [d_out, d_in]."""
 
     def params(self, d_sae: int | None = None) -> int:
-        """W_enc, W_dec, b_enc, a threshold and b_dec, at this SAE's width or at `d_sae`."""
+        """W_enc, W_dec, b_enc, a threshold, b_dec and a transcoder's W_skip, at this SAE's width or at `d_sae`."""
         d = self.d_sae if d_sae is None else d_sae
-        return 2 * self.d_in * d + 2 * d + self.d_in
+        d_out = self.d_out or self.d_in
+        return (self.d_in + d_out) * d + 2 * d + d_out + (self.d_in * d_out if self.skip else 0)
 
     def activation_bytes(self, d_sae: int | None = None) -> int:
         return 4 * DENSE_ACT_COPIES[self.architecture] * self.batch * (self.d_sae if d_sae is None else d_sae)

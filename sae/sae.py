@@ -10,6 +10,12 @@ folds the scale into the weights so that the files on disk need no normalisation
 On-disk layout is SAELens 6's (``cfg.json`` + ``sae_weights.safetensors``), so a saved folder
 loads with ``sae_lens.SAE.load_from_disk``; ``SAE.load`` reads SAELens and sparsify folders too, and
 ``SAE.from_pretrained`` also takes hub ids and SAELens release/sae_id names (``sae.pretrained``).
+
+Transcoders are the same classes with ``cfg.hook_name_out`` set (Dunefsky et al. 2024, "Transcoders find
+interpretable LLM feature circuits"): the encoder reads x at ``hook_name``, the decoder writes ŷ for the activation
+y at ``hook_name_out`` (typically an MLP's input and output), and the loss is ‖y − ŷ‖². The output has its own scale
+(E‖y·scale_out‖² = d_out) and, with ``cfg.skip``, a learned linear path x·W_skipᵀ (Paulo et al. 2025, "Transcoders
+beat sparse autoencoders for interpretability"). They save in SAELens's transcoder layouts.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from .pretrained import (
 from .store import atomic_folder
 
 INIT_BLOCK = 4096
+TRANSCODER_LAYOUTS = ["jumprelu_skip_transcoder", "jumprelu_transcoder", "skip_transcoder", "transcoder"]
+"""SAELens's transcoder architectures, which load as our relu_l1 / jumprelu with ``hook_name_out`` set."""
 """Latents per independently seeded block of the random initialisation (see ``SAE._init_tied``)."""
 
 # SAELens 6 decides how to parse cfg.json from metadata.sae_lens_version: anything older
@@ -81,14 +89,25 @@ class SAEConfig:
     matryoshka_widths: list[int] | None = None
     """matryoshka_batchtopk: sizes of the nested dictionaries (prefixes of the latents) whose reconstruction errors
     the loss sums, strictly increasing and ending at d_sae; None → [d_sae/16, d_sae/4, d_sae]."""
+    hook_name_out: str | None = None
+    """Transcoder: the hook whose activations it predicts from those at ``hook_name`` (e.g. an MLP's output from its
+    input); None → an SAE, which reconstructs its input."""
+    d_out: int | None = None
+    """Transcoder: width of ``hook_name_out``; None → d_in."""
+    skip: bool = False
+    """Transcoder: add a learned linear skip x·W_skipᵀ to the output (Paulo et al. 2025)."""
+    scale_out: float = 1.0
+    """Transcoder: output normalisation, the model predicts ``y · scale_out``. 1.0 after ``save`` folds it."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SAE_CLASSES:
             raise SAEFormatError(
                 f"unknown SAE architecture {self.architecture!r}; valid: {sorted(SAE_CLASSES)}"
             )
-        if self.apply_b_dec_to_input is None:
-            self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default
+        if self.apply_b_dec_to_input is None:  # a transcoder's b_dec is the output's bias: nothing to subtract
+            self.apply_b_dec_to_input = SAE_CLASSES[self.architecture].apply_b_dec_default and not self.is_transcoder
+        if self.d_out is None:
+            self.d_out = self.d_in
         if self.architecture == "matryoshka_batchtopk" and self.matryoshka_widths is None:
             self.matryoshka_widths = sorted({w for w in (self.d_sae // 16, self.d_sae // 4, self.d_sae) if w > 0})
         problems = self.problems()
@@ -109,7 +128,19 @@ class SAEConfig:
         if widths is not None and (not widths or widths[-1] != self.d_sae or widths[0] < 1
                                    or any(a >= b for a, b in zip(widths, widths[1:]))):
             found.append(f"matryoshka_widths={widths} must be strictly increasing, ≥ 1 and end at d_sae={self.d_sae}")
+        if self.is_transcoder:
+            if self.apply_b_dec_to_input:
+                found.append("apply_b_dec_to_input must be false for a transcoder (b_dec is the output's bias)")
+            if self.d_out is not None and self.d_out <= 0:
+                found.append(f"d_out={self.d_out} must be > 0")
+        elif self.skip or self.d_out not in (None, self.d_in):
+            found.append("skip and d_out are transcoder settings: also name the hook to predict (hook_out in a train "
+                         "spec, hook_name_out in SAEConfig)")
         return found
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hook_name_out is not None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
@@ -118,11 +149,11 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def auxk_loss(aux_hat: Tensor, residual: Tensor, d_in: int) -> Tensor:
+def auxk_loss(aux_hat: Tensor, residual: Tensor, d: int) -> Tensor:
     """AuxK (Gao et al. §A.2): how well the dead latents' reconstruction models the residual. Gao et al. normalise
     it by the residual's energy (NMSE); our mse is in units where E‖x‖² = d_in, so AuxK is expressed in the same
     units to keep their α = 1/32."""
-    return (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8) * d_in
+    return (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8) * d
 
 
 class SparseActs(NamedTuple):
@@ -181,9 +212,13 @@ class SAE(nn.Module):
         dtype = getattr(torch, cfg.dtype)
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_out, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, dtype=dtype))
         self.register_buffer("scale", torch.tensor(float(cfg.scale), dtype=dtype))
+        if cfg.is_transcoder:
+            self.register_buffer("scale_out", torch.tensor(float(cfg.scale_out), dtype=dtype))
+        if cfg.skip:  # zero at init (as SAELens's SkipTranscoder): the sparse path starts alone
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, dtype=dtype))
         self._init_tied(decoder_norm=1.0)
 
     first_latent: int = 0
@@ -201,30 +236,62 @@ class SAE(nn.Module):
 
         The directions come in blocks of ``INIT_BLOCK`` latents, each from its own generator seeded by one draw
         from the global RNG, so latents [a, b) get the same values whether the SAE is built whole or as a shard
-        holding only them: a shard of an SAE too wide for one device never builds the whole SAE."""
+        holding only them: a shard of an SAE too wide for one device never builds the whole SAE. A transcoder's
+        encoder and decoder live in different spaces, so its encoder gets directions of its own (a second draw)."""
+        self.W_dec.copy_(self._random_directions(self.cfg.d_out, decoder_norm))
+        if self.cfg.is_transcoder:
+            self.W_enc.copy_(self._random_directions(self.cfg.d_in, decoder_norm).T)
+        else:
+            self.W_enc.copy_(self.W_dec.T)
+
+    def _random_directions(self, width: int, norm: float) -> Tensor:
+        """[d_sae, width] random rows of the given norm for this module's latents (see ``_init_tied``)."""
         seed = int(torch.randint(2**62, (), device="cpu"))
         first, device = self.first_latent, self.W_dec.device
+        out = torch.empty(self.cfg.d_sae, width, device=device, dtype=self.W_dec.dtype)
         for start in range(first - first % INIT_BLOCK, first + self.cfg.d_sae, INIT_BLOCK):
             gen = torch.Generator(device).manual_seed(seed + start // INIT_BLOCK)
-            block = torch.randn(INIT_BLOCK, self.cfg.d_in, generator=gen, device=device, dtype=self.W_dec.dtype)
+            block = torch.randn(INIT_BLOCK, width, generator=gen, device=device, dtype=self.W_dec.dtype)
             lo, hi = max(start, first), min(start + INIT_BLOCK, first + self.cfg.d_sae)
-            self.W_dec[lo - first:hi - first] = block[lo - start:hi - start]
-        self.W_dec.mul_(decoder_norm / self.W_dec.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec.T)
+            out[lo - first:hi - first] = block[lo - start:hi - start]
+        return out * (norm / out.norm(dim=1, keepdim=True))
+
+    def sync_cfg_scales(self) -> None:
+        """Copy the scale buffers (loaded from a checkpoint, or broadcast from rank 0) into the config."""
+        self.cfg.scale = float(self.scale)
+        if self.cfg.is_transcoder:
+            self.cfg.scale_out = float(self.scale_out)
+
+    @property
+    def out_scale(self) -> Tensor:
+        """Scale of the output space: the input's for an SAE, its own for a transcoder."""
+        return self.scale_out if self.cfg.is_transcoder else self.scale
 
     # ----- normalisation -------------------------------------------------------------------
 
     @torch.no_grad()
-    def initialise_from_data(self, sample: Tensor) -> None:
+    def initialise_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
         """Fit ``scale`` so E‖x·scale‖² = d_in, and start b_dec at the (normalised) data mean.
 
-        The mean stands in for Gao et al.'s geometric median: nearly as good and one pass.
+        The mean stands in for Gao et al.'s geometric median: nearly as good and one pass. A transcoder also fits
+        ``scale_out`` on its `target` rows (E‖y·scale_out‖² = d_out), starts b_dec at their mean, and starts b_enc at
+        −mean(x)·W_enc, so its encoder sees centred inputs at first as an SAE's does through b_dec.
         """
         sample = sample.to(self.W_dec.device, torch.float32)
         scale = math.sqrt(self.cfg.d_in / sample.pow(2).sum(-1).mean().item())
         self.scale.fill_(scale)
         self.cfg.scale = scale
-        self.b_dec.copy_(sample.mean(0) * scale)
+        if not self.cfg.is_transcoder:
+            self.b_dec.copy_(sample.mean(0) * scale)
+            return
+        if target is None:
+            raise SAEFormatError(f"a transcoder to {self.cfg.hook_name_out} needs its target rows to initialise from")
+        target = target.to(self.W_dec.device, torch.float32)
+        scale_out = math.sqrt(self.cfg.d_out / target.pow(2).sum(-1).mean().item())
+        self.scale_out.fill_(scale_out)
+        self.cfg.scale_out = scale_out
+        self.b_dec.copy_(target.mean(0) * scale_out)
+        self.b_enc.copy_(-(sample.mean(0) * scale) @ self.W_enc.float())
 
     # ----- inference -----------------------------------------------------------------------
 
@@ -260,33 +327,49 @@ class SAE(nn.Module):
         """
         return self.encode_sparse_normalised(self._normalised_rows(x))
 
-    def decode(self, f: Tensor) -> Tensor:
-        """Raw-space reconstruction [..., d_in] of dense latents f [..., d_sae]."""
-        return (f @ self.W_dec + self.b_dec) / self.scale
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """Raw-space output [..., d_out] of dense latents f [..., d_sae]: the reconstruction of the input for an SAE,
+        the prediction of the output hook for a transcoder, whose skip path also needs the raw input x [..., d_in]."""
+        dtype = self.W_dec.dtype
+        if self.cfg.skip and x is None:
+            raise ValueError("a skip transcoder's output depends on its input: call decode(f, x)")
+        out = (f @ self.W_dec + self.b_dec) if x is None else self._output_offset(f @ self.W_dec, x.to(dtype) * self.scale)
+        return out / self.out_scale
+
+    def _output_offset(self, decoded: Tensor | float, x_n: Tensor) -> Tensor:
+        """The latents' decoded sum plus b_dec and, for a skip transcoder, the linear path x_n·W_skipᵀ (normalised units)."""
+        out = decoded + self.b_dec
+        return out + x_n @ self.W_skip.T if self.cfg.skip else out
 
     # ----- training ------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction [..., d_in] of raw activations x [..., d_in] (inference, as in SAELens and sparsify)."""
-        return self.decode(self.encode(x))
+        """Output [..., d_out] for raw activations x [..., d_in] (inference, as in SAELens and sparsify): the
+        reconstruction of x for an SAE, the prediction of the output hook for a transcoder."""
+        return self.decode(self.encode(x), x)
 
     def train_forward(
-        self, x: Tensor, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0
+        self, x: Tensor, target: Tensor | None = None, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0
     ) -> ForwardOutput:
-        """Training forward pass on raw activations x [batch, d_in]: reconstruction, activations and loss terms.
+        """Training forward pass on raw activations x [batch, d_in]: output, activations and loss terms.
 
-        ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK uses it);
-        ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up).
+        ``target`` [batch, d_out] is what a transcoder predicts (the activations at ``hook_name_out`` of the same
+        tokens); an SAE's target is x itself. ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK
+        uses it); ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up).
         """
+        if self.cfg.is_transcoder != (target is not None):
+            raise ValueError("a transcoder trains on (x, target) pairs and an SAE on x alone")
         x_n = x.to(self.W_enc.dtype) * self.scale
+        y_n = x_n if target is None else target.to(self.W_enc.dtype) * self.scale_out
         x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(
-            x_n, dead_mask, penalty_scale
+            x_n, y_n, dead_mask, penalty_scale
         )
-        return ForwardOutput(x_hat_n / self.scale, acts, loss, losses, l0, fire_counts)
+        return ForwardOutput(x_hat_n / self.out_scale, acts, loss, losses, l0, fire_counts)
 
     def _train_forward(
-        self, x_n: Tensor, dead_mask: Tensor | None, penalty_scale: float
+        self, x_n: Tensor, y_n: Tensor, dead_mask: Tensor | None, penalty_scale: float
     ) -> tuple[Tensor, Tensor | SparseActs, Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """Output, activations and losses for normalised input x_n and target y_n (x_n itself for an SAE)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -321,14 +404,16 @@ class SAE(nn.Module):
         With x_n = s·x:  pre = (s·x − a·b_dec) W_enc + b_enc = x (s·W_enc) − a (b_dec/s)(s·W_enc)
         + b_enc, and x̂ = x̂_n / s = f (W_dec/s) + b_dec/s. So W_enc·s, W_dec/s, b_dec/s fold
         it; b_enc and any threshold act on the (unchanged) pre-activations and stay as they are.
+        A transcoder's output scale t (a = 0) folds likewise: W_dec/t, b_dec/t, and W_skip·s/t.
         """
-        s = self.scale
+        s, t = self.scale, self.out_scale
         dtype = getattr(torch, self.cfg.dtype)
         state = {
             "W_enc": self.W_enc * s,
             "b_enc": self.b_enc,
-            "W_dec": self.W_dec / s,
-            "b_dec": self.b_dec / s,
+            "W_dec": self.W_dec / t,
+            "b_dec": self.b_dec / t,
+            **({"W_skip": self.W_skip * s / t} if self.cfg.skip else {}),
             **self._extra_inference_tensors(),
         }
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
@@ -340,9 +425,9 @@ class SAE(nn.Module):
         already there is replaced. The model itself is left untouched (training may continue after a save).
         """
         path = Path(path)
-        ours = replace(self.cfg, scale=1.0)
+        ours = replace(self.cfg, scale=1.0, scale_out=1.0)
         cfg_json: dict[str, Any] = {
-            "architecture": self.sae_lens_architecture,
+            "architecture": self._sae_lens_name(),
             "d_in": self.cfg.d_in,
             "d_sae": self.cfg.d_sae,
             "dtype": self.cfg.dtype,
@@ -358,6 +443,9 @@ class SAE(nn.Module):
                 "sae_config": asdict(ours),
             },
         }
+        if self.cfg.is_transcoder:
+            cfg_json["d_out"] = self.cfg.d_out
+            cfg_json["metadata"].update(hook_name_out=self.cfg.hook_name_out, fitted_scale_out=float(self.scale_out))
         if self.sae_lens_architecture == "topk":
             cfg_json["k"] = self.cfg.k
         _check_replaceable(path)
@@ -366,9 +454,19 @@ class SAE(nn.Module):
             (tmp / CFG_FILENAME).write_text(json.dumps(cfg_json, indent=2))
         return path
 
+    def _sae_lens_name(self) -> str:
+        """SAELens's architecture name: its transcoder classes for ReLU and JumpReLU (BatchTopK saves as JumpReLU).
+        SAELens has no TopK transcoder; its TopK SAE computes the same output when d_out = d_in and there is no skip
+        (b_dec is not subtracted from a transcoder's input), so that is what a TopK transcoder is saved as."""
+        name = self.sae_lens_architecture
+        if not self.cfg.is_transcoder or name == "topk":
+            return name
+        return {"standard": "", "jumprelu": "jumprelu_"}[name] + ("skip_transcoder" if self.cfg.skip else "transcoder")
+
     @staticmethod
     def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load a local SAE folder, ours, SAELens's (standard/topk/jumprelu) or sparsify's (topk), in eval mode."""
+        """Load a local SAE folder, ours, SAELens's (standard/topk/jumprelu and its transcoders) or sparsify's (topk), in eval
+        mode."""
         path = Path(path)
         if check_layout(path) == "sparsify":
             fields_, tensors = read_sparsify(path)
@@ -378,7 +476,7 @@ class SAE(nn.Module):
             tensors = _saelens_tensors(path)
         sae = create_sae(cfg)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if cfg.skip else ())):
                 getattr(sae, name).copy_(tensors[name])
             sae._load_extra_inference_tensors(tensors)
         return sae.to(device).eval()
@@ -411,17 +509,23 @@ def _saelens_config(path: Path) -> SAEConfig:
     by_saelens = {c.sae_lens_architecture: name for name, c in SAE_CLASSES.items()}
     legacy_k = (raw.get("activation_fn_kwargs") or {}).get("k")
     legacy_topk = (raw.get("activation_fn_str") or raw.get("activation_fn")) == "topk" and legacy_k
-    arch = "topk" if legacy_topk else raw.get("architecture", "standard")
+    saved = "topk" if legacy_topk else raw.get("architecture", "standard")
+    transcoder = saved.endswith("transcoder")  # SAELens's (jumprelu_)(skip_)transcoder
+    arch = saved.removesuffix("transcoder").removesuffix("skip_").removesuffix("_") or "standard" if transcoder else saved
     if arch not in by_saelens:
-        raise SAEFormatError(f"{path}: unsupported SAELens architecture {arch!r}; supported: {sorted(by_saelens)}")
+        raise SAEFormatError(f"{path}: unsupported SAELens architecture {saved!r}; supported: "
+                             f"{sorted(by_saelens) + TRANSCODER_LAYOUTS}")
     return SAEConfig(
         architecture=by_saelens[arch],
+        hook_name_out=(meta.get("hook_name_out") or raw.get("hook_name_out") or "") if transcoder else None,
+        d_out=raw.get("d_out"),
+        skip=saved.endswith("skip_transcoder"),
         d_in=raw["d_in"],
         d_sae=raw["d_sae"],
         hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
         model_name=meta.get("model_name") or raw.get("model_name") or "",
         dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
-        apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True),
+        apply_b_dec_to_input=raw.get("apply_b_dec_to_input", not transcoder),
         k=raw.get("k") or legacy_k or 32,
     )
 
@@ -555,10 +659,10 @@ class ReLUL1SAE(SAE):
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         return F.relu(self.pre_acts(x_n))
 
-    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         f = self.encode_normalised(x_n)
-        x_hat = torch.addmm(self.b_dec, f, self.W_dec)
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        x_hat = self._output_offset(f @ self.W_dec, x_n)
+        mse = (x_hat - y_n).pow(2).sum(-1).mean()
         l1 = (f @ self.W_dec.norm(dim=1)).mean()
         loss = mse + penalty_scale * self.cfg.l1_coefficient * l1
         # One pass over the dense [batch, d_sae] matrix gives both statistics (a bool mask and two
@@ -597,7 +701,7 @@ class _TopKFamily(SAE):
         """b_dec as the encoder subtracts it (its gradient there is a sum over latents; see ``_sum_over_shards``)."""
         return self.b_dec
 
-    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         n = x_n.shape[0]
         n_dead = int(self._sum_over_shards(dead_mask.sum())) if dead_mask is not None else 0
         aux_k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
@@ -617,15 +721,15 @@ class _TopKFamily(SAE):
         m = n_main[0]
         acts = SparseActs(rows[:m], feats[:m], F.relu(vals[:m]))
         self._observe(acts)
-        x_hat = self._sum_over_shards(sparse_decode(acts, self.W_dec, n)) + self.b_dec
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        x_hat = self._output_offset(self._sum_over_shards(sparse_decode(acts, self.W_dec, n)), x_n)
+        mse = (x_hat - y_n).pow(2).sum(-1).mean()
         loss = mse
         losses = {"mse": mse.detach()}
         if n_dead:
             aux = SparseActs(rows[m:], feats[m:], F.relu(vals[m:]))
-            residual = (x_n - x_hat).detach()
+            residual = (y_n - x_hat).detach()
             aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, n))
-            auxk = auxk_loss(aux_hat, residual, self.cfg.d_in)
+            auxk = auxk_loss(aux_hat, residual, self.cfg.d_out)
             loss = loss + self.cfg.aux_coefficient * auxk
             losses["auxk"] = auxk.detach()
         fired = acts.values.detach() > 0
@@ -742,15 +846,15 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     Matryoshka SAEs as ``jumprelu`` with the global threshold broadcast, and so do we.
     """
 
-    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
-        x_hat, acts, loss, losses, l0, fire_counts = super()._train_forward(x_n, dead_mask, penalty_scale)
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+        x_hat, acts, loss, losses, l0, fire_counts = super()._train_forward(x_n, y_n, dead_mask, penalty_scale)
         # Cumulative partial decodes: each prefix adds only its own band [previous width, width) of the active
         # latents to the one before, so all inner reconstructions together decode each active latent at most once.
-        partial, start = self.b_dec, 0
+        partial, start = self._output_offset(0.0, x_n), 0
         for width in self.cfg.matryoshka_widths[:-1]:
             band = (acts.features >= start) & (acts.features < width)
             partial = partial + sparse_decode(SparseActs(*(t[band] for t in acts)), self.W_dec, len(x_n))
-            mse = (partial - x_n).pow(2).sum(-1).mean()
+            mse = (partial - y_n).pow(2).sum(-1).mean()
             loss = loss + mse
             losses[f"mse_{width}"] = mse.detach()
             start = width
@@ -844,8 +948,8 @@ class JumpReLUSAE(SAE):
         return self.cfg.bandwidth or 0.001 * math.sqrt(self.cfg.d_in)
 
     @torch.no_grad()
-    def initialise_from_data(self, sample: Tensor) -> None:
-        super().initialise_from_data(sample)
+    def initialise_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
+        super().initialise_from_data(sample, target)
         # b_enc = θ − (1 − p)-quantile of W_enc·x: each latent fires on a fraction p at init.
         pre = self.pre_acts(sample.to(self.W_enc.device, self.W_enc.dtype) * self.scale) - self.b_enc
         q = torch.quantile(pre.float(), 1 - self.init_fire_rate, dim=0).to(pre.dtype)
@@ -855,11 +959,11 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x_n)
         return pre * (pre > self.threshold)
 
-    def _train_forward(self, x_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         pre = self.pre_acts(x_n)
         f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
-        x_hat = torch.addmm(self.b_dec, f, self.W_dec)
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        x_hat = self._output_offset(f @ self.W_dec, x_n)
+        mse = (x_hat - y_n).pow(2).sum(-1).mean()
         l0_loss = _Step.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
         if self.cfg.target_l0 is None:
             sparsity = l0_loss
@@ -874,7 +978,7 @@ class JumpReLUSAE(SAE):
             k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
             vals, idx = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1)
             aux_hat = torch.einsum("bk,bkd->bd", F.relu(vals), self.W_dec[idx])
-            auxk = auxk_loss(aux_hat, (x_n - x_hat).detach(), self.cfg.d_in)
+            auxk = auxk_loss(aux_hat, (y_n - x_hat).detach(), self.cfg.d_out)
             loss = loss + self.cfg.aux_coefficient * auxk
             losses["auxk"] = auxk.detach()
         active = f.detach() > 0

@@ -49,38 +49,56 @@ def keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor],
     return hook
 
 
-def splice_fn(sae: nn.Module, edit: FeatureEdit | None = None, keep_error: bool = True) -> Callable[[Tensor], Tensor]:
-    """x → what the model sees with the SAE at x's place.
+def splice_fn(sae: nn.Module, edit: FeatureEdit | None = None,
+              keep_error: bool = True) -> Callable[[Tensor, Tensor], Tensor]:
+    """(x, y) → what the model sees at y's place with the SAE there: x is the activation the SAE reads, y the one it
+    replaces — the same activation for an SAE; a transcoder's input and output hooks for a transcoder.
 
-    keep_error=False: the reconstruction decode(edit(encode(x))). keep_error=True: x + decode(edit(f)) − decode(f)
-    with f = encode(x), i.e. the edited reconstruction plus the SAE's error x − decode(f). With no edit, or an edit
-    that returns f unchanged, that is x itself, bit for bit (the two decodes are the same computation).
+    keep_error=False: the SAE's output decode(edit(f), x) with f = encode(x). keep_error=True: y + decode(edit(f), x)
+    − decode(f, x), i.e. the edited output plus the SAE's error y − decode(f, x). With no edit, or an edit that returns
+    f unchanged, that is y itself, bit for bit (the two decodes are the same computation).
     """
 
-    def fn(a: Tensor) -> Tensor:
+    def fn(a: Tensor, y: Tensor) -> Tensor:
         x = a.to(sae.W_dec.dtype)
         f = sae.encode(x)
         if not keep_error:
-            return sae.decode(edit(f) if edit else f)
-        return x + (sae.decode(edit(f)) - sae.decode(f)) if edit else x
+            return sae.decode(edit(f) if edit else f, x)
+        return y.to(x.dtype) + (sae.decode(edit(f), x) - sae.decode(f, x)) if edit else y
 
     return fn
 
 
 def check_fits(model: nn.Module, sae: nn.Module) -> None:
-    """The SAE's hook must exist in the model (else the hook map's error lists the valid names) and carry d_in."""
-    resolve_hook(model, sae.cfg.hook_name)
+    """The SAE's hooks must exist in the model (else the hook map's error lists the valid names) and carry its
+    widths."""
     width = model.config.hidden_size
-    if sae.cfg.d_in != width:
-        raise ModelError(f"the SAE reads {sae.cfg.d_in}-wide activations at {sae.cfg.hook_name} but this model's are "
-                         f"{width} wide; use the model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
+    for hook, d in [(sae.cfg.hook_name, sae.cfg.d_in)] + ([(sae.cfg.hook_name_out, sae.cfg.d_out)]
+                                                            if sae.cfg.is_transcoder else []):
+        resolve_hook(model, hook)
+        if d != width:
+            raise ModelError(f"the SAE has {d}-wide activations at {hook} but this model's are {width} wide; use the "
+                             f"model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
 
 
 @contextmanager
 def spliced(model: nn.Module, sae: nn.Module, edit: FeatureEdit | None = None, *, keep_error: bool = True,
             first: int = 0) -> Iterator[None]:
     """While open, the model runs with `sae` spliced in at `sae.cfg.hook_name` (see `splice_fn`), positions before
-    `first` left untouched. Positions count across forward calls (see `keep_first`): one `with` per sequence."""
+    `first` left untouched. Positions count across forward calls (see `keep_first`): one `with` per sequence.
+
+    A transcoder (Dunefsky et al. 2024) reads its input hook and writes at its output hook, later in the same forward
+    pass (e.g. in place of the MLP's output): its input is kept as it passes and used when the output comes."""
     check_fits(model, sae)
-    with hooks(model, {sae.cfg.hook_name: keep_first(first, splice_fn(sae, edit, keep_error))}):
+    fn = splice_fn(sae, edit, keep_error)
+    if not sae.cfg.is_transcoder:
+        fns = {sae.cfg.hook_name: keep_first(first, lambda a: fn(a, a))}
+    else:
+        seen: dict[str, Tensor] = {}
+
+        def read(a: Tensor) -> None:  # returns None: observes only
+            seen["x"] = a
+
+        fns = {sae.cfg.hook_name: read, sae.cfg.hook_name_out: keep_first(first, lambda y: fn(seen.pop("x"), y))}
+    with hooks(model, fns):
         yield

@@ -38,10 +38,10 @@ from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
 SCALE_SAMPLE_ROWS = 65536
-SPEC_EXCLUDES = ("d_in", "d_sae", "hook_name", "model_name", "dtype", "scale")
-"""SAEConfig fields the run fills in rather than a spec: d_in from the data, d_sae from the spec's width, hook_name
-from its `hook`, model_name from the source, scale fitted on the data, and dtype float32 (the trainer keeps float32
-weights and autocasts on CUDA)."""
+SPEC_EXCLUDES = ("d_in", "d_sae", "hook_name", "model_name", "dtype", "scale", "hook_name_out", "d_out", "scale_out")
+"""SAEConfig fields the run fills in rather than a spec: d_in and d_out from the data, d_sae from the spec's width,
+hook_name and hook_name_out from its `hook` and `hook_out`, model_name from the source, scale and scale_out fitted on
+the data, and dtype float32 (the trainer keeps float32 weights and autocasts on CUDA)."""
 SPEC_DEFAULTS = {"architecture": "topk"}
 """Defaults a spec gives SAEConfig fields that have none."""
 
@@ -70,7 +70,10 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
     l1_coefficient, aux_coefficient, ...) under the same name."""
 
     hook: str = "blocks.15.hook_resid_post"
-    """Hook whose activations the SAE reconstructs (must be in the cache)."""
+    """Hook whose activations the SAE reconstructs, or a transcoder reads (must be in the cache)."""
+    hook_out: str | None = None
+    """Set → a transcoder predicting this hook's activations from `hook`'s, e.g. blocks.15.ln2.hook_normalized →
+    blocks.15.hook_mlp_out for layer 15's MLP (Dunefsky et al. 2024); None → an SAE."""
     expansion_factor: int = 16
     """Width as a multiple of d_in."""
     d_sae: int | None = None
@@ -98,16 +101,26 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
             "jumprelu": f"l0c{self.l0_coefficient:g}",
         }.get(self.architecture, f"k{self.k}")
         width = f"d{self.d_sae}" if self.d_sae else f"x{self.expansion_factor}"
-        return f"{self.architecture}_{sparsity}_{width}_{self.hook}"
+        if self.hook_out is None:
+            return f"{self.architecture}_{sparsity}_{width}_{self.hook}"
+        return f"{self.architecture}_{sparsity}_{width}{'_skip' if self.skip else ''}_{self.hook}_to_{self.hook_out}"
 
-    def sae_config(self, d_in: int, model_name: str) -> SAEConfig:
-        """The SAE's full config once the data gives d_in; settings it rejects are named with this SAE."""
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks this SAE reads: its input, and a transcoder's output."""
+        return [self.hook] if self.hook_out is None else [self.hook, self.hook_out]
+
+    def sae_config(self, widths: dict[str, int], model_name: str) -> SAEConfig:
+        """The SAE's full config once the data gives its hooks' widths; settings it rejects are named with this SAE."""
+        d_in = widths[self.hook]
         try:
             return SAEConfig(
                 **{f.name: getattr(self, f.name) for f in fields(SAESettings)},
                 d_in=d_in,
                 d_sae=self.expansion_factor * d_in if self.d_sae is None else self.d_sae,
                 hook_name=self.hook,
+                hook_name_out=self.hook_out,
+                d_out=None if self.hook_out is None else widths[self.hook_out],
                 model_name=model_name,
             )
         except SAEFormatError as err:
@@ -439,7 +452,7 @@ def train(cfg: TrainConfig) -> list[Path]:
 def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device: torch.device) -> list[Path]:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    hooks = sorted({s.hook for s in cfg.saes})
+    hooks = sorted({h for s in cfg.saes for h in s.hooks})
     source = _open_source(cfg, hooks, device)
     total_tokens = cfg.total_tokens or source.n_train_rows or cfg.harvest.max_tokens
     batch_size = cfg.batch_size or default_batch_size(total_tokens)
@@ -465,12 +478,12 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
 
     # The plan first: an SAE that cannot fit fails here, before its weights, the model or a shard are allocated.
     # Every rank checks every SAE's settings, so a bad one stops the whole job rather than the rank that trains it.
-    every = [spec.sae_config(source.hooks[spec.hook], source.model_name) for spec in cfg.saes]
+    every = [spec.sae_config(source.hooks, source.model_name) for spec in cfg.saes]
     configs = {names[i]: every[i] for i in mine}
     lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, total_steps)
            for i, (name, c) in zip(mine, configs.items())}
-    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1), local_batch)
-             for n, c in configs.items()]
+    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1), local_batch,
+                          d_out=c.d_out, skip=c.skip) for n, c in configs.items()]
     data_bytes = source.device_bytes(device, shards)
     plan.check_fits(costs, device, data_bytes=data_bytes)
     if world.is_main:
@@ -526,12 +539,12 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         if not ddp or world.is_main:
             sample = source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=rank, world_size=shards)
             for i, trainer in zip(mine, trainers.values()):
-                trainer.sae.initialise_from_data(sample[cfg.saes[i].hook])
+                trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks))
             del sample
         if ddp:
             for trainer in trainers.values():
                 distributed.broadcast_module_(trainer.sae)
-                trainer.sae.cfg.scale = float(trainer.sae.scale)
+                trainer.sae.sync_cfg_scales()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -554,7 +567,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
             xs = {h: t.to(device, non_blocking=True) for h, t in batch.items()}
             metrics = {}
             for i, (name, trainer) in zip(mine, trainers.items()):
-                metrics[name] = trainer.step(xs[cfg.saes[i].hook], autocast=autocast)
+                metrics[name] = trainer.step(*(xs[h] for h in cfg.saes[i].hooks), autocast=autocast)
             bar.update(batch_size)
             tokens_log += batch_size
             done = step + 1

@@ -78,17 +78,18 @@ class SAETrainer:
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_window_tokens
 
-    def step(self, x: Tensor, autocast: bool = False) -> dict[str, Tensor]:
-        """One optimiser step on raw activations x [batch, d_in]; returns detached metrics."""
-        if x.shape[-1] != self.sae.cfg.d_in:
-            raise TrainError(
-                f"batch for hook {self.sae.cfg.hook_name!r} has d_model {x.shape[-1]} but the "
-                f"SAE expects d_in {self.sae.cfg.d_in}; the cache and the SAE do not match"
-            )
+    def step(self, x: Tensor, target: Tensor | None = None, autocast: bool = False) -> dict[str, Tensor]:
+        """One optimiser step on raw activations x [batch, d_in] (and, for a transcoder, the `target` [batch, d_out]
+        at its output hook); returns detached metrics, the FVU being the target's."""
+        cfg = self.sae.cfg
+        for hook, t, what, d in ((cfg.hook_name, x, "d_in", cfg.d_in), (cfg.hook_name_out, target, "d_out", cfg.d_out)):
+            if t is not None and t.shape[-1] != d:
+                raise TrainError(f"batch for hook {hook!r} has d_model {t.shape[-1]} but the SAE expects {what} {d}; "
+                                 "the cache and the SAE do not match")
         sae = self.sae
         penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = sae.train_forward(x, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
+            out = sae.train_forward(x, target, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         fire_counts, tokens = out.fire_counts, x.shape[0]
@@ -107,9 +108,9 @@ class SAETrainer:
         bad = ~torch.isfinite(out.loss.detach()) & (self.first_nonfinite_step < 0)
         self.first_nonfinite_step = torch.where(bad, self.step_count, self.first_nonfinite_step)
         with torch.no_grad():
-            x = x.float()
-            err = (x - out.x_hat.float()).pow(2).sum()
-            fvu = err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            y = (x if target is None else target).float()
+            err = (y - out.x_hat.float()).pow(2).sum()
+            fvu = err / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
         return {
             "loss": out.loss.detach(),
             **out.losses,
@@ -135,7 +136,7 @@ class SAETrainer:
                 p.grad = torch.zeros_like(p)
             distributed.all_reduce_(p.grad, "mean")
         for name, buf in self.sae.named_buffers():
-            if name != "scale" and buf.is_floating_point():
+            if name not in ("scale", "scale_out") and buf.is_floating_point():
                 distributed.all_reduce_(buf, "mean")
         return distributed.all_reduce_(fire_counts.clone(), "sum")
 
@@ -163,7 +164,7 @@ class SAETrainer:
         self.sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )
-        self.sae.cfg.scale = float(self.sae.scale)
+        self.sae.sync_cfg_scales()
         state: dict[int, dict[str, Tensor]] = {}
         for key, v in tensors.items():
             if key.startswith("optim."):

@@ -31,7 +31,8 @@ def small_cfg(model: Path, out: Path, **kw) -> HarvestConfig:
 # ------------------------------------------------------------------------------------------------ hook points
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_neox"])
 def test_hooks_match_hidden_states_and_residual_algebra(fixture, request):
-    """resid_pre/post equal HF hidden_states; resid_post = resid_pre + attn_out + mlp_out in every family."""
+    """resid_pre/post equal HF hidden_states; resid_post = resid_pre + attn_out + mlp_out, and mlp_out = MLP(ln2(mlp_in))
+    in every family."""
     model, _ = model_lib.load_model(str(request.getfixturevalue(fixture)), "cpu")
     ids = torch.randint(3, 500, (2, 16))
     names = [f"blocks.{i}.{k}" for i in range(2) for k in model_lib.HOOK_KINDS]
@@ -45,6 +46,16 @@ def test_hooks_match_hidden_states_and_residual_algebra(fixture, request):
             torch.testing.assert_close(post, hidden[i + 1])
         parts = pre + acts[f"blocks.{i}.hook_attn_out"] + acts[f"blocks.{i}.hook_mlp_out"]
         torch.testing.assert_close(post, parts, atol=1e-5, rtol=1e-5)
+        # hook_mlp_in is the MLP sublayer's residual input (resid_pre in NeoX's parallel blocks), and
+        # ln2.hook_normalized its norm's output, which the MLP turns into hook_mlp_out.
+        mid = pre if getattr(model.config, "use_parallel_residual", False) else pre + acts[f"blocks.{i}.hook_attn_out"]
+        torch.testing.assert_close(acts[f"blocks.{i}.hook_mlp_in"], mid, atol=1e-5, rtol=1e-5)
+        block = model_lib.layers(model)[i]
+        fam = model_lib.family(model)
+        with torch.no_grad():
+            normed = getattr(block, fam["ln2"])(acts[f"blocks.{i}.hook_mlp_in"])
+            torch.testing.assert_close(acts[f"blocks.{i}.ln2.hook_normalized"], normed)
+            torch.testing.assert_close(acts[f"blocks.{i}.hook_mlp_out"], getattr(block, fam["mlp"])(normed))
 
 
 def test_forward_stops_after_deepest_hook(tiny_llama):

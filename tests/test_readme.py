@@ -23,6 +23,7 @@ from sae.cli import stage_config
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 DEMO = "configs/demo.yaml"
+TRANSCODER = "configs/transcoder.yaml"
 
 
 def _bash_lines() -> list[str]:
@@ -60,15 +61,22 @@ def readme_alternatives() -> list[tuple[str, list[str]]]:
     return found
 
 
-def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str) -> list[str]:
-    """The demo on the tiny Llama: same SAE recipes, the tiny model's hook, a 2.4k-token cache."""
-    demo = yaml.safe_load((ROOT / DEMO).read_text())
-    specs = [{**spec, "hook": hook} for spec in demo["train"]["saes"]]
+def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str, config: str = DEMO) -> list[str]:
+    """A config's run on the tiny Llama: same SAE recipes, its hooks moved to the tiny model's layer 1 (`hook` is
+    the demo's), a 2.4k-token cache."""
+    demo = yaml.safe_load((ROOT / config).read_text())
+
+    def tiny(name: str) -> str:
+        return re.sub(r"^blocks\.\d+\.", "blocks.1.", name)
+
+    specs = [{**spec, **{k: tiny(spec[k]) for k in ("hook", "hook_out") if k in spec}} for spec in demo["train"]["saes"]]
+    hooks = [tiny(h) for h in demo["harvest"]["hooks"]]
+    assert config != DEMO or hooks == [hook]
     from sae.train import SAESpec
 
     first = Path(demo["train"]["out"]) / SAESpec(**specs[0]).run_name
     return [
-        f"harvest.model={tiny_llama}", f"harvest.dataset={text_dir}", f"harvest.hooks=[{hook}]",
+        f"harvest.model={tiny_llama}", f"harvest.dataset={text_dir}", f"harvest.hooks=[{','.join(hooks)}]",
         "harvest.context_size=32", "harvest.max_tokens=2400", "harvest.batch_size=8", "harvest.shard_tokens=600",
         "harvest.eval_fraction=0.25", f"train.saes={json.dumps(specs)}", "eval.lm_loss_contexts=4",
         "analyse.n_top=5", f"score.sae={first}", f"explain.model={tiny_llama}", "explain.n_top_features=2",
@@ -77,10 +85,20 @@ def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str) -> list[str]:
     ]
 
 
+def demo_stage_commands() -> list[list[str]]:
+    """The README's stage commands on the demo config (the transcoder demo has a test of its own)."""
+    return [c for c in readme_commands()[1:] if c[1:3] == ["--config", DEMO]]
+
+
+def transcoder_command() -> list[str]:
+    (command,) = [c for c in readme_commands() if c[1:3] == ["--config", TRANSCODER]]
+    return command
+
+
 def test_readme_shows_each_stage_and_the_demo():
-    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "explain", "score", "train",
-                                                 "steer", "attribute"]
-    assert all(c[1:3] == ["--config", DEMO] for c in readme_commands()[1:])
+    assert [c[0] for c in readme_commands()] == ["demo", "harvest", "train", "eval", "analyse", "explain", "score", "demo",
+                                                 "train", "steer", "attribute"]
+    assert len(demo_stage_commands()) == 9 and transcoder_command() == ["demo", "--config", TRANSCODER]
     assert len(readme_torchrun_commands()) == 2
 
 
@@ -117,7 +135,7 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     folder = _in_copy(tmp_path, "stages", monkeypatch)
     extra = tiny_overrides(tiny_llama, text_dir, hook)
     printed = {}
-    for args in readme_commands()[1:]:
+    for args in demo_stage_commands():
         assert cli_main([*args, *extra]) == 0, (args, capsys.readouterr().err)
         printed[args[0]] = capsys.readouterr().out
     runs = folder / "runs" / "demo"
@@ -152,7 +170,21 @@ def test_readme_torchrun_commands_run_as_written(tiny_llama, text_dir, hook, tmp
 
 def test_readme_demo_command_runs_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch, capsys):
     folder = _in_copy(tmp_path, "demo", monkeypatch)
-    (args,) = [c for c in readme_commands() if c[0] == "demo"]
+    args = readme_commands()[0]
     assert cli_main([*args, *tiny_overrides(tiny_llama, text_dir, hook)]) == 0, capsys.readouterr().err
     assert "demo finished" in capsys.readouterr().out
     assert (folder / "runs" / "demo" / "eval" / "eval.json").is_file()
+
+
+def test_readme_transcoder_demo_runs_as_written(tiny_llama, text_dir, hook, tmp_path, monkeypatch, capsys):
+    """`sae demo --config configs/transcoder.yaml` on the tiny Llama's layer-1 MLP: both transcoders are trained,
+    evaluated on the MLP's output against the linear baseline, and analysed."""
+    folder = _in_copy(tmp_path, "transcoder", monkeypatch)
+    assert cli_main([*transcoder_command(), *tiny_overrides(tiny_llama, text_dir, hook, TRANSCODER)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "demo finished" in printed and "least-squares linear map" in printed
+    results = json.loads((folder / "runs" / "transcoder" / "eval" / "eval.json").read_text())
+    assert [(r["transcoder"], r["skip"], r["hook_out"]) for r in results["saes"]] == [
+        (True, False, "blocks.1.hook_mlp_out"), (True, True, "blocks.1.hook_mlp_out")]
+    assert all(entry["baseline"] == "linear" for entry in results["pca"].values())
+    assert any((folder / "runs" / "transcoder" / "analysis").glob("*/index.html"))

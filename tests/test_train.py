@@ -69,10 +69,10 @@ class LinearAE(SAE):
     def encode_normalised(self, x_n):
         return self.pre_acts(x_n)
 
-    def _train_forward(self, x_n, dead_mask, penalty_scale):
+    def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):
         f = self.pre_acts(x_n)
         x_hat = f @ self.W_dec + self.b_dec
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
+        mse = (x_hat - y_n).pow(2).sum(-1).mean()
         return x_hat, f, mse, {"mse": mse.detach()}, torch.tensor(0.0), (f > 0).sum(0)
 
 
@@ -226,7 +226,8 @@ def _cfg(tmp_path: Path, cache: Path, **kw) -> TrainConfig:
         cache=str(cache), out=str(tmp_path / "out"), batch_size=128, total_tokens=128 * 8,
         saes=[SAESpec("topk", "h0", expansion_factor=4, k=4), SAESpec("relu_l1", "h1", d_sae=48),
               SAESpec("jumprelu", "h0", d_sae=64), SAESpec("batchtopk", "h1", d_sae=64, k=4),
-              SAESpec("matryoshka_batchtopk", "h0", d_sae=64, k=4)],
+              SAESpec("matryoshka_batchtopk", "h0", d_sae=64, k=4),
+              SAESpec("topk", "h0", hook_out="h1", d_sae=64, k=4, skip=True)],  # a transcoder
         lr=1e-3, checkpoint_every=4, wandb_mode="disabled", log_every=2, **kw,
     )
 
@@ -240,8 +241,8 @@ def cache(tmp_path) -> Path:
 def test_train_writes_loadable_saes(tmp_path, cache):
     paths = train(_cfg(tmp_path, cache))
     assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
-                                       "matryoshka_batchtopk_k4_d64_h0"]
-    assert SAE.load(paths[-1]).cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
+                                       "matryoshka_batchtopk_k4_d64_h0", "topk_k4_d64_skip_h0_to_h1"]
+    assert SAE.load(paths[4]).cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
     for p in paths:
         sae = SAE.load(p)
         assert sae.cfg.model_name == "planted" and sae.scale == 1
@@ -298,7 +299,7 @@ def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without
     state_file = next((tmp_path / "out" / "checkpoints").glob("step_*/state.json"))
     state = json.loads(state_file.read_text())
     old_keys = {"architecture", "hook", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient",
-                "target_l0", "lr", "name"}
+                "target_l0", "lr", "name", "hook_out", "skip"}  # a transcoder's keys came with transcoders
     state["run_config"]["saes"] = [{k: v for k, v in s.items() if k in old_keys} for s in state["run_config"]["saes"]]
     state_file.write_text(json.dumps(state))
     assert [p.name for p in train(_cfg(tmp_path, cache, resume=True))] == [s.run_name for s in _cfg(tmp_path, cache).saes]
