@@ -73,12 +73,14 @@ def check_fits(model: nn.Module, sae: nn.Module) -> None:
     """The SAE's hooks must exist in the model (else the hook map's error lists the valid names) and carry its
     widths."""
     width = model.config.hidden_size
-    for hook, d in [(sae.cfg.hook_name, sae.cfg.d_in)] + ([(sae.cfg.hook_name_out, sae.cfg.d_out)]
-                                                            if sae.cfg.is_transcoder else []):
+    ends = [("reads", sae.cfg.hook_name, sae.cfg.d_in)]
+    if sae.cfg.is_transcoder:
+        ends.append(("writes", sae.cfg.hook_name_out, sae.cfg.d_out))
+    for verb, hook, d in ends:
         resolve_hook(model, hook)
         if d != width:
-            raise ModelError(f"the SAE has {d}-wide activations at {hook} but this model's are {width} wide; use the "
-                             f"model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
+            raise ModelError(f"the SAE {verb} {d}-wide activations at {hook} but this model's are {width} wide; use "
+                             f"the model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
 
 
 @contextmanager
