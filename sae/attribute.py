@@ -36,7 +36,8 @@ class AttributeConfig:
     model: str = ""
     """The model; empty: the model the SAE was trained on (its cfg.json's model_name)."""
     analysis: str = f"runs/demo/analysis/{Path(DEMO_SAE).name}"
-    """The SAE's `sae analyse` folder: its explanations.json (from `sae explain`) is shown when there is one."""
+    """The SAE's `sae analyse` folder: its explanations.json (from `sae explain`) is shown when there is one (one
+    written for another SAE is refused); empty: no explanations."""
     n_features: int = 10
     """Features listed for, and against, the target."""
     logit_tokens: int = 5
@@ -112,15 +113,28 @@ def attribute_logit(model: nn.Module, sae: nn.Module, ids: list[int], target: in
                            bias=float((bias * g * spliced_at).sum()))
 
 
-def explanations_of(analysis: str | Path) -> dict[int, str]:
-    """{feature id: explanation} from an analysis folder's explanations.json (`sae explain`), or {} without one."""
+def explanations_of(analysis: str | Path, sae: str | Path | None = None) -> dict[int, str]:
+    """{feature id: explanation} from an analysis folder's explanations.json (`sae explain`), or {} without one (or
+    with `analysis` empty). With `sae` (the SAE being attributed), explanations that `sae explain` wrote for another
+    SAE are refused: they would label these features with another dictionary's meanings."""
     from sae.explain import read_explanations
+    from sae.pretrained import is_local
 
+    if not str(analysis):
+        return {}
+    path = Path(analysis) / "explanations.json"
     try:
         saved = read_explanations(analysis) or {}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AttributionError(f"{Path(analysis) / 'explanations.json'} is not valid JSON ({err}); run `sae explain` "
-                               "again, or pass analysis= a folder without it") from err
+        raise AttributionError(f"{path} is not valid JSON ({err}); run `sae explain` again, or pass analysis= (empty) "
+                               "to show no explanations") from err
+
+    def same(name: str | Path) -> str:
+        return str(Path(name).expanduser().resolve()) if is_local(str(name)) else str(name).rstrip("/")
+
+    if sae is not None and saved.get("sae") and same(saved["sae"]) != same(sae):
+        raise AttributionError(f"{path} explains the features of {saved['sae']}, not of {sae}; pass analysis=<the "
+                               "`sae analyse` folder of this SAE>, or analysis= (empty) to show no explanations")
     return {int(j): f["explanation"] for j, f in saved.get("features", {}).items() if f.get("explanation")}
 
 
@@ -129,7 +143,7 @@ class FeatureRow:
     feature: int
     attribution: float
     activation: float
-    """Its largest activation on the prompt."""
+    """Its largest activation on the prompt, at the positions the SAE is spliced into (from exclude_first on)."""
     token: str
     """The prompt token where it contributes most."""
     top_tokens: list[str]
@@ -170,12 +184,12 @@ def report(model: nn.Module, tokenizer, sae: nn.Module, prompt: str, target: str
     tokens = [tokenizer.decode([i]) for i in ids]
     explanations = explanations or {}
 
-    def rows(order: Tensor) -> list[FeatureRow]:
-        chosen = [int(j) for j in order[:n_features] if totals[j] != 0]
+    def rows(order: Tensor, sign: int) -> list[FeatureRow]:
+        chosen = [int(j) for j in order[:n_features] if totals[j] * sign > 0]  # a side lists only its own sign
         if not chosen:
             return []
         lens = logit_lens(sae.W_dec[chosen], final_norm(model), model.get_output_embeddings().weight, logit_tokens)[1]
-        return [FeatureRow(j, float(totals[j]), float(result.activations[:, j].max()),
+        return [FeatureRow(j, float(totals[j]), float(result.activations[exclude_first:, j].max()),
                            tokens[int(result.per_position[:, j].abs().argmax())],
                            [tokenizer.decode([int(i)]) for i in lens[n]], explanations.get(j))
                 for n, j in enumerate(chosen)]
@@ -184,7 +198,7 @@ def report(model: nn.Module, tokenizer, sae: nn.Module, prompt: str, target: str
         prompt=prompt, hook=sae.cfg.hook_name, target=tokenizer.decode([result.target]), logit=result.logit,
         probability=result.probability, features_total=float(totals.sum()), error=result.error,
         bias=result.bias, n_active=int((result.activations[exclude_first:] > 0).any(0).sum()),
-        supporting=rows(totals.argsort(descending=True)), opposing=rows(totals.argsort()))
+        supporting=rows(totals.argsort(descending=True), 1), opposing=rows(totals.argsort(), -1))
 
 
 def target_token(tokenizer, text: str) -> int:
@@ -201,12 +215,15 @@ def run(cfg: AttributeConfig) -> AttributionReport:
     """Load the SAE and its model, and attribute (`sae attribute`)."""
     from sae.evaluate import load_model_of, load_sae
     from sae.model import pick_device
+    from sae.splice import check_first
 
     device = pick_device(cfg.device)
     _, sae = load_sae(cfg.sae, device)
+    explanations = explanations_of(cfg.analysis, cfg.sae)  # before the model, which takes longer to load
+    check_first(cfg.exclude_first)
     model, tokenizer = load_model_of(sae, cfg.model, device)
     return report(model, tokenizer, sae, cfg.prompt, cfg.target, cfg.n_features, cfg.logit_tokens, cfg.exclude_first,
-                  explanations_of(cfg.analysis))
+                  explanations)
 
 
 def format_report(r: AttributionReport) -> str:

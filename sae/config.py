@@ -130,10 +130,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}.{_closest(key, fields)}")
         kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field left out
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # named as the user sets them, not as Python's TypeError names constructor arguments
+        settings = " ".join(f"{name}=..." for name in missing)
+        raise ConfigError(f"{where or cls.__name__}: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} "
+                          f"no default; set {settings} (on the command line or in the config file's section)")
+    return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

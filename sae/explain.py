@@ -18,7 +18,7 @@ with another explained feature's explanation (a seeded cyclic shift of a shuffle
 Cost is bounded: by default only the features with the largest maximum activation plus a seeded random sample of
 the rest are explained; results are saved after every batch, and a run started again skips what is saved.
 
-Output, per analysis folder — the file other tools (and `sae steer` / `sae attribute`) read::
+Output, per analysis folder — the file other tools (the browser, `sae attribute`) read::
 
     <analysis>/explanations.json     written atomically after every batch; `read_explanations(folder)` loads it
     {
@@ -420,8 +420,14 @@ def start_state(folder: Path, analysis: Analysis, cfg: ExplainConfig) -> dict[st
     settings = {k: getattr(cfg, k) for k in SETTINGS}
     fresh = {"format": FORMAT, "analysis": fingerprint(folder), "sae": analysis.index["sae"],
              "hook": analysis.index["hook"], "settings": settings, "features": {}}
-    saved = read_explanations(folder)
-    if saved is None or cfg.overwrite:
+    if cfg.overwrite:  # starts over: what is saved need not even be readable
+        return fresh
+    try:
+        saved = read_explanations(folder)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExplainError(f"{folder / FILE} is not valid JSON ({err}); move it aside, or pass overwrite=true to "
+                           "start over") from err
+    if saved is None:
         return fresh
     if saved.get("analysis") != fresh["analysis"]:
         raise ExplainError(f"{folder / FILE} explains an earlier analysis (data/index.js has changed since); pass "

@@ -21,6 +21,12 @@ FeatureEdit = Callable[[Tensor], Tensor]
 """Dense features [..., d_sae] → the features to decode instead (a new tensor; the input is left as it is)."""
 
 
+def check_first(first: int) -> None:
+    """A negative count of leading positions would splice every position yet slice from the end downstream."""
+    if first < 0:
+        raise ModelError(f"exclude_first={first} must be ≥ 0 (leading positions left as they are; 0: none)")
+
+
 def keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """A hook that replaces positions >= `first` with fn(activation) and leaves the leading ones untouched.
 
@@ -28,6 +34,7 @@ def keep_first(first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor],
     one token at a time, the later one-token calls are positions `len(prompt)`, ... and are replaced; use a fresh
     hook for each sequence.
     """
+    check_first(first)
     seen = 0
 
     def hook(a: Tensor) -> Tensor:
@@ -66,12 +73,14 @@ def check_fits(model: nn.Module, sae: nn.Module) -> None:
     """The SAE's hooks must exist in the model (else the hook map's error lists the valid names) and carry its
     widths."""
     width = model.config.hidden_size
-    for hook, d in [(sae.cfg.hook_name, sae.cfg.d_in)] + ([(sae.cfg.hook_name_out, sae.cfg.d_out)]
-                                                            if sae.cfg.is_transcoder else []):
+    ends = [("reads", sae.cfg.hook_name, sae.cfg.d_in)]
+    if sae.cfg.is_transcoder:
+        ends.append(("writes", sae.cfg.hook_name_out, sae.cfg.d_out))
+    for verb, hook, d in ends:
         resolve_hook(model, hook)
         if d != width:
-            raise ModelError(f"the SAE has {d}-wide activations at {hook} but this model's are {width} wide; use the "
-                             f"model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
+            raise ModelError(f"the SAE {verb} {d}-wide activations at {hook} but this model's are {width} wide; use "
+                             f"the model the SAE was trained on ({sae.cfg.model_name or 'not recorded'})")
 
 
 @contextmanager

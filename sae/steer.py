@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sae.config import UserError
 from sae.evaluate import DEMO_SAE
-from sae.splice import FeatureEdit, check_fits, spliced
+from sae.splice import FeatureEdit, check_first, check_fits, spliced
 
 MODES = ("add", "clamp")
 
@@ -174,6 +174,7 @@ def run(cfg: SteerConfig) -> Steered:
     check_features(cfg.features, sae.cfg.d_sae)  # the request first: the model takes longer to load
     check_mode(cfg.mode)
     check_generation(cfg.max_new_tokens, cfg.temperature)
+    check_first(cfg.exclude_first)
     model, tokenizer = load_model_of(sae, cfg.model, device)
     return steer(model, tokenizer, sae, cfg.prompt, cfg.features, cfg.mode, cfg.max_new_tokens, cfg.temperature,
                  cfg.seed, cfg.exclude_first)

@@ -99,6 +99,7 @@ def test_cli_lists_features_with_tokens_and_explanations(tiny_sae_dir, tmp_path,
     ("target=def f(x)", "is 5 tokens"),
     ("prompt=x", "the prompt has 2 tokens with the BOS, all before exclude_first=2"),
     ("n_features=0", "n_features=0 and logit_tokens=5 must both be at least 1"),
+    ("exclude_first=-1", "exclude_first=-1 must be ≥ 0"),
     ("analysis=BAD", "is not valid JSON"),
 ])
 def test_cli_refuses_bad_requests_in_one_line(override, message, tiny_sae_dir, tmp_path, capsys):
@@ -116,3 +117,56 @@ def test_explanations_are_read_from_sae_explains_file(tmp_path):
     features = {"3": {"explanation": "a", "score": None}, "5": {"explanation": "b"}, "8": {"explanation": ""}}
     (tmp_path / "explanations.json").write_text(json.dumps({"format": 1, "features": features}))
     assert explanations_of(tmp_path) == {3: "a", 5: "b"}
+
+
+def test_explanations_of_another_sae_are_refused_not_shown(tiny_sae_dir, tmp_path, capsys):
+    """An analysis folder whose explanations.json explains another SAE (e.g. the demo's default analysis= with another
+    sae=) would label these features with that SAE's explanations: refused in one line; analysis= (empty) shows none."""
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    features = {str(j): {"explanation": f"explained {j}.", "shown": []} for j in range(48)}
+    saved = {"format": 1, "sae": str(tmp_path / "other_sae"), "hook": "blocks.1.hook_resid_post", "features": features}
+    (analysis / "explanations.json").write_text(json.dumps(saved))
+    args = ["attribute", f"sae={tiny_sae_dir}", "prompt=def f(x):\n    return x", "n_features=3", "device=cpu"]
+    assert cli_main([*args, f"analysis={analysis}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "explains the features of" in err[0] and "other_sae" in err[0], err
+    saved["sae"] = str(tiny_sae_dir)  # the same SAE, named as `sae analyse` was given it: shown
+    (analysis / "explanations.json").write_text(json.dumps(saved))
+    assert cli_main([*args, f"analysis={analysis}"]) == 0 and "explained" in capsys.readouterr().out
+    assert cli_main([*args, "analysis="]) == 0 and "explained" not in capsys.readouterr().out
+
+
+def test_features_for_the_target_have_positive_attributions_and_against_negative(tiny_sae_dir):
+    """With more rows asked for than features of one sign, a list must not fill up with features of the other sign
+    (listed "for" the token while they lower its logit): every nonzero feature appears once, on the side of its sign."""
+    from sae.attribute import report
+    from sae.sae import SAE
+
+    sae = SAE.load(tiny_sae_dir)
+    model, tokenizer = load_model(sae.cfg.model_name, "cpu")
+    r = report(model, tokenizer, sae, "def f(x):\n    return x", n_features=sae.cfg.d_sae, logit_tokens=1)
+    assert r.supporting and r.opposing
+    assert all(row.attribution > 0 for row in r.supporting) and all(row.attribution < 0 for row in r.opposing)
+    listed = [row.feature for row in r.supporting + r.opposing]
+    assert len(listed) == len(set(listed))
+    assert sum(row.attribution for row in r.supporting + r.opposing) == pytest.approx(r.features_total, abs=1e-4)
+
+
+def test_a_features_max_activation_is_over_the_attributed_positions_only(tiny_sae_dir):
+    """"max act" is read at the positions the SAE is spliced into, not at the leading ones left out (the BOS's massive
+    activations would show there): with only the last position spliced it is the activation there."""
+    from sae.attribute import report
+    from sae.model import capture
+    from sae.sae import SAE
+
+    sae = SAE.load(tiny_sae_dir)
+    model, tokenizer = load_model(sae.cfg.model_name, "cpu")
+    prompt = "def f(x):\n    return x"
+    ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    f = sae.encode(capture(model, torch.tensor([ids]), [sae.cfg.hook_name])[sae.cfg.hook_name][0]).detach()
+    r = report(model, tokenizer, sae, prompt, n_features=sae.cfg.d_sae, logit_tokens=1, exclude_first=len(ids) - 1)
+    rows = r.supporting + r.opposing
+    assert rows and any(f[:, row.feature].max() > f[-1, row.feature] + 1e-3 for row in rows)  # the test can fail
+    for row in rows:
+        assert row.activation == pytest.approx(float(f[-1, row.feature]), rel=1e-4, abs=1e-5)

@@ -100,3 +100,13 @@ def test_every_stage_documents_every_key_and_has_defaults():
     # Only what has no sensible default: the text to score, the prompt and features to steer, the prompt to attribute.
     assert required == [("ScoreConfig", "text"), ("SteerConfig", "prompt"), ("SteerConfig", "features"),
                         ("AttributeConfig", "prompt")]
+
+
+def test_a_required_key_left_out_is_named_as_the_user_sets_it(capsys):
+    from sae.cli import main as cli_main
+
+    assert cli_main(["steer", "prompt=def"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "steer: features has no default; set features=..." in err[0], err
+    assert cli_main(["attribute"]) == 2
+    assert "attribute: prompt has no default; set prompt=..." in capsys.readouterr().err

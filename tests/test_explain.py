@@ -293,3 +293,18 @@ def test_an_analysis_of_an_sae_under_home_scores_with_it(analysis, tiny_cache, t
     home = Analysis(local.folder, {**local.index, "sae": "~/s"}, local.tokens, local.contexts)
     cfg = ExplainConfig(analysis=str(analysis), cache=str(tiny_cache), device="cpu")
     assert negative_places(home, cfg, [0, 1], {0: 2, 1: 2}) == negative_places(local, cfg, [0, 1], {0: 2, 1: 2})
+
+
+def test_a_damaged_explanations_file_is_a_one_line_error_and_overwrite_replaces_it(analysis, tiny_cache, tmp_path,
+                                                                                     capsys):
+    """A truncated or hand-broken explanations.json stops the run in one line (nothing is lost: it is left as it is);
+    overwrite=true, which starts over anyway, does not need to read it."""
+    folder = copy_of(analysis, tmp_path)
+    (folder / "explanations.json").write_text('{"format": 1, "feat')
+    live = [f["id"] for f in read_js(folder / "data" / "index.js")["features"]]
+    assert cli_main(["explain", f"analysis={folder}", f"cache={tiny_cache}", f"features=[{live[0]}]"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "is not valid JSON" in err[0] and "overwrite=true" in err[0], err
+    assert (folder / "explanations.json").read_text() == '{"format": 1, "feat'
+    cfg = ExplainConfig(analysis=str(folder), cache=str(tiny_cache), overwrite=True)
+    assert ex.start_state(folder, ex.Analysis.read(folder), cfg)["features"] == {}

@@ -110,6 +110,7 @@ def test_format_wraps_each_text_into_its_column():
     ("features={3: .nan}", "feature 3's value nan is not a finite number"),
     ("mode=scale", "unknown steering mode 'scale'; use one of add, clamp"),
     ("max_new_tokens=0", "max_new_tokens=0 must be at least 1"),
+    ("exclude_first=-1", "exclude_first=-1 must be ≥ 0"),
     ("prompt=", "prompt is empty"),
     ("sae=MISSING", "nothing does not exist; pass an SAE folder"),
 ])

@@ -303,3 +303,27 @@ def test_smollm2_layer15_mlp_transcoder_beats_the_linear_map(tmp_path):
     with torch.no_grad():
         f = saes[paths[0].name].encode(x)
     assert features[0]["max_act"] == pytest.approx(float(f.max()), rel=1e-3)  # ranked by activation on input tokens
+
+
+def test_steering_a_transcoder_feature_adds_its_direction_at_the_output_hook(tiny_llama):
+    """`sae steer` on a transcoder edits its features from the input hook and changes the output hook by exactly
+    α × the feature's raw decoder direction (its error kept); α = 0 leaves the logits bit for bit."""
+    from sae.model import hooks, load_model
+    from sae.steer import steering
+
+    hook_in, hook_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    model, _ = load_model(str(tiny_llama), "cpu")
+    d = model.config.hidden_size
+    torch.manual_seed(0)
+    tc = create_sae(SAEConfig("relu_l1", d, 16, hook_name=hook_in, hook_name_out=hook_out, scale_out=0.5)).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        clean = model(input_ids=ids, use_cache=False).logits
+        with steering(model, tc, {3: 0.0}):
+            assert torch.equal(model(input_ids=ids, use_cache=False).logits, clean)
+        with steering(model, tc, {3: 2.0}, first=2):
+            steered = model(input_ids=ids, use_cache=False).logits
+        direction = tc.decode(torch.eye(16)[3]) - tc.decode(torch.zeros(16))  # raw-space decoder row of feature 3
+        with hooks(model, {hook_out: lambda a: torch.cat([a[:, :2], a[:, 2:] + 2.0 * direction], 1)}):
+            by_hand = model(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(steered, by_hand, atol=1e-5) and not torch.allclose(steered, clean, atol=1e-3)
