@@ -161,9 +161,11 @@ class SAETrainer:
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         device = self.sae.W_dec.device
-        self.sae.load_state_dict(
-            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        )
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        # A checkpoint from before input centring has no fitted mean: its run trained on uncentred inputs, which a
+        # mean of zero reproduces exactly.
+        weights.setdefault("mean", torch.zeros_like(self.sae.mean))
+        self.sae.load_state_dict(weights)
         self.sae.sync_cfg_scales()
         state: dict[int, dict[str, Tensor]] = {}
         for key, v in tensors.items():
