@@ -13,13 +13,10 @@ from pathlib import Path
 import torch
 
 from .config import UserError
+from .sae import SAE_CLASSES
 
 PARAM_COPIES = 4
 """Weights, gradients, Adam's first and second moments, all fp32."""
-DENSE_ACT_COPIES = {"relu_l1": 4, "jumprelu": 5, "topk": 2, "batchtopk": 2, "matryoshka_batchtopk": 2}
-"""fp32 [batch, d_sae] tensors alive at once in one step: pre-activations, the activations and their gradient
-(ReLU+L1; JumpReLU adds its step mask); TopK/BatchTopK keep only the pre-activations and the selection's
-workspace, never the dense activations (see sae.sae._SparseEncode; Matryoshka's prefix decodes are sparse too)."""
 HEADROOM = 0.9
 """Fraction of the free memory a plan may use: allocator fragmentation and the data stream need the rest."""
 GIB = 2**30
@@ -49,7 +46,10 @@ class SAECost:
         return (self.d_in + d_out) * d + 2 * d + d_out + (self.d_in * d_out if self.skip else 0)
 
     def activation_bytes(self, d_sae: int | None = None) -> int:
-        return 4 * DENSE_ACT_COPIES[self.architecture] * self.batch * (self.d_sae if d_sae is None else d_sae)
+        """fp32 [batch, d_sae] tensors alive in one step: the variant's ``dense_act_copies`` (TopK's sparse step keeps
+        only the pre-activations and the selection's workspace, never the dense activations)."""
+        copies = SAE_CLASSES[self.architecture].dense_act_copies
+        return 4 * copies * self.batch * (self.d_sae if d_sae is None else d_sae)
 
     def bytes(self, d_sae: int | None = None) -> int:
         return 4 * PARAM_COPIES * self.params(d_sae) + self.activation_bytes(d_sae)

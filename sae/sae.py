@@ -221,6 +221,17 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool]
     """Keep decoder rows unit-norm: the trainer calls ``remove_parallel_grads`` before and
     ``project_parameters`` after each optimiser step."""
+    sparse_step: ClassVar[bool] = False
+    """The training step never builds the dense [batch, d_sae] activations (sparse decode and encoder backward)."""
+    dense_act_copies: ClassVar[int]
+    """fp32 [batch, d_sae] tensors alive at once in one training step, for the memory plan (``sae.plan``)."""
+    reference_steps: ClassVar[int]
+    """Run length (steps) at which ``sae.train.default_lr`` hands over to ``paper_lr`` (see there)."""
+
+    @staticmethod
+    def paper_lr(d_sae: int) -> float:
+        """The recipe's Adam learning rate for inputs with E‖x‖² = d_in, before ``default_lr``'s short-run boost."""
+        raise NotImplementedError
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -729,6 +740,12 @@ class ReLUL1SAE(SAE):
     apply_b_dec_default = False
     centre_input_default = False
     unit_norm_decoder = False
+    dense_act_copies = 4  # pre-activations, the activations and their gradient, and the L1 term's workspace
+    reference_steps = 200_000
+
+    @staticmethod
+    def paper_lr(d_sae: int) -> float:
+        return 5e-5  # Anthropic, Circuits Updates April 2024
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -760,6 +777,13 @@ class _TopKFamily(SAE):
     apply_b_dec_default = True
     uses_k = True
     unit_norm_decoder = True
+    sparse_step = True
+    dense_act_copies = 2  # only the pre-activations and the selection's workspace (see _SparseEncode)
+    reference_steps = 3_000
+
+    @staticmethod
+    def paper_lr(d_sae: int) -> float:
+        return 2e-4 / math.sqrt(d_sae / 2**14)  # Gao et al. 2024, §2.2 (scaled with width)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, latents) of the main activation, rows sorted ascending."""
@@ -1003,6 +1027,13 @@ class JumpReLUSAE(SAE):
     sae_lens_architecture = "jumprelu"
     apply_b_dec_default = False
     unit_norm_decoder = True
+    dense_act_copies = 5  # ReLU+L1's four and the step mask
+    reference_steps = 200_000
+
+    @staticmethod
+    def paper_lr(d_sae: int) -> float:
+        return 7e-5  # Gemma Scope (Lieberum et al. 2024)
+
     adam_betas = (0.0, 0.999)
     """Read by ``SAETrainer`` when it builds the optimiser (default (0.9, 0.999))."""
     init_fire_rate = 0.004

@@ -194,12 +194,6 @@ class TrainConfig:
 PAPER_BATCH = 4096
 MIN_STEPS = 500
 MIN_BATCH = 256
-REFERENCE_STEPS = {"topk": 3_000, "batchtopk": 3_000, "matryoshka_batchtopk": 3_000, "relu_l1": 200_000, "jumprelu": 200_000}
-"""Run length (steps) at which ``default_lr`` hands over to the paper's learning rate, calibrated on
-the demo cache (SmolLM2 layer 15, 8×, 449 steps of 256 tokens), judged on held-out FVU against PCA at
-the SAE's own L0 and on dead latents. ReLU+L1 λ=5 needs the large boost: FVU 0.32 vs PCA-25 0.53 at
-lr ≈ 1e-3, but 0.375 vs 0.367 (beaten by PCA) at ~4e-4. TopK k=32 needs far less: lr 1e-3 gives FVU
-0.187 with 2.8% dead latents, while 3.1e-3 (N = 30k) gives 0.173 but leaves 47.7% of latents dead."""
 MAX_LR_BOOST = 25.0
 
 
@@ -216,20 +210,20 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None = None) ->
 
     Adam moves each weight by at most ~lr per step, so the distance the weights can travel
     is ~lr·steps; a recipe tuned for 10⁴–10⁵ steps cannot get anywhere in 500. A run of
-    n < N = ``REFERENCE_STEPS`` steps gets lr·√(N / n) — √ rather than N / n to keep the noise
+    n < N steps (the variant's ``reference_steps``) gets lr·√(N / n) — √ rather than N / n to keep the noise
     of the larger steps in check, as in the square-root batch-size/lr rule — capped at 25×;
-    ``total_steps=None`` or n ≥ N gives the paper's lr unchanged.
+    ``total_steps=None`` or n ≥ N gives the paper's lr (the variant's ``paper_lr``) unchanged.
+
+    N was calibrated on the demo cache (SmolLM2 layer 15, 8×, 449 steps of 256 tokens), judged on held-out FVU
+    against PCA at the SAE's own L0 and on dead latents. ReLU+L1 λ=5 needs the large boost (N = 200k): FVU 0.32 vs
+    PCA-25 0.53 at lr ≈ 1e-3, but 0.375 vs 0.367 (beaten by PCA) at ~4e-4. TopK k=32 needs far less (N = 3k): lr
+    1e-3 gives FVU 0.187 with 2.8% dead latents, while 3.1e-3 (N = 30k) gives 0.173 but leaves 47.7% of latents dead.
     """
-    if architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
-        base = 2e-4 / math.sqrt(d_sae / 2**14)  # Gao et al. 2024, §2.2 (scaled with width)
-    elif architecture == "jumprelu":
-        base = 7e-5  # Gemma Scope (Lieberum et al. 2024)
-    else:
-        base = 5e-5  # Anthropic, Circuits Updates April 2024
-    ref = REFERENCE_STEPS[architecture]
+    variant = SAE_CLASSES[architecture]
+    ref = variant.reference_steps
     steps = total_steps or ref
     boost = min(MAX_LR_BOOST, max(1.0, math.sqrt(ref / max(1, steps))))
-    return base * boost
+    return variant.paper_lr(d_sae) * boost
 
 
 # ----- data ----------------------------------------------------------------------------------

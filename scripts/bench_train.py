@@ -161,7 +161,7 @@ def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: 
 
     def info() -> dict:
         return {"dead_frac": round(float(trainer.dead_mask.float().mean()), 3),
-                "sparse_decoder_and_encoder_backward": arch in ("topk", "batchtopk", "matryoshka_batchtopk")}
+                "sparse_decoder_and_encoder_backward": SAE_CLASSES[arch].sparse_step}
 
     return Contender(arch, step, info)
 
