@@ -69,12 +69,12 @@ def load_saes(specs: Iterable[str | Path], device: torch.device, single: bool = 
 
 
 def load_sae(path: str | Path, device: torch.device) -> tuple[str, torch.nn.Module]:
-    """The one SAE in `path` and its name; a folder of several is an error naming them."""
-    saes = load_saes([path], device, single=True)  # a hub repo of several is refused before it is downloaded
-    if len(saes) != 1:
-        raise UserError(f"{path} holds {len(saes)} SAEs ({', '.join(saes)}); name one of them: sae=<folder>")
-    ((name, sae),) = saes.items()
-    return name, sae
+    """The one SAE `path` names and its name, in eval mode on `device`; a folder of several is an error naming them."""
+    from sae.pretrained import find_sae
+    from sae.sae import SAE
+
+    name, folder = find_sae(path)
+    return name, SAE.load(folder, device)
 
 
 def load_model_of(sae, spec: str, device: torch.device):

@@ -255,6 +255,17 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
     return _from_hub(spec, spec, single)
 
 
+def find_sae(spec: str | Path, sae_id: str | None = None) -> tuple[str, Path]:
+    """The one SAE `spec` names (with `sae_id`: a SAELens release's SAE) and its name, for a caller that takes one;
+    a folder of several is an error naming them (a hub repo of several is refused before it is downloaded)."""
+    found = find_saes([spec if sae_id is None else resolve(spec, sae_id, single=True)], single=True)
+    if len(found) > 1:
+        names = list(found)
+        raise SAEFormatError(f"{spec} holds {len(names)} SAEs ({', '.join(names[:5])}); name one, "
+                             f"e.g. {Path(spec, names[0])}")
+    return next(iter(found.items()))
+
+
 def find_saes(specs: Iterable[str | Path], single: bool = False) -> dict[str, Path]:
     """Name → local folder of every SAE named, directly or as a folder of SAE folders one level down.
 

@@ -35,14 +35,14 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from .pretrained import (
-    CFG_FILENAME, WEIGHTS_FILENAME, SAEFormatError, check_layout, find_saes, read_sparsify, resolve,
+    CFG_FILENAME, WEIGHTS_FILENAME, SAEFormatError, check_layout, find_sae, read_sparsify,
 )
 from .store import atomic_folder
 
 INIT_BLOCK = 4096
+"""Latents per independently seeded block of the random initialisation (see ``SAE._init_tied``)."""
 TRANSCODER_LAYOUTS = ["jumprelu_skip_transcoder", "jumprelu_transcoder", "skip_transcoder", "transcoder"]
 """SAELens's transcoder architectures, which load as our relu_l1 / jumprelu with ``hook_name_out`` set."""
-"""Latents per independently seeded block of the random initialisation (see ``SAE._init_tied``)."""
 
 # SAELens 6 decides how to parse cfg.json from metadata.sae_lens_version: anything older
 # than 6.0 goes through its legacy-key conversion. We write the 6.x layout, so we say so.
@@ -575,12 +575,7 @@ class SAE(nn.Module):
         """Load one SAE by any name ``sae.pretrained`` resolves, in eval mode: a local folder (ours, SAELens's or
         sparsify's layout), a hub repo ``owner/name`` or a folder in one ``owner/name/layers.10``, or a SAELens
         ``release/sae_id`` (also as ``from_pretrained(release, sae_id)``)."""
-        found = find_saes([resolve(name_or_path, sae_id, single=True)])
-        if len(found) > 1:
-            names = list(found)
-            raise SAEFormatError(f"{name_or_path} holds {len(names)} SAEs ({', '.join(names[:5])}); name one, "
-                                 f"e.g. {Path(name_or_path, names[0])}")
-        return SAE.load(next(iter(found.values())), device)
+        return SAE.load(find_sae(name_or_path, sae_id)[1], device)
 
 
 def _saelens_config(path: Path) -> SAEConfig:
