@@ -70,8 +70,9 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec before encoding; None → the variant's paper default."""
     centre_input: bool | None = None
-    """Subtract the data mean and scale by the centred energy (see ``SAE.initialise_from_data``); None → the
-    variant's default: True, except relu_l1, whose λ = 5 is calibrated on Anthropic's uncentred E‖x‖² = d_in."""
+    """Subtract the data mean from the input (True), or leave it in with b_dec starting at it (False); either way the
+    scale makes the centred energy d_in (see ``SAE.initialise_from_data``). None → the variant's default: True,
+    except relu_l1, whose short runs on real data need the encoder to see the mean."""
     k: int = 32
     """topk: active latents per token; batchtopk, matryoshka_batchtopk: mean active latents per token."""
     l1_coefficient: float = 5.0
@@ -227,6 +228,9 @@ class SAE(nn.Module):
     """fp32 [batch, d_sae] tensors alive at once in one training step, for the memory plan (``sae.plan``)."""
     reference_steps: ClassVar[int]
     """Run length (steps) at which ``sae.train.default_lr`` hands over to ``paper_lr`` (see there)."""
+    paper_d_in: ClassVar[int | None] = None
+    """Width of the activations ``paper_lr`` was set on, when ``default_lr`` rescales it to other widths; None:
+    used at every width as it is (see there)."""
 
     @staticmethod
     def paper_lr(d_sae: int) -> float:
@@ -302,23 +306,35 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def initialise_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
-        """Fit ``mean`` and ``scale`` so the normalised data x_n = (x − mean)·scale is centred with E‖x_n‖² = d_in
-        (``cfg.centre_input``), or, uncentred, fit ``scale`` alone so that E‖x·scale‖² = d_in and start b_dec at
-        the normalised data mean (Anthropic, April 2024).
+        """Fit ``scale`` so the centred data has E‖(x − mean)·scale‖² = d_in, and either subtract the mean
+        (``cfg.centre_input``: x_n = (x − mean)·scale, b_dec starting at 0) or leave it in the input with b_dec
+        starting at it (x_n = x·scale, Anthropic's April 2024 recipe).
 
-        Scaling the *uncentred* energy lets a constant offset eat the budget: a residual stream's mean is as
-        large as its spread or larger (SmolLM2-135M layer 15: ‖mean‖ = 1.09·√E‖x − mean‖², so E‖x‖² = 2.2× the
-        centred energy), and the signal is then weaker than the coefficients were tuned for. On the hard data of
-        `sae planted` (‖offset‖ = 4× the spread; d_in 64, 512 features, 781 steps) uncentred TopK k = 4 reached
-        mean max cosine 0.84 with 40% of its latents dead and ReLU+L1 at λ = 5 collapsed to L0 0.15 (FVU 0.99);
-        centred, TopK reaches 0.95–0.99 on the CI-sized configuration (d_in 32, 128 features). Centring costs one subtraction per batch; b_dec then starts at 0, the normalised
-        data's mean, standing in for Gao et al.'s geometric median (nearly as good, and one pass).
+        The scale comes from the *centred* energy in both cases. Anthropic's update normalises E‖x‖², which lets a
+        constant offset eat the budget: a residual stream's mean is as large as its spread or larger (SmolLM2-135M
+        layer 15: ‖mean‖ = 1.09·√E‖x − mean‖², so E‖x‖² = 2.2× the centred energy), and the signal is then weaker
+        than the coefficients were tuned for. On the hard data of `sae planted` (‖offset‖ = 4× the spread) ReLU+L1 at
+        λ = 5 scaled by E‖x‖² collapsed to L0 0.02 (FVU 1.0); scaled by the centred energy it keeps L0 ≈ 10.
 
-        ReLU+L1 stays uncentred by default: its λ = 5 is Anthropic's, calibrated on the uncentred energy, and on
-        the real model a short run needs that calibration. SmolLM2 layer 15, 8× width, 234 steps of 256 tokens:
-        uncentred λ = 5 gives L0 48 at FVU 0.38 (PCA at L0 48: 0.40); centred λ = 5, 7.5 and 10 give L0 286,
-        219 and 184 at FVU 0.37, 0.47 and 0.54, all beaten by PCA at their L0 (also with b_enc started at a 1%
-        firing rate: L0 148, FVU 0.32 against PCA's 0.16).
+        Centring (the default except for relu_l1) costs one subtraction per batch; b_dec then starts at 0, the
+        normalised data's mean, standing in for Gao et al.'s geometric median (nearly as good, and one pass).
+        Uncentred TopK k = 4 on that data reached mean max cosine 0.84 with 40% of its latents dead (d_in 64, 512
+        features); centred, 0.95–0.99.
+
+        ReLU+L1 stays uncentred by default: on the real model its short runs need the encoder to see the mean.
+        SmolLM2 layer 15, 8× width, 234 steps of 256 tokens, λ = 5, against PCA at the SAE's L0:
+
+        | ReLU+L1 normalisation | L0 | FVU | PCA FVU |
+        |---|---:|---:|---:|
+        | uncentred, scale by E‖x‖² (Anthropic) | 31 | 0.346 | 0.48 |
+        | uncentred, scale by the centred energy (default) | 42 | 0.298 | 0.419 |
+        | centred | 294 | 0.355 | 0.051 |
+        | centred, lr 3e-3 | 123 | 0.312 | 0.194 |
+
+        Centred, every latent starts firing on half the tokens and the L1 penalty cannot bring L0 down in a short
+        run; left in, the mean gives each latent a random bias W_enc·mean that starts about half of them off.
+        On SmolLM2, λ = 5 scaled by the centred energy acts as λ = 5/1.48 scaled by E‖x‖² (uncentred λ = 7.5 here
+        reproduces Anthropic's λ = 5 to the third digit: L0 31.0, FVU 0.347).
 
         A transcoder (never centred) also fits ``scale_out`` on its `target` rows (E‖y·scale_out‖² = d_out), starts
         b_dec at their mean, and starts b_enc at −mean(x)·W_enc, so its encoder sees centred inputs at first as an
@@ -326,7 +342,7 @@ class SAE(nn.Module):
         """
         sample = sample.to(self.W_dec.device, torch.float32)
         mean = sample.mean(0, dtype=torch.float64).float()
-        energy = (sample - mean if self.cfg.centre_input else sample).pow(2).sum(-1).mean()
+        energy = (sample if self.cfg.is_transcoder else sample - mean).pow(2).sum(-1).mean()
         scale = math.sqrt(self.cfg.d_in / energy.clamp_min(1e-30).item())
         self.scale.fill_(scale)
         self.cfg.scale = scale
@@ -410,17 +426,24 @@ class SAE(nn.Module):
         reconstruction of x for an SAE, the prediction of the output hook for a transcoder."""
         return self.decode(self.encode(x), x)
 
+    warming_up: bool = False
+    """In the per-token TopK warm-up of a batch-budget variant (set by ``train_forward``)."""
+
     def train_forward(
-        self, x: Tensor, target: Tensor | None = None, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0
+        self, x: Tensor, target: Tensor | None = None, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0,
+        topk_warmup: bool = False,
     ) -> ForwardOutput:
         """Training forward pass on raw activations x [batch, d_in]: output, activations and loss terms.
 
         ``target`` [batch, d_out] is what a transcoder predicts (the activations at ``hook_name_out`` of the same
         tokens); an SAE's target is x itself. ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK
-        uses it); ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up).
+        uses it); ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up); ``topk_warmup``
+        asks BatchTopK and JumpReLU with a target L0 to select each row's top k instead (the trainer's
+        ``sae.train.TrainConfig.topk_warmup_frac``, which says why).
         """
         if self.cfg.is_transcoder != (target is not None):
             raise ValueError("a transcoder trains on (x, target) pairs and an SAE on x alone")
+        self.warming_up = topk_warmup
         x_n = self.normalise(x)
         y_n = x_n if target is None else target.to(self.W_enc.dtype) * self.scale_out
         x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(
@@ -784,6 +807,12 @@ class _TopKFamily(SAE):
         """(rows, latents) of the main activation, rows sorted ascending."""
         raise NotImplementedError
 
+    def _row_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, latents) of each row's k largest pre-activations, rows ascending."""
+        feats = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.cfg.k)
+        return rows, feats.flatten()
+
     def _encoder_b_dec(self) -> Tensor:
         """b_dec as the encoder subtracts it (its gradient there is a sum over latents; see ``_sum_over_shards``)."""
         return self.b_dec
@@ -830,9 +859,7 @@ class TopKSAE(_TopKFamily):
     sae_lens_architecture = "topk"
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        feats = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.cfg.k)
-        return rows, feats.flatten()
+        return self._row_topk(pre)
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
@@ -852,7 +879,11 @@ class BatchTopKSAE(_TopKFamily):
     Autoencoders"), so tokens get a variable number of latents. Inference replaces the
     batch-dependent selection by a global threshold θ — the running average of the smallest
     kept activation — i.e. a JumpReLU with one θ shared by all latents; SAELens saves it as
-    ``jumprelu`` with that θ broadcast to every latent, and so do we."""
+    ``jumprelu`` with that θ broadcast to every latent, and so do we.
+
+    Training starts with a per-token TopK warm-up (``sae.train.TrainConfig.topk_warmup_frac``): the batch-wide
+    selection gives no latent to a token whose features have no trained latent yet, so rare features are never
+    learnt."""
 
     sae_lens_architecture = "jumprelu"
 
@@ -870,6 +901,8 @@ class BatchTopKSAE(_TopKFamily):
             self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        if self.warming_up:
+            return self._row_topk(pre)
         n, d_sae = pre.shape
         k_total = self.cfg.k * n
         # A flat topk over n·d_sae entries is ~6× slower than a row-wise one on CPU, so first
@@ -890,7 +923,7 @@ class BatchTopKSAE(_TopKFamily):
     @torch.no_grad()
     def _observe(self, acts: SparseActs) -> None:
         positive = acts.values[acts.values > 0]
-        if not self.training or positive.numel() == 0:
+        if not self.training or self.warming_up or positive.numel() == 0:
             return
         smallest = positive.min().to(self.threshold.dtype)
         if self.threshold == 0:  # first batch: start at the observed value, not at 0
@@ -1011,6 +1044,12 @@ class JumpReLUSAE(SAE):
     * b_enc starts so that each latent fires on ``init_fire_rate`` of the init sample
       (Anthropic, "Circuits Updates – January 2025": b_e chosen so each feature is active on
       a small, fixed fraction of the data), rather than at 0, where most latents fire.
+    * With ``target_l0``, a per-token TopK warm-up (``sae.train.TrainConfig.topk_warmup_frac``): each row keeps its
+      k = round(target_l0) largest pre-activations, θ unused, while ``warmup_threshold`` follows the batch-wide
+      threshold that would keep k per row on average (the (k·B)-th largest pre-activation, as BatchTopK's); at the
+      first step after the warm-up every θ starts there, so L0 starts at the target. As for BatchTopK, the L0
+      budget alone gives no latent to tokens whose features have none yet; on the CI-sized hard planted data this
+      takes mean max cosine from 0.77 to 0.90 (with the lr below).
     * AuxK on dead latents (Gao et al. §A.2, as in ``_TopKFamily``), weight
       ``cfg.aux_coefficient``: a dead JumpReLU latent gets no gradient from either loss (its
       pre-activations sit outside the ε window), and AuxK gives it the residual to model.
@@ -1025,6 +1064,8 @@ class JumpReLUSAE(SAE):
     dense_act_copies = 5  # ReLU+L1's four and the step mask
     reference_steps = 200_000
 
+    paper_d_in = 2304  # Gemma 2 2B's residual stream, where Gemma Scope set its lr
+
     @staticmethod
     def paper_lr(d_sae: int) -> float:
         return 7e-5  # Gemma Scope (Lieberum et al. 2024)
@@ -1037,6 +1078,8 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg)
         theta0 = cfg.init_threshold or 1.0
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), theta0, dtype=self.W_enc.dtype))
+        self.register_buffer("warmup_threshold", torch.zeros((), dtype=self.W_enc.dtype))
+        """The warm-up's running batch-wide threshold; > 0 until the first step after the warm-up copies it into θ."""
 
     @property
     def bandwidth(self) -> float:
@@ -1054,8 +1097,28 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x_n)
         return pre * (pre > self.threshold)
 
+    @torch.no_grad()
+    def _warmup_select(self, pre: Tensor) -> Tensor:
+        """The warm-up's activations: each row's top k pre-activations (ReLU'd), dense [batch, d_sae]; also moves
+        ``warmup_threshold`` towards the batch's (k·B)-th largest pre-activation (EMA rate threshold_momentum)."""
+        k = max(1, round(self.cfg.target_l0 or 1))
+        top = pre.topk(k, dim=-1, sorted=False)
+        cut = pre.flatten().kthvalue(pre.numel() - k * len(pre) + 1).values.clamp_min(1e-6)
+        self.warmup_threshold.copy_(torch.where(self.warmup_threshold > 0,
+                                                self.warmup_threshold.lerp(cut, self.cfg.threshold_momentum), cut))
+        return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+
     def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         pre = self.pre_acts(x_n)
+        if self.warming_up and self.cfg.target_l0 is not None:
+            mask = self._warmup_select(pre) > 0
+            f = pre * mask  # the gradient reaches the kept pre-activations only
+            x_hat = self._output_offset(f @ self.W_dec, x_n)
+            mse = (x_hat - y_n).pow(2).sum(-1).mean()
+            return self._with_auxk(x_hat, f, mse, {"mse": mse.detach()}, pre, y_n, dead_mask, mask)
+        with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
+            self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
+            self.warmup_threshold.zero_()
         f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
         x_hat = self._output_offset(f @ self.W_dec, x_n)
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
@@ -1065,14 +1128,17 @@ class JumpReLUSAE(SAE):
         else:
             sparsity = (l0_loss / self.cfg.target_l0 - 1) ** 2
         loss = mse + penalty_scale * self.cfg.l0_coefficient * sparsity
-        losses = {"mse": mse.detach(), "l0": l0_loss.detach()}
+        return self._with_auxk(x_hat, f, loss, {"mse": mse.detach(), "l0": l0_loss.detach()}, pre, y_n, dead_mask,
+                               f.detach() > 0)
+
+    def _with_auxk(self, x_hat, f, loss, losses, pre, y_n, dead_mask, active):  # type: ignore[no-untyped-def]
+        """The step's outputs, with AuxK on the dead latents added to ``loss`` (``active``: the latents that fired)."""
         n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         if n_dead and self.cfg.aux_coefficient:
             rows, feats = self._select_aux(pre, dead_mask, min(self.aux_k, n_dead))
             term, losses["auxk"] = self._auxk(SparseActs(rows, feats, F.relu(pre[rows, feats])), y_n, x_hat, n_dead)
             loss = loss + term
-        active = f.detach() > 0
-        return x_hat, f, loss, losses, l0_loss.detach(), active.sum(0)
+        return x_hat, f, loss, losses, active.sum(-1).float().mean(), active.sum(0)
 
     @torch.no_grad()
     def project_parameters(self) -> None:

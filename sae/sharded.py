@@ -100,7 +100,7 @@ class _LatentShard(_TopKFamily):
         # The variant's own selection on this shard gives as many candidates per group (row, or batch) as the
         # global selection keeps: k per row for TopK, k·n per batch for BatchTopK.
         rows, feats = super()._select(pre)
-        values = pre[rows, feats].view(1 if self.batch_wide else pre.shape[0], -1)
+        values = pre[rows, feats].view(1 if self.batch_wide and not self.warming_up else pre.shape[0], -1)
         keep = self._global_winners(values, values.shape[1])
         return rows[keep], feats[keep]
 
@@ -146,6 +146,8 @@ class ShardedBatchTopKSAE(_LatentShard, BatchTopKSAE):
     @torch.no_grad()
     def _observe(self, acts: SparseActs) -> None:
         # The threshold follows the smallest positive activation kept in the whole batch, i.e. on any shard.
+        if self.warming_up:
+            return
         positive = acts.values[acts.values > 0]
         smallest = positive.min() if positive.numel() else acts.values.new_tensor(torch.inf)
         smallest = -distributed.all_reduce_(-smallest, "max")

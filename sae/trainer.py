@@ -49,6 +49,7 @@ class SAETrainer:
         lr_warmup_frac: float = 0.01,
         lr_decay_frac: float = 0.2,
         penalty_warmup_frac: float = 0.05,
+        topk_warmup_frac: float = 0.0,
         grad_clip: float = 1.0,
         dead_window_tokens: int = GAO_DEAD_TOKENS,
         world_size: int = 1,
@@ -58,6 +59,7 @@ class SAETrainer:
         """Data-parallel ranks stepping this SAE together (1: no gradient traffic)."""
         self.total_steps = total_steps
         self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
+        self.topk_warmup_steps = round(topk_warmup_frac * total_steps)
         self.grad_clip = grad_clip
         self.dead_window_tokens = dead_window_tokens
         params = list(sae.parameters())
@@ -89,9 +91,13 @@ class SAETrainer:
         sae = self.sae
         penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = sae.train_forward(x, target, dead_mask=self.dead_mask, penalty_scale=penalty_scale)
+            out = sae.train_forward(x, target, dead_mask=self.dead_mask, penalty_scale=penalty_scale,
+                                    topk_warmup=self.step_count < self.topk_warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        for p in sae.parameters():  # unused this step (JumpReLU's θ in the TopK warm-up): Adam steps it with a zero
+            if p.grad is None:      # gradient, so its step count is the same in one process and under DDP
+                p.grad = torch.zeros_like(p)
         fire_counts, tokens = out.fire_counts, x.shape[0]
         if self.world_size > 1:
             fire_counts, tokens = self._synchronise(fire_counts), tokens * self.world_size
@@ -132,8 +138,6 @@ class SAETrainer:
         where a loss is not a mean over rows (BatchTopK selects its top k·b per rank; AuxK normalises per rank).
         """
         for p in self.sae.parameters():
-            if p.grad is None:  # every rank must send the same tensors
-                p.grad = torch.zeros_like(p)
             distributed.all_reduce_(p.grad, "mean")
         for name, buf in self.sae.named_buffers():
             if name not in self.sae.FITTED_BUFFERS and buf.is_floating_point():

@@ -46,11 +46,11 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
 
 
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
-RECOVERY_FLOOR = {"topk": 0.95, "reference": 0.95, "batchtopk": 0.75, "jumprelu": 0.6}
-"""Mean max cosine each model must reach at defaults. Issue 9 asks ≥ 0.95 of every variant; TopK (0.964) and the
-plain reference loop (0.990) reach it, the others do not yet (BatchTopK 0.820, JumpReLU 0.689 at 781 steps), so their
-floors guard the present level until their defaults are fixed. ReLU+L1 keeps Anthropic's uncentred normalisation by
-default (see ``SAE.initialise_from_data``), under which λ = 5 collapses on this offset data: it is not scored."""
+RECOVERY_FLOOR = {"topk": 0.95, "reference": 0.95, "batchtopk": 0.95, "jumprelu": 0.88, "relu_l1": 0.6}
+"""Mean max cosine each model must reach at defaults. Issue 9 asks ≥ 0.95 of every variant: TopK (0.964), BatchTopK
+(0.967, with the TopK warm-up) and the plain reference loop (0.990) reach it. JumpReLU (0.913) and ReLU+L1 (0.678 at
+λ = 5, L0 10) do not yet, so their floors guard the present level; ReLU+L1's guards above all that λ = 5 no longer
+collapses on an offset 4× the spread (it reached L0 0.02 when scaled by the uncentred energy)."""
 
 
 def _by_model(out) -> dict:
@@ -73,8 +73,12 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
         s = scores[name]
         assert s["mean_max_cos"] >= floor, (name, s)
         assert f"{s['mean_max_cos']:.3f}" in printed
-    for name in ("topk", "reference", "batchtopk"):  # exactly k, or k on average
-        assert scores[name]["l0"] == pytest.approx(3, abs=0.2), scores[name]
+    for name in ("topk", "reference"):  # exactly k
+        assert scores[name]["l0"] == pytest.approx(3, abs=0.01), scores[name]
+    # k on average, through the inference threshold: a running average over the steps after the warm-up (2.74 here)
+    assert scores["batchtopk"]["l0"] == pytest.approx(3, abs=0.35), scores["batchtopk"]
+    assert scores["jumprelu"]["l0"] == pytest.approx(3, rel=0.5), scores["jumprelu"]  # the target, loosely held
+    assert scores["relu_l1"]["l0"] > 1, scores["relu_l1"]  # alive
     for name in ("topk", "reference", "batchtopk", "jumprelu"):
         assert scores[name]["fvu"] < scores[name]["pca_fvu"], scores[name]  # beats PCA at its own L0
     assert scores["topk"]["recovered"] >= 0.9

@@ -32,12 +32,14 @@ def test_unknown_architecture_lists_valid():
         create_sae(cfg)
 
 
-def test_initialise_from_data_without_centring_normalises_the_raw_energy():
-    """relu_l1's default: Anthropic's E‖x·scale‖² = d_in with b_dec at the normalised mean."""
+def test_initialise_from_data_without_centring_normalises_the_centred_energy():
+    """relu_l1's default: the mean stays in the input with b_dec at it (Anthropic), but the scale is the centred
+    energy's, E‖(x − x̄)·scale‖² = d_in, so an offset 13× the spread does not shrink the signal."""
     sae, x = _fitted("relu_l1", offset=40.0)
     assert not sae.cfg.centre_input and not sae.mean.any()
-    torch.testing.assert_close((x * sae.scale).pow(2).sum(-1).mean(), torch.tensor(16.0, dtype=torch.float64),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(((x - x.mean(0)) * sae.scale).pow(2).sum(-1).mean(),
+                               torch.tensor(16.0, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(sae.normalise(x), x * sae.scale, atol=1e-5, rtol=0)
     torch.testing.assert_close(sae.b_dec, x.mean(0) * sae.scale, atol=1e-5, rtol=0)
 
 
@@ -389,3 +391,32 @@ def test_forward_is_the_reconstruction():
     x3 = x[:12].reshape(3, 4, -1)
     assert torch.allclose(sae(x3), sae.decode(sae.encode(x3)))
     assert torch.allclose(sae(x3).reshape(12, -1), sae.train_forward(x[:12]).x_hat, atol=1e-5)
+
+
+def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
+    """In the warm-up BatchTopK and JumpReLU (target_l0) keep each row's top k, as TopK; BatchTopK's inference threshold
+    waits for the batch selection, and JumpReLU's thresholds all start at the warm-up's batch-wide threshold."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * torch.rand(64, 1) * 3
+    bt = create_sae(SAEConfig("batchtopk", 16, 64, k=4))
+    bt.initialise_from_data(x)
+    out = bt.train_forward(x, topk_warmup=True)
+    assert torch.equal(torch.bincount(out.acts.rows, minlength=64), torch.full((64,), 4))  # k in every row
+    assert bt.threshold == 0
+    out = bt.train_forward(x)
+    assert not torch.equal(torch.bincount(out.acts.rows, minlength=64), torch.full((64,), 4))  # k·B over the batch
+    assert len(out.acts.rows) == 4 * 64 and bt.threshold > 0
+
+    jr = create_sae(SAEConfig("jumprelu", 16, 64, target_l0=4.0))
+    jr.initialise_from_data(x)
+    theta0 = jr.threshold.detach().clone()
+    out = jr.train_forward(x, topk_warmup=True)
+    pre = jr.pre_acts(jr.normalise(x)).detach()
+    top = pre.topk(4, dim=-1)  # ReLU(TopK), as a TopK SAE's (b_enc starts each latent at a 0.4% firing rate)
+    assert torch.equal(out.acts.detach(), torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()))
+    assert torch.equal(jr.threshold, theta0)
+    cut = pre.flatten().sort(descending=True).values[4 * 64 - 1]  # the batch-wide threshold keeping 4 per row
+    assert float(jr.warmup_threshold) == pytest.approx(float(cut))
+    out = jr.train_forward(x)
+    assert torch.all(jr.threshold == cut) and jr.warmup_threshold == 0
+    assert float(out.l0) == pytest.approx(4, abs=0.05)  # the target L0 on the batch that set it

@@ -140,6 +140,9 @@ def test_step_aware_defaults():
     assert default_lr("topk", 4608, 10**6) == pytest.approx(gao)
     assert default_lr("topk", 4608, 300) == pytest.approx(gao * 10**0.5)  # √(3k / 300)
     assert default_lr("relu_l1", 4608, 50) == pytest.approx(5e-5 * 25)  # capped
+    # JumpReLU's lr is Gemma Scope's at d_in 2304, rescaled by √(2304 / d_in); TopK's has no d_in factor
+    assert default_lr("jumprelu", 4608, 10**6, d_in=576) == pytest.approx(7e-5 * 2)
+    assert default_lr("topk", 4608, 10**6, d_in=32) == pytest.approx(gao)
 
 
 # ----- metrics by hand ---------------------------------------------------------------------
