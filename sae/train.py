@@ -450,6 +450,9 @@ def train(cfg: TrainConfig) -> list[Path]:
             and getattr(cfg, k) < 1]
     if low:
         raise TrainError(f"{', '.join(low)}: must be ≥ 1")
+    if not 0 <= cfg.topk_warmup_frac < 1:
+        raise TrainError(f"topk_warmup_frac={cfg.topk_warmup_frac} must be in [0, 1): the batch-wide budget needs the "
+                         "steps after the warm-up to set its thresholds")
     names = [s.run_name for s in cfg.saes]
     if len(set(names)) != len(names):
         raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")

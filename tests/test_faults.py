@@ -74,6 +74,13 @@ def test_train_refuses_counts_below_one(setting, tiny_cache, tmp_path, capsys):
     assert err.endswith(f"{setting}: must be ≥ 1")
 
 
+@pytest.mark.parametrize("value", ["1", "-0.1"])
+def test_train_refuses_a_topk_warmup_with_no_steps_after_it(value, tiny_cache, tmp_path, capsys):
+    """A warm-up over the whole run would leave BatchTopK's threshold at 0 and JumpReLU's θ at their initial values."""
+    err = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", f"topk_warmup_frac={value}")
+    assert err.endswith("steps after the warm-up to set its thresholds") and f"topk_warmup_frac={float(value)}" in err
+
+
 # ----- a damaged manifest ---------------------------------------------------------------------------------------
 
 
