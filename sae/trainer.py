@@ -59,7 +59,8 @@ class SAETrainer:
         """Data-parallel ranks stepping this SAE together (1: no gradient traffic)."""
         self.total_steps = total_steps
         self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
-        self.topk_warmup_steps = round(topk_warmup_frac * total_steps)
+        self.topk_warmup_steps = min(round(topk_warmup_frac * total_steps), total_steps - 1)
+        """Steps of the TopK warm-up (``sae.train.TrainConfig.topk_warmup_frac``); the last step is never one."""
         self.grad_clip = grad_clip
         self.dead_window_tokens = dead_window_tokens
         params = list(sae.parameters())
@@ -95,9 +96,6 @@ class SAETrainer:
                                     topk_warmup=self.step_count < self.topk_warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        for p in sae.parameters():  # unused this step (JumpReLU's θ in the TopK warm-up): Adam steps it with a zero
-            if p.grad is None:      # gradient, so its step count is the same in one process and under DDP
-                p.grad = torch.zeros_like(p)
         fire_counts, tokens = out.fire_counts, x.shape[0]
         if self.world_size > 1:
             fire_counts, tokens = self._synchronise(fire_counts), tokens * self.world_size
@@ -138,7 +136,10 @@ class SAETrainer:
         where a loss is not a mean over rows (BatchTopK selects its top k·b per rank; AuxK normalises per rank).
         """
         for p in self.sae.parameters():
-            distributed.all_reduce_(p.grad, "mean")
+            # A parameter without a gradient (JumpReLU's θ in the TopK warm-up) has none on every rank (it depends on
+            # the step and the config alone) and Adam skips it, as in one process.
+            if p.grad is not None:
+                distributed.all_reduce_(p.grad, "mean")
         for name, buf in self.sae.named_buffers():
             if name not in self.sae.FITTED_BUFFERS and buf.is_floating_point():
                 distributed.all_reduce_(buf, "mean")
@@ -169,6 +170,8 @@ class SAETrainer:
         # A checkpoint from before input centring has no fitted mean: its run trained on uncentred inputs, which a
         # mean of zero reproduces exactly.
         weights.setdefault("mean", torch.zeros_like(self.sae.mean))
+        if hasattr(self.sae, "warmup_threshold"):  # a JumpReLU checkpoint from before the TopK warm-up
+            weights.setdefault("warmup_threshold", torch.zeros_like(self.sae.warmup_threshold))
         self.sae.load_state_dict(weights)
         self.sae.sync_cfg_scales()
         state: dict[int, dict[str, Tensor]] = {}

@@ -369,6 +369,7 @@ def test_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     (dict(architecture="jumprelu", l0_coefficient=float("nan")), r"l0_coefficient=nan must be ≥ 0"),
     (dict(aux_coefficient=-1.0, aux_k=0), r"aux_coefficient=-1.0 must be ≥ 0; aux_k=0 must be > 0"),
     (dict(architecture="jumprelu", target_l0=0.0), r"target_l0=0.0 must be > 0 \(or unset\)"),
+    (dict(architecture="jumprelu", target_l0=9.0), r"target_l0=9.0 must be at most d_sae=8"),
     (dict(architecture="matryoshka_batchtopk", k=2, matryoshka_widths=[2, 4]),
      r"matryoshka_widths=\[2, 4\] must be strictly increasing, ≥ 1 and end at d_sae=8"),
     (dict(architecture="matryoshka_batchtopk", k=2, matryoshka_widths=[4, 2, 8]), r"matryoshka_widths=\[4, 2, 8\] must"),
@@ -407,6 +408,7 @@ def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
     assert not torch.equal(torch.bincount(out.acts.rows, minlength=64), torch.full((64,), 4))  # k·B over the batch
     assert len(out.acts.rows) == 4 * 64 and bt.threshold > 0
 
+    x = torch.randn(64, 16)  # rows of one scale: none holds more than 4k of the batch's top k·B (see _warmup_select)
     jr = create_sae(SAEConfig("jumprelu", 16, 64, target_l0=4.0))
     jr.initialise_from_data(x)
     theta0 = jr.threshold.detach().clone()
@@ -415,6 +417,10 @@ def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
     top = pre.topk(4, dim=-1)  # ReLU(TopK), as a TopK SAE's (b_enc starts each latent at a 0.4% firing rate)
     assert torch.equal(out.acts.detach(), torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()))
     assert torch.equal(jr.threshold, theta0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as every CUDA run trains: the threshold stays in its dtype
+        jr.train_forward(x, topk_warmup=True)
+    jr.warmup_threshold.zero_()
+    out = jr.train_forward(x, topk_warmup=True)
     cut = pre.flatten().sort(descending=True).values[4 * 64 - 1]  # the batch-wide threshold keeping 4 per row
     assert float(jr.warmup_threshold) == pytest.approx(float(cut))
     out = jr.train_forward(x)
