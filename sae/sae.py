@@ -70,13 +70,14 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = None
     """Subtract b_dec before encoding; None → the variant's paper default."""
     centre_input: bool | None = None
-    """Subtract the data mean from the input (True), or leave it in with b_dec starting at it (False); either way the
-    scale makes the centred energy d_in (see ``SAE.initialise_from_data``). None → the variant's default: True,
-    except relu_l1, whose short runs on real data need the encoder to see the mean."""
+    """Subtract the data mean from the input (True), or leave it in with b_dec starting at it (False, Anthropic's April
+    2024 recipe); either way the scale makes the centred energy d_in (see ``SAE.initialise_from_data``). None → True
+    for an SAE, False for a transcoder (whose b_enc starts centring its input)."""
     k: int = 32
     """topk: active latents per token; batchtopk, matryoshka_batchtopk: mean active latents per token."""
-    l1_coefficient: float = 5.0
-    """relu_l1: λ of the April-2024 recipe (λ = 5 with E‖x‖² = d_in normalisation)."""
+    l1_coefficient: float = 3.0
+    """relu_l1: λ of the April-2024 penalty λ Σ fᵢ‖W_dec,ᵢ‖. Anthropic's λ = 5 is for uncentred inputs with
+    E‖x‖² = d_in; ours are centred (see ``ReLUL1SAE`` for how 3 was chosen)."""
     l0_coefficient: float = 2.0
     """jumprelu: weight λ of the L0 penalty (λ·L0, or λ·(L0/target_l0 − 1)² with target_l0)."""
     target_l0: float | None = None
@@ -116,7 +117,7 @@ class SAEConfig:
         if self.d_out is None:
             self.d_out = self.d_in
         if self.centre_input is None:  # a transcoder's input is left uncentred (its b_enc starts centring it)
-            self.centre_input = SAE_CLASSES[self.architecture].centre_input_default and not self.is_transcoder
+            self.centre_input = not self.is_transcoder
         if self.architecture == "matryoshka_batchtopk" and self.matryoshka_widths is None:
             self.matryoshka_widths = sorted({w for w in (self.d_sae // 16, self.d_sae // 4, self.d_sae) if w > 0})
         problems = self.problems()
@@ -218,7 +219,6 @@ class SAE(nn.Module):
 
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_default: ClassVar[bool]
-    centre_input_default: ClassVar[bool] = True
     uses_k: ClassVar[bool] = False
     """Whether ``cfg.k`` (active latents per token) shapes this variant's activations."""
     unit_norm_decoder: ClassVar[bool]
@@ -233,6 +233,9 @@ class SAE(nn.Module):
     paper_d_in: ClassVar[int | None] = None
     """Width of the activations ``paper_lr`` was set on, when ``default_lr`` rescales it to other widths; None:
     used at every width as it is (see there)."""
+    fast_params: ClassVar[tuple[str, ...]] = ()
+    """Per-latent scalars whose Adam lr the trainer multiplies by √d_in in an SAE (not a transcoder, whose input
+    keeps its mean; see ``ReLUL1SAE``)."""
 
     @staticmethod
     def paper_lr(d_sae: int) -> float:
@@ -318,25 +321,11 @@ class SAE(nn.Module):
         than the coefficients were tuned for. On the hard data of `sae planted` (‖offset‖ = 4× the spread) ReLU+L1 at
         λ = 5 scaled by E‖x‖² collapsed to L0 0.02 (FVU 1.0); scaled by the centred energy it keeps L0 ≈ 10.
 
-        Centring (the default except for relu_l1) costs one subtraction per batch; b_dec then starts at 0, the
+        Centring (the default for every SAE) costs one subtraction per batch; b_dec then starts at 0, the
         normalised data's mean, standing in for Gao et al.'s geometric median (nearly as good, and one pass).
         Uncentred TopK k = 4 on that data reached mean max cosine 0.84 with 40% of its latents dead (d_in 64, 512
-        features); centred, 0.95–0.99.
-
-        ReLU+L1 stays uncentred by default: on the real model its short runs need the encoder to see the mean.
-        SmolLM2 layer 15, 8× width, 234 steps of 256 tokens, λ = 5, against PCA at the SAE's L0:
-
-        | ReLU+L1 normalisation | L0 | FVU | PCA FVU |
-        |---|---:|---:|---:|
-        | uncentred, scale by E‖x‖² (Anthropic) | 31 | 0.346 | 0.48 |
-        | uncentred, scale by the centred energy (default) | 42 | 0.298 | 0.419 |
-        | centred | 294 | 0.355 | 0.051 |
-        | centred, lr 3e-3 | 123 | 0.312 | 0.194 |
-
-        Centred, every latent starts firing on half the tokens and the L1 penalty cannot bring L0 down in a short
-        run; left in, the mean gives each latent a random bias W_enc·mean that starts about half of them off.
-        On SmolLM2, λ = 5 scaled by the centred energy acts as λ = 5/1.48 scaled by E‖x‖² (uncentred λ = 7.5 here
-        reproduces Anthropic's λ = 5 to the third digit: L0 31.0, FVU 0.347).
+        features); centred, 0.95–0.99. (Left in the input, the mean was what let ReLU+L1 sparsify quickly on the
+        real model: see ``ReLUL1SAE`` for what replaces it.)
 
         A transcoder (never centred) also fits ``scale_out`` on its `target` rows (E‖y·scale_out‖² = d_out), starts
         b_dec at their mean, and starts b_enc at −mean(x)·W_enc, so its encoder sees centred inputs at first as an
@@ -754,14 +743,42 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, n_rows: int) -> Tensor:
 class ReLUL1SAE(SAE):
     """ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic, "Circuits Updates –
     April 2024"): L = ‖x − x̂‖² + λ Σᵢ fᵢ‖W_dec,ᵢ‖, with no unit-norm constraint on the
-    decoder — the norm inside the penalty stops the model from shrinking f and growing W_dec."""
+    decoder — the norm inside the penalty stops the model from shrinking f and growing W_dec.
+
+    Beyond the update's recipe, which leaves the data mean in the input and scales by E‖x‖²:
+
+    * Inputs are centred like every SAE's (``SAE.initialise_from_data``): with the mean left in, an offset 4× the
+      signal's spread (`sae planted`) collapsed λ = 5 to L0 0.02, and even scaled by the centred energy the
+      encoder never recovered more than 0.73 of the planted dictionary (mean max cosine).
+    * b_enc learns √d_in times faster than the weights (``fast_params``). Adam moves every coordinate by ~lr per
+      step, so an encoder column of d_in coordinates shifts a pre-activation up to ~d_in times further per step than
+      the bias does (√d_in for a step uncorrelated with the input), and L1 sparsity is set by the biases; √d_in is
+      the factor measured (d_in was not tried). Left in the input, the mean did this job unnoticed: it is an
+      input of norm ~√d_in on which W_enc acts as a second bias. Centred without it, L1 could not switch latents
+      off in a short run (SmolLM2 layer 15, 8×, 234 steps, λ = 5: L0 294 against 58 with it).
+    * The lr is Anthropic's rescaled by √(4096 / d_in) (``paper_d_in``; see ``sae.train.default_lr``), taking 4096
+      as the width of the models the recipe was set on, and λ defaults to 3 in these units. Measured against PCA
+      at the SAE's own L0 and, on planted data, the true dictionary:
+
+      | | L0 | FVU | PCA FVU at L0 | mean max cos |
+      |---|---:|---:|---:|---:|
+      | SmolLM2, Anthropic's recipe (uncentred, E‖x‖², λ 5, lr 1.25e-3) | 31 | 0.346 | 0.48 | |
+      | SmolLM2, these defaults | 29 | 0.260 | 0.492 | |
+      | planted, Anthropic's recipe | 0.02 | 0.999 | 1.000 | 0.563 |
+      | planted, these defaults | 5.2 | 0.310 | 0.539 | 0.963 |
+
+      (SmolLM2: 60k tokens; planted: the CI configuration of `sae planted`, 781 steps.) At λ = 5 these defaults
+      give L0 18 on SmolLM2 with 26% of the latents dead, and an L0 below the planted truth (1.7–3.8 of 3; mean
+      max cosine 0.89).
+"""
 
     sae_lens_architecture = "standard"
     apply_b_dec_default = False
-    centre_input_default = False
     unit_norm_decoder = False
     dense_act_copies = 4  # pre-activations, the activations and their gradient, and the L1 term's workspace
     reference_steps = 200_000
+    paper_d_in = 4096
+    fast_params = ("b_enc",)
 
     @staticmethod
     def paper_lr(d_sae: int) -> float:

@@ -223,15 +223,15 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None = None, d_
     ``total_steps=None`` or n ≥ N gives the paper's lr (the variant's ``paper_lr``) unchanged.
 
     N was calibrated on the demo cache (SmolLM2 layer 15, 8×, 449 steps of 256 tokens), judged on held-out FVU
-    against PCA at the SAE's own L0 and on dead latents. ReLU+L1 λ=5 needs the large boost (N = 200k): FVU 0.32 vs
+    against PCA at the SAE's own L0 and on dead latents. ReLU+L1 λ=5 (then uncentred) needs the large boost (N = 200k): FVU 0.32 vs
     PCA-25 0.53 at lr ≈ 1e-3, but 0.375 vs 0.367 (beaten by PCA) at ~4e-4. TopK k=32 needs far less (N = 3k): lr
     1e-3 gives FVU 0.187 with 2.8% dead latents, while 3.1e-3 (N = 30k) gives 0.173 but leaves 47.7% of latents dead.
 
-    A variant with ``paper_d_in`` set (JumpReLU) also gets ×√(paper_d_in / d_in): Adam moves every coordinate of a
+    A variant with ``paper_d_in`` set (JumpReLU, ReLU+L1) also gets ×√(paper_d_in / d_in): Adam moves every coordinate of a
     unit-norm row by ~lr per step, a rotation of ~lr·√d_in, so a recipe keeps its pace at another width with lr ∝
     1/√d_in. JumpReLU on the CI-sized hard `sae planted` data (d_in 32, 781 steps): lr 1.1e-3 (without the factor)
-    reaches mean max cosine 0.69–0.73 and FVU 0.27, 9.5e-3 (with it) 0.90 and FVU 0.11. TopK's and ReLU+L1's short-run
-    values were calibrated at d_in 576 as above; TopK's held at d_in 32 (0.96–0.97 from 3e-3 to 1.5e-2), while
+    reaches mean max cosine 0.69–0.73 and FVU 0.27, 9.5e-3 (with it) 0.90 and FVU 0.11. ReLU+L1: see ``ReLUL1SAE``.
+    TopK's short-run values, calibrated at d_in 576 as above, held at d_in 32 (0.96–0.97 from 3e-3 to 1.5e-2), while
     BatchTopK lost recovery at 4× its lr there (0.96 → 0.93), so neither is rescaled.
     """
     variant = SAE_CLASSES[architecture]
@@ -383,11 +383,13 @@ def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
     """A run config with each SAE's settings as keys of their own (`saes[1].k`), so a refused resume names the
     setting that changed. A spec key a checkpoint lacks (written before SAESpec had it) takes its default, which is
     what that run used; a key SAESpec no longer has is dropped. A checkpoint written before the TopK warm-up existed
-    ran without one (``topk_warmup_frac`` 0: resuming it exactly needs topk_warmup_frac=0)."""
+    ran without one (``topk_warmup_frac`` 0: resuming it exactly needs topk_warmup_frac=0). ``l1_coefficient`` counts
+    for relu_l1 alone (its default changed; no other variant reads it)."""
     defaults = asdict(SAESpec())
     flat = {"topk_warmup_frac": 0.0, **run_config, "saes": len(run_config["saes"])}
     for i, spec in enumerate(run_config["saes"]):
-        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items()})
+        unused = () if spec.get("architecture") == "relu_l1" else ("l1_coefficient",)
+        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items() if k not in unused})
     return flat
 
 
@@ -506,7 +508,9 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
         mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
         print(f"plan: {total_steps * batch_size:,} tokens from the {cfg.source} in {total_steps:,} steps of "
               f"{batch_size}{mode} on {device}")
-        print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" for c in costs))
+        fast = {n: SAE_CLASSES[c.architecture].fast_params and not c.is_transcoder for n, c in configs.items()}
+        print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}" + (" (b_enc ×√d_in)" if fast[c.name] else "")
+                        for c in costs))
         print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
 
     trainers: dict[str, SAETrainer] = {}

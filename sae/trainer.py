@@ -7,6 +7,7 @@ across processes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -63,9 +64,13 @@ class SAETrainer:
         """Steps of the TopK warm-up (``sae.train.TrainConfig.topk_warmup_frac``); the last step is never one."""
         self.grad_clip = grad_clip
         self.dead_window_tokens = dead_window_tokens
-        params = list(sae.parameters())
+        named = list(sae.named_parameters())
+        fast = [] if sae.cfg.is_transcoder else [p for n, p in named if n in sae.fast_params]
+        groups = [{"params": [p for _, p in named if not any(p is q for q in fast)]}]
+        if fast:  # ReLU+L1's b_enc (an SAE's, centred): see ReLUL1SAE
+            groups.append({"params": fast, "lr": lr * math.sqrt(sae.cfg.d_in)})
         betas = getattr(sae, "adam_betas", (0.9, 0.999))  # JumpReLU: β₁ = 0
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
+        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, total_steps, lr_warmup_frac, lr_decay_frac),
@@ -179,6 +184,10 @@ class SAETrainer:
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
                 state.setdefault(int(i), {})[name] = v
+        if len(meta["param_groups"]) != len(self.optimizer.param_groups):
+            raise TrainError(f"the checkpoint of {self.sae.cfg.architecture} SAE {self.sae.cfg.hook_name} was written "
+                             "by an older version of its training recipe; resume it with that version, or start over "
+                             "with overwrite=true")
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.scheduler.load_state_dict(meta["scheduler"])
         self.tokens_since_fired = tensors["tokens_since_fired"].to(device)

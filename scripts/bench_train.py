@@ -175,7 +175,7 @@ def saelens_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sa
 
     device = str(x.device)
     if arch == "relu_l1":
-        # Same recipe as ours: L1 on f·‖W_dec‖ with λ = 5, decoder init norm 0.1, no b_dec on input.
+        # Anthropic's recipe, as ours: L1 on f·‖W_dec‖ (λ = 5), decoder init norm 0.1, no b_dec on input.
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(
             d_in=args.d_in, d_sae=d_sae, device=device, l1_coefficient=5.0,
             apply_b_dec_to_input=False, decoder_init_norm=0.1))

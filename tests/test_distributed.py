@@ -66,7 +66,7 @@ def test_data_parallel_matches_one_process_with_the_whole_batch(tmp_path, cache)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "on 2 processes (64 rows each)" in two.stdout
-    for name in ("relu_l1_l1c5_d64_h0", "topk_k4_d64_h1"):
+    for name in ("relu_l1_l1c3_d64_h0", "topk_k4_d64_h1"):
         a, b = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key, (a[key] - b[key]).abs().max())
@@ -121,4 +121,4 @@ def test_killed_rank_fails_the_job_clearly_and_resume_continues(tmp_path, cache)
     resumed = _sae_train(config, "resume=true", nproc=2)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step" in resumed.stdout and "resuming from step 0 " not in resumed.stdout
-    assert (tmp_path / "run" / "relu_l1_l1c5_d64_h0" / "cfg.json").is_file()
+    assert (tmp_path / "run" / "relu_l1_l1c3_d64_h0" / "cfg.json").is_file()

@@ -33,9 +33,9 @@ def test_unknown_architecture_lists_valid():
 
 
 def test_initialise_from_data_without_centring_normalises_the_centred_energy():
-    """relu_l1's default: the mean stays in the input with b_dec at it (Anthropic), but the scale is the centred
+    """centre_input=false: the mean stays in the input with b_dec at it (Anthropic), but the scale is the centred
     energy's, E‖(x − x̄)·scale‖² = d_in, so an offset 13× the spread does not shrink the signal."""
-    sae, x = _fitted("relu_l1", offset=40.0)
+    sae, x = _fitted("relu_l1", offset=40.0, centre_input=False)
     assert not sae.cfg.centre_input and not sae.mean.any()
     torch.testing.assert_close(((x - x.mean(0)) * sae.scale).pow(2).sum(-1).mean(),
                                torch.tensor(16.0, dtype=torch.float64), rtol=1e-5, atol=0)
@@ -43,7 +43,7 @@ def test_initialise_from_data_without_centring_normalises_the_centred_energy():
     torch.testing.assert_close(sae.b_dec, x.mean(0) * sae.scale, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch, kw", [("topk", {}), ("relu_l1", {"centre_input": True})])
+@pytest.mark.parametrize("arch, kw", [("topk", {}), ("relu_l1", {})])
 def test_initialise_from_data_centres_and_normalises_to_d_in(arch, kw):
     sae, x = _fitted(arch, offset=40.0, **kw)
     assert sae.cfg.centre_input
@@ -188,7 +188,7 @@ def test_jumprelu_pseudo_derivatives():
     assert window.sum() > 0  # the check above is not vacuous
 
 
-@pytest.mark.parametrize("arch, centre", [(a, None) for a in sorted(SAE_CLASSES)] + [("relu_l1", True)])
+@pytest.mark.parametrize("arch, centre", [(a, None) for a in sorted(SAE_CLASSES)] + [("relu_l1", False)])
 def test_save_load_roundtrip_folds_mean_and_scale(arch, centre, tmp_path):
     """A saved SAE computes the same features and reconstruction of raw inputs as before saving, with the input
     mean (a big offset: ‖mean‖ ≈ 13× the spread) and the scale folded into the weights."""

@@ -140,8 +140,10 @@ def test_step_aware_defaults():
     assert default_lr("topk", 4608, 10**6) == pytest.approx(gao)
     assert default_lr("topk", 4608, 300) == pytest.approx(gao * 10**0.5)  # √(3k / 300)
     assert default_lr("relu_l1", 4608, 50) == pytest.approx(5e-5 * 25)  # capped
-    # JumpReLU's lr is Gemma Scope's at d_in 2304, rescaled by √(2304 / d_in); TopK's has no d_in factor
+    # JumpReLU's lr is Gemma Scope's at d_in 2304, ReLU+L1's Anthropic's taken at 4096, each rescaled by √(ref / d_in);
+    # TopK's has no d_in factor
     assert default_lr("jumprelu", 4608, 10**6, d_in=576) == pytest.approx(7e-5 * 2)
+    assert default_lr("relu_l1", 4608, 10**6, d_in=1024) == pytest.approx(5e-5 * 2)
     assert default_lr("topk", 4608, 10**6, d_in=32) == pytest.approx(gao)
 
 
@@ -217,7 +219,7 @@ def cache(tmp_path) -> Path:
 
 def test_train_writes_loadable_saes(tmp_path, cache):
     paths = train(_cfg(tmp_path, cache))
-    assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c5_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
+    assert [p.name for p in paths] == ["topk_k4_x4_h0", "relu_l1_l1c3_d48_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1",
                                        "matryoshka_batchtopk_k4_d64_h0", "topk_k4_d64_skip_h0_to_h1"]
     assert SAE.load(paths[4]).cfg.matryoshka_widths == [4, 16, 64]  # the default d_sae/16, d_sae/4, d_sae
     for p in paths:
@@ -313,7 +315,7 @@ def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, cap
     assert main(args) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     m = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())["metrics"]
-    silent, sparse, healthy = "relu_l1_l1c5_d64_h0", "topk_k1_d1024_h0", "topk_k4_d64_h0"
+    silent, sparse, healthy = "relu_l1_l1c3_d64_h0", "topk_k1_d1024_h0", "topk_k4_d64_h0"
     assert m[f"{silent}/l0"] == 0 and m[f"{sparse}/dead_frac"] >= 1 - 128 / 1024
     assert m[f"{healthy}/l0"] == 4 and m[f"{healthy}/dead_frac"] <= 0.5
     assert warnings == [
@@ -444,3 +446,26 @@ def test_too_wide_sae_is_refused_at_the_cli_before_anything_is_allocated(tmp_pat
     assert main(args) == 2  # 10¹¹ latents: allocating them first would take the machine down, not fail cleanly
     err = capsys.readouterr().err
     assert "would fit with d_sae ≤" in err and "is free" in err and not (tmp_path / "o").exists()
+
+
+def test_relu_bias_learns_faster_in_an_sae_only():
+    """ReLU+L1's b_enc gets √d_in × the lr in an SAE (ReLUL1SAE says why), not in a transcoder or another variant."""
+    from sae.trainer import SAETrainer
+
+    def lrs(arch, **kw):
+        trainer = SAETrainer(create_sae(SAEConfig(arch, 16, 64, **kw)), lr=1e-3, total_steps=10)
+        return sorted(g["initial_lr"] for g in trainer.optimizer.param_groups)
+
+    assert lrs("relu_l1") == pytest.approx([1e-3, 4e-3])
+    assert lrs("relu_l1", hook_name_out="out") == [1e-3] and lrs("topk", k=4) == [1e-3]
+
+
+def test_a_topk_run_from_before_the_l1_default_changed_still_resumes():
+    """l1_coefficient's default moved 5 → 3; a checkpoint's TopK spec still says 5, which TopK never read."""
+    from sae.train import _flat_run_config
+
+    def run(arch, l1):
+        return {"saes": [{"architecture": arch, "hook": "h", "l1_coefficient": l1}], "topk_warmup_frac": 0.75}
+
+    assert _flat_run_config(run("topk", 5.0)) == _flat_run_config(run("topk", 3.0))
+    assert _flat_run_config(run("relu_l1", 5.0)) != _flat_run_config(run("relu_l1", 3.0))

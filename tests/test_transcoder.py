@@ -115,7 +115,7 @@ def test_output_scale_and_forward_by_hand():
     out = sae.train_forward(x, y, penalty_scale=0.5)
     l1 = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
     mse = (y_hat_n - y * sae.scale_out).pow(2).sum(1).mean()
-    assert torch.allclose(out.loss, mse + 0.5 * 5.0 * l1) and torch.allclose(out.x_hat, y_hat_n / sae.scale_out)
+    assert torch.allclose(out.loss, mse + 0.5 * sae.cfg.l1_coefficient * l1) and torch.allclose(out.x_hat, y_hat_n / sae.scale_out)
     with pytest.raises(ValueError, match=r"depends on its input: call decode\(f, x\)"):
         sae.decode(f)
     with pytest.raises(ValueError, match=r"\(x, target\) pairs"):
