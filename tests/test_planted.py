@@ -46,10 +46,10 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
 
 
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
-RECOVERY_FLOOR = {"topk": 0.95, "reference": 0.95, "batchtopk": 0.95, "relu_l1": 0.95, "jumprelu": 0.88}
-"""Mean max cosine each model must reach at defaults. Issue 9 asks ≥ 0.95 of every variant: TopK (0.964), BatchTopK
-(0.967, with the TopK warm-up), ReLU+L1 (0.963, centred, b_enc at √d_in × the lr) and the plain reference loop (0.990)
-reach it. JumpReLU (0.913) does not yet, so its floor guards the present level."""
+RECOVERY_FLOOR = {name: 0.95 for name in MODELS}
+"""Mean max cosine each model must reach at defaults (issue 9). Measured at 400k tokens: TopK 0.976, BatchTopK 0.958
+(with the TopK warm-up), JumpReLU 0.964, ReLU+L1 0.979 (centred, b_enc at √d_in × the lr), the plain reference loop
+0.988; seeds 1 and 2 give ≥ 0.957."""
 
 
 def _by_model(out) -> dict:
@@ -63,7 +63,7 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
     magnitudes, noise), small enough for CI, through `sae planted` → `sae train` at defaults, each SAE given only
     k / target L0 (relu_l1 its default λ)."""
     out = tmp_path / "p"
-    args = ["planted", f"out={out}", "d_in=32", "n_features=128", "l0=3", "tokens=200000"]
+    args = ["planted", f"out={out}", "d_in=32", "n_features=128", "l0=3", "tokens=400000"]
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     scores = _by_model(out)
@@ -74,8 +74,8 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
         assert f"{s['mean_max_cos']:.3f}" in printed
     for name in ("topk", "reference"):  # exactly k
         assert scores[name]["l0"] == pytest.approx(3, abs=0.01), scores[name]
-    # k on average, through the inference threshold: a running average over the steps after the warm-up (2.74 here)
-    assert scores["batchtopk"]["l0"] == pytest.approx(3, abs=0.35), scores["batchtopk"]
+    # k on average, through the inference threshold (a running average of the batch-wide threshold)
+    assert scores["batchtopk"]["l0"] == pytest.approx(3, abs=0.2), scores["batchtopk"]
     assert scores["jumprelu"]["l0"] == pytest.approx(3, rel=0.5), scores["jumprelu"]  # the target, loosely held
     assert 1 < scores["relu_l1"]["l0"] < 12, scores["relu_l1"]  # alive, and sparse
     for name in ("topk", "reference", "batchtopk", "jumprelu", "relu_l1"):

@@ -460,12 +460,15 @@ def test_relu_bias_learns_faster_in_an_sae_only():
     assert lrs("relu_l1", hook_name_out="out") == [1e-3] and lrs("topk", k=4) == [1e-3]
 
 
-def test_a_topk_run_from_before_the_l1_default_changed_still_resumes():
-    """l1_coefficient's default moved 5 → 3; a checkpoint's TopK spec still says 5, which TopK never read."""
+def test_a_topk_run_from_before_two_defaults_changed_still_resumes():
+    """l1_coefficient's default moved 5 → 3 and threshold_momentum's 0.01 → 0.05; a checkpoint's TopK spec still says
+    5 and 0.01, which TopK never read, while the variants that read them must resume with them."""
     from sae.train import _flat_run_config
 
-    def run(arch, l1):
-        return {"saes": [{"architecture": arch, "hook": "h", "l1_coefficient": l1}], "topk_warmup_frac": 0.75}
+    def run(arch, l1, momentum):
+        spec = {"architecture": arch, "hook": "h", "l1_coefficient": l1, "threshold_momentum": momentum}
+        return {"saes": [spec], "topk_warmup_frac": 0.9}
 
-    assert _flat_run_config(run("topk", 5.0)) == _flat_run_config(run("topk", 3.0))
-    assert _flat_run_config(run("relu_l1", 5.0)) != _flat_run_config(run("relu_l1", 3.0))
+    assert _flat_run_config(run("topk", 5.0, 0.01)) == _flat_run_config(run("topk", 3.0, 0.05))
+    assert _flat_run_config(run("relu_l1", 5.0, 0.01)) != _flat_run_config(run("relu_l1", 3.0, 0.01))
+    assert _flat_run_config(run("batchtopk", 3.0, 0.01)) != _flat_run_config(run("batchtopk", 3.0, 0.05))
