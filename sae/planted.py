@@ -66,7 +66,7 @@ class PlantedConfig:
     seed: int = 0
     """Seeds the dictionary, the data and the training."""
     saes: list[SAESpec] | None = None
-    """SAEs to train (their hook is set to the planted cache's); None → the four variants at width 2·n_features
+    """SAEs to train (their hook is set to the planted cache's); None → TopK, BatchTopK, JumpReLU and ReLU+L1 at width 2·n_features
     with k = target_l0 = l0 and every other setting at its default."""
 
     def __post_init__(self) -> None:

@@ -71,8 +71,8 @@ class SAEConfig:
     """Subtract b_dec before encoding; None → the variant's paper default."""
     centre_input: bool | None = None
     """Subtract the data mean from the input (True), or leave it in with b_dec starting at it (False, Anthropic's April
-    2024 recipe); either way the scale makes the centred energy d_in (see ``SAE.initialise_from_data``). None → True
-    for an SAE, False for a transcoder (whose b_enc starts centring its input)."""
+    2024 recipe); either way an SAE's scale makes the centred energy d_in (see ``SAE.initialise_from_data``). None →
+    True for an SAE, False for a transcoder (whose b_enc starts centring its input, and whose scale is uncentred)."""
     k: int = 32
     """topk: active latents per token; batchtopk, matryoshka_batchtopk: mean active latents per token."""
     l1_coefficient: float = 3.0
@@ -82,20 +82,23 @@ class SAEConfig:
     """jumprelu: weight λ of the L0 penalty (λ·L0, or λ·(L0/target_l0 − 1)² with target_l0)."""
     target_l0: float | None = None
     """jumprelu: None → the paper's λ·L0 penalty; a number → dictionary_learning's
-    λ·(L0/target_l0 − 1)², which steers L0 to target_l0 (see JumpReLUSAE)."""
+    λ·(L0/target_l0 − 1)², which steers L0 to target_l0, after a TopK warm-up at k = round(target_l0) (see
+    JumpReLUSAE)."""
     bandwidth: float | None = None
     """jumprelu: STE kernel width ε; None → 1.0, the spread of a unit encoder direction's pre-activation
     (see JumpReLUSAE)."""
     init_threshold: float | None = None
-    """jumprelu: initial θ; None → 1.0, as ε (see JumpReLUSAE)."""
+    """jumprelu: initial θ; None → 1.0, as ε (see JumpReLUSAE). With target_l0 and a TopK warm-up, θ is reset to the
+    warm-up's batch-wide threshold when it ends, and θ₀ only sets where b_enc starts."""
     aux_k: int | None = None
     """topk/batchtopk/jumprelu: latents in the AuxK reconstruction; None → d_in // 2 (Gao et al.)."""
     aux_coefficient: float = 1 / 32
     """topk/batchtopk/jumprelu: weight α of the AuxK loss (Gao et al. §A.2)."""
     threshold_momentum: float = 0.05
     """batchtopk: EMA rate of the inference threshold; jumprelu: of the TopK warm-up's batch-wide threshold. 0.05
-    averages ~20 batches, so the threshold settles within the steps after the TopK warm-up: 0.01 left BatchTopK's
-    inference L0 at 2.74 for k = 3 on the CI planted data, 0.05 at 2.95."""
+    averages ~20 batches, so it settles within the ~80 steps after the warm-up of a 781-step run (0.01 left
+    BatchTopK's inference L0 at 2.74 for k = 3 on the CI planted data, 0.05 at 2.95); runs of fewer than ~600 steps
+    leave it less time."""
     matryoshka_widths: list[int] | None = None
     """matryoshka_batchtopk: sizes of the nested dictionaries (prefixes of the latents) whose reconstruction errors
     the loss sums, strictly increasing and ending at d_sae; None → [d_sae/16, d_sae/4, d_sae]."""
@@ -156,11 +159,28 @@ class SAEConfig:
     def is_transcoder(self) -> bool:
         return self.hook_name_out is not None
 
+    @property
+    def warms_up(self) -> bool:
+        """Whether this SAE trains with the per-token TopK warm-up (``sae.train.TrainConfig.topk_warmup_frac``)."""
+        return warms_up(self.architecture, self.target_l0)
+
+    @property
+    def fast_biases(self) -> tuple[str, ...]:
+        """Parameters whose Adam lr the trainer multiplies by √d_in: the variant's ``fast_params`` in an SAE, none in a
+        transcoder (whose input keeps its mean; see ``ReLUL1SAE``)."""
+        return () if self.is_transcoder else SAE_CLASSES[self.architecture].fast_params
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         """Build from a dict, ignoring unknown keys (forward compatibility of cfg.json)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def warms_up(architecture: str, target_l0: float | None) -> bool:
+    """Whether an SAE of this architecture trains with the per-token TopK warm-up: BatchTopK, and JumpReLU with a
+    target L0 (the warm-up's k); see each class's ``topk_warmup``."""
+    return SAE_CLASSES[architecture].topk_warmup and (architecture != "jumprelu" or target_l0 is not None)
 
 
 def auxk_loss(aux_hat: Tensor, residual: Tensor, d: int) -> Tensor:
@@ -221,6 +241,9 @@ class SAE(nn.Module):
 
     sae_lens_architecture: ClassVar[str]
     apply_b_dec_default: ClassVar[bool]
+    topk_warmup: ClassVar[bool] = False
+    """Trains with the per-token TopK warm-up (``sae.train.TrainConfig.topk_warmup_frac``); JumpReLU only with a
+    target_l0 (see ``SAEConfig.warms_up``)."""
     uses_k: ClassVar[bool] = False
     """Whether ``cfg.k`` (active latents per token) shapes this variant's activations."""
     unit_norm_decoder: ClassVar[bool]
@@ -236,8 +259,7 @@ class SAE(nn.Module):
     """Width of the activations ``paper_lr`` was set on, when ``default_lr`` rescales it to other widths; None:
     used at every width as it is (see there)."""
     fast_params: ClassVar[tuple[str, ...]] = ()
-    """Per-latent scalars whose Adam lr the trainer multiplies by √d_in in an SAE (not a transcoder, whose input
-    keeps its mean; see ``ReLUL1SAE``)."""
+    """Per-latent scalars that learn √d_in times faster (see ``SAEConfig.fast_biases``)."""
 
     @staticmethod
     def paper_lr(d_sae: int) -> float:
@@ -436,7 +458,7 @@ class SAE(nn.Module):
         """
         if self.cfg.is_transcoder != (target is not None):
             raise ValueError("a transcoder trains on (x, target) pairs and an SAE on x alone")
-        self.warming_up = topk_warmup
+        self.warming_up = topk_warmup and self.cfg.warms_up
         x_n = self.normalise(x)
         y_n = x_n if target is None else target.to(self.W_enc.dtype) * self.scale_out
         x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(
@@ -907,6 +929,7 @@ class BatchTopKSAE(_TopKFamily):
     learnt."""
 
     sae_lens_architecture = "jumprelu"
+    topk_warmup = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -981,7 +1004,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     changes AuxK's weight relative to them. AuxK models the full reconstruction's residual, as in both (SAELens's
     default ``use_matryoshka_aux_loss=False``). Inference and the saved folder are BatchTopK's: SAELens saves its
     Matryoshka SAEs as ``jumprelu`` with the global threshold broadcast, and so do we.
+
+    It skips BatchTopK's TopK warm-up: per-token TopK training folds parents into children as TopK does, and the
+    nested loss cannot undo that in the steps left (absorption test: the parent latent fired on 0.001 of child tokens
+    after a 90% warm-up, against 0.88–1.00 without).
     """
+    topk_warmup = False
 
     def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         x_hat, acts, loss, losses, l0, fire_counts = super()._train_forward(x_n, y_n, dead_mask, penalty_scale)
@@ -1053,7 +1081,7 @@ class JumpReLUSAE(SAE):
     tokens, so θ gets almost no gradient in a run of a few hundred steps. Measured on the CI-sized
     hard configuration of `sae planted` (d_in 32, 128 true features, 781 steps, target_l0 3):
     mean max cosine 0.61 with the old 0.001·√d_in, 0.67 with ε = θ₀ = 1 (0.72 with 0.5), and 0.74
-    to 0.81 when the lr is also raised 3–9× (not the default: untested on real data).
+    to 0.81 when the lr is also raised 3–9× (which the default now does at d_in 32; see ``paper_d_in``).
 
     Training recipe beyond the paper's loss:
 
@@ -1092,6 +1120,7 @@ class JumpReLUSAE(SAE):
         return 7e-5  # Gemma Scope (Lieberum et al. 2024)
 
     adam_betas = (0.0, 0.999)
+    topk_warmup = True  # with a target_l0 (SAEConfig.warms_up)
     """Read by ``SAETrainer`` when it builds the optimiser (default (0.9, 0.999))."""
     init_fire_rate = 0.004
 
@@ -1134,15 +1163,16 @@ class JumpReLUSAE(SAE):
 
     def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         pre = self.pre_acts(x_n)
-        if self.warming_up and self.cfg.target_l0 is not None:
+        if self.warming_up:
             mask = self._warmup_select(pre) > 0
             f = pre * mask  # the gradient reaches the kept pre-activations only
             x_hat = self._output_offset(f @ self.W_dec, x_n)
             mse = (x_hat - y_n).pow(2).sum(-1).mean()
             return self._with_auxk(x_hat, f, mse, {"mse": mse.detach()}, pre, y_n, dead_mask, mask)
-        with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
-            self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
-            self.warmup_threshold.zero_()
+        if self.cfg.target_l0 is not None:
+            with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
+                self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
+                self.warmup_threshold.zero_()
         f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
         x_hat = self._output_offset(f @ self.W_dec, x_n)
         mse = (x_hat - y_n).pow(2).sum(-1).mean()

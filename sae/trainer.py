@@ -65,8 +65,8 @@ class SAETrainer:
         self.grad_clip = grad_clip
         self.dead_window_tokens = dead_window_tokens
         named = list(sae.named_parameters())
-        fast = [] if sae.cfg.is_transcoder else [p for n, p in named if n in sae.fast_params]
-        groups = [{"params": [p for _, p in named if not any(p is q for q in fast)]}]
+        fast = [p for n, p in named if n in sae.cfg.fast_biases]
+        groups = [{"params": [p for n, p in named if n not in sae.cfg.fast_biases]}]
         if fast:  # ReLU+L1's b_enc (an SAE's, centred): see ReLUL1SAE
             groups.append({"params": fast, "lr": lr * math.sqrt(sae.cfg.d_in)})
         betas = getattr(sae, "adam_betas", (0.9, 0.999))  # JumpReLU: β₁ = 0

@@ -148,7 +148,7 @@ def ceiling_contender(x: torch.Tensor, d_sae: int, dtype: torch.dtype = torch.fl
 def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int) -> Contender:
     sae = create_sae(SAEConfig(arch, args.d_in, d_sae, k=args.k)).to(x.device)
     sae.initialise_from_data(x)
-    trainer = SAETrainer(sae, lr=default_lr(arch, d_sae), total_steps=10**6,
+    trainer = SAETrainer(sae, lr=default_lr(arch, d_sae, None, args.d_in), total_steps=10**6,
                          # dead after 2 silent steps, so AuxK would run from step 3 — but on this
                          # Gaussian data every latent fires each batch (dead_frac in the JSON is 0)
                          dead_window_tokens=args.batch * 2)
@@ -175,7 +175,8 @@ def saelens_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sa
 
     device = str(x.device)
     if arch == "relu_l1":
-        # Anthropic's recipe, as ours: L1 on f·‖W_dec‖ (λ = 5), decoder init norm 0.1, no b_dec on input.
+        # Anthropic's recipe (ours adds centring and a fast b_enc): L1 on f·‖W_dec‖ (λ = 5), decoder init norm 0.1,
+        # no b_dec on input.
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(
             d_in=args.d_in, d_sae=d_sae, device=device, l1_coefficient=5.0,
             apply_b_dec_to_input=False, decoder_init_norm=0.1))
@@ -184,7 +185,7 @@ def saelens_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sa
             d_in=args.d_in, d_sae=d_sae, device=device, k=args.k))
     cfg = SAETrainerConfig(
         total_training_samples=10**12, train_batch_size_samples=args.batch,
-        lr=default_lr(arch, d_sae), lr_end=default_lr(arch, d_sae) / 10,  # runner's default
+        lr=default_lr(arch, d_sae, None, args.d_in), lr_end=default_lr(arch, d_sae, None, args.d_in) / 10,
         device=device, autocast=args.autocast, dead_feature_window=1,  # dead after 2 silent steps, like ours (see dead_frac)
         feature_sampling_window=10**9, logger=LoggingConfig(log_to_wandb=False))
     trainer = LensTrainer(cfg, sae, data_provider=iter(()))
