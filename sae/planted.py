@@ -66,8 +66,8 @@ class PlantedConfig:
     seed: int = 0
     """Seeds the dictionary, the data and the training."""
     saes: list[SAESpec] | None = None
-    """SAEs to train (their hook is set to the planted cache's); None → TopK, BatchTopK, JumpReLU and ReLU+L1 at width 2·n_features
-    with k = target_l0 = l0 and every other setting at its default."""
+    """SAEs to train (their hook is set to the planted cache's); None → TopK, BatchTopK, JumpReLU and ReLU+L1 at
+    width 2·n_features with k = target_l0 = l0 and every other setting at its default."""
 
     def __post_init__(self) -> None:
         bad = [f"{k}={getattr(self, k)} must be > 0" for k in ("d_in", "n_features", "l0", "tokens", "eval_tokens",

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import distributed, plan, sharded
 from .config import field_docs
 from .harvest import HarvestConfig
-from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs, warms_up
+from .sae import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from .source import CacheSource, ModelSource, Source, check_split
 from .store import DiskFullError, atomic_write_json, disk_full_reported
 from .trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
@@ -167,7 +167,7 @@ class TrainConfig:
     does, before their own batch-wide L0 budget takes over: a batch-wide budget spends no latent on a token whose
     features have no trained latent yet, so latents for rare features never start learning. On hard planted data it
     lifts BatchTopK's recovery of the true dictionary from 0.82 to 0.96–0.97 and JumpReLU's from 0.77 to 0.95–0.96
-    (``TOPK_WARMUP_MEASURED`` has the table). Matryoshka skips it (see its class). 0 turns it off."""
+    (``sae.sae.BatchTopKSAE`` has the table). Matryoshka skips it (see its class). 0 turns it off."""
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold (Anthropic April 2024)."""
     checkpoint_every: int = 1000
@@ -378,23 +378,9 @@ def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str,
             "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
 
 
-TOPK_WARMUP_MEASURED = """Mean max cosine with the true dictionary on the CI-sized hard `sae planted` data (power-law
-frequencies, 781 steps, k 3), seeds 0 / 1 / 2, by ``TrainConfig.topk_warmup_frac``:
-
-| warm-up | BatchTopK | JumpReLU |
-|---|---|---|
-| none | 0.82 | 0.77 (seed 0) |
-| 0.75 | 0.96 / 0.946 / 0.949 | 0.91 / 0.906 / 0.899 |
-| 0.9 | 0.97 / 0.960 / 0.962 | 0.956 / 0.954 / 0.953 |
-
-Recovery peaks at the end of the warm-up; JumpReLU's then drifts down while its thresholds settle (0.95 → 0.93 in
-200 steps, even with its L0 held at the target by λ = 100), BatchTopK's barely. The last tenth still gives the batch
-budget its variable per-token L0 and its thresholds time to settle (``SAEConfig.threshold_momentum``)."""
-
-
 def _warms_up(spec: dict[str, Any]) -> bool:
     """Whether the SAE of a (checkpoint's) spec has a TopK warm-up (see ``TrainConfig.topk_warmup_frac``)."""
-    return spec.get("architecture") in SAE_CLASSES and warms_up(spec["architecture"], spec.get("target_l0"))
+    return spec.get("architecture") in SAE_CLASSES and SAE_CLASSES[spec["architecture"]].warms_up(spec.get("target_l0"))
 
 
 READ_ONLY_BY: dict[str, Callable[[dict[str, Any]], bool]] = {
