@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, UserError, describe, from_dict, merge, parse_overrides, read_yaml
+from sae.config import ConfigError, UserError, describe, from_dict, merge, parse_overrides, read_yaml
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,13 @@ def _shown(run: str, show: str) -> Callable[[Any, Any], Any]:
 
 
 def _analyse(mod, cfg):
-    from .dashboard import write_dashboard
-
-    index = write_dashboard(mod.analyse(cfg))
+    index = mod.run(cfg)
     print(f"feature browser: {index.resolve()}")
     return index
 
 
 def _explain(mod, cfg):
-    from .dashboard import write_dashboard
+    from sae.analysis.dashboard import write_dashboard
 
     for folder in mod.explain(cfg):
         print(mod.format_summary(folder))
@@ -73,14 +71,14 @@ def _print(result):
 
 
 STAGES = {
-    "harvest": Stage("harvest", "harvest", "HarvestConfig", lambda m, c: _print(m.harvest(c)), "cache activations of a model on a text dataset"),
-    "train": Stage("train", "train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
-    "eval": Stage("eval", "evaluate", "EvalConfig", _shown("evaluate", "format_table"), "metrics, PCA baseline and spliced LM loss"),
-    "analyse": Stage("analyse", "dashboard.build", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
-    "explain": Stage("explain", "explain", "ExplainConfig", _explain, "explain features in words with a language model and score the explanations by detection"),
-    "score": Stage("score", "analyse", "ScoreConfig", _shown("score_text", "format_scores"), "anomaly scores: per-token reconstruction error of a text"),
-    "steer": Stage("steer", "steer", "SteerConfig", _shown("run", "format_steered"), "generate with features added or clamped, next to the plain text"),
-    "attribute": Stage("attribute", "attribute", "AttributeConfig", _shown("run", "format_report"),
+    "harvest": Stage("harvest", "data.harvest", "HarvestConfig", lambda m, c: _print(m.harvest(c)), "cache activations of a model on a text dataset"),
+    "train": Stage("train", "training.train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
+    "eval": Stage("eval", "analysis.evaluate", "EvalConfig", _shown("evaluate", "format_table"), "metrics, PCA baseline and spliced LM loss"),
+    "analyse": Stage("analyse", "analysis.dashboard.build", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
+    "explain": Stage("explain", "analysis.explain", "ExplainConfig", _explain, "explain features in words with a language model and score the explanations by detection"),
+    "score": Stage("score", "analysis.analyse", "ScoreConfig", _shown("score_text", "format_scores"), "anomaly scores: per-token reconstruction error of a text"),
+    "steer": Stage("steer", "analysis.steer", "SteerConfig", _shown("run", "format_steered"), "generate with features added or clamped, next to the plain text"),
+    "attribute": Stage("attribute", "analysis.attribute", "AttributeConfig", _shown("run", "format_report"),
                        "which features drove a next-token prediction (activation × gradient)"),
     "planted": Stage("planted", "planted", "PlantedConfig", _shown("run_planted", "format_scores"),
                      "ground-truth benchmark: train the SAEs on activations built from a known dictionary and score "
@@ -158,7 +156,7 @@ def run_stage(name: str, config_file: str | None, overrides: list[str]) -> Any:
 
 def demo(config_file: str, overrides: list[str]) -> None:
     """The whole path on the embedded model, ending with the metrics table and where the browser is."""
-    from .evaluate import format_table
+    from sae.analysis.evaluate import format_table
 
     start = time.time()
     results = {}

@@ -206,6 +206,7 @@ def _source_docs(cls: type) -> dict[str, str]:
         if (
             isinstance(stmt, ast.AnnAssign)
             and isinstance(stmt.target, ast.Name)
+            and not ast.unparse(stmt.annotation).startswith("ClassVar")  # class settings, not keys
             and isinstance(nxt, ast.Expr)
             and isinstance(nxt.value, ast.Constant)
             and isinstance(nxt.value.value, str)
@@ -214,23 +215,45 @@ def _source_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> str:
-    """One line per key (nested dataclasses expanded) with type, default and doc: the `--help` text."""
+HelpSections = tuple[tuple[str, tuple[str, ...]], ...]
+"""A config's ``help_sections``: (title, field names) in the order `--help` shows them, most used first."""
+
+
+def help_groups(cls: type) -> list[tuple[str, list[dataclasses.Field]]]:
+    """The fields of `cls` in its ``help_sections`` (every field in exactly one), or one untitled group without."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    sections = getattr(cls, "help_sections", None)
+    if sections is None:
+        return [("", list(fields.values()))]
+    listed = [name for _, names in sections for name in names]
+    if sorted(listed) != sorted(fields):
+        raise ValueError(f"{cls.__name__}.help_sections must name each field once; missing "
+                         f"{sorted(set(fields) - set(listed))}, unknown or repeated "
+                         f"{sorted(n for n in set(listed) if n not in fields or listed.count(n) > 1)}")
+    return [(title, [fields[n] for n in names]) for title, names in sections]
+
+
+def describe(cls: type, prefix: str = "", indent: str = "  ") -> str:
+    """One line per key (nested dataclasses expanded) with type, default and doc, grouped by the class's
+    ``help_sections``: the `--help` text."""
     lines = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        name = f"{prefix}{f.name}"
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
-        else:
-            default = "(required)"
-        tp_name = tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp).replace("typing.", "")
-        lines.append(f"  {name}: {tp_name} = {default}\n      {docs.get(f.name, '')}".rstrip())
-        inner = [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
-        if inner:
-            lines.append(describe(inner[0], prefix=f"{name}[].").rstrip("\n"))
-    return "\n".join(lines) + "\n"
+    for title, group in help_groups(cls):
+        if title:
+            lines.append(f"{indent}{prefix.removesuffix('.')} — {title}:" if prefix else f"\n{title}:")
+        for f in group:
+            tp = hints[f.name]
+            name = f"{prefix}{f.name}"
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = repr(f.default_factory())  # type: ignore[misc]
+            else:
+                default = "(required)"
+            tp_name = tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp).replace("typing.", "")
+            lines.append(f"{indent}{name}: {tp_name} = {default}\n{indent}    {docs.get(f.name, '')}".rstrip())
+            inner = [a for a in typing.get_args(tp) if _is_dataclass_type(a)]
+            if inner:
+                lines.append(describe(inner[0], prefix=f"{name}[].", indent=indent + "  ").rstrip("\n"))
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -15,17 +15,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import UserError
-from .evaluate import fit_pca, pca_fvu_curve
-from .sae import SAE
-from .store import ActivationStore, CacheWriter, atomic_write_json
-from .train import SAESpec, TrainConfig, default_batch_size, train
+from sae.config import HelpSections, UserError
+from sae.analysis.evaluate import fit_pca, pca_fvu_curve
+from sae.saes import SAE
+from sae.data.store import ActivationStore, CacheWriter, atomic_write_json
+from sae.training.train import SAESpec, TrainConfig, default_batch_size, train
 
 HOOK = "planted"
 """The hook name of the planted cache (its only one)."""
@@ -38,6 +38,13 @@ RECOVERED_COSINE = 0.9
 @dataclass
 class PlantedConfig:
     """Planted data with real data's hard properties, SAEs trained on it by `sae train`, scored against the truth."""
+
+    help_sections: ClassVar[HelpSections] = (
+        ("the benchmark", ("d_in", "n_features", "l0", "tokens", "saes", "out", "seed")),
+        ("the data's shape", ("frequency_exponent", "correlation", "group_size", "magnitude_sigma", "offset", "noise",
+                              "eval_tokens")),
+    )
+    """`--help` groups, most used first (``sae.config.describe``)."""
 
     out: str = "runs/planted"
     """Folder for the planted cache (cache/), the SAEs (saes/) and the scores (planted.json)."""

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from sae.analyse import AnalyseConfig, logit_lens, stream_features
-from sae.dashboard.export import write_analysis
-from sae.model import final_norm, load_model
-from sae.sae import SAE, SAEConfig, create_sae
-from sae.store import ActivationStore
+from sae.analysis.analyse import AnalyseConfig, logit_lens, stream_features
+from sae.analysis.dashboard.export import write_analysis
+from sae.data.model import final_norm, load_model
+from sae.saes import SAE, SAEConfig, create_sae
+from sae.data.store import ActivationStore
 
 
 def untrained_topk(store: ActivationStore, d_sae: int) -> SAE:

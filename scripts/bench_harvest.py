@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from sae import model as model_lib
-from sae.data import load_texts, pack
-from sae.harvest import HarvestConfig, harvest_with
-from sae.store import ActivationStore
+from sae.data import model as model_lib
+from sae.data.text import load_texts, pack
+from sae.data.harvest import HarvestConfig, harvest_with
+from sae.data.store import ActivationStore
 
 
 def bare_forward(model, batches, stop_after: str | None) -> float:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from sae.evaluate import reconstruction_metrics
-from sae.harvest import HarvestConfig, harvest
-from sae.sae import SAE
-from sae.store import ActivationStore
-from sae.train import SAESpec, TrainConfig, train
+from sae.analysis.evaluate import reconstruction_metrics
+from sae.data.harvest import HarvestConfig, harvest
+from sae.saes import SAE
+from sae.data.store import ActivationStore
+from sae.training.train import SAESpec, TrainConfig, train
 
 GOALS = {"throughput_ratio": 0.9, "fvu_ratio_max": 1.03}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench_train import HOOK, build_cache  # the same random float16 cache, built by the store's writer
-from sae.store import READ_THREADS, ActivationStore
+from sae.data.store import READ_THREADS, ActivationStore
 
 
 

@@ -15,8 +15,8 @@ One run prints ONE JSON document (on stdout; progress goes to stderr) with three
     6.54 does no per-step decoder normalisation: TopK rescales by ‖W_dec‖ inside the forward, the
     standard SAE weights its L1 by ‖W_dec‖) for ``StandardTrainingSAE`` (ReLU+L1) and
     ``TopKTrainingSAE`` (k=32), with ours ÷ SAELens per variant.
-``rss``         Peak RSS of ``sae.train.train`` in a fresh subprocess on an on-disk cache 1× and
-    4× as large (float16 shards built with ``sae.store.CacheWriter``), same number of steps.
+``rss``         Peak RSS of ``sae.training.train.train`` in a fresh subprocess on an on-disk cache 1× and
+    4× as large (float16 shards built with ``sae.data.store.CacheWriter``), same number of steps.
 
 The box is shared, so every contender (ceiling included) is timed once per *round* and the
 rounds are interleaved (order rotated each round): load drift hits all of them alike. Wall time
@@ -49,8 +49,9 @@ from pathlib import Path
 
 import torch
 
-from sae.sae import SAE_CLASSES, SAEConfig, create_sae
-from sae.train import SAETrainer, default_lr
+from sae.saes import SAE_CLASSES, SAEConfig, create_sae
+from sae.training.train import default_lr
+from sae.training.trainer import SAETrainer
 
 PUBLISHED_SAELENS_RATIO = {"relu_l1": 0.44, "topk": 0.48}
 """SAELens's tokens/s as a fraction of the matmul ceiling, as published for this machine."""
@@ -288,7 +289,7 @@ def bench_throughput(args: argparse.Namespace, device: torch.device) -> dict:
 
 def build_cache(path: Path, n_shards: int, shard_rows: int, d: int, context_size: int = 128) -> None:
     """A complete float16 cache of random activations, written by the store's own writer."""
-    from sae.store import CacheWriter
+    from sae.data.store import CacheWriter
 
     n_ctx = shard_rows // context_size
     meta = {"model": "bench-random", "hooks": {HOOK: d}, "dtype": "float16", "model_dtype": "float32",
@@ -315,7 +316,7 @@ def rss_child(spec: dict) -> None:
     """
     import torch
 
-    from sae.train import SAESpec, TrainConfig, train
+    from sae.training.train import SAESpec, TrainConfig, train
 
     torch.set_num_threads(spec["threads"])
     base_hwm = _proc_status_kb("VmHWM")
@@ -331,7 +332,7 @@ def rss_child(spec: dict) -> None:
 
 
 def bench_rss(args: argparse.Namespace, device: torch.device) -> dict:
-    from sae.store import ActivationStore
+    from sae.data.store import ActivationStore
 
     rows_per_shard = args.rss_shard_rows
     shard_mb = rows_per_shard * args.d_in * 2 / 2**20
@@ -444,7 +445,7 @@ def main() -> None:
         args.warmup, args.rounds = 1, 2
         args.rss_shards, args.rss_shard_rows, args.rss_steps, args.rss_batch = [2, 8], 2048, 12, 512
 
-    from sae.model import pick_device
+    from sae.data.model import pick_device
 
     device = pick_device(args.device)
     goals = GPU_GOALS if args.autocast else GOALS

@@ -74,7 +74,7 @@ if [[ $MODE == gpu ]]; then
   MODEL_ARGS=() # the demo config's model: SmolLM2-135M, layer 15
   HBATCH=64
   MODEL_DTYPE=bfloat16
-  run_step model 240 -- "$PY" -c 'from sae.model import resolve_spec; print(resolve_spec("smollm2"))'
+  run_step model 240 -- "$PY" -c 'from sae.data.model import resolve_spec; print(resolve_spec("smollm2"))'
   BENCH_TRAIN=(--device cuda --autocast --d-in 2048 --expansion 32 --batch 4096 --warmup 3 --rounds 20 --no-rss)
   BENCH_HARVEST=(--device cuda --tokens 131072 --batch-size 64)
   CACHE_TOKENS=1000000

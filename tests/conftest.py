@@ -67,7 +67,7 @@ TINY_HOOK = "blocks.1.hook_resid_post"
 
 
 def _harvest_tiny(model_dir: Path, texts: Path, out: Path, exclude_first: bool = True) -> Path:
-    from sae.harvest import HarvestConfig, harvest
+    from sae.data.harvest import HarvestConfig, harvest
 
     cfg = HarvestConfig(model=str(model_dir), hooks=[TINY_HOOK], dataset=str(texts), context_size=32, max_tokens=2400,
                         batch_size=8, shard_tokens=600, dtype="float32", eval_fraction=0.25,
@@ -76,7 +76,7 @@ def _harvest_tiny(model_dir: Path, texts: Path, out: Path, exclude_first: bool =
 
 
 def _hand_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor | None = None, model: str = ""):
-    from sae.sae import SAEConfig, create_sae
+    from sae.saes import SAEConfig, create_sae
 
     d_in, d_sae = W_enc.shape
     sae = create_sae(SAEConfig("relu_l1", d_in=d_in, d_sae=d_sae, hook_name=TINY_HOOK, model_name=model,
@@ -134,7 +134,7 @@ def tiny_cache(tiny_llama, text_dir, tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ fault tally
 # tests/test_faults.py records what each injected fault ended in (a "fault" user property); a test that fails counts
-# its fault as lost or silently wrong. The sums are printed at the end of the session (and quoted in the README).
+# its fault as lost or silently wrong. The sums are printed at the end of the session (and quoted in docs/faults.md).
 
 FAULT_OUTCOMES = ("recovered exactly", "refused with a message", "finished before the kill")
 _fault_tally: Counter = Counter()
@@ -172,7 +172,7 @@ REAL_HOOK = "blocks.15.hook_resid_post"
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M on the CPU, parameters frozen."""
-    from sae.model import load_model
+    from sae.data.model import load_model
 
     model, tokenizer = load_model("smollm2", "cpu")
     return model.requires_grad_(False), tokenizer
@@ -181,9 +181,9 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_sae(smollm2, text_dir, tmp_path_factory):
     """A TopK SAE (k 32, 4x) trained on 6k tokens of stdlib source at SmolLM2's layer 15, through harvest and train."""
-    from sae.harvest import HarvestConfig, harvest_with
-    from sae.sae import SAE
-    from sae.train import SAESpec, TrainConfig, train
+    from sae.data.harvest import HarvestConfig, harvest_with
+    from sae.saes import SAE
+    from sae.training.train import SAESpec, TrainConfig, train
 
     model, tokenizer = smollm2
     out = tmp_path_factory.mktemp("smollm2_sae")

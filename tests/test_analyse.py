@@ -1,4 +1,4 @@
-"""sae.analyse against brute force on the whole cache, the model's own norm and unembedding, and known anomalies."""
+"""sae.analysis.analyse against brute force on the whole cache, the model's own norm and unembedding, and known anomalies."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.analyse import (
+from sae.analysis.analyse import (
     AnalyseConfig, ScoreConfig, logit_lens, normalised_error, percentile, score, score_text, stream_features,
 )
-from sae.dashboard.build import analyse
-from sae.dashboard import read_js, write_dashboard
-from sae.store import ActivationStore, CacheWriter
+from sae.analysis.dashboard.build import analyse
+from sae.analysis.dashboard import read_js, write_dashboard
+from sae.data.store import ActivationStore, CacheWriter
 
 
 def synthetic_cache(path: Path, hook: str, acts: torch.Tensor, tokens: torch.Tensor, first_pos: int) -> ActivationStore:
@@ -91,7 +91,7 @@ def test_reservoir_holds_only_active_tokens_and_all_of_them_when_it_can(tied):
 
 def test_logit_lens_equals_the_models_own_norm_and_unembedding(tiny_llama, tiny_gpt2):
     """The lens is the direction pushed through the final norm and unembedding, up to a positive scale per direction."""
-    from sae.model import final_norm, load_model
+    from sae.data.model import final_norm, load_model
 
     torch.manual_seed(0)
     for folder in (tiny_llama, tiny_gpt2):
@@ -167,8 +167,8 @@ def shown(index: dict, contexts: dict, example: list) -> tuple[list[int], list[f
 
 
 def test_analyse_writes_what_the_cache_says(real, tiny_llama, hook, tmp_path):
-    from sae.model import load_model
-    from sae.sae import SAE
+    from sae.data.model import load_model
+    from sae.saes import SAE
 
     cache, sae_dir = real
     out = analyse(AnalyseConfig(sae=str(sae_dir), cache=str(cache), out=str(tmp_path / "an"), n_top=5, device="cpu",
@@ -245,8 +245,8 @@ def test_a_folder_of_saes_gets_one_browser_each_and_an_index(real, tiny_llama, h
 
 
 def test_score_text_flags_against_held_out_errors(real, tiny_llama, hook):
-    from sae.model import capture, load_model
-    from sae.sae import SAE
+    from sae.data.model import capture, load_model
+    from sae.saes import SAE
 
     cache, sae_dir = real
     scores = score_text(ScoreConfig(sae=str(sae_dir), text="def add(a, b):\n    return a + b", cache=str(cache),

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from sae.attribute import attribute_logit, explanations_of
+from sae.analysis.attribute import attribute_logit, explanations_of
 from sae.cli import main as cli_main
-from sae.model import load_model
-from sae.steer import steering
+from sae.data.model import load_model
+from sae.analysis.steer import steering
 
 LAST_HOOK = "blocks.2.hook_resid_post"  # the tiny Llama's last layer
 
@@ -140,8 +140,8 @@ def test_explanations_of_another_sae_are_refused_not_shown(tiny_sae_dir, tmp_pat
 def test_features_for_the_target_have_positive_attributions_and_against_negative(tiny_sae_dir):
     """With more rows asked for than features of one sign, a list must not fill up with features of the other sign
     (listed "for" the token while they lower its logit): every nonzero feature appears once, on the side of its sign."""
-    from sae.attribute import report
-    from sae.sae import SAE
+    from sae.analysis.attribute import report
+    from sae.saes import SAE
 
     sae = SAE.load(tiny_sae_dir)
     model, tokenizer = load_model(sae.cfg.model_name, "cpu")
@@ -156,9 +156,9 @@ def test_features_for_the_target_have_positive_attributions_and_against_negative
 def test_a_features_max_activation_is_over_the_attributed_positions_only(tiny_sae_dir):
     """"max act" is read at the positions the SAE is spliced into, not at the leading ones left out (the BOS's massive
     activations would show there): with only the last position spliced it is the activation there."""
-    from sae.attribute import report
-    from sae.model import capture
-    from sae.sae import SAE
+    from sae.analysis.attribute import report
+    from sae.data.model import capture
+    from sae.saes import SAE
 
     sae = SAE.load(tiny_sae_dir)
     model, tokenizer = load_model(sae.cfg.model_name, "cpu")

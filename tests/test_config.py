@@ -84,12 +84,42 @@ def test_help_lists_every_key_with_its_doc():
         assert line in text
 
 
+def test_help_groups_keys_by_section_most_used_first(capsys):
+    """`sae train --help` opens with what to train (the SAE specs, whose own keys are grouped too) and leaves the
+    knobs few people turn for last; a stage's help_sections must name every field exactly once."""
+    import dataclasses
+
+    from sae.cli import STAGES
+    from sae.cli import main as cli_main
+    from sae.config import help_groups
+
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    text = capsys.readouterr().out
+    order = ["what to train:", "  saes: ", "saes[] — the SAE:", "saes[].architecture:", "saes[].k:",
+             "saes[] — variant details:", "saes[].bandwidth:", "  total_tokens:", "optimisation:", "  lr:", "running:",
+             "  wandb_mode:"]
+    assert [text.index(o) for o in order] == sorted(text.index(o) for o in order)
+    for stage in STAGES.values():  # each grouping names every field once (help_groups raises otherwise)
+        cls = stage.load()[0]
+        assert sorted(f.name for _, group in help_groups(cls) for f in group) == sorted(f.name for f in dataclasses.fields(cls))
+
+    @dataclass
+    class Half:
+        help_sections = (("first", ("a",)),)
+        a: int = 1
+        b: int = 2
+
+    with pytest.raises(ValueError, match=r"must name each field once; missing \['b'\]"):
+        help_groups(Half)
+
+
 def test_every_stage_documents_every_key_and_has_defaults():
     """`sae <stage> --help` is generated from field docstrings: none may be missing."""
     import dataclasses
 
     from sae.cli import STAGES
-    from sae.train import SAESpec
+    from sae.training.train import SAESpec
 
     classes = [stage.load()[0] for stage in STAGES.values()] + [SAESpec]
     for cls in classes:

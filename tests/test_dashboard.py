@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 
 import torch
 
-from sae.analyse import AnalyseConfig
-from sae.dashboard.build import analyse
-from sae.dashboard import read_js, write_dashboard, write_js
+from sae.analysis.analyse import AnalyseConfig
+from sae.analysis.dashboard.build import analyse
+from sae.analysis.dashboard import read_js, write_dashboard, write_js
 
 CHROMIUM = Path("/usr/bin/chromium")
 NASTY = ["def", " <script>alert(1)</script>", " &amp;", ' "q\'', "\n", "\t", "  ", ""]
@@ -29,6 +30,10 @@ def browser() -> Path:
     return CHROMIUM
 
 
+STRAY = re.compile(r">\s*(null|undefined|NaN)\s*<")
+"""A JavaScript value that reached the page as text between two elements (a null child of replaceChildren, say)."""
+
+
 def run_chromium(browser: Path, profile: Path, *args: str) -> str:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -39,7 +44,7 @@ def run_chromium(browser: Path, profile: Path, *args: str) -> str:
 
 
 def synthetic_analysis(root: Path) -> None:
-    """Analysis data in the format `sae analyse` writes (see sae.dashboard), with awkward token text.
+    """Analysis data in the format `sae analyse` writes (see sae.analysis.dashboard), with awkward token text.
 
     Context 4 is NASTY itself; position 0 of every context is the excluded BOS (first_pos 1), shown greyed.
     """
@@ -195,6 +200,7 @@ def test_feature_page_shows_contexts_lens_and_histogram(browser, site, tmp_path)
     assert "data/features/0.js" in dom.scripts and "inline" not in dom.scripts
     assert html.count("not in the cache") == 3  # position 0 of each context: the excluded BOS
     assert "Feature 0" in html and "promo0" in html and "supp0" in html and "&amp;lt;" in html
+    assert not STRAY.findall(html), STRAY.findall(html)  # no explanations here: that section is left out, not "null"
     assert html.count('class="bar"') == 4  # one histogram bar per bin
     assert "background-color: rgb(255, 128, 0);" in html  # the hit token is shaded at full strength (alpha 1)
     assert "background-color: rgba(255, 128, 0, 0.5);" in html  # 2.5 of a maximum of 5

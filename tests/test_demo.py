@@ -72,5 +72,6 @@ def test_a_wheel_ships_the_demo_config_and_the_browser(tmp_path):
     from sae.cli import DEMO_CONFIG
 
     assert DEMO_CONFIG.is_relative_to(root / "sae") and DEMO_CONFIG.is_file()
-    for shipped in ["sae/configs/demo.yaml", "sae/dashboard/index.html", "sae/dashboard/app.js"]:
+    for shipped in ["sae/configs/demo.yaml", "sae/analysis/dashboard/index.html", "sae/analysis/dashboard/app.js",
+                    "sae/data/store.py", "sae/saes/topk.py", "sae/training/train.py", "sae/analysis/dashboard/build.py"]:
         assert shipped in names, shipped

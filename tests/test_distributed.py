@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from sae.sae import SAE
+from sae.saes import SAE
 from test_train import make_cache, planted
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""sae.evaluate against hand computations, torch.linalg.svd, and a tiny random Llama with exact SAEs spliced in.
+"""sae.analysis.evaluate against hand computations, torch.linalg.svd, and a tiny random Llama with exact SAEs spliced in.
 
 The tiny cache and hand-built SAEs come from fixtures in conftest.py.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.evaluate import EvalConfig, evaluate, fit_pca, format_table, pca_fvu_curve, reconstruction_metrics
-from sae.sae import SAE, failure_signs
+from sae.analysis.evaluate import EvalConfig, evaluate, fit_pca, format_table, pca_fvu_curve, reconstruction_metrics
+from sae.saes import SAE, failure_signs
 
 def identity_sae(hand_sae, d: int, model: str = "") -> SAE:
     """ReLU(x) − ReLU(−x) = x exactly: features ±e_i, so decode(encode(x)) == x bit for bit."""
@@ -27,8 +27,8 @@ def zero_sae(hand_sae, d: int, model: str = "") -> SAE:
 
 def hand_losses(model_dir: Path, cache: Path, hook: str, n_contexts: int, first: int) -> tuple[float, float, float]:
     """Clean CE, CE with positions >= first zeroed at `hook`, and KL(clean || zeroed), on the first held-out contexts."""
-    from sae.model import hooks, load_model
-    from sae.store import ActivationStore
+    from sae.data.model import hooks, load_model
+    from sae.data.store import ActivationStore
 
     store = ActivationStore(cache)
     model, _ = load_model(str(model_dir), "cpu")

@@ -1,4 +1,4 @@
-"""sae.explain: prompts hold the contexts and their marks, scores computed by hand, resume counted in model calls,
+"""sae.analysis.explain: prompts hold the contexts and their marks, scores computed by hand, resume counted in model calls,
 non-activating windows checked against the cache, and a small run on the embedded SmolLM2."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae import explain as ex
-from sae.analyse import AnalyseConfig
-from sae.dashboard.build import analyse
+from sae.analysis import explain as ex
+from sae.analysis.analyse import AnalyseConfig
+from sae.analysis.dashboard.build import analyse
 from sae.cli import main as cli_main
-from sae.dashboard import read_js
-from sae.explain import Analysis, ExplainConfig, auroc, balanced_accuracy, explain, split_examples
+from sae.analysis.dashboard import read_js
+from sae.analysis.explain import Analysis, ExplainConfig, auroc, balanced_accuracy, explain, split_examples
 
 # ----------------------------------------------------------------------------------------------- by hand
 
@@ -169,8 +169,8 @@ def test_a_second_run_skips_saved_features_and_a_changed_one_is_refused(analysis
 def test_explain_and_score_with_the_embedded_model(analysis, tiny_cache, hook, tmp_path, one_thread):
     """Two features end to end on SmolLM2: held-out contexts really activate (or are really silent on) the feature,
     never repeat what the prompt showed, and batched judging equals one prompt at a time (left padding is right)."""
-    from sae.sae import SAE
-    from sae.store import ActivationStore
+    from sae.saes import SAE
+    from sae.data.store import ActivationStore
 
     folder = copy_of(analysis, tmp_path)
     index = read_js(folder / "data" / "index.js")
@@ -211,7 +211,7 @@ def test_explain_and_score_with_the_embedded_model(analysis, tiny_cache, hook, t
 
 
 def test_cli_says_what_to_do(analysis, tiny_cache, tiny_llama, tmp_path, capsys, monkeypatch):
-    from sae.dashboard import write_js
+    from sae.analysis.dashboard import write_js
 
     assert cli_main(["explain", f"analysis={tmp_path / 'nothing'}"]) == 2
     assert "run `sae analyse` first" in capsys.readouterr().err
@@ -246,7 +246,7 @@ def test_an_explainer_needs_no_hook_map(tmp_path, one_thread):
     from transformers import OPTConfig
 
     from sae import tiny
-    from sae.model import ModelError, load_model
+    from sae.data.model import ModelError, load_model
 
     folder = tiny.save(tmp_path / "opt", OPTConfig(vocab_size=512, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
                                                    num_attention_heads=2, word_embed_proj_dim=16))
@@ -264,7 +264,7 @@ def test_an_analysis_of_a_hub_sae_scores_with_it(analysis, tiny_cache, tmp_path,
 
     import huggingface_hub.constants as constants
 
-    from sae.explain import Analysis, ExplainConfig, negative_places
+    from sae.analysis.explain import Analysis, ExplainConfig, negative_places
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--someone--saes"
@@ -285,7 +285,7 @@ def test_an_analysis_of_an_sae_under_home_scores_with_it(analysis, tiny_cache, t
     """`sae analyse` expands ~ in its SAE's name (a YAML config keeps it), so scoring must too."""
     import shutil
 
-    from sae.explain import Analysis, ExplainConfig, negative_places
+    from sae.analysis.explain import Analysis, ExplainConfig, negative_places
 
     local = Analysis.read(analysis)
     shutil.copytree(local.index["sae"], tmp_path / "s")

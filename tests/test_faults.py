@@ -3,7 +3,7 @@ CLI: each must end in one line on stderr (exit 2) that says what is wrong and le
 recovered by running the same command again to exactly the result of a clean run.
 
 Every test here injects one fault (unless marked `fault(None)`); what it ended in is tallied for the whole session
-(conftest) and printed at the end: `pytest tests/test_faults.py` gives the counts the README quotes."""
+(conftest) and printed at the end: `pytest tests/test_faults.py` gives the counts docs/faults.md quotes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sae.cli import main as cli_main
-from sae.store import ActivationStore, CacheError
+from sae.data.store import ActivationStore, CacheError
 
 RECOVERED, REFUSED, FINISHED = "recovered exactly", "refused with a message", "finished before the kill"
 
@@ -163,8 +163,8 @@ def test_nan_rows_stop_every_stage_and_leave_no_output(stage, extra, cache_copy,
 
 
 def test_analyse_failing_midway_leaves_no_partial_folder(cache_copy, saved_sae, tmp_path, capsys, monkeypatch):
-    import sae.dashboard.export as export
-    from sae.store import NonFiniteError
+    import sae.analysis.dashboard.export as export
+    from sae.data.store import NonFiniteError
 
     written = []
 
@@ -181,8 +181,8 @@ def test_analyse_failing_midway_leaves_no_partial_folder(cache_copy, saved_sae, 
 
 
 def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
-    from sae.dashboard import write_js
-    from sae.store import NonFiniteError, atomic_write_json
+    from sae.analysis.dashboard import write_js
+    from sae.data.store import NonFiniteError, atomic_write_json
 
     for write in (lambda p: atomic_write_json(p, {"fvu": float("nan")}), lambda p: write_js(p, "X", [float("inf")])):
         with pytest.raises(NonFiniteError, match=r"refusing to write .*out\.json: a value is NaN or infinite"):
@@ -193,7 +193,7 @@ def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
 @pytest.mark.fault(None)  # an edge case of the numbers, not a fault
 def test_undefined_ce_recovered_is_null_not_nan(tiny_cache, saved_sae, tmp_path, monkeypatch):
     """When zero-ablating the hook costs nothing, CE recovered is undefined: JSON null and "n/a" in the table."""
-    import sae.evaluate as ev
+    import sae.analysis.evaluate as ev
 
     real = ev.lm_losses
 
@@ -260,7 +260,7 @@ def fill_disk_at(monkeypatch, n: int) -> None:
     """The n-th synced write (1-based) stops half-way with ENOSPC, as a full disk does."""
     import errno
 
-    import sae.store as store
+    import sae.data.store as store
 
     real, calls = store.write_synced, []
 
@@ -297,8 +297,8 @@ def test_disk_full_during_harvest_is_one_line_then_resumes_exactly(tiny_llama, t
 def test_disk_full_while_saving_an_sae_keeps_the_old_folder(saved_sae, monkeypatch):
     import errno
 
-    from sae.sae import SAE
-    from sae.store import DiskFullError
+    from sae.saes import SAE
+    from sae.data.store import DiskFullError
 
     before = {p.name: p.read_bytes() for p in saved_sae.iterdir()}
 
@@ -347,9 +347,9 @@ def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_ca
     the half-written checkpoint removed by the next run, and resume=true finishing the run."""
     import errno
 
-    import sae.train
+    import sae.training.train
 
-    real_save, calls = sae.train.save_file, {"n": 0}
+    real_save, calls = sae.training.train.save_file, {"n": 0}
 
     def full_disk(tensors, path):
         calls["n"] += 1
@@ -357,14 +357,14 @@ def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_ca
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path)
 
-    monkeypatch.setattr(sae.train, "save_file", full_disk)
+    monkeypatch.setattr(sae.training.train, "save_file", full_disk)
     out = tmp_path / "saes"
     args = tiny_train_args(tiny_cache, hook, out, total_tokens=768, checkpoint_every=4)
     line = refused(capsys, *args)
     assert "no space left on device while writing in" in line and "checkpoints" in line
     assert "last good checkpoint is step 4" in line and "resume=true" in line
     assert list((out / "checkpoints").glob(".tmp_step_*"))  # what the full disk interrupted ...
-    monkeypatch.setattr(sae.train, "save_file", real_save)
+    monkeypatch.setattr(sae.training.train, "save_file", real_save)
     assert cli_main([*args, "resume=true"]) == 0
     assert not list((out / "checkpoints").glob(".tmp_step_*"))  # ... is gone once a checkpoint is written
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 12

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae.harvest import HarvestConfig, harvest
-from sae.sae import SAE, SAE_CLASSES, SAEConfig, create_sae
-from sae.store import ActivationStore
-from sae.train import Prefetcher, SAESpec, SAETrainer, TrainConfig, train
+from sae.data.harvest import HarvestConfig, harvest
+from sae.saes import SAE, SAE_CLASSES, SAEConfig, create_sae
+from sae.data.store import ActivationStore
+from sae.training.train import Prefetcher, SAESpec, SAETrainer, TrainConfig, train
 
 DEVICE = torch.device(os.environ.get("SAE_TEST_GPU_DEVICE", "cuda"))
 

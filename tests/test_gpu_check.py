@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sae.sae import SAE_CLASSES
+from sae.saes import SAE_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["model", "tests", "bench_train", "bench_harvest", "cache", "on_the_fly", "ddp"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae import model as model_lib
+from sae.data import model as model_lib
 from sae.cli import main as cli_main
 from sae.config import ConfigError
-from sae.data import DataError, load_texts, pack
-from sae.harvest import HarvestConfig, harvest
-from sae.store import ActivationStore, CacheError, CacheWriter, is_holdout
+from sae.data.text import DataError, load_texts, pack
+from sae.data.harvest import HarvestConfig, harvest
+from sae.data.store import ActivationStore, CacheError, CacheWriter, is_holdout
 
 
 def small_cfg(model: Path, out: Path, **kw) -> HarvestConfig:
@@ -191,8 +191,8 @@ def test_resume_after_kill_9_matches_clean_run(tiny_llama, text_dir, tmp_path):
     harvest(clean)
     killed = tmp_path / "killed"
     script = textwrap.dedent(f"""
-        import torch, sae.model as m
-        from sae.harvest import HarvestConfig, harvest
+        import torch, sae.data.model as m
+        from sae.data.harvest import HarvestConfig, harvest
         orig = m.capture
         def slow(*a, **k):
             import time; time.sleep(0.05)

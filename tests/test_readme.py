@@ -1,9 +1,10 @@
-"""Every `sae ...` command the README shows, run as written against a tiny model, so the README cannot drift.
+"""Every command the README and docs/ show, run as written against a tiny model, so the documentation cannot drift.
 
-The commands are read from README.md's bash blocks; each runs with the README's own arguments (the demo config
-included) plus section overrides that swap the embedded model for the tiny test Llama and shrink the sizes. The
-test runs in a temporary folder holding a copy of `configs/`, so the config's relative `runs/demo/...` paths land
-there.
+The `sae` commands are read from the bash blocks of README.md and docs/*.md (in the order of `PAGES`); each runs with
+its own arguments (the demo config included) plus section overrides that swap the embedded model for the tiny test
+Llama and shrink the sizes. The test runs in a temporary folder holding a copy of `configs/`, so the config's relative
+`runs/demo/...` paths land there. The README's Python tour runs likewise, then the Python blocks of docs/ in its
+namespace.
 """
 
 from __future__ import annotations
@@ -21,13 +22,29 @@ from sae.cli import main as cli_main
 from sae.cli import stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+PAGES = ["README.md", "docs/harvest.md", "docs/train.md", "docs/analyse.md", "docs/planted.md", "docs/benchmarks.md",
+         "docs/gpu.md", "docs/faults.md", "docs/api.md", "docs/architecture.md", "docs/known-gaps.md"]
+"""Every page of the documentation, README first; a test checks no page is missing from it."""
+TEXTS = {page: (ROOT / page).read_text() for page in PAGES}
 DEMO = "configs/demo.yaml"
 TRANSCODER = "configs/transcoder.yaml"
 
 
+def _blocks(language: str, pages: list[str] = PAGES) -> list[str]:
+    return [block for page in pages for block in re.findall(rf"```{language}\n(.*?)```", TEXTS[page], re.S)]
+
+
 def _bash_lines() -> list[str]:
-    return [line for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines()]
+    return [line for block in _blocks("bash") for line in block.splitlines()]
+
+
+def test_every_page_is_read():
+    """A new page under docs/ must join PAGES, or its commands would go untested; and the README stays short."""
+    assert sorted(PAGES[1:]) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    assert len(TEXTS["README.md"].splitlines()) <= 150
+    for page, text in TEXTS.items():  # links between pages resolve
+        for target in re.findall(r"\]\(([\w./-]+\.md)\)", text):
+            assert ((ROOT / page).parent / target).is_file(), (page, target)
 
 
 def readme_commands() -> list[list[str]]:
@@ -72,7 +89,7 @@ def tiny_overrides(tiny_llama: Path, text_dir: Path, hook: str, config: str = DE
     specs = [{**spec, **{k: tiny(spec[k]) for k in ("hook", "hook_out") if k in spec}} for spec in demo["train"]["saes"]]
     hooks = [tiny(h) for h in demo["harvest"]["hooks"]]
     assert config != DEMO or hooks == [hook]
-    from sae.train import SAESpec
+    from sae.training.train import SAESpec
 
     first = Path(demo["train"]["out"]) / SAESpec(**specs[0]).run_name
     return [
@@ -110,8 +127,8 @@ def test_readme_alternative_overrides_are_valid():
 
 def test_score_default_is_the_demo_topk_sae():
     """`sae score --config configs/demo.yaml` relies on ScoreConfig's default naming the demo's first SAE."""
-    from sae.analyse import ScoreConfig
-    from sae.train import SAESpec
+    from sae.analysis.analyse import ScoreConfig
+    from sae.training.train import SAESpec
 
     demo = yaml.safe_load((ROOT / DEMO).read_text())
     assert ScoreConfig(text="x").sae == str(Path(demo["train"]["out"]) / SAESpec(**demo["train"]["saes"][0]).run_name)
@@ -201,3 +218,41 @@ def test_readme_transcoder_demo_runs_as_written(tiny_llama, text_dir, hook, tmp_
         (True, False, "blocks.1.hook_mlp_out"), (True, True, "blocks.1.hook_mlp_out")]
     assert all(entry["baseline"] == "linear" for entry in results["pca"].values())
     assert any((folder / "runs" / "transcoder" / "analysis").glob("*/index.html"))
+
+
+TOUR_ON_TINY = [
+    ('model="smollm2"', 'model={model!r}, dataset={texts!r}, context_size=32, batch_size=8, shard_tokens=600, '
+                        'eval_fraction=0.25'),
+    ("max_tokens=200_000", "max_tokens=2400"),
+    ('hook = "blocks.15.hook_resid_post"', "hook = {hook!r}"),
+    ('out="runs/x/saes"', 'out="runs/x/saes", total_tokens=1536, shuffle_rows=600, wandb_mode="disabled"'),
+    ('out="runs/x/eval"', 'out="runs/x/eval", lm_loss_contexts=4'),
+    ('out="runs/x/analysis"', 'out="runs/x/analysis", n_top=5'),
+    ("holdout([hook], 1000)", "holdout([hook], 100)"),
+    ('sae.load_model("smollm2")', "sae.load_model({model!r})"),
+    ("max_new_tokens=8", "max_new_tokens=4"),
+]
+"""(as written, on the tiny Llama at tiny sizes): what the README's Python tour runs with here."""
+
+
+def test_python_tour_and_docs_python_blocks_run(tiny_llama, text_dir, hook, tmp_path, monkeypatch, capsys):
+    """The README's 15-line tour, as written but for the model and the sizes, then every Python block of docs/ in
+    the tour's namespace."""
+    monkeypatch.chdir(tmp_path)
+    (tour,) = _blocks("python", ["README.md"])
+    assert len(tour.strip().splitlines()) <= 16  # the import and 15 lines
+    for old, new in TOUR_ON_TINY:
+        assert tour.count(old) == 1, old
+        tour = tour.replace(old, new.format(model=str(tiny_llama), texts=str(text_dir), hook=hook))
+    namespace: dict = {}
+    exec(compile(tour, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "| steered (add #" in printed and "features for" in printed
+    assert [r["name"] for r in namespace["results"]["saes"]] == [namespace["folders"][0].name]
+    assert namespace["browser"].name == "index.html" and namespace["browser"].is_file()
+    assert namespace["f"].shape == (100, namespace["model"].cfg.d_sae)
+    docs = _blocks("python", PAGES[1:])
+    assert docs
+    for block in docs:
+        exec(compile(block, "docs", "exec"), namespace)
+    assert namespace["spliced"].shape[:2] == namespace["ids"].shape

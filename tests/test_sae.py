@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae.sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
+from sae.saes import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -297,7 +297,7 @@ def _two_saes() -> tuple[SAE, SAE]:
 
 @pytest.mark.parametrize("swap", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_save_replaces_an_sae_folder_whole(swap, tmp_path, monkeypatch):
-    import sae.store as store
+    import sae.data.store as store
 
     if not swap:  # a system without an atomic swap
         monkeypatch.setattr(store, "_exchange", lambda a, b: False)
@@ -312,7 +312,7 @@ def test_save_replaces_an_sae_folder_whole(swap, tmp_path, monkeypatch):
 
 def test_save_that_fails_midway_keeps_the_old_folder_intact(tmp_path, monkeypatch):
     """A failure after the weights are written (here: while writing cfg.json) leaves the old weights and cfg."""
-    import sae.sae as sae_mod
+    import sae.saes.formats as sae_mod
 
     old, new = _two_saes()
     old.save(tmp_path / "s")
@@ -343,7 +343,7 @@ def test_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     import os
     import stat
 
-    import sae.store as store
+    import sae.data.store as store
 
     events = []
     real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.sae import INIT_BLOCK, SAEConfig, create_sae
-from sae.sharded import shard, shard_winners
-from sae.train import TrainError
+from sae.saes import INIT_BLOCK, SAEConfig, create_sae
+from sae.training.sharded import shard, shard_winners
+from sae.training.train import TrainError
 from test_distributed import _config, _sae_train, _weights, cache  # noqa: F401 - cache is a fixture
 
 

@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from sae.cli import main
-from sae.harvest import HarvestConfig, harvest
-from sae.sae import SAE
-from sae.source import ModelSource, SourceError
-from sae.store import ActivationStore
-from sae.train import Prefetcher, SAESpec, TrainConfig, train
+from sae.data.harvest import HarvestConfig, harvest
+from sae.saes import SAE
+from sae.data.source import ModelSource, SourceError
+from sae.data.store import ActivationStore
+from sae.training.train import Prefetcher, SAESpec, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HOOK = "blocks.1.hook_resid_post"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.analyse import logit_lens
+from sae.analysis.analyse import logit_lens
 from sae.cli import main as cli_main
-from sae.model import capture, final_norm
-from sae.steer import Steered, format_steered, steer, steering
+from sae.data.model import capture, final_norm
+from sae.analysis.steer import Steered, format_steered, steer, steering
 
 PROMPT = "def parse(text):\n    return"
 
@@ -32,7 +32,7 @@ def test_adding_a_feature_raises_its_logit_lens_tokens(smollm2, smollm2_sae):
     log-probability of d_j's own top-10 logit-lens tokens, relative to the vocabulary's, by over 1 nat, and by more
     than a push of the same norm in any of 3 random directions does: the rise comes from d_j's direction, not from any large push. (Another feature's
     direction may raise them more: decoder directions are not orthogonal, and the lens reads the last layer only.)"""
-    from sae.model import hooks
+    from sae.data.model import hooks
 
     model, tokenizer = smollm2
     sae = smollm2_sae

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sae.train as train_module
-from sae.sae import SAE, SAEConfig, create_sae
-from sae.store import ActivationStore, CacheError, CacheWriter
-from sae.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
+import sae.training.train as train_module
+from sae.saes import SAE, SAEConfig, create_sae
+from sae.data.store import ActivationStore, CacheError, CacheWriter
+from sae.training.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
                        default_batch_size, default_lr, train)
 
 
@@ -299,7 +299,7 @@ def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, cap
     batch, the dead window here: ≥ 87.5% dead. Both end with a warning line, printed again when the finished run is
     resumed; the healthy TopK gets none."""
     from sae.cli import main
-    from sae.sae import SAE_CLASSES
+    from sae.saes import SAE_CLASSES
 
     relu = SAE_CLASSES["relu_l1"]
     init = relu.initialise_from_data
@@ -425,7 +425,7 @@ def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeyp
 
 
 def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_that_fits():
-    from sae.plan import PlanError, SAECost, check_fits
+    from sae.training.plan import PlanError, SAECost, check_fits
 
     costs = [SAECost("small", "topk", 576, 4608, 4096), SAECost("big", "relu_l1", 576, 2**20, 4096)]
     free = 8 * 2**30
@@ -451,7 +451,7 @@ def test_too_wide_sae_is_refused_at_the_cli_before_anything_is_allocated(tmp_pat
 
 def test_relu_bias_learns_faster_in_an_sae_only():
     """ReLU+L1's b_enc gets √d_in × the lr in an SAE (ReLUL1SAE says why), not in a transcoder or another variant."""
-    from sae.trainer import SAETrainer
+    from sae.training.trainer import SAETrainer
 
     def lrs(arch, **kw):
         trainer = SAETrainer(create_sae(SAEConfig(arch, 16, 64, **kw)), lr=1e-3, total_steps=10)
@@ -464,7 +464,7 @@ def test_relu_bias_learns_faster_in_an_sae_only():
 def test_a_topk_run_from_before_two_defaults_changed_still_resumes():
     """l1_coefficient's default moved 5 → 3 and threshold_momentum's 0.01 → 0.05; a checkpoint's TopK spec still says
     5 and 0.01, which TopK never read, while the variants that read them must resume with them."""
-    from sae.train import _flat_run_config
+    from sae.training.train import _flat_run_config
 
     def run(arch, l1, momentum):
         spec = {"architecture": arch, "hook": "h", "l1_coefficient": l1, "threshold_momentum": momentum}

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from test_train import make_cache, mean_max_cos
 
-from sae.evaluate import EvalConfig, evaluate_saes, fit_linear, linear_fvu_curve, lm_losses
-from sae.sae import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
-from sae.train import SAESpec, TrainConfig, train
+from sae.analysis.evaluate import EvalConfig, evaluate_saes, fit_linear, linear_fvu_curve, lm_losses
+from sae.saes import SAE, SAE_CLASSES, SAEConfig, SAEFormatError, create_sae
+from sae.training.train import SAESpec, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,9 +238,9 @@ def test_splice_replaces_the_mlp_output(tiny_llama, text_dir, tmp_path):
     """CE with the transcoder spliced in: a transcoder whose output is 0 is exactly the zero-ablated MLP (CE
     recovered 0), and one whose skip path copies its input (the MLP's residual input, hook_mlp_in) gives the same
     loss as a forward that adds that input in the MLP's place."""
-    from sae.harvest import HarvestConfig, harvest
-    from sae.model import hooks, load_model
-    from sae.store import ActivationStore
+    from sae.data.harvest import HarvestConfig, harvest
+    from sae.data.model import hooks, load_model
+    from sae.data.store import ActivationStore
 
     hook_in, hook_out = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
     cache = harvest(HarvestConfig(model=str(tiny_llama), hooks=[hook_in, hook_out], dataset=str(text_dir),
@@ -273,12 +273,12 @@ def test_smollm2_layer15_mlp_transcoder_beats_the_linear_map(tmp_path):
     """SmolLM2's layer-15 MLP (ln2.hook_normalized → hook_mlp_out): a TopK transcoder trained on a small cache beats
     the least-squares linear map of rank L0 on held-out FVU, and recovers most of the CE loss when it replaces the
     MLP; the analysis ranks its features by their input tokens."""
-    from sae.analyse import AnalyseConfig
-    from sae.dashboard import read_js
-    from sae.dashboard.build import analyse
-    from sae.harvest import HarvestConfig, harvest
-    from sae.model import load_model
-    from sae.store import ActivationStore
+    from sae.analysis.analyse import AnalyseConfig
+    from sae.analysis.dashboard import read_js
+    from sae.analysis.dashboard.build import analyse
+    from sae.data.harvest import HarvestConfig, harvest
+    from sae.data.model import load_model
+    from sae.data.store import ActivationStore
 
     hook_in, hook_out = "blocks.15.ln2.hook_normalized", "blocks.15.hook_mlp_out"
     cache = harvest(HarvestConfig(hooks=[hook_in, hook_out], context_size=128, max_tokens=24_000, batch_size=8,
@@ -308,8 +308,8 @@ def test_smollm2_layer15_mlp_transcoder_beats_the_linear_map(tmp_path):
 def test_steering_a_transcoder_feature_adds_its_direction_at_the_output_hook(tiny_llama):
     """`sae steer` on a transcoder edits its features from the input hook and changes the output hook by exactly
     α × the feature's raw decoder direction (its error kept); α = 0 leaves the logits bit for bit."""
-    from sae.model import hooks, load_model
-    from sae.steer import steering
+    from sae.data.model import hooks, load_model
+    from sae.analysis.steer import steering
 
     hook_in, hook_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
     model, _ = load_model(str(tiny_llama), "cpu")

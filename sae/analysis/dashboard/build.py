@@ -1,0 +1,63 @@
+"""The `sae analyse` stage: load the SAEs and the model, run the streaming pass (`sae.analysis.analyse`) and write the browser's
+data (`sae.analysis.dashboard.export`). It sits above both, so `sae.analysis.analyse` never imports the dashboard."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sae.analysis.analyse import AnalyseConfig, logit_lens, stream_features
+from sae.analysis.dashboard import write_dashboard
+from sae.analysis.dashboard.export import write_analysis
+from sae.analysis.evaluate import check_matches, load_saes
+
+
+def run(cfg: AnalyseConfig) -> Path:
+    """The `sae analyse` stage (``sae.analyse``): the analysis, then the browser's pages; returns the index.html to
+    open."""
+    return write_dashboard(analyse(cfg))
+
+
+def analyse(cfg: AnalyseConfig) -> Path:
+    """Analyse the SAE (or each SAE of a folder) into the feature browser's data; returns `cfg.out`.
+
+    With several SAEs the model (tokenizer, final norm, unembedding) is loaded once and each SAE is written to
+    `<out>/<its folder name>/`; `sae.analysis.dashboard.write_dashboard(out)` then makes one browser per SAE plus an index.
+    """
+    from sae.data.model import final_norm, load_model, pick_device
+    from sae.data.store import ActivationStore
+
+    store = ActivationStore(cfg.cache)
+    device = pick_device(cfg.device)
+    saes = load_saes([cfg.sae], device)
+    for name, sae in saes.items():
+        check_matches(sae, store, name)
+    model, tokenizer = load_model(store.model_name, str(device))
+    out = Path(cfg.out)
+    # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one.
+    shutil.rmtree(out / "data", ignore_errors=True)
+    for name, sae in saes.items():
+        target, source = (out / name, Path(cfg.sae) / name) if len(saes) > 1 else (out, Path(cfg.sae))
+        shutil.rmtree(target / "data", ignore_errors=True)
+        stats = stream_features(store, sae, cfg)
+        live = (stats.n_active > 0).nonzero().squeeze(1)
+        lens = logit_lens(sae.W_dec[live], final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
+        with discard_on_error(target):
+            write_analysis(target, source, stats, lens, sae, store, tokenizer, cfg)
+    return out
+
+
+@contextmanager
+def discard_on_error(folder: Path) -> Iterator[None]:
+    """Remove what a failed write put in `folder` (and the folder, if it made it): a half-written analysis would
+    otherwise look like data."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder / "data", ignore_errors=True)
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

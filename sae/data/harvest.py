@@ -1,0 +1,207 @@
+"""Harvest: run text through the model and cache the activations at the named hooks.
+
+The loop is deliberately thin — packed contexts in, one forward that stops after the deepest hook, a cast to
+the storage dtype, and a hand-off to the writer thread — so that it runs at the speed of the forward pass itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from sae.config import HelpSections
+from sae.data import model as model_lib
+from sae.data.text import DataError, bos_token, load_texts, pack
+from sae.data.store import DTYPES, CacheError, CacheWriter
+
+
+@dataclass
+class HarvestConfig:
+    """The `harvest:` section: the model, its hook points, the text and how it is packed into contexts, and the cache
+    the activations are written to."""
+
+    help_sections: ClassVar[HelpSections] = (
+        ("what to run", ("model", "hooks", "dataset", "max_tokens", "out")),
+        ("text and contexts", ("dataset_split", "text_column", "context_size", "prepend_bos", "exclude_first", "eval_fraction")),
+        ("storage and speed", ("dtype", "model_dtype", "device", "batch_size", "shard_tokens", "repair")),
+    )
+    """`--help` groups, most used first (``sae.config.describe``)."""
+
+    model: str = "smollm2"
+    """Model: "smollm2" (embedded GGUF), a .gguf file, a local Hugging Face folder, or a hub id."""
+    hooks: list[str] = field(default_factory=lambda: ["blocks.15.hook_resid_post"])
+    """Hook points, TransformerLens style: blocks.{i}.hook_resid_pre|hook_attn_out|hook_mlp_in|ln2.hook_normalized|hook_mlp_out|hook_resid_post."""
+    dataset: str = "stdlib"
+    """Text: "stdlib" (the Python standard library's source), a local file/folder, or a hub dataset id (streamed)."""
+    dataset_split: str = "train"
+    """Split of a hub dataset."""
+    text_column: str = "text"
+    """Column holding the text, for json/jsonl/parquet/csv/hub datasets."""
+    context_size: int = 128
+    """Tokens per context, BOS included."""
+    prepend_bos: bool = True
+    """Start every context with the BOS token (as SAELens does), so position 0 is always the same token."""
+    exclude_first: int = 2
+    """Leading positions of each context whose rows are not stored (true = 1). They carry "massive activations":
+    in SmolLM2's layer-15 residual, position 0 (BOS) has norm ≈ 24,000 and position 1 up to 25,000 on some tokens
+    (mean 394), against ≈ 175 at every later position (max 252); left in, a few such rows dominate the MSE."""
+    max_tokens: int = 300_000
+    """Rows to store per hook (rounded up to whole contexts); fewer if the dataset runs out first."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    shard_tokens: int = 65_536
+    """Rows per shard (rounded up to whole batches of contexts); bounds the training reader's memory."""
+    dtype: str = "float16"
+    """Storage dtype: float16 (default: half the disk of float32, relative error 2e-4 on SmolLM2), bfloat16 (1.6e-3) or float32."""
+    model_dtype: str = "auto"
+    """Dtype the model runs in: "auto" (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
+    eval_fraction: float = 0.05
+    """Fraction of contexts held out from training (chosen by a hash of the context index)."""
+    out: str = "runs/demo/cache"
+    """Cache folder. Running again with the same config resumes an interrupted harvest."""
+    repair: bool = False
+    """Check every listed shard and re-harvest exactly those missing or failing their checksum (the text stream is
+    deterministic, so they come back byte-identical), then finish the cache if it is incomplete."""
+
+
+def check_config(cfg: HarvestConfig) -> None:
+    if cfg.dtype not in DTYPES:
+        raise CacheError(f"dtype {cfg.dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}")
+    if not cfg.hooks:
+        raise CacheError("hooks is empty; name at least one, e.g. blocks.15.hook_resid_post")
+    if cfg.context_size < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1:
+        raise CacheError("context_size must be ≥ 2, batch_size and max_tokens ≥ 1")
+    if not 0 <= int(cfg.exclude_first) < cfg.context_size:
+        raise CacheError(f"exclude_first must be between 0 and context_size - 1 = {cfg.context_size - 1}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise CacheError("eval_fraction must be in [0, 1)")
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    """Fill (or finish) the cache at `cfg.out`; returns its path."""
+    check_config(cfg)
+    model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
+    return harvest_with(cfg, model, tokenizer)
+
+
+def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
+    """`harvest` with the model already loaded (benchmarks and notebooks keep one model across runs)."""
+    with _no_empty_folder_left(Path(cfg.out)):
+        return _harvest_into(cfg, model, tokenizer)
+
+
+@contextmanager
+def _no_empty_folder_left(folder: Path) -> Iterator[None]:
+    """A harvest that fails before its first shard (no network, a bad dataset) removes the `out` folder it made,
+    so a retry or another config does not meet a puzzling empty folder."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
+    check_config(cfg)
+    for name in cfg.hooks:
+        model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
+    device = next(model.parameters()).device
+    first_pos = int(cfg.exclude_first)
+    rows_per_context = cfg.context_size - first_pos
+    max_contexts = math.ceil(cfg.max_tokens / rows_per_context)
+    per_shard = math.ceil(cfg.shard_tokens / rows_per_context / cfg.batch_size) * cfg.batch_size
+    meta = {
+        "model": cfg.model,
+        "hooks": {h: model.config.hidden_size for h in cfg.hooks},
+        "dtype": cfg.dtype,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "context_size": cfg.context_size,
+        "prepend_bos": cfg.prepend_bos,
+        "exclude_first": int(cfg.exclude_first),
+        "bos_token_id": bos_token(tokenizer),
+        "dataset": {"name": cfg.dataset, "split": cfg.dataset_split, "text_column": cfg.text_column},
+        "eval_fraction": cfg.eval_fraction,
+        "max_contexts": max_contexts,
+    }
+    writer = CacheWriter(cfg.out, meta, per_shard)
+    try:
+        if cfg.repair:
+            _repair(cfg, writer, model, tokenizer)
+        if writer.complete:
+            print(f"cache at {cfg.out} is already complete ({writer.contexts_done} contexts)")
+            return Path(cfg.out)
+        done = writer.contexts_done
+        # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
+        stream = itertools.islice(contexts(cfg, tokenizer), done, max_contexts)
+        n_done = done
+        bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
+        with bar, torch.inference_mode():  # the bar is closed before an error's message is printed, not after
+            while batch := list(itertools.islice(stream, cfg.batch_size)):
+                ids = torch.tensor(batch, device=device)
+                writer.add(_stored_acts(model, ids, cfg), ids.cpu(), first_pos)
+                n_done += len(batch)
+                bar.update(len(batch) * rows_per_context)
+        if n_done == 0:
+            raise DataError(f"dataset {cfg.dataset!r} yielded fewer than {cfg.context_size} tokens: nothing to harvest")
+        if n_done < max_contexts:
+            print(f"dataset ran out after {n_done * rows_per_context} tokens (asked for {cfg.max_tokens})")
+        writer.finish(first_pos)
+    finally:
+        writer.close()
+    return Path(cfg.out)
+
+
+def contexts(cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
+    """The packed context stream, the same on every run (resume, repair and on-the-fly training rely on that)."""
+    return pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
+
+
+def forward_rows(model, ids: torch.Tensor, hooks: list[str], first_pos: int, storage: torch.dtype) -> dict[str, torch.Tensor]:
+    """Activations [n_ctx, context_size - first_pos, d] at `hooks` for contexts `ids`, in the storage dtype and on
+    the model's device: one forward that stops after the deepest hook. Harvest and on-the-fly training share it,
+    so a live run sees exactly the rows a cache would hold."""
+    acts = model_lib.capture(model, ids, hooks)
+    return {h: _to_storage(acts[h][:, first_pos:], storage, h) for h in hooks}
+
+
+def _stored_acts(model, ids: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
+    """A batch's rows as the cache stores them (on the CPU)."""
+    acts = forward_rows(model, ids, cfg.hooks, int(cfg.exclude_first), DTYPES[cfg.dtype])
+    return {h: t.cpu() for h, t in acts.items()}
+
+
+def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer) -> None:
+    """Re-harvest exactly the listed shards that are missing or corrupt, in the batches the harvest used (shards
+    start at multiples of batch_size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
+    damaged = writer.damaged_shards()
+    device = next(model.parameters()).device
+    for index in damaged:
+        start = index * writer.contexts_per_shard
+        stream = itertools.islice(contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])
+        parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        with torch.inference_mode():
+            while batch := list(itertools.islice(stream, cfg.batch_size)):
+                ids = torch.tensor(batch, device=device)
+                parts.append((_stored_acts(model, ids, cfg), ids.cpu()))
+        acts = {h: torch.cat([a[h] for a, _ in parts]) for h in cfg.hooks}
+        writer.rewrite(index, acts, torch.cat([t for _, t in parts]), int(cfg.exclude_first))
+    print(f"repair: {len(damaged)} of {len(writer.manifest['shards'])} shards re-harvested"
+          + (f" ({', '.join(writer.manifest['shards'][i]['file'] for i in damaged)})" if damaged else ""))
+
+
+def _to_storage(t: torch.Tensor, dtype: torch.dtype, hook: str) -> torch.Tensor:
+    """Cast to the storage dtype on the model's device (less to copy), refusing values float16 cannot hold."""
+    if dtype == torch.float16 and t.abs().max() > torch.finfo(torch.float16).max:
+        raise CacheError(f"activations at {hook} exceed the float16 range; harvest with dtype=bfloat16 or float32")
+    return t.to(dtype)

@@ -1,0 +1,840 @@
+"""The activation cache: safetensors shards plus a JSON manifest, written atomically and read back three ways.
+
+Layout (format 1)::
+
+    cache/manifest.json            what made the cache (model, hooks {name: d}, dtype, context_size, dataset, ...),
+                                   shards [{file, contexts, rows, sha256}], complete: bool
+    cache/shard_00000.safetensors  one [rows, d] tensor per hook; tokens, seq, pos [rows] (int32);
+                                   context_tokens [contexts, context_size] (int32)
+
+Every shard holds the same number of whole contexts (`contexts_per_shard`), so shard i covers contexts
+[i·C, (i+1)·C) and a row's place follows from its (seq, pos) alone. A shard enters the manifest only after it is
+fully written and renamed into place; a restarted harvest continues after the listed shards, so a kill at any
+moment loses at most the shard being written and never duplicates one.
+
+The held-out split is by whole context, from a hash of the context index, so it needs no extra file, is the same
+for every reader, and exists even in a one-shard cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import hashlib
+import json
+import os
+import shutil
+import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_bytes
+from torch import Tensor
+
+from sae.config import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META_KEYS = ("tokens", "seq", "pos", "context_tokens")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CacheError(UserError):
+    """A cache that cannot be read or extended; the message names the file and what to do."""
+
+
+#: What to do about a missing or corrupt shard (harvest.py's `repair` does it).
+REPAIR_HINT = ("run `sae harvest` again with the cache's config plus repair=true to re-harvest exactly the missing "
+               "or corrupt shards")
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: the bytes are on disk before any rename makes them visible."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: a rename inside it survives a power cut only once the directory itself is synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskFullError(UserError):
+    """ENOSPC while writing: nothing half-written is kept, and the same command resumes once there is space."""
+
+
+@contextmanager
+def disk_full_reported(folder: Path, then: str = "run the same command again to continue") -> Iterator[None]:
+    """Turn ENOSPC into one line naming the folder (an OSError traceback says neither where nor what to do)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(f"no space left on device while writing in {folder}; free some space there (or use "
+                            f"another folder), then {then}") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new, never half.
+    A failed write removes its temp file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with disk_full_reported(path.parent):
+        try:
+            write_synced(tmp, data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system lacks it."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):  # a kernel or filesystem without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put folder `new` at `path` in one rename, swapping out an old folder there (then deleting it)."""
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # now the old folder
+    else:  # no atomic swap here: move the old folder aside first; a crash in between leaves it beside `path`
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path, name: str | None = None) -> None:
+    """Delete the `.<name>.tmp*` / `.<name>.old*` files and folders (any name by default) that a process killed
+    mid-write leaves; nothing ever reads them, and they would fill the disk over many restarts."""
+    stem = "*" if name is None else glob.escape(name)
+    for pattern in (f".{stem}.tmp*", f".{stem}.old*"):
+        for stale in folder.glob(pattern):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temp folder beside `path` to fill; when the block ends its files are fsynced and it replaces `path` in one
+    rename, so the folder appears whole or not at all. On an error the temp folder is removed and `path` is kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        with disk_full_reported(path.parent):
+            yield tmp
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            _replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NonFiniteError(UserError):
+    """NaN or inf where a number is needed: in cached activations, or in a value about to be written as JSON."""
+
+
+def to_json(obj: Any, path: Path, **kw: Any) -> str:
+    """Strict JSON: bare NaN/Infinity, which Python would write by default, breaks every other JSON parser."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError as err:
+        raise NonFiniteError(f"refusing to write {path}: a value is NaN or infinite ({err}); nothing was written") from None
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, to_json(obj, path, indent=1).encode())
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Stop at NaN/inf activations, saying where: one such row turns every mean, sort and histogram into NaN."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        raise NonFiniteError(f"{int(bad.sum())} of {len(x)} rows of {what} hold NaN/inf values; the cache is corrupt "
+                             "or the model overflowed its storage dtype (harvest again, with dtype=float32 if so)")
+
+
+SPLITS = ("train", "eval", "all")
+
+
+def split_mask(seq: Tensor, fraction: float, split: str) -> Tensor:
+    """Rows of `split` among rows from contexts `seq`: "eval" = held out, "train" = the rest, "all" = every row."""
+    if split not in SPLITS:
+        raise CacheError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    held = is_holdout(seq, fraction)
+    return held if split == "eval" else ~held if split == "train" else torch.ones_like(held)
+
+
+def is_holdout(seq: Tensor, fraction: float) -> Tensor:
+    """Held-out mask for context indices: a multiplicative hash, so the split is spread evenly through the data."""
+    if fraction <= 0:
+        return torch.zeros_like(seq, dtype=torch.bool)
+    hashed = (seq.long() * 2654435761) % (2**32)
+    return hashed < int(fraction * 2**32)
+
+
+@dataclass
+class Rows:
+    """A run of cached tokens in cache order."""
+
+    acts: dict[str, Tensor]
+    """hook name → float32 [n, d] activations."""
+    tokens: Tensor
+    """int64 [n] token id at each row."""
+    seq: Tensor
+    """int64 [n] index of the context each row comes from."""
+    pos: Tensor
+    """int64 [n] position of the row within its context."""
+
+
+#: Manifest keys every reader relies on, with their JSON types (the others are provenance, read with .get).
+MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "hooks": dict, "dtype": str, "context_size": int, "exclude_first": (int, bool),
+    "eval_fraction": (int, float), "contexts_per_shard": int, "shards": list, "complete": bool,
+}
+SHARD_TYPES: dict[str, type] = {"file": str, "contexts": int, "rows": int, "sha256": str}
+
+
+def _type_problem(obj: dict[str, Any], types: dict[str, Any], where: str) -> str | None:
+    for key, tp in types.items():
+        if key not in obj:
+            return f"{where}key {key!r} is missing"
+        value = obj[key]
+        if not isinstance(value, tp) or (isinstance(value, bool) and tp in (int, (int, float))):
+            names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            return f"{where}{key!r} should be {names}, not {value!r}"
+    return None
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """What in a manifest would crash a reader later (a missing key, a wrong type, a value out of range), or None."""
+    problem = _type_problem(m, MANIFEST_TYPES, "")
+    if problem:
+        return problem
+    bad_hooks = {h: d for h, d in m["hooks"].items() if not isinstance(d, int) or isinstance(d, bool) or d <= 0}
+    checks = [
+        (not m["hooks"] or bad_hooks, f"'hooks' should map hook names to widths > 0, not {m['hooks']!r}"),
+        (m["dtype"] not in DTYPES, f"'dtype' {m['dtype']!r} is not one of {', '.join(DTYPES)}"),
+        (not 0 <= int(m["exclude_first"]) < m["context_size"], f"'exclude_first' {m['exclude_first']!r} should be "
+                                                                f"between 0 and context_size - 1 = {m['context_size'] - 1}"),
+        (not 0 <= m["eval_fraction"] < 1, f"'eval_fraction' {m['eval_fraction']!r} should be in [0, 1)"),
+        (m["contexts_per_shard"] < 1, f"'contexts_per_shard' {m['contexts_per_shard']!r} should be ≥ 1"),
+    ]
+    shards = [f"shards[{i}] should be an object, not {shard!r}" if not isinstance(shard, dict)
+              else _type_problem(shard, SHARD_TYPES, f"shards[{i}]: ")
+              or (f"shards[{i}] is {shard['file']!r}, not shard_{i:05d}.safetensors (an entry was removed: shard i "
+                  "holds contexts from i × contexts_per_shard on)" if shard["file"] != f"shard_{i:05d}.safetensors" else None)
+              for i, shard in enumerate(m["shards"])]
+    return next((msg for bad, msg in checks if bad), None) or next(filter(None, shards), None)
+
+
+def width_problem(path: Path, m: dict[str, Any]) -> str | None:
+    """The manifest's width of each hook against the first shard's tensors (a header read: no data is loaded).
+    An unreadable shard is left to `load_shard`, whose message says how to repair it."""
+    if not m["shards"]:
+        return None
+    file = m["shards"][0]["file"]
+    try:
+        with safe_open(str(path / file), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError):
+        return None
+    for hook, d in m["hooks"].items():
+        if hook not in shapes:
+            return f"hook {hook!r} is listed but {file} holds no such tensor"
+        if shapes[hook][1:] != [d]:
+            return f"hooks[{hook!r}] says d_model {d} but {file} holds {hook} of shape {shapes[hook]}"
+    return None
+
+
+class ActivationStore:
+    """Read side of a cache: metadata, shard access with checksums, and the readers built on them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        file = self.path / MANIFEST
+        if not file.is_file():
+            raise CacheError(f"no activation cache at {str(self.path)!r} (missing {MANIFEST}); run `sae harvest` first")
+        try:
+            self.manifest: dict[str, Any] = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise CacheError(f"{file} is corrupt ({err}); delete the cache folder and harvest again") from err
+        if not isinstance(self.manifest, dict):
+            raise CacheError(f"{file} is damaged: it holds no JSON object; harvest again into a fresh folder")
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise CacheError(f"{file} has format {self.manifest.get('format')!r}; this sae reads format {FORMAT_VERSION}")
+        problem = manifest_problem(self.manifest) or width_problem(self.path, self.manifest)
+        if problem:
+            raise CacheError(f"{file} is damaged: {problem}; restore it or harvest again into a fresh folder")
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+        self._shard_locks: dict[int, threading.Lock] = {}
+
+    # ----------------------------------------------------------------------------------------- metadata
+    @property
+    def hooks(self) -> dict[str, int]:
+        return dict(self.manifest["hooks"])
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def context_size(self) -> int:
+        return self.manifest["context_size"]
+
+    @property
+    def exclude_first(self) -> bool:
+        """Whether leading positions were dropped (see `first_pos` for how many)."""
+        return bool(self.manifest["exclude_first"])
+
+    @property
+    def prepend_bos(self) -> bool:
+        return bool(self.manifest.get("prepend_bos"))
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The BOS token every context starts with; None when contexts were not given one."""
+        return self.manifest.get("bos_token_id") if self.prepend_bos else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def first_pos(self) -> int:
+        """First stored position of every context: rows before it were not harvested."""
+        return int(self.manifest["exclude_first"])
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_size - self.first_pos
+
+    @property
+    def contexts_per_shard(self) -> int:
+        return self.manifest["contexts_per_shard"]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.manifest["shards"]
+
+    @property
+    def eval_fraction(self) -> float:
+        return self.manifest["eval_fraction"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def n_contexts(self) -> int:
+        return sum(s["contexts"] for s in self.shards)
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_contexts * self.rows_per_context
+
+    def shard_seqs(self, i: int) -> Tensor:
+        start = i * self.contexts_per_shard
+        return torch.arange(start, start + self.shards[i]["contexts"])
+
+    def _split_rows(self, i: int, split: str) -> int:
+        return int(split_mask(self.shard_seqs(i), self.eval_fraction, split).sum()) * self.rows_per_context
+
+    def _split_row_index(self, i: int, split: str) -> Tensor:
+        """Indices of shard i's rows of one split, in file order, from the manifest alone (no file read)."""
+        contexts = split_mask(self.shard_seqs(i), self.eval_fraction, split)
+        return contexts.repeat_interleave(self.rows_per_context).nonzero().squeeze(1)
+
+    @property
+    def n_train_rows(self) -> int:
+        return sum(self._split_rows(i, "train") for i in range(len(self.shards)))
+
+    @property
+    def n_eval_rows(self) -> int:
+        return sum(self._split_rows(i, "eval") for i in range(len(self.shards)))
+
+    def check_hooks(self, hooks: list[str]) -> None:
+        missing = [h for h in hooks if h not in self.hooks]
+        if missing:
+            raise CacheError(f"hook(s) {missing} are not in the cache at {self.path}; it holds {list(self.hooks)}")
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            raise CacheError(
+                f"the cache at {self.path} is incomplete (harvest interrupted?); "
+                "run `sae harvest` again with the same config to finish it"
+            )
+        if not self.shards:
+            raise CacheError(f"the cache at {self.path} holds no shards")
+
+    # ----------------------------------------------------------------------------------------- shards
+    def shard_file(self, i: int) -> Path:
+        """Shard i's file, which must exist: a listed shard that is gone means the cache was tampered with."""
+        file = self.path / self.shards[i]["file"]
+        if not file.is_file():
+            raise CacheError(f"shard {file} listed in the manifest is missing; {REPAIR_HINT}")
+        return file
+
+    def verify_shard(self, i: int) -> Path:
+        """Check shard i against its manifest checksum once per store, and return its file.
+
+        Each shard has its own lock so that several threads can hash different shards at once (hashlib releases
+        the GIL), while two asking for the same shard hash it only once.
+        """
+        file = self.shard_file(i)
+        with self._lock:
+            lock = self._shard_locks.setdefault(i, threading.Lock())
+        with lock:
+            if i not in self._verified:
+                if _sha256(file) != self.shards[i]["sha256"]:
+                    raise CacheError(f"shard {file} is corrupt (checksum mismatch); {REPAIR_HINT}")
+                self._verified.add(i)
+        return file
+
+    def load_shard(self, i: int, keys: list[str]) -> dict[str, Tensor]:
+        """Tensors `keys` of shard i (memory-mapped), the file checked against its manifest checksum on first use."""
+        file = self.verify_shard(i)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError) as err:
+            raise CacheError(f"shard {file} cannot be read ({err}); {REPAIR_HINT}") from err
+
+    def _rows(self, i: int, hooks: list[str], split: str) -> tuple[dict[str, Tensor], Tensor]:
+        """Shard i's rows of one split (storage dtype) and the boolean row mask that selected them."""
+        data = self.load_shard(i, [*hooks, "seq"])
+        mask = split_mask(data["seq"], self.eval_fraction, split)
+        return {h: data[h][mask] for h in hooks}, mask
+
+    # ----------------------------------------------------------------------------------------- readers
+    def shuffled(self, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0, shuffle_rows: int = 2**18,
+                 rank: int = 0, world_size: int = 1) -> "ShuffledReader":
+        """Infinite shuffled training batches (this rank's slice of each global batch); see `ShuffledReader`."""
+        return ShuffledReader(self, hooks, batch_size, seed=seed, position=position, shuffle_rows=shuffle_rows,
+                              rank=rank, world_size=world_size)
+
+    def iter_ordered(self, hooks: list[str], split: str = "all", batch_rows: int = 8192) -> Iterator[Rows]:
+        """Activations with their token ids and places, in cache order: what feature analysis streams over."""
+        self.check_hooks(hooks)
+        for i in range(len(self.shards)):
+            data = self.load_shard(i, [*hooks, *META_KEYS[:3]])
+            idx = split_mask(data["seq"], self.eval_fraction, split).nonzero().squeeze(1)
+            for start in range(0, len(idx), batch_rows):
+                sel = idx[start : start + batch_rows]
+                yield Rows(
+                    acts={h: data[h][sel].float() for h in hooks},
+                    tokens=data["tokens"][sel].long(),
+                    seq=data["seq"][sel].long(),
+                    pos=data["pos"][sel].long(),
+                )
+
+    def holdout(self, hooks: list[str], max_rows: int) -> dict[str, Tensor]:
+        """Up to `max_rows` held-out rows per hook (float32), in cache order."""
+        self.check_hooks(hooks)
+        parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        n = 0
+        for i in range(len(self.shards)):
+            if n >= max_rows:
+                break
+            if not self._split_rows(i, "eval"):
+                continue
+            rows, _ = self._rows(i, hooks, "eval")
+            for h in hooks:
+                parts[h].append(rows[h][: max_rows - n].float())
+            n += len(parts[hooks[0]][-1])
+        if n == 0:
+            raise CacheError(f"the cache at {self.path} has no held-out rows; harvest more tokens or raise eval_fraction")
+        return {h: torch.cat(p) for h, p in parts.items()}
+
+    def sample(self, hooks: list[str], n_rows: int, seed: int = 0) -> dict[str, Tensor]:
+        """About `n_rows` training rows (float32) drawn evenly from a random subset of shards: enough to fit a
+        normalisation scale or a mean, at the cost of reading a few shards rather than a shuffle window."""
+        self.require_complete()
+        self.check_hooks(hooks)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.shards), generator=g).tolist()
+        per_shard = max(1, n_rows // min(len(order), 8))
+        parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        have = 0
+        for i in order:
+            if have >= n_rows:
+                break
+            rows, _ = self._rows(i, hooks, "train")
+            n = len(rows[hooks[0]])
+            pick = torch.randperm(n, generator=g)[: min(per_shard, n_rows - have)]
+            for h in hooks:
+                parts[h].append(rows[h][pick].float())
+            have += len(pick)
+        return {h: torch.cat(p) for h, p in parts.items()}
+
+    def holdout_seqs(self, max_contexts: int) -> Tensor:
+        """Indices of the first `max_contexts` held-out contexts: for running the model on unseen text."""
+        seqs = torch.arange(self.n_contexts)
+        return seqs[is_holdout(seqs, self.eval_fraction)][:max_contexts]
+
+    def context_tokens(self, seqs: Tensor) -> Tensor:
+        """Full token ids [len(seqs), context_size] of the given contexts (position 0 included)."""
+        seqs = seqs.long()
+        out = torch.empty(len(seqs), self.context_size, dtype=torch.long)
+        shard_of = seqs // self.contexts_per_shard
+        for i in shard_of.unique().tolist():
+            if not 0 <= i < len(self.shards):
+                raise CacheError(f"context index out of range for the cache at {self.path} ({self.n_contexts} contexts)")
+            sel = (shard_of == i).nonzero().squeeze(1)
+            table = self.load_shard(i, ["context_tokens"])["context_tokens"]
+            out[sel] = table[seqs[sel] - i * self.contexts_per_shard].long()
+        return out
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that verify and read the next shard group while the current one is consumed. Hashing and reading from
+the page cache release the GIL, so they run beside the consumer; more than a few only contend for memory bandwidth."""
+
+
+def _tensor_spans(file: Path, keys: list[str]) -> dict[str, tuple[int, int]]:
+    """Byte range [start, end) of each tensor `keys` in a safetensors file, from its header (8-byte length, JSON)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1]) for k in keys}
+
+
+def _read_into(file: Path, start: int, dest: Tensor) -> None:
+    """Fill contiguous `dest` with the bytes of `file` from `start`: one kernel copy into memory that is already
+    mapped, with no temporary and no page faults on a memory map."""
+    view = memoryview(dest.view(-1).view(torch.uint8).numpy())
+    with open(file, "rb", buffering=0) as f:
+        f.seek(start)
+        while view:
+            n = f.readinto(view)
+            if not n:
+                raise CacheError(f"shard {file} is truncated; harvest again into a fresh folder")
+            view = view[n:]
+
+
+@dataclass
+class _Group:
+    """A shard group resident in storage dtype; `reads` fill `data` on the reader's pool."""
+
+    data: dict[str, Tensor]
+    """hook → [capacity, d]: the group's shards back to back, every row in file order (held-out rows too)."""
+    source: Tensor
+    """int64 [training rows]: the row of `data` at each position of the group's shuffled stream."""
+    reads: list[Future]
+
+    def ready(self) -> "_Group":
+        """Wait for the reads; a corrupt or unreadable shard raises its CacheError here, in the consumer."""
+        for read in self.reads:
+            read.result()
+        return self
+
+    def reusable(self) -> bool:
+        """Whether `data` may be handed to another group: no read is still writing into it."""
+        return all(r.done() for r in self.reads)
+
+
+class ShuffledReader:
+    """Training batches shuffled across shards with memory bounded by `shuffle_rows`, however large the cache.
+
+    Each epoch visits the shards in a fresh random order, in groups of about `shuffle_rows` rows; a group's
+    training rows are loaded together and permuted. The epoch is thus a fixed virtual sequence of rows (given the
+    seed), and `position` — rows consumed since the start — is all a checkpoint needs to resume exactly.
+
+    Data parallel: `batch_size` is the global batch; rank r of `world_size` returns rows
+    [position + r·b, position + (r+1)·b) of the stream, b = batch_size / world_size, and every rank advances
+    `position` by the whole batch, so the ranks' batches in rank order are exactly the one-rank batch.
+
+    Speed: while a group is consumed, a thread pool verifies (once per store) and reads the next group straight into
+    the buffers of the group before it; a batch is then one gather of this rank's rows, in the storage dtype: the
+    trainer casts on its device, so a float16 cache crosses to a GPU at half the bytes and the host never converts.
+    At most two groups are resident.
+    """
+
+    def __init__(self, store: ActivationStore, hooks: list[str], batch_size: int, *, seed: int = 0, position: int = 0,
+                 shuffle_rows: int = 2**18, rank: int = 0, world_size: int = 1):
+        store.require_complete()
+        store.check_hooks(hooks)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise CacheError(f"rank {rank} is not one of world_size {world_size} ranks")
+        if batch_size % world_size:
+            raise CacheError(f"batch_size {batch_size} (the global batch) is not divisible by world_size {world_size}")
+        self.store, self.hooks, self.batch_size, self.seed = store, list(hooks), batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.position = position
+        n_shards = len(store.shards)
+        rows_per_shard = store.contexts_per_shard * store.rows_per_context
+        self.group_shards = max(1, min(n_shards, shuffle_rows // max(rows_per_shard, 1)))
+        self.shard_rows = [store._split_rows(i, "train") for i in range(n_shards)]
+        self.epoch_rows = sum(self.shard_rows)
+        if self.epoch_rows == 0:
+            raise CacheError(f"the cache at {store.path} has no training rows")
+        self._capacity = self.group_shards * max(s["rows"] for s in store.shards)
+        self._plans: dict[int, list[tuple[list[int], int]]] = {}
+        self._resident: dict[tuple[int, int], _Group] = {}  # the group being consumed and the next one
+        self._spare: dict[str, Tensor] | None = None  # buffers of a consumed group, for the next read
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sae-reader")
+
+    # ----------------------------------------------------------------------------------------- the virtual stream
+    def _plan(self, epoch: int) -> list[tuple[list[int], int]]:
+        """The epoch's groups in visiting order, each (shard indices, training rows); the last two epochs cached."""
+        if epoch not in self._plans:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.shard_rows), generator=g).tolist()
+            groups = [order[i : i + self.group_shards] for i in range(0, len(order), self.group_shards)]
+            self._plans[epoch] = [(shards, sum(self.shard_rows[i] for i in shards)) for shards in groups]
+            if len(self._plans) > 2:
+                del self._plans[min(self._plans)]
+        return self._plans[epoch]
+
+    def _locate(self, position: int) -> tuple[tuple[int, int], int, int]:
+        """(epoch, group index), offset within that group's stream, and the group's training rows."""
+        epoch, offset = divmod(position, self.epoch_rows)
+        for index, (_, size) in enumerate(self._plan(epoch)):
+            if offset < size:
+                return (epoch, index), offset, size
+            offset -= size
+        raise AssertionError("offset beyond the epoch")  # unreachable: the groups' sizes sum to epoch_rows
+
+    def _after(self, key: tuple[int, int]) -> tuple[int, int]:
+        epoch, index = key
+        return (epoch, index + 1) if index + 1 < len(self._plan(epoch)) else (epoch + 1, 0)
+
+    # ----------------------------------------------------------------------------------------- resident groups
+    def _group(self, key: tuple[int, int]) -> _Group:
+        """Group `key`, loaded; drops any other group but the next, whose loading starts now."""
+        if key not in self._resident:
+            self._resident[key] = self._start(key)
+        group = self._resident[key].ready()
+        following = self._after(key)
+        for old in [k for k in self._resident if k not in (key, following)]:
+            dropped = self._resident.pop(old)
+            if dropped.reusable():
+                self._spare = dropped.data
+        if following not in self._resident:
+            self._resident[following] = self._start(following)
+        return group
+
+    def _start(self, key: tuple[int, int]) -> _Group:
+        """Begin reading group `key` on the pool; its shuffle (`source`) is computed here, from the seed."""
+        epoch, index = key
+        shards, size = self._plan(epoch)[index]
+        data = self._spare if self._spare is not None else self._buffers()
+        self._spare = None
+        train, reads, base = [], [], 0
+        for i in shards:
+            rows = self.store.shards[i]["rows"]
+            train.append(self.store._split_row_index(i, "train") + base)
+            reads.append(self._pool.submit(self._read_shard, i, {h: t[base : base + rows] for h, t in data.items()}))
+            base += rows
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + index + 1)
+        dest = torch.randperm(size, generator=g)  # training row j of the group lands at position dest[j]
+        source = torch.empty(size, dtype=torch.long)
+        source[dest] = torch.cat(train)
+        return _Group(data, source, reads)
+
+    def _buffers(self) -> dict[str, Tensor]:
+        """Room for the largest group; allocated twice per reader, since touching fresh memory is slow."""
+        return {h: torch.empty(self._capacity, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
+
+    def _read_shard(self, i: int, dest: dict[str, Tensor]) -> None:
+        """On the pool: verify shard i (once per store), then read its tensors `dest` into place."""
+        file = self.store.verify_shard(i)
+        try:
+            spans = _tensor_spans(file, list(dest))
+        except (OSError, KeyError, struct.error, json.JSONDecodeError) as err:
+            raise CacheError(f"shard {file} cannot be read ({err}); {REPAIR_HINT}") from err
+        for h, t in dest.items():
+            start, end = spans[h]
+            if end - start != t.numel() * t.element_size():
+                raise CacheError(f"shard {file} holds {end - start} bytes for {h!r}, not the {t.numel() * t.element_size()} its manifest implies")
+            _read_into(file, start, t)
+
+    # ----------------------------------------------------------------------------------------- batches
+    def _take(self, position: int, n: int) -> dict[str, Tensor]:
+        """`n` rows (storage dtype) of the virtual stream from `position` on (crossing groups and epochs as needed)."""
+        out = {h: torch.empty(n, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
+        done = 0
+        while done < n:
+            key, offset, size = self._locate(position + done)
+            group = self._group(key)
+            take = min(n - done, size - offset)
+            rows = group.source[offset : offset + take]
+            for h in self.hooks:
+                torch.index_select(group.data[h], 0, rows, out=out[h][done : done + take])
+            done += take
+        return out
+
+    def close(self) -> None:
+        """Stop the read-ahead threads (a read already running finishes; queued ones are dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __iter__(self) -> "ShuffledReader":
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        """This rank's slice of the next global batch: hook → [batch_size / world_size, d] in the storage dtype."""
+        local = self.batch_size // self.world_size
+        batch = self._take(self.position + self.rank * local, local)
+        self.position += self.batch_size
+        return batch
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.epoch_rows
+
+
+class CacheWriter:
+    """Write side: whole contexts in, shards out on a background thread, manifest updated after each shard.
+
+    Opening a folder that already holds a manifest made with the same settings resumes it (`contexts_done`);
+    different settings are an error rather than a silent mix of two caches.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], contexts_per_shard: int):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)
+        self.file = self.path / MANIFEST
+        meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
+        if self.file.exists():
+            old = ActivationStore(self.path).manifest
+            changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            if changed:
+                diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+                raise CacheError(f"the cache at {self.path} was made with other settings ({diff}); use another `out` folder or delete it")
+            self.manifest = old
+        else:
+            self.manifest = {**meta, "shards": [], "complete": False}
+        self.contexts_per_shard = contexts_per_shard
+        self.hooks = list(meta["hooks"])
+        self._pending: dict[str, list[Tensor]] = {}
+        self._pending_contexts = 0
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._futures: list[Future] = []
+        self._next_index = len(self.manifest["shards"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def contexts_done(self) -> int:
+        return sum(s["contexts"] for s in self.manifest["shards"])
+
+    def add(self, acts: dict[str, Tensor], context_tokens: Tensor, first_pos: int) -> None:
+        """Append whole contexts: `acts[hook]` is [n_ctx, rows_per_ctx, d] (storage dtype), tokens [n_ctx, T]."""
+        n_ctx, ctx_size = context_tokens.shape
+        for k, t in {**acts, "context_tokens": context_tokens}.items():
+            self._pending.setdefault(k, []).append(t)
+        self._pending_contexts += n_ctx
+        while self._pending_contexts >= self.contexts_per_shard:
+            self._cut(self.contexts_per_shard, first_pos)
+
+    def _cut(self, n_ctx: int, first_pos: int) -> None:
+        merged = {k: torch.cat(v) for k, v in self._pending.items()}
+        self._pending = {k: [v[n_ctx:]] for k, v in merged.items()}
+        self._pending_contexts -= n_ctx
+        index = self._next_index
+        self._next_index += 1
+        shard = {k: v[:n_ctx] for k, v in merged.items()}
+        self._futures.append(self._pool.submit(self._write, index, shard, first_pos))
+        self._reap()
+
+    def _reap(self) -> None:
+        """Surface write errors early and keep at most two shards queued (bounded memory)."""
+        while self._futures and (self._futures[0].done() or len(self._futures) > 2):
+            self._futures.pop(0).result()
+
+    def _write(self, index: int, shard: dict[str, Tensor], first_pos: int) -> None:
+        if index != len(self.manifest["shards"]):  # an earlier shard failed (its future raises): no gap in the list
+            return
+        name, data, n_ctx, rows = self._shard_bytes(index, shard, first_pos)
+        atomic_write_bytes(self.path / name, data)
+        self.manifest["shards"].append(
+            {"file": name, "contexts": n_ctx, "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        atomic_write_json(self.file, self.manifest)
+
+    def _shard_bytes(self, index: int, shard: dict[str, Tensor], first_pos: int) -> tuple[str, bytes, int, int]:
+        """(file name, safetensors bytes, contexts, rows) of shard `index` from [n_ctx, rows_per_ctx, d] activations."""
+        ctx_tokens = shard.pop("context_tokens")
+        n_ctx, ctx_size = ctx_tokens.shape
+        first_seq = index * self.contexts_per_shard
+        seq = torch.arange(first_seq, first_seq + n_ctx, dtype=torch.int32).repeat_interleave(ctx_size - first_pos)
+        pos = torch.arange(first_pos, ctx_size, dtype=torch.int32).repeat(n_ctx)
+        tensors = {h: t.reshape(-1, t.shape[-1]).contiguous() for h, t in shard.items()}
+        tensors.update(
+            tokens=ctx_tokens[:, first_pos:].reshape(-1).to(torch.int32).contiguous(),
+            seq=seq,
+            pos=pos,
+            context_tokens=ctx_tokens.to(torch.int32).contiguous(),
+        )
+        return f"shard_{index:05d}.safetensors", save_bytes(tensors), n_ctx, len(seq)
+
+    def damaged_shards(self) -> list[int]:
+        """Listed shards whose file is missing or fails its checksum (reads every shard once)."""
+        return [i for i, entry in enumerate(self.manifest["shards"])
+                if not (self.path / entry["file"]).is_file() or _sha256(self.path / entry["file"]) != entry["sha256"]]
+
+    def rewrite(self, index: int, acts: dict[str, Tensor], context_tokens: Tensor, first_pos: int) -> None:
+        """Write listed shard `index` again from re-harvested contexts; refused unless it is byte-identical to the
+        shard the manifest records, so a repair can never mix two different harvests."""
+        name, data, _, _ = self._shard_bytes(index, {**acts, "context_tokens": context_tokens}, first_pos)
+        if hashlib.sha256(data).hexdigest() != self.manifest["shards"][index]["sha256"]:
+            raise CacheError(f"re-harvesting {self.path / name} gives other bytes than the manifest records (the model, "
+                             "data or software changed since the harvest); harvest again into a fresh folder")
+        atomic_write_bytes(self.path / name, data)
+
+    def finish(self, first_pos: int) -> None:
+        """Write the last partial shard, wait for every write, and mark the cache complete."""
+        if self._pending_contexts:
+            self._cut(self._pending_contexts, first_pos)
+        self.flush()
+        self.manifest["complete"] = True
+        atomic_write_json(self.file, self.manifest)
+
+    def flush(self) -> None:
+        while self._futures:
+            self._futures.pop(0).result()
+        if not self.file.exists():
+            atomic_write_json(self.file, self.manifest)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,111 @@
+"""Sparse autograd kernels of the TopK family: the encoder's pre-activations at the selected (row, latent) pairs with
+a backward that touches only those pairs, and the decoder as an ``embedding_bag``, so a training step never builds the
+dense [batch, d_sae] activations or their gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class SparseActs(NamedTuple):
+    """Active latents in coordinate form, rows sorted ascending (one entry per active pair)."""
+
+    rows: Tensor
+    """Token index of each entry, int64 [nnz]."""
+    features: Tensor
+    """Latent index of each entry, int64 [nnz]."""
+    values: Tensor
+    """Activation of each entry, [nnz]."""
+
+    def to_dense(self, n_rows: int, d_sae: int) -> Tensor:
+        out = self.values.new_zeros(n_rows, d_sae)
+        out[self.rows, self.features] = self.values
+        return out
+
+
+def _csr_offsets(index: Tensor, n: int) -> Tensor:
+    """Start offset of each of n bags for sorted ``index`` (empty bags allowed)."""
+    counts = torch.bincount(index, minlength=n)
+    return torch.cumsum(counts, 0) - counts
+
+
+class SparseEncode(torch.autograd.Function):
+    """Pre-activations at selected (row, latent) pairs, with a *sparse* backward.
+
+    Forward runs the dense encoder matmul once and lets ``select`` pick the pairs. Backward
+    only touches the selected pairs: dW_enc, db_enc, db_dec and dx cost O(nnz·d_in) instead of
+    the O(batch·d_sae·d_in) dense matmuls. dW_enc and dx are assembled with ``embedding_bag``
+    (over pairs sorted by latent, and by row), which avoids materialising [nnz, d_in].
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_n: Tensor,
+        b_dec: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        apply_b_dec: bool,
+        select: Callable[[Tensor], tuple[Tensor, Tensor]],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x_c = x_n - b_dec if apply_b_dec else x_n
+        pre = torch.addmm(b_enc, x_c, W_enc)
+        rows, feats = select(pre)
+        ctx.save_for_backward(x_c, W_enc, rows, feats)
+        ctx.apply_b_dec = apply_b_dec
+        ctx.mark_non_differentiable(rows, feats)
+        return pre[rows, feats], rows, feats
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: Any, grad_vals: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_c, W_enc, rows, feats = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        grad_vals = grad_vals.to(x_c.dtype)
+        order = torch.argsort(feats)
+        # dW_encᵀ[j] = Σ_{(b, j) selected} grad · x_c[b]: one bag of token rows per latent.
+        grad_W_enc_t = F.embedding_bag(
+            rows[order],
+            x_c,
+            _csr_offsets(feats, d_sae),
+            mode="sum",
+            per_sample_weights=grad_vals[order],
+        )
+        grad_b_enc = torch.zeros(d_sae, dtype=x_c.dtype, device=x_c.device)
+        grad_b_enc.index_add_(0, feats, grad_vals)
+        # pre = (x − b_dec) W_enc + b_enc  ⇒  ∂/∂b_dec = −W_enc · (∂/∂b_enc).
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.apply_b_dec else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # the input itself needs a gradient only when something upstream is trained
+            # dx[b] = Σ_{(b, j) selected} grad · W_enc[:, j]: one bag of encoder columns per token row.
+            by_row = torch.argsort(rows, stable=True)  # AuxK's pairs follow the main ones: rows are not sorted
+            grad_x = F.embedding_bag(
+                feats[by_row],
+                W_enc.T.contiguous(),
+                _csr_offsets(rows, x_c.shape[0]),
+                mode="sum",
+                per_sample_weights=grad_vals[by_row],
+            )
+        return grad_x, grad_b_dec, grad_W_enc_t.T, grad_b_enc, None, None
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor, n_rows: int) -> Tensor:
+    """Σ_j values · W_dec[features] per row, without the dense [n_rows, d_sae] matrix.
+
+    ``embedding_bag``'s backward is sparse as well: gradients reach only the used W_dec rows.
+    """
+    return F.embedding_bag(
+        acts.features,
+        W_dec,
+        _csr_offsets(acts.rows, n_rows),
+        mode="sum",
+        per_sample_weights=acts.values.to(W_dec.dtype),
+    )
+
+

@@ -1,0 +1,784 @@
+"""Train several SAEs in one pass over an activation cache.
+
+Every batch read from disk feeds all SAEs (different hooks, widths, k or λ), so reading the
+cache — the slow part at scale — is paid once. Each SAE has its own Adam, schedules and
+dead-latent tracker (``SAETrainer``); ``train`` owns the data stream, checkpoints and logging.
+
+Schedules and windows are fractions of the run's token budget, so one set of defaults fits a
+two-minute demo and a 100M-token run alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import signal
+import threading
+import time
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sae.training import distributed, plan, sharded
+from sae.config import HelpSections, field_docs
+from sae.data.harvest import HarvestConfig
+from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
+from sae.data.source import CacheSource, ModelSource, Source, check_split
+from sae.data.store import DiskFullError, atomic_write_json, disk_full_reported
+from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+SCALE_SAMPLE_ROWS = 65536
+SPEC_EXCLUDES = ("d_in", "d_sae", "hook_name", "model_name", "dtype", "scale", "hook_name_out", "d_out", "scale_out")
+"""SAEConfig fields the run fills in rather than a spec: d_in and d_out from the data, d_sae from the spec's width,
+hook_name and hook_name_out from its `hook` and `hook_out`, model_name from the source, scale and scale_out fitted on
+the data, and dtype float32 (the trainer keeps float32 weights and autocasts on CUDA)."""
+SPEC_DEFAULTS = {"architecture": "topk"}
+"""Defaults a spec gives SAEConfig fields that have none."""
+
+
+def _sae_settings() -> type:
+    """A dataclass of every SAEConfig field a user sets, with SAEConfig's own types, defaults and docstrings, so a
+    field added to SAEConfig is a spec key and a line of `sae train --help` with nothing restated here. Only
+    `architecture` may be given by position (``SAESpec("topk", hook)``); the rest are keywords."""
+    hints = typing.get_type_hints(SAEConfig)
+    docs = field_docs(SAEConfig)
+    settings = [
+        (f.name, hints[f.name], field(default=SPEC_DEFAULTS.get(f.name, f.default), default_factory=f.default_factory,
+                                      kw_only=f.name != "architecture",
+                                      metadata={"doc": docs[f.name]} if f.name in docs else {}))
+        for f in fields(SAEConfig) if f.name not in SPEC_EXCLUDES
+    ]
+    return make_dataclass("SAESettings", settings, namespace={"__module__": __name__})
+
+
+SAESettings = _sae_settings()
+
+
+@dataclass
+class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
+    """One SAE to train: its hook, width, learning rate and folder name, plus every SAEConfig setting (k,
+    l1_coefficient, aux_coefficient, ...) under the same name."""
+
+    help_sections: ClassVar[HelpSections] = (
+        ("the SAE", ("architecture", "hook", "k", "target_l0", "l1_coefficient", "expansion_factor", "d_sae", "name", "lr")),
+        ("transcoders", ("hook_out", "skip")),
+        ("variant details", ("l0_coefficient", "bandwidth", "init_threshold", "aux_k", "aux_coefficient",
+                             "threshold_momentum", "matryoshka_widths", "apply_b_dec_to_input", "centre_input")),
+    )
+    """`--help` groups, most used first (``sae.config.describe``)."""
+
+    hook: str = "blocks.15.hook_resid_post"
+    """Hook whose activations the SAE reconstructs, or a transcoder reads (must be in the cache)."""
+    hook_out: str | None = None
+    """Set → a transcoder predicting this hook's activations from `hook`'s, e.g. blocks.15.ln2.hook_normalized →
+    blocks.15.hook_mlp_out for layer 15's MLP (Dunefsky et al. 2024); None → an SAE."""
+    expansion_factor: int = 16
+    """Width as a multiple of d_in."""
+    d_sae: int | None = None
+    """Explicit width; overrides ``expansion_factor``."""
+    lr: float | None = None
+    """Overrides ``TrainConfig.lr`` for this SAE."""
+    name: str | None = None
+    """Output folder name; default e.g. ``topk_k32_x16_blocks.15.hook_resid_post``."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SAE_CLASSES:
+            raise TrainError(
+                f"unknown SAE architecture {self.architecture!r}; valid: {sorted(SAE_CLASSES)}"
+            )
+        if self.d_sae is None and self.expansion_factor <= 0:
+            raise TrainError(f"SAE {self.run_name}: expansion_factor={self.expansion_factor} must be > 0 "
+                             "(the width is expansion_factor × d_in)")
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        sparsity = {
+            "relu_l1": f"l1c{self.l1_coefficient:g}",
+            "jumprelu": f"l0c{self.l0_coefficient:g}",
+        }.get(self.architecture, f"k{self.k}")
+        width = f"d{self.d_sae}" if self.d_sae else f"x{self.expansion_factor}"
+        if self.hook_out is None:
+            return f"{self.architecture}_{sparsity}_{width}_{self.hook}"
+        return f"{self.architecture}_{sparsity}_{width}{'_skip' if self.skip else ''}_{self.hook}_to_{self.hook_out}"
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks this SAE reads: its input, and a transcoder's output."""
+        return [self.hook] if self.hook_out is None else [self.hook, self.hook_out]
+
+    def sae_config(self, widths: dict[str, int], model_name: str) -> SAEConfig:
+        """The SAE's full config once the data gives its hooks' widths; settings it rejects are named with this SAE."""
+        d_in = widths[self.hook]
+        try:
+            return SAEConfig(
+                **{f.name: getattr(self, f.name) for f in fields(SAESettings)},
+                d_in=d_in,
+                d_sae=self.expansion_factor * d_in if self.d_sae is None else self.d_sae,
+                hook_name=self.hook,
+                hook_name_out=self.hook_out,
+                d_out=None if self.hook_out is None else widths[self.hook_out],
+                model_name=model_name,
+            )
+        except SAEFormatError as err:
+            raise TrainError(f"SAE {self.run_name}: {err}") from None
+
+
+@dataclass
+class TrainConfig:
+    """A training run: where the data is, what to train, and how."""
+
+    help_sections: ClassVar[HelpSections] = (
+        ("what to train", ("saes", "source", "cache", "out", "total_tokens", "resume")),
+        ("optimisation", ("batch_size", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "topk_warmup_frac",
+                          "grad_clip", "dead_window_tokens", "shuffle_rows", "seed")),
+        ("running", ("device", "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "overwrite",
+                     "distribute_saes", "shard_latents", "harvest")),
+    )
+    """`--help` groups, most used first (``sae.config.describe``)."""
+
+    source: str = "cache"
+    """Where activations come from: "cache" (read `cache`) or "model" (run the `harvest` settings' model as the
+    SAEs train, with no cache on disk; `sae eval`/`analyse` then read a small cache harvested with the same
+    harvest settings, whose held-out contexts no on-the-fly run trains on)."""
+    cache: str = "runs/demo/cache"
+    """Activation cache written by `sae harvest` (source=cache)."""
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    """source=model: model, dataset, context_size, exclude_first, dtype, eval_fraction, ... as for `sae harvest`
+    (the CLI fills it from the config file's harvest: section); the hooks are the SAEs' own."""
+    out: str = "runs/demo/saes"
+    """Output folder: one sub-folder per SAE (SAELens layout), checkpoints/ and wandb/."""
+    saes: list[SAESpec] = field(default_factory=lambda: [SAESpec()])
+    """SAEs to train, all fed by the same batches (a sweep costs one pass over the cache)."""
+    batch_size: int | None = None
+    """Tokens per step; None → ``default_batch_size(total_tokens)``: the papers' 4096 when the
+    run is long enough, else the largest power of two that still leaves ≥ 500 steps (never
+    below 256). A 100k-token demo at 4096 would take ~25 Adam steps, far too few for any
+    recipe to move the weights; at the paper's scale (≥ 2M tokens) nothing changes."""
+    total_tokens: int | None = None
+    """Tokens to train on; None → one epoch over the cache's training split (source=model: harvest.max_tokens)."""
+    shuffle_rows: int = 2**18
+    """Rows mixed together before batches are drawn (a group of cache shards, or a chunk of contexts run through
+    the model): the reader's memory is about twice this many rows per hook."""
+    lr: float | None = None
+    """Adam learning rate; None → ``default_lr(architecture, d_sae, total_steps, d_in)``."""
+    lr_warmup_frac: float = 0.01
+    """Linear lr warm-up over this fraction of the run."""
+    lr_decay_frac: float = 0.2
+    """Linear decay to 0 over the last fraction of the run (Anthropic April 2024)."""
+    l1_warmup_frac: float = 0.05
+    """Linear warm-up of the sparsity coefficient (L1 or L0) from 0 (Anthropic April 2024)."""
+    topk_warmup_frac: float = 0.9
+    """Fraction of the run in which BatchTopK and JumpReLU with a target_l0 select each token's top k latents, as TopK
+    does, before their own batch-wide L0 budget takes over: a batch-wide budget spends no latent on a token whose
+    features have no trained latent yet, so latents for rare features never start learning. On hard planted data it
+    lifts BatchTopK's recovery of the true dictionary from 0.82 to 0.96–0.97 and JumpReLU's from 0.77 to 0.95–0.96
+    (``sae.saes.BatchTopKSAE`` has the table). Matryoshka skips it (see its class). 0 turns it off."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (Anthropic April 2024)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (one is always written at the end)."""
+    dead_window_tokens: int | None = None
+    """Tokens without firing after which a latent counts as dead; None → 10M (Gao et al.) or
+    a tenth of the run if that is shorter, so short runs still measure something."""
+    seed: int = 0
+    """Seeds the initialisation and the order of the shuffled batches."""
+    device: str = "auto"
+    """"auto" (CUDA when present, with bf16 autocast), "cpu", "cuda", ..."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (default, no account needed), online, or disabled."""
+    wandb_project: str = "sae"
+    """wandb project name."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `out` exactly where it stopped."""
+    overwrite: bool = False
+    """Start afresh in an `out` that holds an earlier run's checkpoints, deleting them (without it, such an `out` is
+    refused: resume=true continues it)."""
+    distribute_saes: bool = False
+    """Under torchrun: split the SAEs of the sweep across the processes, each training its share on the whole
+    stream with no gradient traffic (sparsify's --distribute_modules), instead of splitting every batch (DDP)."""
+    shard_latents: bool = False
+    """Under torchrun: shard the latents of each (topk) SAE across the processes, for SAEs too wide for one device
+    (Gao et al. 2024): each holds d_sae / processes latents and reads every batch whole; see `sae.training.sharded`."""
+    log_every: int = 10
+    """Steps between log lines (wandb and the progress bar's FVU)."""
+
+PAPER_BATCH = 4096
+MIN_STEPS = 500
+MIN_BATCH = 256
+MAX_LR_BOOST = 25.0
+
+
+def default_batch_size(total_tokens: int) -> int:
+    """The papers' 4096, halved until the run has ≥ ``MIN_STEPS`` steps, floored at 256."""
+    batch = PAPER_BATCH
+    while batch > MIN_BATCH and total_tokens // batch < MIN_STEPS:
+        batch //= 2
+    return batch
+
+
+def default_lr(architecture: str, d_sae: int, total_steps: int | None, d_in: int) -> float:
+    """Adam learning rate of each recipe (for inputs with E‖x − x̄‖² = d_in), raised for short runs.
+
+    Adam moves each weight by at most ~lr per step, so the distance the weights can travel
+    is ~lr·steps; a recipe tuned for 10⁴–10⁵ steps cannot get anywhere in 500. A run of
+    n < N steps (the variant's ``reference_steps``) gets lr·√(N / n) — √ rather than N / n to keep the noise
+    of the larger steps in check, as in the square-root batch-size/lr rule — capped at 25×;
+    ``total_steps=None`` or n ≥ N gives the paper's lr (the variant's ``paper_lr``) unchanged.
+
+    N was calibrated on the demo cache (SmolLM2 layer 15, 8×, 449 steps of 256 tokens), judged on held-out FVU
+    against PCA at the SAE's own L0 and on dead latents. ReLU+L1 λ=5 (then uncentred) needs the large boost (N = 200k): FVU 0.32 vs
+    PCA-25 0.53 at lr ≈ 1e-3, but 0.375 vs 0.367 (beaten by PCA) at ~4e-4. TopK k=32 needs far less (N = 3k): lr
+    1e-3 gives FVU 0.187 with 2.8% dead latents, while 3.1e-3 (N = 30k) gives 0.173 but leaves 47.7% of latents dead.
+
+    A variant with ``paper_d_in`` set (JumpReLU, ReLU+L1) also gets ×√(paper_d_in / d_in): Adam moves every coordinate of a
+    unit-norm row by ~lr per step, a rotation of ~lr·√d_in, so a recipe keeps its pace at another width with lr ∝
+    1/√d_in. JumpReLU on the CI-sized hard `sae planted` data (d_in 32, 781 steps, TopK warm-up 0.75): lr 1.1e-3
+    (without the factor) reaches mean max cosine 0.69–0.73 and FVU 0.27, 9.5e-3 (with it) 0.90 and FVU 0.11.
+    ReLU+L1: see ``ReLUL1SAE``.
+    TopK's short-run values, calibrated at d_in 576 as above, held at d_in 32 (0.96–0.97 from 3e-3 to 1.5e-2), while
+    BatchTopK lost recovery at 4× its lr there (0.96 → 0.93), so neither is rescaled.
+    """
+    variant = SAE_CLASSES[architecture]
+    ref = variant.reference_steps
+    steps = total_steps or ref
+    boost = min(MAX_LR_BOOST, max(1.0, math.sqrt(ref / max(1, steps))))
+    width = math.sqrt(variant.paper_d_in / d_in) if variant.paper_d_in else 1.0
+    return variant.paper_lr(d_sae) * boost * width
+
+
+# ----- data ----------------------------------------------------------------------------------
+
+
+class Prefetcher:
+    """Reads batches on a background thread so disk and decoding overlap the SAE steps.
+
+    Batches are checked for NaN/inf here, on the CPU, where it costs no device sync; on CUDA
+    they are pinned so the host→device copy can run asynchronously.
+    """
+
+    def __init__(self, reader: Iterator[dict[str, Tensor]], *, start: int, batch_size: int,
+                 n_batches: int, pin: bool, depth: int = 2) -> None:
+        self._queue: queue.Queue[dict[str, Tensor] | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._reader = reader
+        self._args = (start, batch_size, n_batches, pin)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        reader = self._reader
+        start, batch_size, n_batches, pin = self._args
+        try:
+            for i in range(n_batches):
+                if self._stop.is_set():  # closed early (error, Ctrl-C): don't read the rest of the run
+                    return
+                batch = next(reader)
+                for hook, t in batch.items():
+                    if not torch.isfinite(t).all():
+                        row = start + i * batch_size
+                        raise TrainError(
+                            f"non-finite values (NaN/inf) in the cache for hook {hook!r} in the "
+                            f"batch at training-stream rows {row}..{row + batch_size}; the cache "
+                            "is corrupt or the model overflowed in its storage dtype"
+                        )
+                if pin:  # a live model's batches are already on the GPU
+                    batch = {h: t.pin_memory() if t.device.type == "cpu" else t for h, t in batch.items()}
+                self._put(batch)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
+            self._put(err)
+
+    def _put(self, item: dict[str, Tensor] | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> dict[str, Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread, then the reader's own threads (a cache reader's pool, a live model's stream)."""
+        self._stop.set()
+        self._thread.join()
+        close = getattr(self._reader, "close", None)
+        if close is not None:
+            close()
+
+
+# ----- checkpoints ---------------------------------------------------------------------------
+
+
+def _checkpoint_file(name: str, shard: int | None) -> str:
+    """An SAE's file in a checkpoint: one per rank when its latents are sharded (`shard` = the rank)."""
+    return f"{name}.safetensors" if shard is None else f"{name}.shard{shard}.safetensors"
+
+
+def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dict[str, SAETrainer],
+                      world: distributed.World, writes_saes: bool, shard: int | None) -> None:
+    """Write ``checkpoints/step_N/`` completely, then point ``latest.json`` at it (atomic
+    rename), then drop older checkpoints: a crash at any moment leaves one whole checkpoint.
+
+    Rank 0 writes the run's state; the SAEs' files come from the ranks that train them (rank 0
+    alone when data-parallel ranks hold identical copies; every rank its own shard with shard_latents)."""
+    root = out / CHECKPOINT_DIR
+    folder = root / f"step_{step:09d}"
+    tmp = root / f".tmp_step_{step:09d}"
+    with disk_full_reported(root, then="resume"):
+        if world.is_main:
+            for stale in root.glob(".tmp_step_*"):  # left by a process killed (or out of space) mid-checkpoint
+                shutil.rmtree(stale)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        if writes_saes:
+            for name, trainer in trainers.items():
+                save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
+        metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # waits for the files
+        if not world.is_main:
+            return
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
+    for old in root.glob("step_*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    latest = out / CHECKPOINT_DIR / LATEST
+    if not latest.is_file():
+        return None
+    folder = out / CHECKPOINT_DIR / json.loads(latest.read_text())["folder"]
+    return folder, json.loads((folder / "state.json").read_text())
+
+
+# ----- the run -------------------------------------------------------------------------------
+
+
+STREAM_KEYS = ("model", "dataset", "dataset_split", "text_column", "context_size", "prepend_bos", "exclude_first",
+               "dtype", "model_dtype", "eval_fraction")
+"""The harvest settings that decide what an on-the-fly run reads (its batch size, device or out do not)."""
+
+
+class JobStopped(TrainError):
+    """torchrun stopped this process because another process of the job failed."""
+
+
+def _run_config(cfg: TrainConfig, batch_size: int, world_size: int) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues."""
+    keys = ("source", "total_tokens", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "topk_warmup_frac",
+            "grad_clip", "dead_window_tokens", "seed", "shuffle_rows", "distribute_saes", "shard_latents")
+    data = {k: getattr(cfg.harvest, k) for k in STREAM_KEYS} if cfg.source == "model" else cfg.cache
+    return {"batch_size": batch_size, "world_size": world_size, "data": data,
+            "saes": [asdict(s) for s in cfg.saes], **{k: getattr(cfg, k) for k in keys}}
+
+
+def _warms_up(spec: dict[str, Any]) -> bool:
+    """Whether the SAE of a (checkpoint's) spec has a TopK warm-up (see ``TrainConfig.topk_warmup_frac``)."""
+    return spec.get("architecture") in SAE_CLASSES and SAE_CLASSES[spec["architecture"]].warms_up(spec.get("target_l0"))
+
+
+READ_ONLY_BY: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "l1_coefficient": lambda spec: spec.get("architecture") == "relu_l1",
+    "threshold_momentum": lambda spec: spec.get("architecture") in ("batchtopk", "matryoshka_batchtopk")
+    or _warms_up(spec),
+}
+"""SAE settings whose default changed, each with the test of whether a spec's SAE reads it (``_flat_run_config``)."""
+
+
+def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """A run config with each SAE's settings as keys of their own (`saes[1].k`), so a refused resume names the
+    setting that changed. A spec key a checkpoint lacks (written before SAESpec had it) takes its default, which is
+    what that run used; a key SAESpec no longer has is dropped. A checkpoint written before the TopK warm-up existed
+    ran without one (``topk_warmup_frac`` 0: resuming it exactly needs topk_warmup_frac=0); it counts only when
+    some SAE has a warm-up. A setting in ``READ_ONLY_BY`` counts only for the SAEs that read it (its default changed:
+    an old TopK run must not be refused over l1_coefficient)."""
+    defaults = asdict(SAESpec())
+    flat = {"topk_warmup_frac": 0.0, **run_config, "saes": len(run_config["saes"])}
+    if not any(_warms_up(spec) for spec in run_config["saes"]):
+        del flat["topk_warmup_frac"]
+    for i, spec in enumerate(run_config["saes"]):
+        unused = {k for k, reads in READ_ONLY_BY.items() if not reads(spec)}
+        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items() if k not in unused})
+    return flat
+
+
+def _open_source(cfg: TrainConfig, hooks: list[str], device: torch.device) -> Source:
+    if cfg.source == "cache":
+        return CacheSource(cfg.cache, hooks, cfg.shuffle_rows)
+    if cfg.source == "model":  # a chunk longer than the run would run the model on rows nobody trains on
+        run_rows = cfg.total_tokens or cfg.harvest.max_tokens
+        return ModelSource(cfg.harvest, hooks, device, min(cfg.shuffle_rows, run_rows))
+    raise TrainError(f"source must be cache or model, not {cfg.source!r}")
+
+
+def _sae_seed(seed: int, index: int) -> int:
+    """Each SAE's initialisation has its own seed, so a sweep split across processes (distribute_saes) starts
+    every SAE exactly as one process would."""
+    return seed * 1_000_003 + index
+
+
+def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
+                  world: distributed.World) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused."""
+    checkpoint = _read_checkpoint(out)
+    if checkpoint is None:
+        if cfg.resume and world.is_main:
+            print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting a fresh run")
+        return None
+    folder, state = checkpoint
+    if not cfg.resume:
+        if not cfg.overwrite:
+            raise TrainError(f"{out} holds a training run (checkpoint at step {state['step']}); continue it with "
+                             "resume=true, start over with overwrite=true (deleting its checkpoints), or use another "
+                             "`out` folder")
+        distributed.barrier()  # every rank has read the folder before rank 0 deletes it
+        if world.is_main:
+            shutil.rmtree(out / CHECKPOINT_DIR)
+        return None
+    old = state["run_config"]
+    if old.get("world_size", 1) != run_config["world_size"]:
+        raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
+                         f"process(es), this one has {run_config['world_size']}; resume with torchrun "
+                         f"--nproc_per_node {old.get('world_size', 1)}")
+    old, new = _flat_run_config(old), _flat_run_config(run_config)
+    changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
+    if changed:
+        diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+        raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
+                         "resume with the original settings or use another `out` folder")
+    return checkpoint
+
+
+def train(cfg: TrainConfig) -> list[Path]:
+    """Train every SAE in ``cfg.saes`` in one pass; returns their output folders.
+
+    In one process, or under torchrun: data-parallel (each rank a share of every batch) or, with
+    ``distribute_saes``, each rank its share of the SAEs."""
+    if not cfg.saes:
+        raise TrainError("the train config lists no SAEs (train.saes is empty)")
+    low = [f"{k}={getattr(cfg, k)}" for k in ("shuffle_rows", "checkpoint_every", "log_every") if getattr(cfg, k) < 1]
+    low += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "total_tokens") if getattr(cfg, k) is not None
+            and getattr(cfg, k) < 1]
+    if low:
+        raise TrainError(f"{', '.join(low)}: must be ≥ 1")
+    if not 0 <= cfg.topk_warmup_frac < 1:
+        raise TrainError(f"topk_warmup_frac={cfg.topk_warmup_frac} must be in [0, 1): the batch-wide budget needs the "
+                         "steps after the warm-up to set its thresholds")
+    names = [s.run_name for s in cfg.saes]
+    if len(set(names)) != len(names):
+        raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")
+    world, device = distributed.init(cfg.device)
+    try:
+        return _train(cfg, names, world, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device: torch.device) -> list[Path]:
+    """The run, in its four parts: lay it out and build the trainers (the plan checked first), resume or initialise
+    them, step through the batches, and write the SAE folders."""
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    lay = _layout(cfg, world, device)
+    trainers, lrs = _build_trainers(cfg, names, lay, world, device)
+    start = _resume_or_initialise(cfg, out, lay, trainers, world)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = _step_loop(cfg, out, lay, trainers, world, device, start, lrs)
+    paths = [out / name for name in names]
+    if lay.writes_saes:  # a latent shard's save is collective: rank 0 writes the whole SAE
+        for name, trainer in trainers.items():
+            trainer.sae.eval()
+            trainer.sae.save(out / name)
+    distributed.barrier()  # every folder is written before any rank returns
+    if world.is_main:
+        _warn_failed(metrics, names)
+    return paths
+
+
+@dataclass
+class _Layout:
+    """How a run is laid out over its processes, resolved once from the config, the data and the world."""
+
+    source: Source
+    batch_size: int
+    """Rows per step, over all processes."""
+    total_steps: int
+    dead_window: int
+    """Tokens without a firing after which a latent counts as dead."""
+    ddp: bool
+    """Data parallel: every rank steps every SAE on its share of each batch."""
+    shard: int | None
+    """This rank's slice of every SAE's latents (shard_latents), else None."""
+    mine: list[int]
+    """Indices into ``cfg.saes`` of the SAEs this rank trains (all but under distribute_saes: r, r + W, ...)."""
+    rank: int
+    """Which share of each batch this rank reads, of ``shards``."""
+    shards: int
+    writes_saes: bool
+    """Data-parallel ranks hold identical copies: rank 0 writes them."""
+    local_batch: int
+
+
+def _layout(cfg: TrainConfig, world: distributed.World, device: torch.device) -> _Layout:
+    hooks = sorted({h for s in cfg.saes for h in s.hooks})
+    source = _open_source(cfg, hooks, device)
+    total_tokens = cfg.total_tokens or source.n_train_rows or cfg.harvest.max_tokens
+    batch_size = cfg.batch_size or default_batch_size(total_tokens)
+    if not cfg.batch_size and world.distributed:  # the default is a power of two; 3 or 6 processes need a multiple
+        batch_size = -(-batch_size // world.size) * world.size
+    total_steps = max(1, total_tokens // batch_size)
+    dead_window = cfg.dead_window_tokens or min(
+        GAO_DEAD_TOKENS, max(batch_size, total_steps * batch_size // 10)
+    )
+    if cfg.distribute_saes and cfg.shard_latents:
+        raise TrainError("distribute_saes and shard_latents exclude each other: set one")
+    ddp = world.distributed and not cfg.distribute_saes and not cfg.shard_latents
+    if cfg.distribute_saes and len(cfg.saes) < world.size:  # every rank sees it, so every rank stops
+        raise TrainError(f"distribute_saes needs at least one SAE per process: {len(cfg.saes)} SAEs, "
+                         f"{world.size} processes")
+    rank, shards = (world.rank, world.size) if ddp else (0, 1)
+    return _Layout(
+        source=source, batch_size=batch_size, total_steps=total_steps, dead_window=dead_window, ddp=ddp,
+        shard=world.rank if world.distributed and cfg.shard_latents else None,
+        mine=[i for i in range(len(cfg.saes)) if not cfg.distribute_saes or i % world.size == world.rank],
+        rank=rank, shards=shards, writes_saes=world.is_main or not ddp, local_batch=check_split(batch_size, shards),
+    )
+
+
+def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: distributed.World,
+                    device: torch.device) -> tuple[dict[str, SAETrainer], dict[str, float]]:
+    """This rank's SAEs and their trainers, and each one's learning rate, after the plan: an SAE that cannot fit fails here, before its weights,
+    the model or a shard are allocated. Every rank checks every SAE's settings, so a bad one stops the whole job
+    rather than the rank that trains it."""
+    source, shard = lay.source, lay.shard
+    every = [spec.sae_config(source.hooks, source.model_name) for spec in cfg.saes]
+    configs = {names[i]: every[i] for i in lay.mine}
+    lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, lay.total_steps, c.d_in)
+           for i, (name, c) in zip(lay.mine, configs.items())}
+    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1),
+                          lay.local_batch, d_out=c.d_out, skip=c.skip) for n, c in configs.items()]
+    data_bytes = source.device_bytes(device, lay.shards)
+    plan.check_fits(costs, device, data_bytes=data_bytes)
+    if world.is_main:
+        share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
+                 if shard is not None else f"{lay.local_batch} rows")
+        mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
+        print(f"plan: {lay.total_steps * lay.batch_size:,} tokens from the {cfg.source} in {lay.total_steps:,} steps "
+              f"of {lay.batch_size}{mode} on {device}")
+        fast = {n: f" ({', '.join(c.fast_biases)} ×√d_in)" if c.fast_biases else "" for n, c in configs.items()}
+        print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}{fast[c.name]}" for c in costs))
+        print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
+
+    trainers: dict[str, SAETrainer] = {}
+    for i, (name, sae_cfg) in zip(lay.mine, configs.items()):
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it trains: no host copy
+            torch.manual_seed(_sae_seed(cfg.seed, i))
+            sae = create_sae(sae_cfg) if shard is None else sharded.shard(sae_cfg, world.rank, world.size)
+        trainers[name] = (SAETrainer if shard is None else sharded.ShardedTrainer)(
+            sae,
+            lr=lrs[name],
+            total_steps=lay.total_steps,
+            lr_warmup_frac=cfg.lr_warmup_frac,
+            lr_decay_frac=cfg.lr_decay_frac,
+            penalty_warmup_frac=cfg.l1_warmup_frac,
+            topk_warmup_frac=cfg.topk_warmup_frac,
+            grad_clip=cfg.grad_clip,
+            dead_window_tokens=lay.dead_window,
+            world_size=lay.shards,
+        )
+    return trainers, lrs
+
+
+@dataclass
+class _Start:
+    """Where the step loop starts: step 0 of a fresh run, or a checkpoint's."""
+
+    step: int = 0
+    position: int = 0
+    """The reader's position, in rows."""
+    wandb_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last logged metrics (a finished run resumed takes no step, and reports these)."""
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETrainer],
+                          world: distributed.World) -> _Start:
+    """Load the latest checkpoint into the trainers (resume=true), or fit each SAE's input scale and b_dec from a
+    sample of the data: computed once (rank 0) and broadcast when data-parallel."""
+    run_config = _run_config(cfg, lay.batch_size, world.size)
+    checkpoint = _resume_point(cfg, out, run_config, world)
+    if checkpoint is None:
+        if not lay.ddp or world.is_main:
+            sample = lay.source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=lay.rank, world_size=lay.shards)
+            for i, trainer in zip(lay.mine, trainers.values()):
+                trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks))
+            del sample
+        if lay.ddp:
+            for trainer in trainers.values():
+                distributed.broadcast_module_(trainer.sae)
+                trainer.sae.sync_cfg_scales()
+        return _Start(run_config=run_config)
+    folder, state = checkpoint
+    for name, trainer in trainers.items():
+        meta = state["saes"][name]
+        if meta["sae_config"]["d_in"] != trainer.sae.cfg.d_in:
+            raise TrainError(
+                f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
+                f"the data's hook has d_model {trainer.sae.cfg.d_in}"
+            )
+        trainer.load_state(load_file(str(folder / _checkpoint_file(name, lay.shard))), meta)
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"cuda{i}" in rng:  # another set of visible GPUs at resume is no reason to fail
+            torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
+    if world.is_main:
+        print(f"resuming from step {state['step']:,} ({folder})")
+    return _Start(state["step"], state["reader_position"], state.get("wandb_id"), state.get("metrics", {}), run_config)
+
+
+def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETrainer], world: distributed.World,
+               device: torch.device, start: _Start, lrs: dict[str, float]) -> dict[str, float]:
+    """Step every trainer through the batches from `start`, logging and checkpointing on the way; returns the last
+    logged metrics. A failure names the last good checkpoint to resume from."""
+    from tqdm.auto import tqdm
+
+    batch_size, total_steps = lay.batch_size, lay.total_steps
+    run = _init_wandb(cfg, out, world, start.wandb_id, batch_size=batch_size, total_steps=total_steps,
+                      lrs=lrs)
+    reader = lay.source.batches(batch_size, seed=cfg.seed, position=start.position, rank=lay.rank,
+                                world_size=lay.shards)
+    prefetch = Prefetcher(reader, start=start.position, batch_size=batch_size,
+                          n_batches=total_steps - start.step, pin=device.type == "cuda")
+    autocast = device.type == "cuda"
+    state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics}
+    bar = tqdm(total=total_steps * batch_size, initial=start.step * batch_size, unit="tok", unit_scale=True,
+               desc="train", dynamic_ncols=True, disable=not world.is_main)
+    last_good = start.step
+    t_log, tokens_log = time.perf_counter(), 0
+    stop = _stop_on_sigterm() if world.distributed else None
+    try:
+        for step in range(start.step, total_steps):
+            batch = prefetch.get()
+            xs = {h: t.to(device, non_blocking=True) for h, t in batch.items()}
+            metrics = {}
+            for i, (name, trainer) in zip(lay.mine, trainers.items()):
+                metrics[name] = trainer.step(*(xs[h] for h in cfg.saes[i].hooks), autocast=autocast)
+            bar.update(batch_size)
+            tokens_log += batch_size
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
+                _check_finite(trainers)
+                elapsed = time.perf_counter() - t_log
+                logged = _gather_metrics(metrics, lay.ddp or lay.shard is not None, device)
+                logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
+                run.log({**logged, "step": done})
+                state["metrics"] = logged
+                bar.set_postfix({k.split("_")[0] + "_fvu": f"{v:.3f}" for k, v in logged.items()
+                                 if k.endswith("/fvu")})
+                t_log, tokens_log = time.perf_counter(), 0
+            if done % cfg.checkpoint_every == 0 or done == total_steps:
+                _check_finite(trainers)
+                state["reader_position"] = start.position + (done - start.step) * batch_size
+                _write_checkpoint(out, done, state, trainers, world, writes_saes=lay.writes_saes, shard=lay.shard)
+                last_good = done
+    except (DivergedError, JobStopped, distributed.PeerLost, DiskFullError) as err:
+        if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stop = None
+        raise type(err)(f"{err}; the last good checkpoint is step {last_good} in {out / CHECKPOINT_DIR}: run again "
+                  "with resume=true to continue from it") from None
+    finally:
+        if stop is not None:
+            signal.signal(signal.SIGTERM, stop)
+        prefetch.close()
+        bar.close()
+        run.finish()
+    return state["metrics"]
+
+
+def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
+    """A loud line for each SAE whose last logged metrics say it learned nothing useful (L0 = 0, mostly dead), which
+    a falling loss can hide; `sae eval` flags the same on held-out rows."""
+    for name in names:
+        if f"{name}/l0" in metrics:  # a checkpoint written before metrics were kept has none
+            for sign in failure_signs(metrics[f"{name}/l0"], metrics[f"{name}/dead_frac"]):
+                print(f"warning: SAE {name} ended training with {sign}")
+
+
+def _stop_on_sigterm() -> Any:
+    """torchrun answers a failed process by sending SIGTERM to the others: turn it into a message that says what to
+    do, instead of a silent exit. Returns the previous handler."""
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise JobStopped("stopped by torchrun because another process of the job failed")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _gather_metrics(metrics: dict[str, dict[str, Tensor]], every_rank: bool,
+                    device: torch.device) -> dict[str, float]:
+    """Every SAE's metrics on rank 0 as plain floats: averaged over the ranks when `every_rank` steps every SAE
+    (data parallel; shard_latents, where the dead fraction is per shard and the rest is the same everywhere), or
+    collected from the ranks that train them (distribute_saes)."""
+    keys = [(n, k) for n, m in metrics.items() for k in m]
+    if every_rank:
+        values = distributed.all_reduce_(torch.stack([metrics[n][k].to(device, torch.float32) for n, k in keys]), "mean").tolist()
+        return {f"{n}/{k}": v for (n, k), v in zip(keys, values)}
+    local = {f"{n}/{k}": float(metrics[n][k]) for n, k in keys}
+    return {k: v for part in distributed.gather_objects(local) for k, v in part.items()}
+
+
+def _check_finite(trainers: dict[str, SAETrainer]) -> None:
+    """Stop on a NaN/inf loss; every rank stops together (a NaN on one rank reaches the others' weights)."""
+    steps = torch.stack([t.first_nonfinite_step for t in trainers.values()])
+    worst = torch.where(steps < 0, torch.iinfo(torch.long).max, steps)
+    first = -distributed.all_reduce_(-worst.min(), "max")  # the earliest bad step anywhere
+    if first < torch.iinfo(torch.long).max:
+        name = next((n for n, t in trainers.items() if int(t.first_nonfinite_step) == int(first)), "on another rank")
+        raise DivergedError(f"NaN/inf loss for SAE {name} at step {int(first)}; lower the learning rate or check "
+                            "the data")
+
+
+def _init_wandb(cfg: TrainConfig, out: Path, world: distributed.World, run_id: str | None, **resolved: Any) -> Any:
+    """A wandb run on rank 0 (disabled elsewhere), logging the config with the values actually used (`resolved`:
+    batch size, steps, learning rates) and, on resume, continuing the same wandb run."""
+    if cfg.wandb_mode not in ("offline", "online", "disabled"):
+        raise TrainError(f"wandb_mode must be offline, online or disabled, not {cfg.wandb_mode!r}")
+    import wandb
+
+    if not world.is_main:
+        return wandb.init(mode="disabled")
+    run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(out), id=run_id,
+                     resume="allow" if run_id else None, config={**asdict(cfg), "resolved": resolved})
+    # The training step is a metric of its own, the x-axis of every other one, rather than wandb's `step=`: wandb
+    # drops any point whose `step=` is not above the last one it holds, so a run resumed from a checkpoint older
+    # than its crash would lose every point up to the crash's step. wandb's own step keeps counting log calls.
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
