@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.saes.formats import read_saelens_config, read_saelens_tensors, saelens_architecture, saelens_cfg_json, write_saelens
@@ -173,11 +174,11 @@ def auxk_loss(aux_hat: Tensor, residual: Tensor, d: int) -> Tensor:
     return (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8) * d
 
 
-def auxk_weight(n_dead: int, aux_k: int) -> float:
+def auxk_weight(n_dead: Tensor, aux_k: int) -> Tensor:
     """AuxK's weight relative to α: min(n_dead / k_aux, 1), as Gao et al.'s reference code, SAELens and sparsify
     (``scale = min(num_dead / k_aux, 1.0)``) scale it: with fewer dead latents than k_aux the loss still asks a full
     reconstruction of the residual from the few there are, so its pull is cut in proportion."""
-    return min(n_dead / aux_k, 1.0)
+    return (n_dead / aux_k).clamp(max=1.0)  # a tensor: reading n_dead on the host would stall a GPU
 
 
 class ForwardOutput(NamedTuple):
@@ -449,13 +450,26 @@ class SAE(nn.Module):
         """k_aux: dead latents per token in the AuxK reconstruction (Gao et al.: d_in / 2)."""
         return self.cfg.aux_k or self.cfg.d_in // 2
 
+    def _dead_total(self, dead_mask: Tensor | None) -> Tensor | None:
+        """Dead latents (of all shards) as a device tensor, or None when AuxK is off (no coefficient, or no tracker)."""
+        if dead_mask is None or not self.cfg.aux_coefficient:
+            return None
+        return self._sum_over_shards(dead_mask.sum())
+
     def _select_aux(self, pre: Tensor, dead_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(rows, latents) of each row's top-k *dead* latents by pre-activation, rows ascending."""
+        """(rows, latents) of each row's top-k latents by pre-activation among the dead ones, rows ascending. k is
+        fixed (``aux_k``, not the number of dead latents, which only the device knows): where fewer are dead, the
+        rest are live latents, which ``_aux_acts`` switches off."""
         feats = pre.masked_fill(~dead_mask, -torch.inf).topk(k, dim=-1).indices
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return rows, feats.flatten()
 
-    def _auxk(self, aux: SparseActs, y_n: Tensor, x_hat: Tensor, n_dead: int) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _aux_acts(rows: Tensor, feats: Tensor, pre_values: Tensor, dead_mask: Tensor) -> SparseActs:
+        """AuxK's activations: ReLU of the selected pre-activations, zero (and so without gradient) on live latents."""
+        return SparseActs(rows, feats, F.relu(pre_values) * dead_mask[feats])
+
+    def _auxk(self, aux: SparseActs, y_n: Tensor, x_hat: Tensor, n_dead: Tensor) -> tuple[Tensor, Tensor]:
         """(the weighted AuxK term to add to the loss, the unweighted loss to log) for the dead latents' activations
         ``aux`` against the residual of the normalised target y_n: α·min(n_dead/k_aux, 1)·AuxK (``auxk_weight``)."""
         aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, len(y_n)))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.saes.base import SAEConfig
-from sae.saes.kernels import SparseActs, sparse_decode
+from sae.saes.kernels import SparseActs, flat_topk, sparse_decode
 from sae.saes.topk import TopKFamily
 
 class BatchTopKSAE(TopKFamily):
@@ -53,36 +53,45 @@ class BatchTopKSAE(TopKFamily):
         with torch.no_grad():
             self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        # The top k·B of the batch come from each row's top m = 4k candidates: a flat topk over all B·d_sae entries
+        # is ~6× slower than a row-wise one on CPU, a full sort on CUDA (≈5 GB at 4096 × 65,536), and refused past
+        # 2³¹ entries. It is exact unless some row took all m of its candidates (it might have needed more), which
+        # the returned flag says without a host read; ``_select_wider`` then widens the candidates until none does.
         if self.warming_up:
-            return self._row_topk(pre)
-        n, d_sae = pre.shape
-        k_total = self.cfg.k * n
-        # A flat topk over n·d_sae entries is ~6× slower than a row-wise one on CPU, so first
-        # keep each row's top-m candidates. This is exact unless some row needs all m of them
-        # (it might need more): then fall back to the flat topk.
-        m = min(d_sae, 4 * self.cfg.k)
+            return (*self._row_topk(pre), None)
+        m = min(pre.shape[1], 4 * self.cfg.k)
+        rows, feats, full = self._top_of_candidates(pre, m)
+        return rows, feats, full if m < pre.shape[1] else None
+
+    def _select_wider(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        m = min(pre.shape[1], 4 * self.cfg.k)
+        while True:
+            m = min(pre.shape[1], 4 * m)
+            rows, feats, full = self._top_of_candidates(pre, m)
+            if m == pre.shape[1] or not bool(full):  # rare: a sync per widening
+                return rows, feats
+
+    def _top_of_candidates(self, pre: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, latents) of the batch's top k·B among each row's top m, rows ascending, and whether a row took all
+        m (a device flag)."""
+        n = pre.shape[0]
         cand = pre.topk(m, dim=-1, sorted=False)
-        flat = cand.values.flatten().topk(k_total, sorted=False).indices
+        flat = flat_topk(cand.values, self.cfg.k * n)
         rows = flat // m
-        if m < d_sae and bool((torch.bincount(rows, minlength=n) == m).any()):
-            flat = pre.flatten().topk(k_total, sorted=False).indices
-            rows, feats = flat // d_sae, flat % d_sae
-        else:
-            feats = cand.indices.flatten()[flat]
+        per_row = torch.zeros(n, dtype=torch.long, device=pre.device).index_add_(0, rows, torch.ones_like(rows))
         order = torch.argsort(rows)
-        return rows[order], feats[order]
+        return rows[order], cand.indices.flatten()[flat][order], (per_row == m).any()
 
     @torch.no_grad()
     def _observe(self, acts: SparseActs) -> None:
-        positive = acts.values[acts.values > 0]
-        if not self.training or self.warming_up or positive.numel() == 0:
+        """θ follows the smallest positive activation kept (EMA), starting at the first batch's; with device-side
+        `where`s rather than host reads (a batch with none positive, +inf here, leaves θ as it is)."""
+        if not self.training or self.warming_up:
             return
-        smallest = positive.min().to(self.threshold.dtype)
-        if self.threshold == 0:  # first batch: start at the observed value, not at 0
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.lerp_(smallest, self.cfg.threshold_momentum)
+        smallest = torch.where(acts.values > 0, acts.values, torch.inf).min().to(self.threshold.dtype)
+        moved = torch.where(self.threshold == 0, smallest, self.threshold.lerp(smallest, self.cfg.threshold_momentum))
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
@@ -127,10 +136,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         x_hat, acts, loss, losses, l0, fire_counts = super()._train_forward(x_n, y_n, dead_mask, penalty_scale)
         # Cumulative partial decodes: each prefix adds only its own band [previous width, width) of the active
         # latents to the one before, so all inner reconstructions together decode each active latent at most once.
+        # Each band is decoded with the other latents' weights zeroed rather than cut out: a boolean-mask index would
+        # make the host wait for the device three times per band.
         partial, start = self._output_offset(0.0, x_n), 0
         for width in self.cfg.matryoshka_widths[:-1]:
             band = (acts.features >= start) & (acts.features < width)
-            partial = partial + sparse_decode(SparseActs(*(t[band] for t in acts)), self.W_dec, len(x_n))
+            partial = partial + sparse_decode(acts._replace(values=acts.values * band), self.W_dec, len(x_n))
             mse = (partial - y_n).pow(2).sum(-1).mean()
             loss = loss + mse
             losses[f"mse_{width}"] = mse.detach()

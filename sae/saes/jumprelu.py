@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.saes.base import SAE, SAEConfig
-from sae.saes.kernels import SparseActs
+
+INIT_CHUNK_ELEMENTS = 2**24
+"""Pre-activations per chunk of the initialisation's quantile (64 MB in fp32; torch.quantile takes at most 2²⁴)."""
+
 
 class _JumpReLU(torch.autograd.Function):
     """f = z·H(z − θ) with the straight-through pseudo-derivative of Rajamanoharan et al.
@@ -126,10 +128,17 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def initialise_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
         super().initialise_from_data(sample, target)
-        # b_enc = θ − (1 − p)-quantile of W_enc·x: each latent fires on a fraction p at init.
-        pre = self.pre_acts(self.normalise(sample.to(self.W_enc.device))) - self.b_enc
-        q = torch.quantile(pre.float(), 1 - self.init_fire_rate, dim=0).to(pre.dtype)
-        self.b_enc.copy_(self.threshold - q)
+        # b_enc = θ − (1 − p)-quantile of W_enc·x: each latent fires on a fraction p at init. Over chunks of latents,
+        # so the [rows, d_sae] pre-activations never exist whole (64 GiB at 65,536 rows × 65,536 latents, before the
+        # quantile's sorted copy).
+        x_n = self.normalise(sample.to(self.W_enc.device))
+        if self.cfg.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        step = max(1, INIT_CHUNK_ELEMENTS // len(x_n))
+        for j in range(0, self.cfg.d_sae, step):
+            pre = (x_n @ self.W_enc[:, j:j + step]).float()
+            q = torch.quantile(pre, 1 - self.init_fire_rate, dim=0)
+            self.b_enc[j:j + step] = self.threshold[j:j + step] - q.to(self.b_enc.dtype)
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
@@ -177,10 +186,11 @@ class JumpReLUSAE(SAE):
 
     def _with_auxk(self, x_hat, f, loss, losses, pre, y_n, dead_mask, active):  # type: ignore[no-untyped-def]
         """The step's outputs, with AuxK on the dead latents added to ``loss`` (``active``: the latents that fired)."""
-        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-        if n_dead and self.cfg.aux_coefficient:
-            rows, feats = self._select_aux(pre, dead_mask, min(self.aux_k, n_dead))
-            term, losses["auxk"] = self._auxk(SparseActs(rows, feats, F.relu(pre[rows, feats])), y_n, x_hat, n_dead)
+        n_dead = self._dead_total(dead_mask)
+        if n_dead is not None and bool(n_dead > 0):  # the step's one host sync
+            rows, feats = self._select_aux(pre, dead_mask, min(self.aux_k, pre.shape[1]))
+            term, losses["auxk"] = self._auxk(self._aux_acts(rows, feats, pre[rows, feats], dead_mask), y_n, x_hat,
+                                              n_dead)
             loss = loss + term
         return x_hat, f, loss, losses, active.sum(-1).float().mean(), active.sum(0)
 

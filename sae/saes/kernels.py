@@ -28,10 +28,10 @@ class SparseActs(NamedTuple):
         return out
 
 
-def _csr_offsets(index: Tensor, n: int) -> Tensor:
-    """Start offset of each of n bags for sorted ``index`` (empty bags allowed)."""
-    counts = torch.bincount(index, minlength=n)
-    return torch.cumsum(counts, 0) - counts
+def _csr_offsets(sorted_index: Tensor, n: int) -> Tensor:
+    """Start offset of each of n bags for an ascending ``sorted_index`` (empty bags allowed), by binary search: a
+    ``bincount`` would make the host wait for the device on CUDA (see tests/test_syncs.py)."""
+    return torch.searchsorted(sorted_index, torch.arange(n, device=sorted_index.device, dtype=sorted_index.dtype))
 
 
 class SparseEncode(torch.autograd.Function):
@@ -44,7 +44,6 @@ class SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(  # type: ignore[override]
         ctx: Any,
         x_n: Tensor,
@@ -63,8 +62,14 @@ class SparseEncode(torch.autograd.Function):
         return pre[rows, feats], rows, feats
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx: Any, grad_vals: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # In the parameters' dtype whatever autocast is on: under bf16 autocast (which the forward's matmul runs in)
+        # a backward that re-entered it would cast W_enc to bf16 every step and round b_dec's gradient to bf16.
+        with torch.autocast(grad_vals.device.type, enabled=False):
+            return SparseEncode._backward(ctx, grad_vals)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_vals: Tensor) -> tuple[Tensor | None, ...]:
         x_c, W_enc, rows, feats = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         grad_vals = grad_vals.to(x_c.dtype)
@@ -73,7 +78,7 @@ class SparseEncode(torch.autograd.Function):
         grad_W_enc_t = F.embedding_bag(
             rows[order],
             x_c,
-            _csr_offsets(feats, d_sae),
+            _csr_offsets(feats[order], d_sae),
             mode="sum",
             per_sample_weights=grad_vals[order],
         )
@@ -88,11 +93,28 @@ class SparseEncode(torch.autograd.Function):
             grad_x = F.embedding_bag(
                 feats[by_row],
                 W_enc.T.contiguous(),
-                _csr_offsets(rows, x_c.shape[0]),
+                _csr_offsets(rows[by_row], x_c.shape[0]),
                 mode="sum",
                 per_sample_weights=grad_vals[by_row],
             )
         return grad_x, grad_b_dec, grad_W_enc_t.T, grad_b_enc, None, None
+
+
+TOPK_MAX_ELEMENTS = 2**30
+"""Largest input ``flat_topk`` hands to one topk: CUDA sorts a topk over few long slices and refuses more than 2³¹ − 1
+elements."""
+
+
+def flat_topk(values: Tensor, k: int) -> Tensor:
+    """Flat indices of the k largest entries of `values` [rows, m], in chunks of rows of at most ``TOPK_MAX_ELEMENTS``
+    (each chunk's own top k, then the top k of those), never one topk over more."""
+    rows, m = values.shape
+    if values.numel() <= TOPK_MAX_ELEMENTS:
+        return values.flatten().topk(k, sorted=False).indices
+    step = max(1, TOPK_MAX_ELEMENTS // m)
+    parts = [flat_topk(values[i:i + step], min(k, values[i:i + step].numel())) + i * m for i in range(0, rows, step)]
+    index = torch.cat(parts)
+    return index[values.flatten()[index].topk(k, sorted=False).indices]
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, n_rows: int) -> Tensor:

@@ -27,8 +27,13 @@ class TopKFamily(SAE):
     def paper_lr(d_sae: int) -> float:
         return 2e-4 / math.sqrt(d_sae / 2**14)  # Gao et al. 2024, §2.2 (scaled with width)
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, latents) of the main activation, rows sorted ascending."""
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(rows, latents) of the main activation, rows sorted ascending, and a device flag saying the selection is
+        inexact and must be redone by ``_select_wider`` (None: exact by construction)."""
+        raise NotImplementedError
+
+    def _select_wider(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """The exact selection where ``_select`` flagged its own as inexact."""
         raise NotImplementedError
 
     def _row_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,16 +48,23 @@ class TopKFamily(SAE):
 
     def _train_forward(self, x_n, y_n, dead_mask, penalty_scale):  # type: ignore[no-untyped-def]
         n = x_n.shape[0]
-        n_dead = int(self._sum_over_shards(dead_mask.sum())) if dead_mask is not None else 0
-        aux_k = min(self.aux_k, n_dead)
+        n_dead = self._dead_total(dead_mask)
         n_main: list[int] = []
+        auxk: list[bool] = []
 
         def select(pre: Tensor) -> tuple[Tensor, Tensor]:
-            rows, feats = self._select(pre)
+            rows, feats, inexact = self._select(pre)
+            checks = [f for f in (inexact, None if n_dead is None else n_dead > 0) if f is not None]
+            read = torch.stack(checks).tolist() if checks else []  # the step's one host sync: both flags at once
+            redo = inexact is not None and bool(read.pop(0))
+            any_dead = n_dead is not None and bool(read.pop(0))
+            if redo:
+                rows, feats = self._select_wider(pre)
             n_main.append(rows.numel())
-            if n_dead == 0:
+            if not any_dead:
                 return rows, feats
-            aux_rows, aux_feats = self._select_aux(pre, dead_mask, aux_k)
+            auxk.append(True)
+            aux_rows, aux_feats = self._select_aux(pre, dead_mask, min(self.aux_k, pre.shape[1]))
             return torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats])
 
         vals, rows, feats = SparseEncode.apply(
@@ -65,11 +77,13 @@ class TopKFamily(SAE):
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
         loss = mse
         losses = {"mse": mse.detach()}
-        if n_dead:
-            term, losses["auxk"] = self._auxk(SparseActs(rows[m:], feats[m:], F.relu(vals[m:])), y_n, x_hat, n_dead)
+        if auxk:
+            aux = self._aux_acts(rows[m:], feats[m:], vals[m:], dead_mask)
+            term, losses["auxk"] = self._auxk(aux, y_n, x_hat, n_dead)
             loss = loss + term
         fired = acts.values.detach() > 0
-        fire_counts = torch.bincount(acts.features[fired], minlength=self.cfg.d_sae)
+        fire_counts = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=fired.device).index_add_(
+            0, acts.features, fired.long())
         l0 = self._sum_over_shards(fired.sum(dtype=torch.float32)) / n
         return x_hat, acts, loss, losses, l0, fire_counts
 
@@ -82,8 +96,8 @@ class TopKSAE(TopKFamily):
 
     sae_lens_architecture = "topk"
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        return self._row_topk(pre)
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        return (*self._row_topk(pre), None)
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
@@ -92,7 +106,7 @@ class TopKSAE(TopKFamily):
 
     def encode_sparse_normalised(self, x_n: Tensor) -> SparseActs:
         pre = self.pre_acts(x_n)
-        rows, feats = self._select(pre)
+        rows, feats = self._row_topk(pre)
         values = pre[rows, feats]
         active = values > 0  # ReLU(TopK): a selected latent with a negative pre-activation is off
         return SparseActs(rows[active], feats[active], values[active])

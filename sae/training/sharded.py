@@ -96,10 +96,19 @@ class _LatentShard(TopKFamily):
         """Flat mask of this rank's candidate `values` [groups, c] that are among their group's global top k."""
         return shard_winners(distributed.all_gather(values), k, self.rank).flatten()
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         # The variant's own selection on this shard gives as many candidates per group (row, or batch) as the
         # global selection keeps: k per row for TopK, k·n per batch for BatchTopK.
-        rows, feats = super()._select(pre)
+        rows, feats, inexact = super()._select(pre)
+        if inexact is not None:  # every shard redoes its selection if any must
+            inexact = distributed.all_reduce_(inexact.to(torch.int32), "max").bool()
+        return (*self._global(pre, rows, feats), inexact)
+
+    def _select_wider(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        return self._global(pre, *super()._select_wider(pre))
+
+    def _global(self, pre: Tensor, rows: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """This shard's part of the global selection, from its own candidates (rows, feats)."""
         values = pre[rows, feats].view(1 if self.batch_wide and not self.warming_up else pre.shape[0], -1)
         keep = self._global_winners(values, values.shape[1])
         return rows[keep], feats[keep]
@@ -148,10 +157,9 @@ class ShardedBatchTopKSAE(_LatentShard, BatchTopKSAE):
         # The threshold follows the smallest positive activation kept in the whole batch, i.e. on any shard.
         if self.warming_up:
             return
-        positive = acts.values[acts.values > 0]
-        smallest = positive.min() if positive.numel() else acts.values.new_tensor(torch.inf)
+        smallest = torch.where(acts.values > 0, acts.values, torch.inf).min()
         smallest = -distributed.all_reduce_(-smallest, "max")
-        super()._observe(acts._replace(values=smallest[torch.isfinite(smallest)].view(-1)))
+        super()._observe(acts._replace(values=smallest.view(1)))  # +inf (none positive anywhere) leaves θ as it is
 
 
 SHARDED_CLASSES: dict[str, type[_LatentShard]] = {"topk": ShardedTopKSAE, "batchtopk": ShardedBatchTopKSAE}
