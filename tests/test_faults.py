@@ -180,6 +180,31 @@ def test_analyse_failing_midway_leaves_no_partial_folder(cache_copy, saved_sae, 
     assert "injected" in err and len(written) == 2 and not (tmp_path / "out").exists()
 
 
+def test_analyse_into_a_project_folder_never_touches_its_files(tiny_cache, saved_sae, tmp_path, capsys, monkeypatch):
+    """`sae analyse out=.` in a project with its own data/ folder (or index.html) is refused with nothing changed;
+    a folder `sae analyse` wrote is replaced on a second run, and only its own files go: a user's file inside it
+    stays (issue 17: analyse used to delete <out>/data recursively)."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(project)
+    err = refused(capsys, "analyse", f"cache={tiny_cache}", f"sae={saved_sae}", "out=.", "device=cpu")
+    assert "holds data that `sae analyse` did not write" in err and "nothing was changed" in err
+    assert sorted(p.name for p in project.rglob("*")) == ["data", "notes.txt"]
+    (project / "data" / "notes.txt").unlink()
+    (project / "data").rmdir()
+    (project / "index.html").write_text("<html>my project page</html>")
+    err = refused(capsys, "analyse", f"cache={tiny_cache}", f"sae={saved_sae}", "out=.", "device=cpu")
+    assert "index.html" in err and (project / "index.html").read_text() == "<html>my project page</html>"
+
+    out = tmp_path / "an"
+    assert cli_main(["analyse", f"cache={tiny_cache}", f"sae={saved_sae}", f"out={out}", "device=cpu"]) == 0
+    (out / "data" / "keep.txt").write_text("a user's file in the toolkit's folder")
+    assert cli_main(["analyse", f"cache={tiny_cache}", f"sae={saved_sae}", f"out={out}", "device=cpu", "n_top=3"]) == 0
+    assert (out / "data" / "keep.txt").read_text() == "a user's file in the toolkit's folder"
+    assert (out / "data" / "index.js").is_file() and (out / "index.html").is_file()
+
+
 def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
     from sae.analysis.dashboard import write_js
     from sae.data.store import NonFiniteError, atomic_write_json

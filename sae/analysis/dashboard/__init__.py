@@ -11,6 +11,7 @@ as `.js` files that assign one global each (`window.NAME = <JSON>;`) and the pag
     data/contexts.js     SAE_CONTEXTS: {context index: [token ids]}, the contexts any example comes from
     data/features/<c>.js SAE_CHUNK: {feature id: details} for the live ids j with j // FEATURES_PER_FILE == c
     data/explanations.js SAE_EXPLANATIONS: optional, written by `sae explain` (see sae.analysis.explain for its format)
+    data/written-by-sae  a marker: this data/ folder is the toolkit's, so a new analysis may replace what is in it
 
 Examples are `[seq, pos, act, window]` (samples insert an interval index before `window`): the feature's activation
 at context `seq`, position `pos`, and its activations at the cached positions max(first_pos, pos - left) ..
@@ -27,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sae.config import UserError
 from sae.data.store import atomic_write_bytes, to_json
 
 STATIC = ("index.html", "feature.html", "app.js", "style.css")
@@ -34,6 +36,57 @@ STATIC = ("index.html", "feature.html", "app.js", "style.css")
 FEATURES_PER_FILE = 64
 #: Window activations are stored as integers in units of max_act / WINDOW_SCALE.
 WINDOW_SCALE = 1000
+
+
+MARKER = "written-by-sae"
+"""In an analysis's data/ folder: the folder was made by `sae analyse`. Only such a folder's files are ever removed."""
+DATA_FILES = ("index.js", "tokens.js", "contexts.js", "explanations.js", MARKER)
+"""The files `sae analyse` and `sae explain` write in data/, besides features/<c>.js."""
+
+
+def claim_data(*folders: Path) -> None:
+    """Make each `folder/data` ready for a new analysis: the files an earlier `sae analyse` (or `sae explain`) wrote
+    there are removed, and nothing else. A data/ folder, or a page of the browser (index.html, ...), that the toolkit
+    did not write is refused before anything changes in any of the folders: `sae analyse out=.` in a project with a
+    data/ folder must not delete it."""
+    for folder in folders:
+        data = folder / "data"
+        theirs = [p.name for p in [data] if p.exists() and not ((data / MARKER).is_file() or _legacy_analysis(data))]
+        theirs += [name for name in STATIC if (folder / name).exists() and not _is_page(folder / name)]
+        if theirs:
+            raise UserError(f"{folder} already holds {', '.join(theirs)} that `sae analyse` did not write; analyse "
+                            "into a new or empty folder (out=...), nothing was changed")
+    for folder in folders:
+        data = folder / "data"
+        for path in [*(data / name for name in DATA_FILES), *(data / "features").glob("*.js")]:
+            path.unlink(missing_ok=True)
+        for empty in (data / "features", data):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+
+
+def mark_data(data: Path) -> None:
+    """Create `data` as the toolkit's (``MARKER`` first, so even a half-written analysis is removable)."""
+    (data / "features").mkdir(parents=True, exist_ok=True)
+    (data / MARKER).write_text("written by `sae analyse`; a new analysis into this folder replaces these files\n")
+
+
+def _is_page(path: Path) -> bool:
+    """A page of the browser that `sae analyse` copied or wrote (each names it near its top)."""
+    try:
+        with open(path, "rb") as f:
+            return b"sae analyse" in f.read(400)
+    except OSError:
+        return False
+
+
+def _legacy_analysis(data: Path) -> bool:
+    """A data/ folder of an analysis from before the marker: its index.js is one of ours."""
+    try:
+        with open(data / "index.js", "rb") as f:
+            return f.read(18) == b"window.SAE_INDEX ="
+    except OSError:
+        return False
 
 
 def write_js(path: Path, variable: str, data: Any) -> None:
@@ -77,7 +130,8 @@ def write_dashboard(analysis: str | Path) -> Path:
         )
     shutil.copyfile(Path(__file__).with_name("style.css"), analysis / "style.css")
     page = (
-        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>SAE analyses</title>\n'
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<meta name="generator" content="sae analyse">\n'
+        '<title>SAE analyses</title>\n'
         '<link rel="stylesheet" href="style.css">\n</head>\n<body>\n<header><h1>SAE analyses</h1></header>\n<main>\n'
         '<table id="saes"><thead><tr><th>SAE</th><th class="num">features</th><th class="num">live</th>'
         '<th class="num">dead</th><th>hook</th></tr></thead>\n<tbody>\n' + "\n".join(rows) + "\n</tbody></table>\n"

@@ -1,4 +1,4 @@
-// Feature browser for one SAE analysis. Works from file:// with no server: data arrives as <script> files that
+// Feature browser for one SAE analysis (copied in by `sae analyse`). Works from file:// with no server: data arrives as <script> files that
 // assign globals (fetch() of JSON is blocked on file://); the format is described in sae/analysis/dashboard/__init__.py. All text goes into the DOM through textContent, never
 // innerHTML, so token strings such as "<script>" or "&amp;" are shown literally.
 "use strict";

@@ -3,13 +3,12 @@ data (`sae.analysis.dashboard.export`). It sits above both, so `sae.analysis.ana
 
 from __future__ import annotations
 
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from sae.analysis.analyse import AnalyseConfig, logit_lens, stream_features
-from sae.analysis.dashboard import write_dashboard
+from sae.analysis.dashboard import claim_data, write_dashboard
 from sae.analysis.dashboard.export import write_analysis
 from sae.analysis.evaluate import check_matches, load_saes
 
@@ -34,13 +33,14 @@ def analyse(cfg: AnalyseConfig) -> Path:
     saes = load_saes([cfg.sae], device)
     for name, sae in saes.items():
         check_matches(sae, store, name)
-    model, tokenizer = load_model(store.model_name, str(device))
     out = Path(cfg.out)
-    # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one.
-    shutil.rmtree(out / "data", ignore_errors=True)
+    targets = {name: (out / name, Path(cfg.sae) / name) if len(saes) > 1 else (out, Path(cfg.sae)) for name in saes}
+    # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one; every
+    # folder is checked before the model loads.
+    claim_data(*{out, *(target for target, _ in targets.values())})
+    model, tokenizer = load_model(store.model_name, str(device))
     for name, sae in saes.items():
-        target, source = (out / name, Path(cfg.sae) / name) if len(saes) > 1 else (out, Path(cfg.sae))
-        shutil.rmtree(target / "data", ignore_errors=True)
+        target, source = targets[name]
         stats = stream_features(store, sae, cfg)
         live = (stats.n_active > 0).nonzero().squeeze(1)
         lens = logit_lens(sae.W_dec[live], final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
@@ -57,7 +57,7 @@ def discard_on_error(folder: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        shutil.rmtree(folder / "data", ignore_errors=True)
-        if not existed:
-            shutil.rmtree(folder, ignore_errors=True)
+        claim_data(folder)
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
         raise

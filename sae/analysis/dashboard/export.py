@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sae.analysis.analyse import HIST_EDGES, INTERVALS, AnalyseConfig, FeatureStats, RunningTopK
-from sae.analysis.dashboard import FEATURES_PER_FILE, WINDOW_SCALE, write_js
+from sae.analysis.dashboard import FEATURES_PER_FILE, WINDOW_SCALE, mark_data, write_js
 
 
 def significant(x: Tensor, digits: int) -> list:
@@ -72,7 +72,7 @@ def write_analysis(
 ) -> Path:
     """Write the browser data of the SAE loaded from `source` into `out/data`; `lens` has rows for live features only."""
     data = out / "data"
-    (data / "features").mkdir(parents=True, exist_ok=True)
+    mark_data(data)
     top, res = stats.top.to("cpu"), stats.reservoir.to("cpu")
     n_active = stats.n_active.cpu()
     live = (n_active > 0).nonzero().squeeze(1)
