@@ -70,9 +70,15 @@ def _print(result):
     return result
 
 
+def _folders(result):
+    """The SAE folders a training run wrote, one per line."""
+    print("\n".join(str(folder) for folder in result))
+    return result
+
+
 STAGES = {
     "harvest": Stage("harvest", "data.harvest", "HarvestConfig", lambda m, c: _print(m.harvest(c)), "cache activations of a model on a text dataset"),
-    "train": Stage("train", "training.train", "TrainConfig", lambda m, c: _print(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
+    "train": Stage("train", "training.train", "TrainConfig", lambda m, c: _folders(m.train(c)), "train sparse autoencoders on a cache or a live model (torchrun for several processes)"),
     "eval": Stage("eval", "analysis.evaluate", "EvalConfig", _shown("evaluate", "format_table"), "metrics, PCA baseline and spliced LM loss"),
     "analyse": Stage("analyse", "analysis.dashboard.build", "AnalyseConfig", _analyse, "top contexts, logit lens and the HTML feature browser"),
     "explain": Stage("explain", "analysis.explain", "ExplainConfig", _explain, "explain features in words with a language model and score the explanations by detection"),
@@ -99,10 +105,13 @@ def _link(data: dict[str, Any]) -> dict[str, Any]:
     for section in ("train", "eval", "analyse", "explain", "score"):
         if cache is not None and section in STAGES:
             data.setdefault(section, {}).setdefault("cache", cache)
-    for section in ("eval", "analyse"):  # `score` takes one SAE, not the folder of a sweep
+    analysis = data.get("analyse", {}).get("out")
+    if saes is not None and "sae" not in data.get("attribute", {}):  # the analysis of the SAE it is given (below)
+        data.setdefault("attribute", {}).setdefault("analysis", analysis or "")
+    # The stages that take one SAE get the folder of the sweep too: one SAE there is used, several are named.
+    for section in ("eval", "analyse", "score", "steer", "attribute"):
         if saes is not None:
             data.setdefault(section, {}).setdefault("saes" if section == "eval" else "sae", saes)
-    analysis = data.get("analyse", {}).get("out")
     if analysis is not None:
         data.setdefault("explain", {}).setdefault("analysis", analysis)
     return data

@@ -74,6 +74,14 @@ def _yaml11_number(text: str) -> Any:
         return text
 
 
+def _number_text(value: Any, tp: Any) -> Any:
+    """A YAML 1.1 number read as text (`1e30`) as the number, where `tp` is numeric; anything else as it is."""
+    if tp not in (float, int) or not isinstance(value, str):
+        return value
+    number = _yaml11_number(value)
+    return int(number) if tp is int and isinstance(number, float) and number.is_integer() else number
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp`, building nested dataclasses; ints are accepted for floats."""
     if isinstance(value, Typed):
@@ -108,7 +116,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        # YAML 1.1 text such as `1e30` is read as the number for a numeric key or value, as for a numeric field (other
+        # values are left for the stage to check, which names what is wrong in its own terms)
+        return {_number_text(k, key_tp): _number_text(v, value_tp) for k, v in value.items()}
     if tp in (float, int) and isinstance(value, str):
         value = _yaml11_number(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

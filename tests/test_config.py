@@ -43,6 +43,18 @@ def test_numbers_in_exponent_form_without_a_dot_are_numbers():
         from_dict(Inner, parse_overrides(["k=25e-1"]))
 
 
+def test_numbers_in_exponent_form_are_numbers_inside_a_mapping_too():
+    """`features="{1: 1e30}"` (a dict[int, float]) was refused as not finite: YAML 1.1 read 1e30 as text (issue 17).
+    Keys and values of a numeric type are read as numbers; other text is left for the stage to name."""
+
+    @dataclass
+    class Steer:
+        features: dict[int, float] = field(default_factory=dict)
+
+    assert from_dict(Steer, parse_overrides(["features={1: 1e30, 2e0: -5E-1, 3: 2}"])).features == {1: 1e30, 2: -0.5, 3: 2}
+    assert from_dict(Steer, parse_overrides(["features={a: x}"])).features == {"a": "x"}
+
+
 def test_unknown_and_mistyped_keys_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'items\[1\]\.kk'\. Did you mean 'k'\?"):
         from_dict(Outer, {"items": [{}, {"kk": 3}]}, where="")

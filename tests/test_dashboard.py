@@ -209,6 +209,15 @@ def test_feature_page_shows_contexts_lens_and_histogram(browser, site, tmp_path)
 
 
 @pytest.mark.slow
+def test_feature_page_with_an_address_that_is_no_id_says_so(browser, site, tmp_path):
+    """feature.html#junk is one notice naming what was typed, not a page for "Feature NaN" (issue 17)."""
+    for junk, shown in (("junk", "junk"), ("%3Cb%3E7", "&lt;b&gt;7"), ("12abc", "12abc")):
+        html = run_chromium(browser, tmp_path, "--dump-dom", (site / "feature.html").as_uri() + "#" + junk)
+        assert "NaN" not in html and f'"{shown}" is not a feature id' in html, html[-1500:]
+        assert "No such feature" in html and not STRAY.findall(html) and "<b>7" not in html
+
+
+@pytest.mark.slow
 def test_screenshots_are_not_blank(browser, site, tmp_path):
     import matplotlib.image
 

@@ -241,13 +241,19 @@ def test_the_settings_a_saved_file_must_match_are_config_keys():
     assert set(ex.SETTINGS) <= {f.name for f in fields(ExplainConfig)}  # (tests/test_config.py checks their docs)
 
 
-def test_an_explainer_needs_no_hook_map(tmp_path, one_thread):
-    """Any causal LM can explain: a family without hook points (OPT) is refused for hooks but loads as explainer."""
+def test_an_explainer_needs_no_hook_map(tmp_path, one_thread, monkeypatch):
+    """Any causal LM can explain: the load-time hook self-check runs only for a model that will be hooked, so a
+    family whose map cannot be verified is refused for hooks but still loads as explainer."""
     from transformers import OPTConfig
 
     from sae import tiny
+    from sae.data import model as model_lib
     from sae.data.model import ModelError, load_model
 
+    def refuse(model):
+        raise ModelError("model type 'opt' has no hook map the probe could verify")
+
+    monkeypatch.setattr(model_lib, "check_hooks", refuse)
     folder = tiny.save(tmp_path / "opt", OPTConfig(vocab_size=512, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
                                                    num_attention_heads=2, word_embed_proj_dim=16))
     with pytest.raises(ModelError, match="no hook map"):

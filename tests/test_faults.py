@@ -205,6 +205,76 @@ def test_analyse_into_a_project_folder_never_touches_its_files(tiny_cache, saved
     assert (out / "data" / "index.js").is_file() and (out / "index.html").is_file()
 
 
+@pytest.mark.parametrize("blocked", ["file", "under a file"])
+@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_work(stage, blocked, tiny_cache, tiny_llama,
+                                                                          text_dir, saved_sae, tmp_path, capsys):
+    """out= naming an existing file, or a path below one, is one line naming the setting (was an OSError,
+    FileExistsError or NotADirectoryError traceback once the work was done), and the file is left as it was."""
+    (tmp_path / "taken").write_text("a user's file")
+    out = tmp_path / "taken" if blocked == "file" else tmp_path / "taken" / "out"
+    args = {"harvest": [f"model={tiny_llama}", f"dataset={text_dir}", "max_tokens=200", "context_size=16"],
+            "train": [f"cache={tiny_cache}", "saes=[{hook: blocks.1.hook_resid_post, d_sae: 32, k: 4}]",
+                      "total_tokens=256", "wandb_mode=disabled"],
+            "eval": [f"cache={tiny_cache}", f"saes=[{saved_sae}]"],
+            "analyse": [f"cache={tiny_cache}", f"sae={saved_sae}"]}[stage]
+    line = refused(capsys, stage, *args, f"out={out}", "device=cpu")
+    assert line.endswith(f"out={out}: {tmp_path / 'taken'} is a file, not a folder; name a folder"), line
+    assert (tmp_path / "taken").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "explain"])
+def test_a_folder_in_use_is_refused_naming_its_writer(stage, tiny_cache, tiny_llama, text_dir, hook, saved_sae,
+                                                      tmp_path, capsys):
+    """While one command writes a folder, another command writing it stops at once with one line naming the
+    holder, and leaves the folder as it was; once the holder is gone (here: its lock released; the kernel releases it
+    when a process dies, kill -9 included) the same command runs."""
+    from sae.data.store import LOCK_FILE, folder_lock
+
+    out = tmp_path / "out"
+    args = {"harvest": ["harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]", "max_tokens=300",
+                        "context_size=16", f"out={out}"],
+            "train": tiny_train_args(tiny_cache, hook, out, total_tokens=128, checkpoint_every=100),
+            "eval": ["eval", f"cache={tiny_cache}", f"saes=[{saved_sae}]", f"out={out}", "lm_loss_contexts=2"],
+            "analyse": ["analyse", f"cache={tiny_cache}", f"sae={saved_sae}", f"out={out}"],
+            "explain": ["explain", f"analysis={out}", f"cache={tiny_cache}", f"model={tiny_llama}",
+                        "n_top_features=1", "n_random_features=0", "max_new_tokens=2"]}[stage]
+    if stage == "explain":  # an analysis to explain
+        assert cli_main(["analyse", f"cache={tiny_cache}", f"sae={saved_sae}", f"out={out}", "n_top=3"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    with folder_lock(out, "sae train"):
+        line = refused(capsys, *args, "device=cpu")
+        assert re.search(rf"{re.escape(str(out))} is in use by sae train \(pid {os.getpid()} on .*, started .*\); "
+                         "wait for it to finish, or use another folder$", line), line
+        after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+        assert {p: t for p, t in after.items() if p.name != LOCK_FILE} == before  # nothing written or touched
+    assert cli_main([*args, "device=cpu"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow  # two processes importing torch
+def test_two_harvests_started_together_never_mix(tiny_llama, text_dir, hook, tmp_path):
+    """Two `sae harvest` into one folder with different settings, started at the same moment: exactly one writes the
+    cache and says so; the other is refused naming it, and the cache holds the winner's settings and shards only."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cache"
+    base = [sys.executable, "-m", "sae", "harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]",
+            "max_tokens=2000",
+            "context_size=16", "shard_tokens=400", f"out={out}", "device=cpu"]
+    procs = [subprocess.Popen([*base, f"exclude_first={n}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    winner = [n for n, (code, _) in zip((1, 2), results) if code == 0][0]
+    loser_err = [err for code, err in results if code == 2][0].strip().splitlines()[-1]
+    assert "is in use by sae harvest" in loser_err, loser_err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["exclude_first"] == winner and manifest["complete"]
+    assert sorted(p.name for p in out.glob("shard_*")) == sorted(s["file"] for s in manifest["shards"])
+
+
 def test_json_writer_refuses_nan_and_writes_nothing(tmp_path):
     from sae.analysis.dashboard import write_js
     from sae.data.store import NonFiniteError, atomic_write_json
@@ -366,11 +436,15 @@ def test_a_removed_manifest_entry_is_named_not_misread(cache_copy):
         ActivationStore(cache_copy)
 
 
-def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_cache, hook, tmp_path, capsys,
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])
+def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(raised, tiny_cache, hook, tmp_path, capsys,
                                                                          monkeypatch):
     """ENOSPC while writing the second checkpoint: one line naming the folder and the checkpoint to resume from,
-    the half-written checkpoint removed by the next run, and resume=true finishing the run."""
+    the half-written checkpoint removed at once, and resume=true finishing the run. safetensors' writer reports a
+    full disk as its own SafetensorError, with the message below (seen on a full tmpfs), not as an OSError."""
     import errno
+
+    from safetensors import SafetensorError
 
     import sae.training.train
 
@@ -379,7 +453,9 @@ def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_ca
     def full_disk(tensors, path):
         calls["n"] += 1
         if calls["n"] == 3:  # the second checkpoint's SAE file (the first wrote an SAE file and rng)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if raised == "OSError":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(tensors, path)
 
     monkeypatch.setattr(sae.training.train, "save_file", full_disk)
@@ -388,10 +464,10 @@ def test_train_out_of_space_at_a_checkpoint_says_where_and_how_to_resume(tiny_ca
     line = refused(capsys, *args)
     assert "no space left on device while writing in" in line and "checkpoints" in line
     assert "last good checkpoint is step 4" in line and "resume=true" in line
-    assert list((out / "checkpoints").glob(".tmp_step_*"))  # what the full disk interrupted ...
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # what the full disk interrupted is gone
+    assert (out / "checkpoints" / "step_000000004").is_dir()
     monkeypatch.setattr(sae.training.train, "save_file", real_save)
     assert cli_main([*args, "resume=true"]) == 0
-    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # ... is gone once a checkpoint is written
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 12
 
 
@@ -507,3 +583,175 @@ def test_train_killed_at_random_then_resumed_matches_clean_run(trial, tiny_cache
         clean, resumed = load_file(weights), load_file(out / weights.relative_to(clean_train))
         for name, tensor in clean.items():
             torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=f"{landed}: {weights.parent.name} {name}")
+
+
+# ----- issue 17, second probe -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def steer_sae(hand_sae, tiny_llama, tmp_path) -> Path:
+    """A hand-built SAE that records the tiny Llama as its model, so `sae steer` loads that model."""
+    import torch
+
+    torch.manual_seed(0)
+    return hand_sae(torch.randn(32, 48), torch.randn(48, 32), model=str(tiny_llama)).save(tmp_path / "steer_sae")
+
+
+@pytest.mark.parametrize("value", ["1.0e+30", "1e30"])  # 1e30: YAML 1.1 text, read as the number (was "not finite")
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_steering_that_overflows_the_model_stops_with_a_message(mode, value, steer_sae, capsys):
+    """α = 1e30 turns the residual stream into numbers whose square overflows: the model's final norm then gives
+    all-zero (or NaN) logits, and the steered text used to be printed empty with exit 0."""
+    line = refused(capsys, "steer", f"sae={steer_sae}", "prompt=def f(x):", f"features={{1: {value}}}", f"mode={mode}",
+                   "max_new_tokens=4", "device=cpu")
+    assert line.endswith("overflowed to NaN/inf at generated token 1 with the features steered: the steering "
+                         "value(s) overflow this model's activations; use smaller ones"), line
+
+
+def test_binary_files_are_refused_naming_them_with_one_rule_for_files_and_folders(tiny_llama, hook, tmp_path, capsys):
+    """A file that is mostly not text is refused, naming it, whether it is the dataset or one file of a folder (a
+    folder of binaries was harvested as replacement characters, a single .txt gave a UnicodeDecodeError traceback);
+    a text with a few bytes that are not UTF-8 is read the same way in both cases."""
+    from sae.data.text import load_texts
+
+    rng = random.Random(0)
+    noise = bytes(rng.randrange(256) for _ in range(20_000))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a_notes.txt").write_text("def f(x):\n    return x\n")
+    (folder / "b_photo.png").write_bytes(noise)
+    (tmp_path / "noise.txt").write_bytes(noise)
+    for dataset, named in ((folder, folder / "b_photo.png"), (tmp_path / "noise.txt", tmp_path / "noise.txt")):
+        out = tmp_path / "out"
+        line = refused(capsys, "harvest", f"model={tiny_llama}", f"dataset={dataset}", f"hooks=[{hook}]",
+                       "context_size=16", "max_tokens=200", f"out={out}", "device=cpu")
+        assert f"{named} is not text: " in line and "undecodable bytes or control characters" in line, line
+        assert not out.exists()
+    latin = tmp_path / "latin" / "café.txt"
+    latin.parent.mkdir()
+    latin.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e, na\xefve r\xe9sum\xe9 of a long enough text".encode("latin-1"))
+    assert list(load_texts(str(latin))) == list(load_texts(str(latin.parent))) == [
+        "caf\ufffd cr\ufffdme br\ufffdl\ufffde, na\ufffdve r\ufffdsum\ufffd of a long enough text"]
+
+
+def test_context_size_beyond_the_models_positions_is_refused_naming_the_maximum(tiny_llama, text_dir, hook, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "cache"
+    line = refused(capsys, "harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"hooks=[{hook}]",
+                   "context_size=257", "max_tokens=600", f"out={out}", "device=cpu")
+    assert line.endswith("context_size=257 is more than this model's maximum of 256 positions (its config's "
+                         "max_position_embeddings); use context_size=256 or less"), line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("lr=-0.001", "lr=-0.001"), ("lr=0", "lr=0.0"), ("lr=.inf", "lr=inf"),
+    ("saes=[{architecture: topk, hook: blocks.1.hook_resid_post, k: 4, lr: -1e-3}]", "saes[0].lr=-0.001"),
+])
+def test_train_refuses_a_learning_rate_not_above_zero_before_any_work(setting, named, tiny_cache, tmp_path, capsys):
+    """Was torch's ValueError traceback after the plan was printed (and lr=0 silently meant the default)."""
+    assert cli_main(["train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", setting, "wandb_mode=disabled"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured  # one line, and no plan before it
+    assert captured.err.startswith(f"sae train: error: {named}: a learning rate must be a finite number > 0")
+    assert not (tmp_path / "saes").exists()
+
+
+@pytest.mark.parametrize("stage", ["harvest", "train"])
+def test_a_device_backend_this_machine_lacks_is_one_line(stage, tiny_cache, tiny_llama, text_dir, hook, tmp_path,
+                                                         capsys):
+    """device=mps without Apple's backend was a RuntimeError traceback (cuda and unknown names were one line)."""
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    args = (tiny_train_args(tiny_cache, hook, tmp_path / "out", total_tokens=128, checkpoint_every=100)
+            if stage == "train" else tiny_harvest_args(tiny_llama, text_dir, hook, tmp_path / "out"))
+    line = refused(capsys, *args, "device=mps")
+    assert line.endswith("device 'mps' is not available here (no mps backend on this machine); use device=auto or "
+                         "cpu"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_the_cache_is_named_by_train_not_blamed_on_the_learning_rate(cache_copy, hook, tmp_path, capsys):
+    """The initial fit read the NaN rows first, so the first step's loss was NaN: the message blamed the learning
+    rate and pointed to a 'step 0' checkpoint that does not exist. It names the data and its shards now."""
+    poison(cache_copy)
+    line = refused(capsys, *tiny_train_args(cache_copy, hook, tmp_path / "saes", total_tokens=256, checkpoint_every=2))
+    assert re.search(rf"\d+ of \d+ rows of {hook} in {re.escape(str(cache_copy))} \(the sample the initial fit reads; "
+                     r"shards holding such rows: shard_00000.safetensors, shard_00001.safetensors, "
+                     r"shard_00002.safetensors, shard_00003.safetensors\) hold NaN/inf values", line), line
+    assert "learning rate" not in line and "checkpoint" not in line
+    assert not (tmp_path / "saes").exists()
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_points_to_none(tiny_cache, hook, tmp_path, capsys):
+    """A NaN loss before any checkpoint was written pointed to a 'step 0' checkpoint to resume from that does not
+    exist; it says that there is none yet."""
+    args = tiny_train_args(tiny_cache, hook, tmp_path / "saes", total_tokens=640, checkpoint_every=4)
+    line = refused(capsys, *args[:-2], "saes=[{architecture: relu_l1, expansion_factor: 2, hook: " + hook + "}]",
+                   "wandb_mode=disabled", "lr=1e30")
+    assert re.search(r"NaN/inf loss for SAE \S+ at step [123]; lower the learning rate or check the data; no checkpoint "
+                     r"was written yet \(the first is at step 4\): run again to start over$", line), line
+    assert not (tmp_path / "saes" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("dataset", ["data/missing.txt", "./missing", "../missing", "missing.jsonl", "a/b/c",
+                                     "corpus/missing"])
+def test_a_missing_local_dataset_is_no_such_file_at_once(dataset, tiny_llama, hook, tmp_path, capsys, monkeypatch):
+    """Relative paths that do not exist were taken for hub ids (30 s of retries, then the hub was blamed). A path
+    that looks local — ./ or ../, a file suffix, more than one slash, or under a folder that exists — is not."""
+    import datasets
+
+    def no_hub(*a, **k):
+        raise AssertionError(f"asked the hub for {a} {k}")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    line = refused(capsys, "harvest", f"model={tiny_llama}", f"dataset={dataset}", f"hooks=[{hook}]", "out=cache",
+                   "device=cpu")
+    assert line.endswith(f"dataset path {dataset!r} does not exist: no such file or folder "
+                         f"({(tmp_path / dataset).absolute()})"), line
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("stage, extra", [("score", ["text=def f(x): return x"]),
+                                          ("steer", ["prompt=def", "features={3: 1}", "max_new_tokens=2"]),
+                                          ("attribute", ["prompt=def f(x):"])])
+def test_one_sae_stages_without_sae_use_the_config_files_train_out(stage, extra, steer_sae, tiny_cache, tmp_path,
+                                                                   capsys, monkeypatch):
+    """score/steer/attribute read the config's own train.out (as eval and analyse do), not the demo's SAE; without
+    a config the missing demo folder is named as a missing folder, not as the hub repo `runs/demo`."""
+    monkeypatch.chdir(tmp_path)
+    saes = tmp_path / "trained"
+    shutil.copytree(steer_sae, saes / "only")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"harvest: {{out: {tiny_cache}}}\ntrain: {{out: {saes}}}\n")
+    assert cli_main([stage, "--config", str(config), *extra, "device=cpu"]) == 0, capsys.readouterr().err
+    line = refused(capsys, stage, *extra, "device=cpu", *([f"cache={tiny_cache}"] if stage == "score" else []))
+    assert re.search(r"error: runs/demo/saes/\S+ does not exist: no such folder \(the default: the demo's SAE", line)
+    assert "hub repo 'runs" not in line
+
+
+@pytest.mark.fault(None)  # what a finished run prints, not a fault
+def test_train_prints_its_folders_one_per_line_and_counts_steps(tiny_cache, hook, tmp_path, capsys):
+    out = tmp_path / "saes"
+    assert cli_main(tiny_train_args(tiny_cache, hook, out, total_tokens=64, checkpoint_every=1)) == 0
+    printed = capsys.readouterr().out
+    assert " in 1 step of 64 on cpu" in printed and "PosixPath" not in printed
+    assert printed.rstrip("\n").splitlines()[-1] == str(out / "topk_k4_x2_blocks.1.hook_resid_post"), printed
+
+
+def test_eval_that_refuses_leaves_no_empty_out_folder(cache_copy, saved_sae, tmp_path, capsys):
+    """A corrupt shard met after the held-out rows are read (here: by the baseline fit) used to leave `out` behind,
+    made and empty."""
+    shard = max(cache_copy.glob("shard_*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 1
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "eval"
+    line = refused(capsys, "eval", f"cache={cache_copy}", f"saes=[{saved_sae}]", f"out={out}", "max_tokens=10",
+                   "device=cpu")
+    assert f"shard {shard} is corrupt (checksum mismatch)" in line and not out.exists()

@@ -82,6 +82,11 @@ def load_sae(path: str | Path, device: torch.device) -> tuple[str, torch.nn.Modu
     from sae.saes.pretrained import find_sae
     from sae.saes import SAE
 
+    if isinstance(path, str) and path.startswith("runs/") and not Path(path).exists():
+        # the toolkit's own output folders (the demo's SAE is the default): a missing folder, not a hub repo `runs/…`
+        demo = " (the default: the demo's SAE, which `sae demo` trains)" if path == DEMO_SAE else ""
+        raise UserError(f"{path} does not exist: no such folder{demo}; pass sae=<an SAE folder>, a hub repo id "
+                        "owner/name[/folder] or a SAELens release/sae_id")
     name, folder = find_sae(path)
     return name, SAE.load(folder, device)
 
@@ -468,16 +473,18 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
 def evaluate(cfg: EvalConfig) -> dict:
     """Load the cache, the SAEs and the model, evaluate, and write `<out>/eval.json` plus the plots."""
     from sae.data.model import load_model, pick_device
-    from sae.data.store import ActivationStore
+    from sae.data.store import ActivationStore, check_output_folder, folder_lock
 
-    store = ActivationStore(cfg.cache)
-    device = pick_device(cfg.device)
-    # Before the model: a bad SAE name, an offline hub or an SAE of a hook the cache lacks fails in a moment.
-    saes = load_saes(cfg.saes, device)
-    for name, sae in saes.items():
-        check_matches(sae, store, name)
-    model, _ = load_model(store.model_name, str(device))
-    return evaluate_saes(cfg, store, saes, model)
+    check_output_folder(cfg.out)
+    with folder_lock(cfg.out, "sae eval"):
+        store = ActivationStore(cfg.cache)
+        device = pick_device(cfg.device)
+        # Before the model: a bad SAE name, an offline hub or an SAE of a hook the cache lacks fails in a moment.
+        saes = load_saes(cfg.saes, device)
+        for name, sae in saes.items():
+            check_matches(sae, store, name)
+        model, _ = load_model(store.model_name, str(device))
+        return evaluate_saes(cfg, store, saes, model)
 
 
 #: Width `format_table` keeps to: a terminal's default.

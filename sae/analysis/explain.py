@@ -548,6 +548,8 @@ def explain(cfg: ExplainConfig) -> list[Path]:
     """Explain and score features of each analysis under `cfg.analysis`; returns the folders written.
 
     The model loads only when something is left to do, so a finished run started again costs no model time."""
+    from sae.data.store import folder_lock
+
     folders = analysis_folders(Path(cfg.analysis))
     loaded: list[Explainer] = []
 
@@ -556,8 +558,9 @@ def explain(cfg: ExplainConfig) -> list[Path]:
             loaded.append(Explainer.load(cfg))
         return loaded[0]
 
-    for folder in folders:
-        explain_folder(folder, cfg, explainer)
+    with folder_lock(cfg.analysis, "sae explain"):  # the folder `sae analyse` holds while it writes
+        for folder in folders:
+            explain_folder(folder, cfg, explainer)
     return folders
 
 

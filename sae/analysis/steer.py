@@ -114,6 +114,41 @@ def steering(model: nn.Module, sae: nn.Module, features: dict[int, float], mode:
     return spliced(model, sae, feature_edit(check_features(features, sae.cfg.d_sae), mode), first=first)
 
 
+class _FiniteGuard:
+    """While open, stops generation with a `SteerError` once the numbers overflow: a NaN/inf logit, or a final
+    residual stream whose mean square is not finite (the final norm then scales it to 0 and every logit is 0). Greedy
+    decoding or sampling would otherwise pick an arbitrary token — often a special one that decodes to nothing — and
+    the empty or garbled text would be printed as the answer. Also a logits processor for `generate`."""
+
+    def __init__(self, model: nn.Module, n_prompt: int, steered: bool):
+        self.model, self.n_prompt, self.steered, self.handle = model, n_prompt, steered, None
+
+    def fail(self, generated: int) -> None:
+        why = (" with the features steered: the steering value(s) overflow this model's activations; use smaller ones"
+               if self.steered else "; the model itself overflows on this prompt")
+        raise SteerError(f"the model's activations or logits overflowed to NaN/inf at generated token {generated}{why}")
+
+    def __enter__(self) -> _FiniteGuard:
+        from sae.data.model import final_norm
+
+        def check(module: nn.Module, args: tuple) -> None:
+            self.calls += 1  # one forward per generated token (the first runs the prompt)
+            if not torch.isfinite(args[0].float().pow(2).mean(-1)).all():
+                self.fail(self.calls)
+
+        self.calls = 0
+        self.handle = final_norm(self.model).register_forward_pre_hook(check)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if not torch.isfinite(scores).all():
+            self.fail(input_ids.shape[-1] - self.n_prompt + 1)
+        return scores
+
+
 @torch.no_grad()
 def generate(model: nn.Module, ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
              splice: AbstractContextManager[None] | None = None, eos_token_id: int | None = None) -> list[int]:
@@ -122,7 +157,7 @@ def generate(model: nn.Module, ids: list[int], max_new_tokens: int, temperature:
 
     Hugging Face's `generate` runs the prompt once and then one token per call (KV cache), which is how the splice
     counts positions."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     check_generation(max_new_tokens, temperature)
     device = next(model.parameters()).device
@@ -130,9 +165,11 @@ def generate(model: nn.Module, ids: list[int], max_new_tokens: int, temperature:
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
                               **sampling)
     prompt = torch.tensor([ids], device=device)
-    with splice or nullcontext(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    guard = _FiniteGuard(model, len(ids), steered=splice is not None)
+    with splice or nullcontext(), guard, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                             logits_processor=LogitsProcessorList([guard]))
     return out[0, len(ids):].tolist()
 
 

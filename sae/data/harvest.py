@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from sae.config import HelpSections
 from sae.data import model as model_lib
 from sae.data.text import DataError, bos_token, load_texts, pack
-from sae.data.store import DTYPES, CacheError, CacheWriter
+from sae.data.store import DTYPES, CacheError, CacheWriter, check_output_folder, folder_lock
 
 
 @dataclass
@@ -86,11 +86,22 @@ def check_config(cfg: HarvestConfig) -> None:
         raise CacheError("eval_fraction must be in [0, 1)")
 
 
+def check_context_size(context_size: int, model) -> None:
+    """Contexts must fit the model's positions: past its maximum a learned position table fails with an index error,
+    and rotary models run, but on positions they were never trained on (activations nobody would want cached)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and context_size > limit:
+        raise CacheError(f"context_size={context_size} is more than this model's maximum of {limit} positions "
+                         f"(its config's max_position_embeddings); use context_size={limit} or less")
+
+
 def harvest(cfg: HarvestConfig) -> Path:
     """Fill (or finish) the cache at `cfg.out`; returns its path."""
     check_config(cfg)
-    model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
-    return harvest_with(cfg, model, tokenizer)
+    check_output_folder(cfg.out)
+    with folder_lock(cfg.out, "sae harvest"):
+        model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
+        return harvest_with(cfg, model, tokenizer)
 
 
 def harvest_with(cfg: HarvestConfig, model, tokenizer) -> Path:
@@ -116,6 +127,7 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     check_config(cfg)
     for name in cfg.hooks:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
+    check_context_size(cfg.context_size, model)
     device = next(model.parameters()).device
     first_pos = int(cfg.exclude_first)
     rows_per_context = cfg.context_size - first_pos

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,16 +79,81 @@ class DiskFullError(UserError):
     """ENOSPC while writing: nothing half-written is kept, and the same command resumes once there is space."""
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, as an OSError or as safetensors' own error: its writer raises SafetensorError("Error while serializing:
+    I/O error: No space left on device (os error 28)"), which is no OSError."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return isinstance(err, SafetensorError) and f"(os error {errno.ENOSPC})" in str(err)
+
+
 @contextmanager
 def disk_full_reported(folder: Path, then: str = "run the same command again to continue") -> Iterator[None]:
     """Turn ENOSPC into one line naming the folder (an OSError traceback says neither where nor what to do)."""
     try:
         yield
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except (OSError, SafetensorError) as err:
+        if not is_disk_full(err):
             raise
         raise DiskFullError(f"no space left on device while writing in {folder}; free some space there (or use "
                             f"another folder), then {then}") from None
+
+
+LOCK_FILE = ".sae.lock"
+"""In every folder a command writes, while it writes: who holds it (the lock itself is the kernel's flock)."""
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on `folder` while `what` (e.g. "sae train") writes it. A second writer started
+    meanwhile stops at once with one line naming the holder, instead of mixing two runs' files in one folder (two
+    harvests with different settings both reported success; a second `sae train` crashed after the first removed its
+    temp checkpoint as stale). The kernel drops the lock when its process ends however it ends (kill -9 too), so a
+    stale lock file never blocks; its text only names the holder. The file is removed on the way out, and so is a
+    folder made here and left empty (a command that refused early leaves nothing behind)."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = path.read_text(errors="replace").strip() or "another process"
+            raise UserError(f"{folder} is in use by {holder}; wait for it to finish, or use another folder") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break  # the file still at `path` is the one locked (not one a finishing holder just removed)
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})"
+                 .encode())
+        yield folder
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: one waiting on this file finds it gone and starts over
+        if created:
+            try:
+                folder.rmdir()  # only if empty: a command that refused early leaves no folder behind
+            except OSError:
+                pass
+        os.close(fd)
+
+
+def check_output_folder(path: str | Path, key: str = "out") -> Path:
+    """Refuse, before any work starts, an output folder that cannot be written: a file at its path or above it, or a
+    read-only place (a read-only mount refuses even root). One line naming the setting, instead of an OSError
+    traceback once the work is done."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{key}={path}: {probe} is a file, not a folder; name a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={path}: {probe} is not writable (read-only, or no permission); choose another folder")
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

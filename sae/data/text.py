@@ -7,6 +7,8 @@ every source here must yield the same documents in the same order on every run.
 from __future__ import annotations
 
 import os
+import re
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -42,15 +44,50 @@ def _hub_dataset(dataset: str, split: str):
                         "check the network or pass a local file or folder") from None
 
 
+#: Suffixes that mark a dataset name as a file, not a hub id (the ones read, and a few common ones that are not).
+_FILE_SUFFIXES = {*_BUILDERS, ".tsv", ".md", ".gz", ".zst", ".arrow", ".xml", ".html"}
+
+
+def looks_local(dataset: str) -> bool:
+    """A dataset name meant as a local path: an explicit one (./, ../, /, ~), one with a file suffix (.txt, .jsonl,
+    ...), one with more than one slash (a hub id is owner/name) or one under a folder that exists here. A missing one
+    is "no such file" at once, where a hub id would be looked up on the network."""
+    return (dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in _FILE_SUFFIXES
+            or dataset.count("/") > 1 or ("/" in dataset and Path(dataset.split("/")[0]).expanduser().is_dir()))
+
+
 def stdlib_files() -> list[Path]:
     """The Python standard library's own source: real text that ships with every Python, sorted for determinism."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
+#: What a text file should not hold much of: characters that undecodable bytes became, and control characters other
+#: than tab, newline, vertical tab, form feed and carriage return.
+_NOT_TEXT = re.compile("[\ufffd\x00-\x08\x0e-\x1f\x7f]")
+NOT_TEXT_LIMIT = 1 / 3
+"""A file with more than this share of such characters is refused as not text (random bytes give ~0.55, a Latin-1
+text full of accents ~0.2)."""
+
+
+def read_text_file(file: str | Path) -> str:
+    """A file of a text dataset, decoded as UTF-8 with undecodable bytes as U+FFFD (one rule for a single file and
+    for a folder's files). A file that is mostly not text (binary: an image, an archive, a .pyc) is refused naming
+    it; one with a few undecodable bytes is read, with a warning on stderr."""
+    text = Path(file).read_text(encoding="utf-8", errors="replace")
+    bad = len(_NOT_TEXT.findall(text))
+    if text and bad / len(text) > NOT_TEXT_LIMIT:
+        raise DataError(f"{file} is not text: {bad / len(text):.0%} of it is undecodable bytes or control characters "
+                        "(a binary file?); remove it from the dataset, or convert it to UTF-8 text")
+    if "\ufffd" in text:
+        print(f"warning: {file} is not valid UTF-8: {text.count(chr(0xFFFD))} undecodable byte sequence(s) read as "
+              "U+FFFD", file=sys.stderr)
+    return text
+
+
 def _read(files: list[str]) -> Iterator[dict[str, str]]:
     for file in files:
-        yield {"text": Path(file).read_text(encoding="utf-8", errors="replace")}
+        yield {"text": read_text_file(file)}
 
 
 def _documents(files: list[Path]):
@@ -81,12 +118,12 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         builder = _BUILDERS.get(path.suffix)
         if builder is None:
             raise DataError(f"cannot read {dataset!r}: use one of {', '.join(_BUILDERS)} or a folder of text files")
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        source = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
-        if builder == "text":
-            text_column = "text"
-    elif dataset.startswith((".", "/", "~")):
-        raise DataError(f"dataset path {dataset!r} does not exist")
+        if builder == "text":  # one document, decoded as a folder's files are
+            source, text_column = _documents([path]), "text"
+        else:
+            source = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    elif looks_local(dataset):
+        raise DataError(f"dataset path {dataset!r} does not exist: no such file or folder ({path.absolute()})")
     else:
         source = _hub_dataset(dataset, split)
     return _column(source, text_column, dataset)

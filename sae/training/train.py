@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import shutil
 import signal
@@ -19,6 +20,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +34,7 @@ from sae.config import HelpSections, field_docs
 from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from sae.data.source import CacheSource, ModelSource, Source, check_split
-from sae.data.store import DiskFullError, atomic_write_json, disk_full_reported
+from sae.data.store import DiskFullError, atomic_write_json, check_output_folder, disk_full_reported, folder_lock
 from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -342,22 +344,27 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
     tmp = root / f".tmp_step_{step:09d}"
     with disk_full_reported(root, then="resume"):
         if world.is_main:
-            for stale in root.glob(".tmp_step_*"):  # left by a process killed (or out of space) mid-checkpoint
+            for stale in root.glob(".tmp_step_*"):  # left by a process killed mid-checkpoint
                 shutil.rmtree(stale)
             tmp.mkdir(parents=True)
         distributed.barrier()
-        if writes_saes:
-            for name, trainer in trainers.items():
-                save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
-        metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # waits for the files
-        if not world.is_main:
-            return
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
-        state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        try:
+            if writes_saes:
+                for name, trainer in trainers.items():
+                    save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
+            metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # waits for the files
+            if not world.is_main:
+                return
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(rng, str(tmp / "rng.safetensors"))
+            state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        except BaseException:
+            if world.is_main:  # a full disk (or any failure) leaves no half-written checkpoint behind
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
@@ -487,14 +494,23 @@ def train(cfg: TrainConfig) -> list[Path]:
     if not 0 <= cfg.topk_warmup_frac < 1:
         raise TrainError(f"topk_warmup_frac={cfg.topk_warmup_frac} must be in [0, 1): the batch-wide budget needs the "
                          "steps after the warm-up to set its thresholds")
+    lrs = [("lr", cfg.lr), *((f"saes[{i}].lr", s.lr) for i, s in enumerate(cfg.saes))]
+    bad_lr = [f"{key}={lr}" for key, lr in lrs if lr is not None and not (lr > 0 and math.isfinite(lr))]
+    if bad_lr:  # checked before any work (torch's optimiser would refuse it after the plan; 0 would mean the default)
+        raise TrainError(f"{', '.join(bad_lr)}: a learning rate must be a finite number > 0 (leave it unset for the "
+                         "recipe's default)")
     names = [s.run_name for s in cfg.saes]
+    check_output_folder(cfg.out)
     if len(set(names)) != len(names):
         raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")
-    world, device = distributed.init(cfg.device)
-    try:
-        return _train(cfg, names, world, device)
-    finally:
-        distributed.shutdown()
+    # One job per folder: the process that will be rank 0 holds the lock (taken before the process group exists, so a
+    # refusal needs no collective; torchrun then stops the other ranks).
+    with folder_lock(cfg.out, "sae train") if os.environ.get("RANK", "0") == "0" else nullcontext():
+        world, device = distributed.init(cfg.device)
+        try:
+            return _train(cfg, names, world, device)
+        finally:
+            distributed.shutdown()
 
 
 def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device: torch.device) -> list[Path]:
@@ -587,7 +603,8 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
         share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
                  if shard is not None else f"{lay.local_batch} rows")
         mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
-        print(f"plan: {lay.total_steps * lay.batch_size:,} tokens from the {cfg.source} in {lay.total_steps:,} steps "
+        print(f"plan: {lay.total_steps * lay.batch_size:,} tokens from the {cfg.source} in {lay.total_steps:,} "
+              f"step{'' if lay.total_steps == 1 else 's'} "
               f"of {lay.batch_size}{mode} on {device}")
         fast = {n: f" ({', '.join(c.fast_biases)} ×√d_in)" if c.fast_biases else "" for n, c in configs.items()}
         print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}{fast[c.name]}" for c in costs))
@@ -635,6 +652,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     if checkpoint is None:
         if not lay.ddp or world.is_main:
             sample = lay.source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=lay.rank, world_size=lay.shards)
+            _check_sample_finite(lay.source, sample)
             for i, trainer in zip(lay.mine, trainers.values()):
                 trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks))
             del sample
@@ -660,6 +678,26 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     if world.is_main:
         print(f"resuming from step {state['step']:,} ({folder})")
     return _Start(state["step"], state["reader_position"], state.get("wandb_id"), state.get("metrics", {}), run_config)
+
+
+def _check_sample_finite(source: Source, sample: dict[str, Tensor]) -> None:
+    """The rows the initial fit reads must be finite: a NaN row makes the input scale and b_dec NaN, and the first
+    step's NaN loss would then be blamed on the learning rate. A cache's message names the shards holding such rows
+    (read in full only on this failure path)."""
+    from sae.data.store import NonFiniteError, check_finite
+
+    for hook, rows in sample.items():
+        if torch.isfinite(rows).all():
+            continue
+        store = getattr(source, "store", None)
+        if store is None:
+            raise NonFiniteError(f"the activations the model computed at {hook} hold NaN/inf values (in the sample the "
+                                 "initial fit reads); the model overflowed: use model_dtype=float32")
+        files = [store.shards[i]["file"] for i in range(len(store.shards))
+                 if not torch.isfinite(store.load_shard(i, [hook])[hook]).all()]
+        shards = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        check_finite(rows, f"{hook} in {store.path} (the sample the initial fit reads; shards holding such rows: "
+                           f"{shards or 'none found'})")
 
 
 def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETrainer], world: distributed.World,
@@ -711,6 +749,9 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
         if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop = None
+        if last_good == 0:  # nothing to resume from: no checkpoint was written
+            raise type(err)(f"{err}; no checkpoint was written yet (the first is at step "
+                            f"{min(cfg.checkpoint_every, total_steps)}): run again to start over") from None
         raise type(err)(f"{err}; the last good checkpoint is step {last_good} in {out / CHECKPOINT_DIR}: run again "
                   "with resume=true to continue from it") from None
     finally:

@@ -249,12 +249,23 @@
 
   function loadFeature() {
     const index = window.SAE_INDEX;
-    const id = Number(location.hash.slice(1) || index.features[0]?.id || 0);
+    const hash = location.hash.slice(1);
     const live = index.features.map((f) => f.id).sort((a, b) => a - b);
+    const main = document.getElementById("feature");
+    if (hash && !/^\d+$/.test(hash)) { // not an id (feature.html#junk): say so rather than show "Feature NaN"
+      let shown = hash;
+      try { shown = decodeURIComponent(hash); } catch (e) { /* a malformed %-escape: show it as typed */ }
+      document.title = "No such feature";
+      document.getElementById("title").textContent = "No such feature";
+      document.getElementById("prev").href = document.getElementById("next").href = `#${live[0] ?? 0}`;
+      main.replaceChildren(el("p", { class: "notice",
+        text: `"${shown}" is not a feature id: the address should end in # and a number, e.g. #${live[0] ?? 0}.` }));
+      return;
+    }
+    const id = Number(hash || index.features[0]?.id || 0);
     const at = live.indexOf(id);
     document.getElementById("prev").href = `#${live[Math.max(0, at - 1)] ?? id}`;
     document.getElementById("next").href = `#${live[Math.min(live.length - 1, at + 1)] ?? id}`;
-    const main = document.getElementById("feature");
     if (index.dead.includes(id) || at < 0) {
       document.getElementById("title").textContent = `Feature ${id}`;
       main.replaceChildren(el("p", { class: "notice", text: index.dead.includes(id)

@@ -15,8 +15,13 @@ from sae.analysis.evaluate import check_matches, load_saes
 
 def run(cfg: AnalyseConfig) -> Path:
     """The `sae analyse` stage (``sae.analyse``): the analysis, then the browser's pages; returns the index.html to
-    open."""
-    return write_dashboard(analyse(cfg))
+    open. The folder is held (``folder_lock``) throughout, so `sae explain` or a second analysis cannot write it
+    meanwhile."""
+    from sae.data.store import check_output_folder, folder_lock
+
+    check_output_folder(cfg.out)
+    with folder_lock(cfg.out, "sae analyse"):
+        return write_dashboard(analyse(cfg))
 
 
 def analyse(cfg: AnalyseConfig) -> Path:
@@ -26,8 +31,9 @@ def analyse(cfg: AnalyseConfig) -> Path:
     `<out>/<its folder name>/`; `sae.analysis.dashboard.write_dashboard(out)` then makes one browser per SAE plus an index.
     """
     from sae.data.model import final_norm, load_model, pick_device
-    from sae.data.store import ActivationStore
+    from sae.data.store import ActivationStore, check_output_folder
 
+    check_output_folder(cfg.out)
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
     saes = load_saes([cfg.sae], device)
