@@ -23,6 +23,7 @@ beat sparse autoencoders for interpretability"). They save in SAELens's transcod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -167,11 +168,11 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def auxk_loss(aux_hat: Tensor, residual: Tensor, d: int) -> Tensor:
+def auxk_loss(aux_hat: Tensor, residual: Tensor, d: int, energy: Tensor) -> Tensor:
     """AuxK (Gao et al. §A.2): how well the dead latents' reconstruction models the residual. Gao et al. normalise
-    it by the residual's energy (NMSE); our mse is in units where E‖x‖² = d_in, so AuxK is expressed in the same
-    units to keep their α = 1/32."""
-    return (aux_hat - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-8) * d
+    it by the residual's energy (NMSE), here ``energy`` (Σ residual² over the batch, see ``SAE.mean_over_ranks``); our
+    mse is in units where E‖x‖² = d_in, so AuxK is expressed in the same units to keep their α = 1/32."""
+    return (aux_hat - residual).pow(2).sum() / energy.clamp_min(1e-8) * d
 
 
 def auxk_weight(n_dead: Tensor, aux_k: int) -> Tensor:
@@ -473,8 +474,15 @@ class SAE(nn.Module):
         """(the weighted AuxK term to add to the loss, the unweighted loss to log) for the dead latents' activations
         ``aux`` against the residual of the normalised target y_n: α·min(n_dead/k_aux, 1)·AuxK (``auxk_weight``)."""
         aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, len(y_n)))
-        auxk = auxk_loss(aux_hat, (y_n - x_hat).detach(), self.cfg.d_out)
+        residual = (y_n - x_hat).detach()
+        auxk = auxk_loss(aux_hat, residual, self.cfg.d_out, self.mean_over_ranks(residual.pow(2).sum()))
         return self.cfg.aux_coefficient * auxk_weight(n_dead, self.aux_k) * auxk, auxk.detach()
+
+    mean_over_ranks: Callable[[Tensor], Tensor] = staticmethod(lambda t: t)
+    """A batch statistic a loss divides by (AuxK's residual energy), averaged over data-parallel ranks: the identity in
+    one process; ``sae.training.trainer.SAETrainer`` sets an all-reduce for a data-parallel job. Each rank's loss is
+    then its share of the one-process loss on the global batch, so the ranks' mean gradient is that loss's gradient
+    (with per-rank energies, 2 gloo ranks ended 0.41 (max abs) from 1 process on SmolLM2, issue 19)."""
 
     def _sum_over_shards(self, t: Tensor) -> Tensor:
         """A sum over latents completed across latent shards: the identity here, where this process holds every

@@ -7,6 +7,7 @@ across processes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict
 from typing import Any
@@ -58,6 +59,8 @@ class SAETrainer:
         self.sae = sae
         self.world_size = world_size
         """Data-parallel ranks stepping this SAE together (1: no gradient traffic)."""
+        if world_size > 1:  # a loss's batch statistics over the global batch (see SAE.mean_over_ranks)
+            sae.mean_over_ranks = functools.partial(distributed.all_reduce_, op="mean")
         self.total_steps = total_steps
         self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
         self.topk_warmup_steps = min(round(topk_warmup_frac * total_steps), total_steps - 1)
@@ -137,8 +140,10 @@ class SAETrainer:
         ranks, and sum the fire counts, so every rank takes the same optimiser step and sees the same dead latents.
 
         Each rank's loss is a mean over its b = B/W rows, so the average of the ranks' gradients is the gradient of
-        the mean over the global batch B: the step a single process takes on B rows (up to float rounding), except
-        where a loss is not a mean over rows (BatchTopK selects its top k·b per rank; AuxK normalises per rank).
+        the mean over the global batch B: the step a single process takes on B rows (up to float rounding), AuxK
+        included (its normaliser is averaged over the ranks, ``SAE.mean_over_ranks``), except where the selection
+        itself is a batch statistic: BatchTopK selects the top k·b of each rank's b rows, and its threshold (and
+        JumpReLU's warm-up threshold) follow the mean of the ranks' batch-wide cuts.
         """
         for p in self.sae.parameters():
             # A parameter without a gradient (JumpReLU's θ in the TopK warm-up) has none on every rank (it depends on
