@@ -247,3 +247,25 @@ def test_real_analysis_renders_its_features_and_contexts(browser, real_site, tmp
             lo = max(0, pos - 5)
             assert ctx["tokens"] == [shown(tokens[str(t)]) for t in contexts[str(seq)][lo : pos + 3]]
             assert ctx["hit"] == pos - lo
+
+
+def test_rerunning_analyse_keeps_the_browsers_explanations_consistent(tiny_cache, tiny_llama, hand_sae, tmp_path):
+    """A second `sae analyse` into an explained folder removed data/explanations.js but kept explanations.json, so the
+    browser lost explanations `sae explain` still held. The same analysis gets them back; another (its features
+    may differ) shows none, as `sae explain` refuses to continue them."""
+    from sae.analysis.explain import FILE, fingerprint, save
+
+    torch.manual_seed(0)
+    hand_sae(torch.randn(32, 40), torch.randn(40, 32) * 0.1, model=str(tiny_llama)).save(tmp_path / "sae")
+
+    def run(n_top: int) -> Path:
+        return analyse(AnalyseConfig(sae=str(tmp_path / "sae"), cache=str(tiny_cache), out=str(tmp_path / "an"),
+                                     n_top=n_top, device="cpu"))
+
+    out = run(4)
+    save(out, {"analysis": fingerprint(out), "features": {"3": {"explanation": "commas"}}})
+    shown_before = (out / "data" / "explanations.js").read_text()
+    run(4)
+    assert (out / "data" / "explanations.js").read_text() == shown_before
+    run(3)
+    assert (out / FILE).is_file() and not (out / "data" / "explanations.js").exists()

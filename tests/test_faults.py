@@ -755,3 +755,31 @@ def test_eval_that_refuses_leaves_no_empty_out_folder(cache_copy, saved_sae, tmp
     line = refused(capsys, "eval", f"cache={cache_copy}", f"saes=[{saved_sae}]", f"out={out}", "max_tokens=10",
                    "device=cpu")
     assert f"shard {shard} is corrupt (checksum mismatch)" in line and not out.exists()
+
+
+def _corrupt_cfg(folder: Path) -> str:
+    (folder / "cfg.json").write_text('{"architecture": "standard", "d_in": 32,')  # cut off mid-write
+    return rf"{re.escape(str(folder / 'cfg.json'))} is not valid JSON \(Expecting property name .*line 1 column 41.*\)"
+
+
+def _wrong_shapes(folder: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "sae_weights.safetensors")
+    tensors["b_enc"] = tensors["b_enc"][:1]  # copy_ would broadcast it silently
+    tensors["W_dec"] = tensors["W_dec"][:, :20].contiguous()
+    save_file(tensors, folder / "sae_weights.safetensors")
+    return (rf"{re.escape(str(folder / 'sae_weights.safetensors'))}: b_enc is \[1\], not \[48\]; W_dec is \[48, 20\], "
+            r"not \[48, 32\], the shapes its cfg.json \(d_in=32, d_sae=48\) needs$")
+
+
+@pytest.mark.parametrize("damage", [_corrupt_cfg, _wrong_shapes])
+@pytest.mark.parametrize("stage", ["steer", "score"])
+def test_a_damaged_sae_folder_is_named_with_what_is_wrong(stage, damage, steer_sae, tiny_cache, capsys):
+    """A cfg.json cut off mid-write used to end in a bare JSONDecodeError naming no file, and weights of another shape
+    than cfg.json says in a RuntimeError deep inside steer/score (or, broadcast by copy_, in none at all)."""
+    message = damage(steer_sae)
+    args = ["prompt=def f(x):", "features={1: 2.0}", "max_new_tokens=2"] if stage == "steer" else \
+        [f"cache={tiny_cache}", "text=def f(x): return x"]
+    line = refused(capsys, stage, f"sae={steer_sae}", *args, "device=cpu")
+    assert re.search(message, line), line

@@ -246,6 +246,25 @@ def test_saelens_release_whose_registry_entry_normalises_is_refused(hub):
         SAE.from_pretrained("mistral-7b-res-wg/blocks.8.hook_resid_pre")
 
 
+def test_saelens_release_that_scales_by_its_registry_factor_is_refused_and_others_load(hub):
+    """gemma-2b-res-jb's blocks.12 folder says normalize_activations: expected_average_only_in and the registry holds
+    its norm_scaling_factor, which SAELens's from_pretrained folds into the weights: read from the folder alone its
+    outputs would differ, so it is refused naming the factor. The same folder without a registry factor (blocks.0)
+    loads as SAELens's loader reads it, unscaled."""
+    def normalised_folder(sae_path: str) -> None:
+        folder = hub("jbloom/Gemma-2b-Residual-Stream-SAEs") / sae_path
+        write_saelens(folder)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        (folder / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+
+    normalised_folder("gemma_2b_blocks.12.hook_resid_post_16384")
+    with pytest.raises(SAEFormatError, match=r"^gemma-2b-res-jb/blocks.12.hook_resid_post: SAELens's from_pretrained "
+                                              r"multiplies its inputs by the registry's norm_scaling_factor 0.2138"):
+        SAE.from_pretrained("gemma-2b-res-jb/blocks.12.hook_resid_post")
+    normalised_folder("gemma_2b_blocks.0.hook_resid_post_16384_anthropic")
+    assert SAE.from_pretrained("gemma-2b-res-jb", "blocks.0.hook_resid_post").cfg.k == K
+
+
 def _no_network():
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -462,6 +462,19 @@ def save(folder: Path, state: dict[str, Any]) -> None:
     write_js(folder / "data" / "explanations.js", "SAE_EXPLANATIONS", state)
 
 
+def restore_browser_copy(folder: Path) -> None:
+    """After `sae analyse` rewrote `folder`, put back data/explanations.js (which the new analysis removed with its
+    other data files) from explanations.json when that explains this very analysis: same data/index.js, as a rerun
+    with the same settings writes. Explanations of another analysis stay out of the browser (their features may be
+    others), as `sae explain` refuses to continue them."""
+    try:
+        saved = read_explanations(folder)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # `sae explain` names the damaged file when it next runs
+    if saved is not None and saved.get("analysis") == fingerprint(folder):
+        write_js(folder / "data" / "explanations.js", "SAE_EXPLANATIONS", saved)
+
+
 def batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 

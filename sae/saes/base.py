@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae.saes.formats import read_saelens_config, read_saelens_tensors, saelens_architecture, saelens_cfg_json, write_saelens
+from sae.saes.formats import per_head_hook, read_saelens_config, read_saelens_tensors, saelens_architecture, saelens_cfg_json, write_saelens
 from sae.saes.kernels import SparseActs, sparse_decode
-from sae.saes.pretrained import SAEFormatError, check_layout, find_sae, read_sparsify
+from sae.saes.pretrained import (CFG_FILENAME, SPARSIFY_WEIGHTS_FILENAME, WEIGHTS_FILENAME, SAEFormatError, check_layout,
+                                 find_sae, read_sparsify)
 
 INIT_BLOCK = 4096
 """Latents per independently seeded block of the random initialisation (see ``SAE._init_tied``)."""
@@ -380,8 +381,16 @@ class SAE(nn.Module):
         """Raw activations [..., d_in] as normalised rows [n, d_in] in the SAE's dtype."""
         return self.normalise(x.reshape(-1, self.cfg.d_in))
 
+    def _flat(self, x: Tensor) -> Tensor:
+        """x as [..., d_in]: an SAE of TransformerLens's attention ``hook_z`` gets its activations per head,
+        [..., n_heads, d_head], which are flattened as SAELens's ``reshape_activations: hook_z`` does (input already
+        flat is taken as it is)."""
+        return x.flatten(-2) if per_head_hook(self.cfg.hook_name) and x.shape[-1] != self.cfg.d_in else x
+
     def encode(self, x: Tensor) -> Tensor:
-        """Dense latent activations [..., d_sae] of raw activations x [..., d_in]."""
+        """Dense latent activations [..., d_sae] of raw activations x [..., d_in] (a hook_z SAE's also as
+        [..., n_heads, d_head])."""
+        x = self._flat(x)
         return self.encode_normalised(self._normalised_rows(x)).reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def encode_sparse(self, x: Tensor) -> SparseActs:
@@ -391,14 +400,14 @@ class SAE(nn.Module):
         At L0 in the tens out of thousands of latents this is what analysis code wants to iterate over; the TopK
         variant never builds the dense [n, d_sae] activation matrix (only its pre-activations).
         """
-        return self.encode_sparse_normalised(self._normalised_rows(x))
+        return self.encode_sparse_normalised(self._normalised_rows(self._flat(x)))
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
         """Raw-space output [..., d_out] of dense latents f [..., d_sae]: the reconstruction of the input for an SAE,
         the prediction of the output hook for a transcoder, whose skip path also needs the raw input x [..., d_in]."""
         if self.cfg.skip and x is None:
             raise ValueError("a skip transcoder's output depends on its input: call decode(f, x)")
-        out = (f @ self.W_dec + self.b_dec) if x is None else self._output_offset(f @ self.W_dec, self.normalise(x))
+        out = (f @ self.W_dec + self.b_dec) if x is None else self._output_offset(f @ self.W_dec, self.normalise(self._flat(x)))
         return self.denormalise(out)
 
     def _output_offset(self, decoded: Tensor | float, x_n: Tensor) -> Tensor:
@@ -410,8 +419,11 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Output [..., d_out] for raw activations x [..., d_in] (inference, as in SAELens and sparsify): the
-        reconstruction of x for an SAE, the prediction of the output hook for a transcoder."""
-        return self.decode(self.encode(x), x)
+        reconstruction of x for an SAE, the prediction of the output hook for a transcoder. A hook_z SAE given
+        [..., n_heads, d_head] returns that shape, as SAELens's does."""
+        flat = self._flat(x)
+        out = self.decode(self.encode(flat), flat)
+        return out.unflatten(-1, x.shape[-2:]) if flat is not x and not self.cfg.is_transcoder else out
 
     warming_up: bool = False
     """In the per-token TopK warm-up of a batch-budget variant (set by ``train_forward``)."""
@@ -546,7 +558,7 @@ class SAE(nn.Module):
         cfg = self.cfg
         cfg_json = saelens_cfg_json(
             asdict(replace(cfg, scale=1.0, scale_out=1.0)),
-            saelens_architecture(self.sae_lens_architecture, cfg.is_transcoder, cfg.skip),
+            saelens_architecture(self.sae_lens_architecture, cfg.is_transcoder, cfg.skip, cfg.d_out == cfg.d_in),
             fitted_scale=float(self.scale),
             fitted_scale_out=float(self.scale_out) if cfg.is_transcoder else None,
         )
@@ -555,20 +567,48 @@ class SAE(nn.Module):
     @staticmethod
     def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load a local SAE folder, ours, SAELens's (standard/topk/jumprelu and its transcoders) or sparsify's (topk), in eval
-        mode."""
+        mode. A folder SAELens re-saved computes as SAELens reads it: our copy of the settings (metadata.sae_config)
+        is used only where SAELens's own keys and weights agree with it (see ``read_saelens_config``)."""
         path = Path(path)
         if check_layout(path) == "sparsify":
             fields_, tensors = read_sparsify(path)
-        else:
-            by_saelens = {c.sae_lens_architecture: name for name, c in SAE_CLASSES.items()}
-            fields_, tensors = read_saelens_config(path, by_saelens), read_saelens_tensors(path)
-        cfg = SAEConfig.from_dict(fields_)
+            return SAE._from_tensors(fields_, tensors, path / SPARSIFY_WEIGHTS_FILENAME).to(device).eval()
+        fields_, theirs = read_saelens_config(path, {name: c.sae_lens_architecture for name, c in SAE_CLASSES.items()})
+        tensors = read_saelens_tensors(path)
+        sae = SAE._from_tensors(fields_, tensors, path / WEIGHTS_FILENAME)
+        held = all(torch.equal(t, tensors[name].to(t.dtype)) for name, t in sae._extra_inference_tensors().items())
+        if not held:  # e.g. per-latent thresholds SAELens wrote over a BatchTopK's one: read as SAELens's own class
+            sae = SAE._from_tensors(theirs, tensors, path / WEIGHTS_FILENAME)
+        return sae.to(device).eval()
+
+    @staticmethod
+    def _from_tensors(fields_: dict[str, Any], tensors: dict[str, Tensor], file: Path) -> SAE:
+        """The SAE `fields_` describe with the weights `tensors` read from `file`; settings that cannot build one, and
+        weights missing or of another shape than the settings need, are named with the file (``copy_`` would
+        broadcast some of them silently, or fail deep inside a later command)."""
+        try:
+            cfg = SAEConfig.from_dict(fields_)
+        except (SAEFormatError, TypeError) as err:
+            raise SAEFormatError(f"{file.parent / CFG_FILENAME}: {err}") from None
         sae = create_sae(cfg)
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if cfg.skip else ()))
+        need = {name: getattr(sae, name).shape for name in names} | {
+            name: t.shape for name, t in sae._extra_inference_tensors().items()}
+        missing = [name for name in need if name not in tensors]
+        if missing:
+            raise SAEFormatError(f"{file} lacks {', '.join(missing)}, which its {CFG_FILENAME}'s {cfg.architecture} "
+                                 "SAE needs")
+        wrong = [f"{name} is {list(tensors[name].shape)}, not {list(shape)}" for name, shape in need.items()
+                 if tensors[name].shape != shape]
+        if wrong:
+            widths = f"d_in={cfg.d_in}, d_sae={cfg.d_sae}" + (f", d_out={cfg.d_out}" if cfg.is_transcoder else "")
+            raise SAEFormatError(f"{file}: {'; '.join(wrong)}, the shape{'s' if len(wrong) > 1 else ''} its "
+                                 f"{CFG_FILENAME} ({widths}) needs")
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if cfg.skip else ())):
+            for name in names:
                 getattr(sae, name).copy_(tensors[name])
             sae._load_extra_inference_tensors(tensors)
-        return sae.to(device).eval()
+        return sae
 
     @staticmethod
     def from_pretrained(name_or_path: str | Path, sae_id: str | None = None, device: str | torch.device = "cpu") -> SAE:

@@ -125,6 +125,13 @@ class JumpReLUSAE(SAE):
     def bandwidth(self) -> float:
         return self.cfg.bandwidth or 1.0
 
+    @property
+    def active_threshold(self) -> Tensor:
+        """max(θ, 0), the threshold the latents act on: SAELens's JumpReLU computes ReLU(pre)·1[pre > θ], which is
+        pre·1[pre > max(θ, 0)], so a negative θ (a folder from elsewhere; training keeps θ ≥ 0) lets no negative
+        pre-activation through. The clamp passes θ's gradient wherever θ ≥ 0, so training is unchanged by it."""
+        return self.threshold.clamp_min(0)
+
     @torch.no_grad()
     def initialise_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
         super().initialise_from_data(sample, target)
@@ -142,7 +149,7 @@ class JumpReLUSAE(SAE):
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
-        return pre * (pre > self.threshold)
+        return pre * (pre > self.active_threshold)
 
     @torch.no_grad()
     def _warmup_mask(self, pre: Tensor) -> Tensor:
@@ -172,10 +179,11 @@ class JumpReLUSAE(SAE):
             with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
                 self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
                 self.warmup_threshold.zero_()
-        f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
+        theta = self.active_threshold
+        f = _JumpReLU.apply(pre, theta, self.bandwidth)
         x_hat = self._output_offset(f @ self.W_dec, x_n)
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
-        l0_loss = _Step.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+        l0_loss = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
         if self.cfg.target_l0 is None:
             sparsity = l0_loss
         else:

@@ -25,6 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Iterable
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -42,6 +43,54 @@ ACCEPTED = (f"ours or SAELens's ({CFG_FILENAME} + {WEIGHTS_FILENAME}) or Eleuthe
 
 class SAEFormatError(UserError):
     """An SAE config or folder this toolkit cannot build, read or find; the message names what is wrong."""
+
+
+def read_cfg(folder: Path) -> dict[str, Any]:
+    """The JSON object in `folder`'s cfg.json; a file that is not one is named with what is wrong, where a bare
+    JSONDecodeError would name neither the file nor the folder."""
+    path = folder / CFG_FILENAME
+    try:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAEFormatError(f"{path} is not valid JSON ({err}); restore it from where the SAE came from") from None
+    if not isinstance(raw, dict):
+        raise SAEFormatError(f"{path} holds a JSON {type(raw).__name__}, not the object of an SAE's settings")
+    return raw
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt one is named (safetensors' own error names
+    neither the file nor what to do)."""
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise SAEFormatError(f"{path} is not a readable safetensors file ({err}); restore it from where the SAE "
+                             "came from") from None
+
+
+#: What SAELens does at run time for each ``normalize_activations`` of a cfg.json, when a loaded folder cannot.
+_NORMALISATIONS = {
+    # SAELens's trainer folds its estimated scale (or whitening) into the weights before the final save and sets
+    # "none"; a folder still naming one is a mid-training checkpoint (or an upload whose registry entry holds the
+    # factor, see ``_check_registry_scale``), and SAELens's own loader applies nothing at run time for either.
+    "expected_average_only_in": None,
+    "covariance_whitening": None,
+    "constant_norm_rescale": "scales each input to norm √d_in and the output back by the same factor at run time in "
+                             "SAELens: a factor per input, which no fixed weights hold, so it cannot be folded; use it "
+                             "with sae_lens",
+    "layer_norm": "subtracts each input's mean and divides by its standard deviation at run time in SAELens (undone "
+                  "on the output): per input, which no fixed weights hold, so it cannot be folded; use it with sae_lens",
+}
+
+
+def normalisation_problem(value: Any) -> str | None:
+    """Why a folder with ``normalize_activations: value`` cannot be read as SAELens reads it, or None when it can
+    (none, and the values SAELens's loader itself ignores)."""
+    if value in (None, False, "none"):
+        return None
+    if value not in _NORMALISATIONS:
+        return f"is not one SAELens knows ({', '.join(['none', *_NORMALISATIONS])})"
+    return _NORMALISATIONS[value]
 
 
 # --------------------------------------------------------------------------------------------- local layouts
@@ -98,7 +147,7 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     refused: a skip connection (x·W_skipᵀ added to the output), a transcoder (it predicts another hookpoint), the
     GroupMax activation, and older sparsify's ``signed`` latents (top-k by |pre-activation|, no ReLU).
     """
-    raw = json.loads((folder / CFG_FILENAME).read_text())
+    raw = read_cfg(folder)
     where = f"{folder} (sparsify layout)"
     if raw.get("transcode"):
         raise SAEFormatError(f"{where} is a transcoder (transcode: true), not an SAE; load SAEs only")
@@ -107,7 +156,7 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
                              "model; use an SAE trained with signed: false")
     if raw.get("activation", "topk") != "topk":
         raise SAEFormatError(f"{where} uses the {raw['activation']!r} activation; only sparsify's topk is supported")
-    tensors = load_file(folder / SPARSIFY_WEIGHTS_FILENAME)
+    tensors = load_weights(folder / SPARSIFY_WEIGHTS_FILENAME)
     if raw.get("skip_connection") or "W_skip" in tensors:
         raise SAEFormatError(f"{where} has a skip connection (W_skip), which our SAEs do not model; "
                              "use an SAE trained without skip_connection")
@@ -171,11 +220,11 @@ def _release_folder(release: str, sae_id: str) -> str:
                              "with save_model, then pass that folder)")
     # SAELens applies a release's config_overrides over each folder's cfg.json at load time; the one that changes
     # the numbers is an input normalisation, which the folder alone does not show.
-    norm = (entry.get("config_overrides") or {}).get("normalize_activations", "none")
-    if norm != "none":
-        raise SAEFormatError(f"SAELens release {release!r} sets normalize_activations={norm!r} for its SAEs, which we do "
-                             "not model; load it with sae_lens, fold the normalisation into its weights and save_model "
-                             "it, then pass that folder")
+    norm = (entry.get("config_overrides") or {}).get("normalize_activations")
+    problem = normalisation_problem(norm)
+    if problem:
+        raise SAEFormatError(f"SAELens release {release!r} sets normalize_activations={norm!r} for its SAEs, which "
+                             f"{problem}")
     return f"{entry['repo_id']}/{paths[sae_id]}"
 
 
@@ -248,11 +297,30 @@ def resolve(spec: str | Path, sae_id: str | None = None, single: bool = False) -
         if spec not in _saelens_registry():
             raise SAEFormatError(f"{spec!r} is not a release in SAELens's registry"
                                  f"{'' if _saelens_registry() else ' (sae-lens is not installed)'}")
-        return _from_hub(_release_folder(spec, sae_id), f"{spec}/{sae_id}", single)
+        return _registry_sae(spec, sae_id, f"{spec}/{sae_id}", single)
     release, _, rest = spec.partition("/")
     if release in _saelens_registry():
-        return _from_hub(_release_folder(release, rest), spec, single)
+        return _registry_sae(release, rest, spec, single)
     return _from_hub(spec, spec, single)
+
+
+def _registry_sae(release: str, sae_id: str, spec: str, single: bool) -> Path:
+    """The local copy of SAE `sae_id` of SAELens release `release` (which the user's `spec` names), refused where
+    SAELens's ``from_pretrained`` would scale it: for a folder whose normalize_activations (its own, or the release's
+    override) is expected_average_only_in it folds the registry's ``norm_scaling_factor`` into the weights, which
+    the folder alone does not show."""
+    folder = _from_hub(_release_folder(release, sae_id), spec, single)
+    entry = _saelens_registry()[release]
+    factor = next((s.get("norm_scaling_factor") for s in entry["saes"] if str(s["id"]) == sae_id), None)
+    if factor is None:
+        return folder
+    overrides = entry.get("config_overrides") or {}
+    if overrides.get("normalize_activations", read_cfg(folder).get("normalize_activations")) == "expected_average_only_in":
+        raise SAEFormatError(f"{spec}: SAELens's from_pretrained multiplies its inputs by the registry's "
+                             f"norm_scaling_factor {factor} (normalize_activations='expected_average_only_in'), which "
+                             "the folder does not hold; load it with sae_lens.SAE.from_pretrained and save_model it "
+                             "(the factor is then folded in), then pass that folder")
+    return folder
 
 
 def find_sae(spec: str | Path, sae_id: str | None = None) -> tuple[str, Path]:

@@ -11,6 +11,7 @@ from sae.analysis.analyse import AnalyseConfig, logit_lens, stream_features
 from sae.analysis.dashboard import claim_data, write_dashboard
 from sae.analysis.dashboard.export import write_analysis
 from sae.analysis.evaluate import check_matches, load_saes
+from sae.analysis.explain import restore_browser_copy
 
 
 def run(cfg: AnalyseConfig) -> Path:
@@ -52,6 +53,7 @@ def analyse(cfg: AnalyseConfig) -> Path:
         lens = logit_lens(sae.W_dec[live], final_norm(model), model.get_output_embeddings().weight, cfg.logit_tokens)
         with discard_on_error(target):
             write_analysis(target, source, stats, lens, sae, store, tokenizer, cfg)
+        restore_browser_copy(target)
     return out
 
 
