@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import signal
@@ -95,6 +96,43 @@ def test_bad_devices_are_clear_errors():
     with pytest.raises(model_lib.ModelError, match="not available here"):
         model_lib.pick_device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU, on any machine
     assert model_lib.pick_device("cpu") == torch.device("cpu")
+
+
+#: Accelerate's disk offload of the tiny Llama: the embedding, layers 1-2 and the unembedding on "disk" (their
+#: weights on "meta", read from the checkpoint at each forward), the rest on the CPU.
+SPREAD = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+          "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "disk"}
+
+
+def test_a_model_spread_over_cpu_and_disk_harvests_exactly_what_a_plain_load_does(tiny_llama, text_dir, tmp_path,
+                                                                                 monkeypatch):
+    """`device_map` through accelerate's real dispatch (no GPU needed: disk offload is the same hooks on the same
+    path): the self-check passes, the forward still stops after the deepest hook (layer 1, offloaded; layer 2 never
+    runs) and the cache is byte-identical to the one of the model loaded whole."""
+    cfg = small_cfg(tiny_llama, tmp_path / "plain", hooks=["blocks.0.hook_mlp_out", "blocks.1.ln2.hook_normalized",
+                                                            "blocks.1.hook_resid_post"],
+                    dataset=str(text_dir), max_tokens=600, shard_tokens=300, dtype="float32", device="cpu")
+    plain = ActivationStore(harvest(cfg))
+    load, ran = model_lib.load_model, []
+
+    def spread_load(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+        assert model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # offloaded, not loaded whole
+        model_lib.layers(model)[2].register_forward_pre_hook(lambda *_: ran.append(1))
+        return model, tokenizer
+
+    monkeypatch.setattr(model_lib, "load_model", spread_load)
+    spread = ActivationStore(harvest(dataclasses.replace(cfg, device_map=SPREAD, out=str(tmp_path / "spread"))))
+    assert not ran, "the harvest ran the layer after the deepest hook"
+    assert spread.complete and len(plain.shards) == 2
+    assert [s["sha256"] for s in spread.shards] == [s["sha256"] for s in plain.shards]
+
+
+def test_a_device_map_naming_a_missing_device_is_one_line(tiny_llama):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(model_lib.ModelError, match=rf"^device_map names '{missing}', which is not a device here"):
+        model_lib.load_model(str(tiny_llama), "cpu", device_map={**SPREAD, "model.layers.2": missing})
 
 
 def test_bad_model_paths():
@@ -232,6 +270,44 @@ def test_corrupt_and_truncated_shards_name_the_file(tiny_llama, text_dir, tmp_pa
         list(ActivationStore(cfg.out).iter_ordered(cfg.hooks))
     with pytest.raises(CacheError, match="not in the cache.*blocks.1.hook_resid_post"):
         ActivationStore(cfg.out).holdout(["blocks.2.hook_resid_post"], 10)
+
+
+def _hub_error(code: str, repo_id: str, filename: str) -> Exception:
+    """The error huggingface_hub raises for a 401 whose X-Error-Code is `code`, made by its own
+    `hf_raise_for_status` from a real response (GatedRepo → GatedRepoError, RepoNotFound → RepositoryNotFoundError)."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+    try:
+        hf_raise_for_status(httpx2.Response(401, headers={"X-Error-Code": code}, request=httpx2.Request("GET", url)))
+    except Exception as err:
+        return err
+    raise AssertionError(f"hf_raise_for_status raised nothing for {code}")
+
+
+@pytest.mark.parametrize("code, error, says", [
+    ("GatedRepo", "GatedRepoError", "it is a gated repo on the Hugging Face hub; accept its terms at "
+                                    "https://huggingface.co/google/gemma-2-2b"),
+    ("RepoNotFound", "RepositoryNotFoundError", "the Hugging Face hub has no repo 'google/gemma-2-2b' you can read"),
+])
+def test_a_gated_or_private_hub_model_without_a_token_says_how_to_log_in(code, error, says, text_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    """transformers turns the hub's error into several lines with the advice in the middle; the CLI says it in one."""
+    import transformers.utils.hub
+
+    def download(repo_id, filename, **_):  # the one hub call transformers makes for a model's config
+        raise _hub_error(code, repo_id, filename)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", download)
+    assert type(_hub_error(code, "a/b", "config.json")).__name__ == error
+    assert cli_main(["harvest", "model=google/gemma-2-2b", f"dataset={text_dir}", f"out={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    *_, line = err.rstrip("\n").split("\n")
+    assert line.startswith(f"sae harvest: error: could not load model 'google/gemma-2-2b': {says}"), err
+    assert "`hf auth login`" in line and "HF_TOKEN" in line and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cache_with_other_settings_is_refused(tiny_llama, text_dir, tmp_path):

@@ -4,6 +4,7 @@ a wrong map caught, the inferred map of an unmapped model, and the families tabl
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -117,17 +118,25 @@ def test_family_hooks_pass_the_self_check_and_match_hidden_states(case, tmp_path
         assert a["hook_mlp_out"].abs().max() > 0 and a["hook_attn_out"].abs().max() > 0
 
 
+def _gemma2_with_norms(folder: Path) -> Path:
+    """A tiny Gemma 2 whose norms are not the identity, as in a trained model: pre- and post-norm weights from
+    N(0, 1) (so the tensors before and after a post-norm differ) and a final norm 21x (Gemma's norms scale by 1 + w)
+    that sharpens the logits (so the loss depends on what a splice changes)."""
+    tiny.save(folder, CONFIGS["gemma2"]())
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.manual_seed(2)
+    for block in model.model.layers:
+        for norm in (block.post_attention_layernorm, block.post_feedforward_layernorm, block.pre_feedforward_layernorm):
+            norm.weight.data.normal_(0, 1.0)
+    model.model.norm.weight.data.fill_(20.0)
+    model.save_pretrained(folder)
+    return folder
+
+
 def test_gemma2_mlp_out_is_the_post_norm_output(tmp_path, one_thread):
     """With post-norm weights that are not 1, the MLP's raw output and the post-normed one differ: hook_mlp_out is
     the post-normed tensor, the one added to the residual stream (resid_post = resid_mid + hook_mlp_out)."""
-    folder = tiny.save(tmp_path / "model", CONFIGS["gemma2"]())
-    model, _ = load_model(str(folder), "cpu")
-    torch.manual_seed(2)
-    for block in model_lib.layers(model):
-        for norm in (block.post_attention_layernorm, block.post_feedforward_layernorm, block.pre_feedforward_layernorm):
-            norm.weight.data.normal_(0, 1.0)
-    model.save_pretrained(folder)
-    model, _ = load_model(str(folder), "cpu")  # the self-check passes with these weights too
+    model, _ = load_model(str(_gemma2_with_norms(tmp_path / "model")), "cpu")  # the self-check passes with these too
     block = model_lib.layers(model)[1]
     assert block.post_feedforward_layernorm.weight.abs().min() > 0
     ids = torch.randint(3, 500, (2, 12))
@@ -231,3 +240,95 @@ def test_the_families_table_in_docs_is_generated_from_the_code():
         "python -c 'from sae.data.model import family_table; print(family_table())'")
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert f"| model families | {len(FAMILIES)} families" in readme
+
+
+# ----- a Gemma Scope user's path: harvest → train → SAELens folder → eval, steer --------------------------------------
+
+
+def test_gemma2_harvest_eval_and_steer_of_a_saelens_folder_through_the_cli(tmp_path, text_dir, capsys, one_thread):
+    """On a tiny Gemma 2: harvest `hook_mlp_out` (after the post-feedforward norm, as Gemma Scope's MLP SAEs read it),
+    train a JumpReLU SAE, re-save it with SAELens itself as a plain SAELens JumpReLU folder (Gemma Scope's
+    architecture and layout, apply_b_dec_to_input false, nothing of ours in it), then `sae eval` and `sae steer` it.
+    The CE eval reports with the SAE spliced in equals the CE of plain transformers with the SAELens SAE put on the
+    output of `post_feedforward_layernorm` by a PyTorch hook, and differs from the CE with it on the raw MLP output."""
+    import sae_lens
+    import torch.nn.functional as F
+
+    from sae.cli import main, run_stage
+    from sae.data.store import ActivationStore
+
+    hook = "blocks.1.hook_mlp_out"
+    folder = _gemma2_with_norms(tmp_path / "gemma2")
+    cache, saes, gemma_scope = tmp_path / "cache", tmp_path / "saes", tmp_path / "saelens"
+    assert main(["harvest", f"model={folder}", f"hooks=[{hook}]", f"dataset={text_dir}", "context_size=32",
+                 "max_tokens=2400", "batch_size=8", "dtype=float32", "eval_fraction=0.25", f"out={cache}",
+                 "device=cpu"]) == 0
+    assert main(["train", f"cache={cache}", f"out={saes}", "total_tokens=6000", "device=cpu", "wandb_mode=disabled",
+                 f"saes=[{{architecture: jumprelu, hook: {hook}, expansion_factor: 4}}]"]) == 0
+    trained = sae_lens.SAE.load_from_disk(next(saes.glob("jumprelu*")))
+    theirs = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(
+        d_in=32, d_sae=trained.cfg.d_sae, apply_b_dec_to_input=False,
+        metadata=sae_lens.saes.sae.SAEMetadata(hook_name=hook, model_name=str(folder))))
+    theirs.load_state_dict(trained.state_dict())
+    theirs.save_model(gemma_scope)
+    assert "sae_config" not in (gemma_scope / "cfg.json").read_text()
+
+    capsys.readouterr()
+    assert main(["eval", f"cache={cache}", f"saes=[{gemma_scope}]", f"out={tmp_path / 'eval'}", "lm_loss_contexts=8",
+                 "max_tokens=600", "pca_fit_tokens=1000", "device=cpu"]) == 0
+    assert hook in capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "eval" / "eval.json").read_text())["saes"]
+    assert result["hook"] == hook and result["architecture"] == "jumprelu"
+    # A random model's loss barely depends on one MLP (CE recovered is noise there): the CE itself is checked below.
+    assert result["fvu"] < 0.5 and isinstance(result["ce_recovered"], float) and result["ce_spliced"] > 0
+
+    store = ActivationStore(cache)
+    first, tokens = store.first_pos, store.context_tokens(store.holdout_seqs(8))
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    block = model.model.layers[1]
+
+    def ce_with_sae_on(module: torch.nn.Module) -> float:
+        def put(_module, _args, out):
+            return torch.cat([out[:, :first], theirs(out)[:, first:]], dim=1)
+
+        handle = module.register_forward_hook(put)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=tokens, use_cache=False).logits[:, first:-1]
+        finally:
+            handle.remove()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, first + 1:].reshape(-1)).item()
+
+    assert result["ce_spliced"] == pytest.approx(ce_with_sae_on(block.post_feedforward_layernorm), rel=1e-5)
+    assert abs(result["ce_spliced"] - ce_with_sae_on(block.mlp)) > 0.05
+
+    steered = run_stage("steer", None, [f"sae={gemma_scope}", "prompt=def main(args):", "features={0: 50, 1: 50}",
+                                        "max_new_tokens=8", "device=cpu"])
+    assert steered.steered != steered.plain
+
+
+def test_gemma3_multimodal_wrapper_splices_and_evaluates(tmp_path, hand_sae, hook, one_thread):
+    """Gemma 3's multimodal wrapper has no `hidden_size` of its own (its text config has): an SAE fits it, and the LM
+    loss `sae eval` computes is the one of a model whose text layer's output the SAE's reconstruction replaced."""
+    from sae.analysis.evaluate import lm_losses
+    from sae.analysis.splice import check_fits
+
+    folder = tiny.save(tmp_path / "gemma3", CONFIGS["gemma3"]())
+    model, _ = load_model(str(folder), "cpu")
+    assert not hasattr(model.config, "hidden_size") and model_lib.hidden_size(model) == 32
+    eye = torch.eye(32)
+    doubles = hand_sae(torch.cat([eye, -eye], 1), 2 * torch.cat([eye, -eye]))  # x̂ = 2x: relu(x) − relu(−x) = x
+    check_fits(model, doubles)
+    tokens = torch.randint(3, 500, (4, 16), generator=torch.Generator().manual_seed(3))
+    loss = lm_losses(model, tokens, hook, {"doubles": doubles}, first=0, batch_size=2)["doubles"]
+    layer = model_lib.layers(model)[int(hook.split(".")[1])]
+    assert layer is model.model.language_model.layers[1]
+    handle = layer.register_forward_hook(lambda _m, _a, out: (2 * out[0], *out[1:]) if isinstance(out, tuple) else 2 * out)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=tokens, use_cache=False).logits[:, :-1]
+    finally:
+        handle.remove()
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    assert loss.ce_spliced == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.ce_spliced - loss.ce_clean) > 1e-3 and loss.ce_zero != loss.ce_clean

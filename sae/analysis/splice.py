@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sae.data.model import ModelError, hooks, resolve_hook
+from sae.data.model import ModelError, hidden_size, hooks, resolve_hook
 
 FeatureEdit = Callable[[Tensor], Tensor]
 """Dense features [..., d_sae] → the features to decode instead (a new tensor; the input is left as it is)."""
@@ -71,8 +71,8 @@ def splice_fn(sae: nn.Module, edit: FeatureEdit | None = None,
 
 def check_fits(model: nn.Module, sae: nn.Module) -> None:
     """The SAE's hooks must exist in the model (else the hook map's error lists the valid names) and carry its
-    widths."""
-    width = model.config.hidden_size
+    widths (the text model's: a multimodal wrapper such as Gemma 3's has no hidden_size of its own)."""
+    width = hidden_size(model)
     ends = [("reads", sae.cfg.hook_name, sae.cfg.d_in)]
     if sae.cfg.is_transcoder:
         ends.append(("writes", sae.cfg.hook_name_out, sae.cfg.d_out))

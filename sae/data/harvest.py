@@ -30,7 +30,7 @@ class HarvestConfig:
     help_sections: ClassVar[HelpSections] = (
         ("what to run", ("model", "hooks", "dataset", "max_tokens", "out")),
         ("text and contexts", ("dataset_split", "text_column", "context_size", "prepend_bos", "exclude_first", "eval_fraction")),
-        ("storage and speed", ("dtype", "model_dtype", "device", "batch_size", "shard_tokens", "repair")),
+        ("storage and speed", ("dtype", "model_dtype", "device", "device_map", "batch_size", "shard_tokens", "repair")),
     )
     """`--help` groups, most used first (``sae.config.describe``)."""
 
@@ -64,6 +64,11 @@ class HarvestConfig:
     """Dtype the model runs in: "auto" (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ..."""
+    device_map: str | dict[str, str | int] = ""
+    """For a model bigger than one device, instead of `device`: accelerate's "auto" fills the visible GPUs, then CPU
+    memory, then disk; or a mapping {module name: device} ("cuda:0", 1, "cpu", "disk"), as transformers takes it. The
+    forward still stops after the deepest hook, and each batch's activations come to the host once. Empty: the whole
+    model on `device`."""
     eval_fraction: float = 0.05
     """Fraction of contexts held out from training (chosen by a hash of the context index)."""
     out: str = "runs/demo/cache"
@@ -89,7 +94,7 @@ def check_config(cfg: HarvestConfig) -> None:
 def check_context_size(context_size: int, model) -> None:
     """Contexts must fit the model's positions: past its maximum a learned position table fails with an index error,
     and rotary models run, but on positions they were never trained on (activations nobody would want cached)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = getattr(model_lib.text_config(model), "max_position_embeddings", None)
     if isinstance(limit, int) and context_size > limit:
         raise CacheError(f"context_size={context_size} is more than this model's maximum of {limit} positions "
                          f"(its config's max_position_embeddings); use context_size={limit} or less")
@@ -100,7 +105,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     check_config(cfg)
     check_output_folder(cfg.out)
     with folder_lock(cfg.out, "sae harvest"):
-        model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype)
+        model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype, device_map=cfg.device_map)
         return harvest_with(cfg, model, tokenizer)
 
 
@@ -128,14 +133,14 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     for name in cfg.hooks:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
     check_context_size(cfg.context_size, model)
-    device = next(model.parameters()).device
+    device = model_lib.input_device(model)
     first_pos = int(cfg.exclude_first)
     rows_per_context = cfg.context_size - first_pos
     max_contexts = math.ceil(cfg.max_tokens / rows_per_context)
     per_shard = math.ceil(cfg.shard_tokens / rows_per_context / cfg.batch_size) * cfg.batch_size
     meta = {
         "model": cfg.model,
-        "hooks": {h: model.config.hidden_size for h in cfg.hooks},
+        "hooks": {h: model_lib.hidden_size(model) for h in cfg.hooks},
         "dtype": cfg.dtype,
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "context_size": cfg.context_size,
@@ -181,8 +186,8 @@ def contexts(cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
 
 def forward_rows(model, ids: torch.Tensor, hooks: list[str], first_pos: int, storage: torch.dtype) -> dict[str, torch.Tensor]:
     """Activations [n_ctx, context_size - first_pos, d] at `hooks` for contexts `ids`, in the storage dtype and on
-    the model's device: one forward that stops after the deepest hook. Harvest and on-the-fly training share it,
-    so a live run sees exactly the rows a cache would hold."""
+    the device of the layer that made them: one forward that stops after the deepest hook. Harvest and on-the-fly
+    training share it, so a live run sees exactly the rows a cache would hold."""
     acts = model_lib.capture(model, ids, hooks)
     return {h: _to_storage(acts[h][:, first_pos:], storage, h) for h in hooks}
 
@@ -197,7 +202,7 @@ def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer) -> None:
     """Re-harvest exactly the listed shards that are missing or corrupt, in the batches the harvest used (shards
     start at multiples of batch_size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
     damaged = writer.damaged_shards()
-    device = next(model.parameters()).device
+    device = model_lib.input_device(model)
     for index in damaged:
         start = index * writer.contexts_per_shard
         stream = itertools.islice(contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])

@@ -140,6 +140,12 @@ def _type(model: nn.Module) -> str:
     return getattr(model.config, "model_type", "?")
 
 
+def text_config(model: nn.Module):
+    """The config of the language model: a multimodal wrapper's (Gemma 3) holds it one level down, and lacks
+    `hidden_size`, `num_hidden_layers` and `max_position_embeddings` itself."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def family(model: nn.Module) -> dict:
     """The hook map of `model`: its `FAMILIES` entry, or the one `load_model` inferred and verified for it."""
     inferred = getattr(model, "_sae_hook_map", None)
@@ -160,15 +166,13 @@ def is_parallel(model: nn.Module, fam: dict | None = None) -> bool:
     parallel = (fam or family(model)).get("parallel", False)
     if isinstance(parallel, bool):
         return parallel
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return any(bool(getattr(config, flag, False)) for flag in parallel)
+    return any(bool(getattr(text_config(model), flag, False)) for flag in parallel)
 
 
 def _scale(model: nn.Module, fam: dict) -> float:
     if not fam.get("scale"):
         return 1.0
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return float(getattr(config, fam["scale"]))
+    return float(getattr(text_config(model), fam["scale"]))
 
 
 def layers(model: nn.Module) -> nn.ModuleList:
@@ -344,10 +348,6 @@ _USUAL = dict(attn=("self_attn", "attn", "attention", "self_attention"),
               final_norm=("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm"))
 
 
-def _text_config(model: nn.Module):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
 def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
@@ -357,15 +357,15 @@ def _deviation(actual: Tensor | None, expected: Tensor) -> float:
     of a few positions set no tolerance for the rest."""
     if actual is None or actual.shape != expected.shape:
         return float("inf")
-    actual, expected = actual.detach().float(), expected.detach().float()
+    # On the CPU: in a model spread over devices, a hook's tensor is on its layer's device, hidden_states on the input's
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
     scale = 1 + expected.abs().flatten(0, -2).amax(-1)
     return ((actual - expected).abs().flatten(0, -2).amax(-1) / scale).max().item()
 
 
 def _probe(model: nn.Module) -> tuple[dict[str, Tensor], tuple[Tensor, ...], dict[str, Tensor]]:
     """Every hook's value, `output_hidden_states` and the final norm's input and output, for one short input."""
-    embed = model.get_input_embeddings()
-    high = min(embed.num_embeddings, 1000)
+    high = min(model.get_input_embeddings().num_embeddings, 1000)
     ids = torch.randint(min(3, high - 1), high, (1, _PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     acts: dict[str, Tensor] = {}
     norm: dict[str, Tensor] = {}
@@ -378,7 +378,7 @@ def _probe(model: nn.Module) -> tuple[dict[str, Tensor], tuple[Tensor, ...], dic
         handle = final_norm(model).register_forward_hook(lambda _m, args, out: norm.update(input=args[0], output=out))
     try:
         with hooks(model, {n: keep(n) for n in hook_names(model)}), torch.no_grad():
-            out = model(input_ids=ids.to(embed.weight.device), output_hidden_states=True, use_cache=False)
+            out = model(input_ids=ids.to(input_device(model)), output_hidden_states=True, use_cache=False)
     finally:
         if handle is not None:
             handle.remove()
@@ -482,7 +482,7 @@ def _verify(model: nn.Module) -> tuple[str | None, str | None]:
 def _infer_family(model: nn.Module) -> dict:
     """A hook map for an unmapped decoder-only model: its list of `num_hidden_layers` blocks wherever it is nested,
     and the attention, MLP and norms found under the usual names. Unverified until `_verify` passes."""
-    model_type, n = _type(model), getattr(_text_config(model), "num_hidden_layers", None)
+    model_type, n = _type(model), getattr(text_config(model), "num_hidden_layers", None)
     lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name and len(m) == n]
     lists = [name for name in lists if not re.search(r"vision|visual|audio|encoder", name)] or lists
     if not lists:
@@ -681,34 +681,96 @@ def model_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def hidden_size(spec: str) -> int:
-    """d_model of a model from its config alone, before any weights load (the trainer plans memory with it)."""
+def hidden_size(model: str | nn.Module) -> int:
+    """d_model of a loaded model, or of a model spec from its config alone, before any weights load (the trainer
+    plans memory with it). Read from the text config, since a multimodal wrapper (Gemma 3) has none of its own."""
     from transformers import AutoConfig
 
+    if isinstance(model, nn.Module):
+        return text_config(model).hidden_size
     try:
-        return AutoConfig.from_pretrained(resolve_spec(spec)).get_text_config().hidden_size
+        return AutoConfig.from_pretrained(resolve_spec(model)).get_text_config().hidden_size
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"could not load the config of model {spec!r}: {err}") from err
+        raise _load_error(f"could not load the config of model {model!r}", model, err) from err
 
 
-def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32, hooked: bool = True):
+def _load_error(head: str, spec: str, err: Exception) -> ModelError:
+    """One line for a model that does not load, starting with `head`. A hub repo that is gated or private, read
+    without a token that has access, says how to log in: transformers' own message for it is several lines, with
+    the advice in the middle."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cause, seen = err, set()
+    while cause is not None and not isinstance(cause, RepositoryNotFoundError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    login = "log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) or set HF_TOKEN"
+    if isinstance(cause, GatedRepoError):
+        return ModelError(f"{head}: it is a gated repo on the Hugging Face hub; accept its terms at "
+                          f"https://huggingface.co/{spec} with your account, then {login}")
+    if isinstance(cause, RepositoryNotFoundError):
+        return ModelError(f"{head}: the Hugging Face hub has no repo {spec!r} you can read; check the id, and for a "
+                          f"private repo {login} (a token with access to it)")
+    return ModelError(f"{head}: {' '.join(str(err).split())}")
+
+
+#: `device_map` strings accelerate plans itself (anything else names one device).
+_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, str | int]
+
+
+def check_device_map(device_map: DeviceMap) -> None:
+    """Every device a `device_map` names must exist here: accelerate fails on a missing one with a bare assertion
+    deep in loading."""
+    devices = [device_map] if isinstance(device_map, str) else list(device_map.values())
+    for device in devices:
+        if device in (*_PLANS, "cpu", "disk"):
+            continue
+        try:
+            pick_device(f"cuda:{device}" if isinstance(device, int) else str(device))
+        except ModelError:
+            raise ModelError(f"device_map names {device!r}, which is not a device here ({torch.cuda.device_count()} "
+                             f"CUDA devices); use one of "
+                             f"{', '.join(_PLANS)}, a device, or a mapping of module names to cpu, disk, "
+                             "cuda:N") from None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the input embedding's device. A model spread over devices by accelerate (`device_map`)
+    moves every module's inputs to its device itself, and there an embedding offloaded to the CPU or disk holds its
+    weights on "meta": the ids then stay on the CPU."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def load_model(spec: str = SMOLLM2, device: str = "auto", dtype: str | torch.dtype = torch.float32, hooked: bool = True,
+               device_map: DeviceMap | None = None):
     """Model and tokenizer in eval mode from a hub id, a local HF folder, a .gguf file, or "smollm2".
 
     `hooked=False` is for a model that is only asked for text (the explainer of `sae explain`): any causal LM
     family loads, not just those whose hook points `FAMILIES` maps. Otherwise the hook map is proved on a short
-    probe input first (`check_hooks`; an unmapped decoder-only model gets a verified inferred map)."""
+    probe input first (`check_hooks`; an unmapped decoder-only model gets a verified inferred map).
+
+    `device_map` (accelerate's: "auto", or {module name: device}, "disk" included) spreads a model too big for one
+    device over several instead of putting it on `device`, which then only picks the "auto" dtype. The hooks work
+    across devices; weights offloaded to disk are read from the checkpoint's safetensors files in place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_spec(spec)
     if isinstance(source, str):
         _check_hub_model(source)
+    if device_map:
+        check_device_map(device_map)
     dtype = model_dtype(dtype, pick_device(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        placed = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placed)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:  # missing files, no network, unknown model_type, bad config
-        raise ModelError(f"could not load model {spec!r}: {' '.join(str(err).split())}") from err
-    model = model.to(pick_device(device)).eval()
+    except (OSError, ValueError, KeyError) as err:  # missing files, no network, gated repo, unknown type, bad config
+        raise _load_error(f"could not load model {spec!r}", spec, err) from err
+    if not device_map:
+        model = model.to(pick_device(device))
+    model.eval()
     if hooked:
         check_hooks(model)  # fail now, not mid-harvest, for an unsupported family or a wrong map
     return model, tokenizer

@@ -124,7 +124,8 @@ class ModelSource:
 
     def _load(self):
         if self._model is None:
-            self._model, self._tokenizer = model_lib.load_model(self.cfg.model, str(self.device), self.cfg.model_dtype)
+            self._model, self._tokenizer = model_lib.load_model(self.cfg.model, str(self.device), self.cfg.model_dtype,
+                                                                device_map=self.cfg.device_map)
             for name in self.hooks:
                 model_lib.resolve_hook(self._model, name)  # unknown names fail with the list of valid ones
         return self._model, self._tokenizer
