@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sae.training.train as train_module
 from sae.saes import SAE, SAEConfig, create_sae
-from sae.data.store import ActivationStore, CacheError, CacheWriter
+from sae.data.store import ActivationStore, CacheError, CacheWriter, NonFiniteError
 from sae.training.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
                        default_batch_size, default_lr, train)
 
@@ -335,7 +335,7 @@ def test_nan_in_cache_is_reported(tmp_path):
     cache = make_cache(tmp_path / "cache", {"h0": data})
     cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "out"), saes=[SAESpec("topk", "h0", k=4)],
                       batch_size=256, total_tokens=2048 * 2, wandb_mode="disabled")
-    with pytest.raises(TrainError, match="non-finite.*'h0'"):
+    with pytest.raises(NonFiniteError, match="1 of .* rows of h0 .* shard_00000.safetensors.* NaN/inf"):
         train(cfg)
 
 
