@@ -22,6 +22,10 @@ Judgement = tuple[bool, str | None, dict]
 """(passed, why it failed or None, figures worth keeping)."""
 
 
+class NotExercised(Exception):
+    """The step cannot prove anything on this machine (DDP with fewer than 2 GPUs): neither passed nor failed."""
+
+
 def _json_doc(path: Path | None) -> dict:
     """The one JSON document a bench script printed (raises if it printed none)."""
     if path is None:
@@ -105,7 +109,10 @@ def _find_key(node: object, key: str) -> object | None:
 
 def judge_ddp(args: argparse.Namespace) -> Judgement:
     """Exit 0 and SAE folders are not enough: N plain processes sharing one `out` also get there. The checkpoint
-    must say it came from a run of world size N."""
+    must say it came from a run of world size N, and N must be at least 2: torchrun with one process creates no
+    process group, so nothing distributed ran."""
+    if args.world < 2:
+        raise NotExercised(f"{args.world} GPU(s) visible to torch: DDP needs 2 or more")
     passed, why, detail = judge_train(args)
     detail["world_size"] = world = _world_size(args.path)
     detail["expected_world_size"] = args.world
@@ -145,6 +152,8 @@ def step(args: argparse.Namespace) -> dict:
         return record
     try:
         record["ok"], record["why"], record["detail"] = JUDGES[args.name](args)
+    except NotExercised as err:
+        record.update(ok=None, exercised=False, why=f"not exercised: {err}")
     except Exception as err:  # noqa: BLE001 - an unreadable result is this step's failure, not the script's
         record["why"] = f"could not read the step's result: {type(err).__name__}: {err}"
     goals = [k for k, v in record["detail"].get("verdict", {}).items() if k.endswith("meets_goal")]
@@ -156,9 +165,11 @@ def step(args: argparse.Namespace) -> dict:
 def summary(args: argparse.Namespace) -> dict:
     records = [json.loads(ln) for ln in args.file.read_text().splitlines() if ln.strip()]
     steps = [r for r in records if "step" in r]
+    run = [r for r in steps if r.get("exercised", True)]
     return {
-        "summary": True, "mode": args.mode, "ok": bool(steps) and all(r["ok"] for r in steps),
-        "passed": [r["step"] for r in steps if r["ok"]], "failed": [r["step"] for r in steps if not r["ok"]],
+        "summary": True, "mode": args.mode, "ok": bool(run) and all(r["ok"] for r in run),
+        "passed": [r["step"] for r in run if r["ok"]], "failed": [r["step"] for r in run if not r["ok"]],
+        "not_exercised": [r["step"] for r in steps if not r.get("exercised", True)],
         "goals_missed": [r["step"] for r in steps if r.get("goals_met") is False],
         "seconds": args.seconds,
     }

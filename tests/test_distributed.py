@@ -4,6 +4,7 @@ started from pytest with `python -m torch.distributed.run --standalone --nproc_p
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from sae.saes import SAE
+from sae.data.store import CacheWriter
 from test_train import make_cache, planted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +140,125 @@ def test_killed_rank_fails_the_job_clearly_and_resume_continues(tmp_path, cache)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step" in resumed.stdout and "resuming from step 0 " not in resumed.stdout
     assert (tmp_path / "run" / "relu_l1_l1c3_d64_h0" / "cfg.json").is_file()
+
+
+# ----- a rank that fails alone stops the job, every rank saying why -------------------------------------------------
+# Under nccl a rank that raised alone left the others blocked in their next collective until the timeout, and
+# torchrun's SIGTERM cannot interrupt a thread blocked on the GPU (issue 19). Under gloo the others failed at once but
+# said only "lost another process". Each failure below happens on one rank only; every rank must exit promptly,
+# the failed one with its own one-line error and the others with "rank N failed: " and the same message.
+
+
+def _failed_alone(run: subprocess.CompletedProcess, rank: int, message: str) -> None:
+    errors = re.findall(r"sae train: error: (.*)", run.stderr)  # rank 0's progress bar may precede one on its line
+    assert run.returncode != 0 and len(errors) == 2, run.stderr[-3000:]
+    own = next(line for line in errors if f"rank {rank} failed: " not in line)
+    told = next(line for line in errors if f"rank {rank} failed: " in line)
+    assert message in own and message in told, errors
+    # torchrun prints its own traceback (ChildFailedError); no worker prints one, nor loses its peer.
+    assert "lost another process" not in run.stderr and "sae/training" not in run.stderr, run.stderr[-3000:]
+
+
+def test_plan_that_fails_on_one_rank_stops_every_rank(tmp_path, cache):
+    """distribute_saes: rank 1 trains the SAE too wide for its device; rank 0's SAE fits (PlanError on one GPU)."""
+    saes = [SWEEP[1], {**SWEEP[1], "d_sae": 2**32, "name": "too_wide"}]
+    t0 = time.monotonic()
+    run = _sae_train(_config(tmp_path, cache, "run", saes=saes, distribute_saes=True, batch_size=64,
+                             total_tokens=64 * 20), nproc=2, timeout=120)
+    _failed_alone(run, 1, "on cpu but")
+    assert time.monotonic() - t0 < 60
+    assert "would fit with d_sae ≤" in run.stderr
+
+
+def test_nan_rows_in_the_sample_rank_0_reads_alone_stop_every_rank(tmp_path):
+    """Data parallel: rank 0 alone reads the initial fit's sample while rank 1 waits for its broadcast."""
+    data, _ = planted(1024, d=16, n_true=64)
+    data[::7] = float("nan")
+    cache = make_cache(tmp_path / "nan_cache", {"h0": data})
+    t0 = time.monotonic()
+    run = _sae_train(_config(tmp_path, cache, "run", saes=SWEEP[:1], batch_size=64, total_tokens=64 * 20),
+                     nproc=2, timeout=120)
+    _failed_alone(run, 0, "hold NaN/inf values")
+    assert time.monotonic() - t0 < 60
+
+
+ON_TMPFS = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+            'mount -t tmpfs -o size=16k tmpfs "$1" && shift && exec "$@"', "sh"]
+"""`[*ON_TMPFS, folder, *command]` runs command with a 16 KiB tmpfs on folder, in a mount namespace of its own (gone
+with it; no privileges needed where unprivileged user namespaces are allowed)."""
+
+
+def test_disk_full_under_rank_0s_checkpoint_stops_every_rank(tmp_path, cache):
+    """A real ENOSPC: the checkpoints folder is a 16 KiB tmpfs (in a private mount namespace), too small for the
+    first checkpoint, which rank 0 alone writes while rank 1 waits for it."""
+    if subprocess.run([*ON_TMPFS, str(tmp_path), "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace here (unshare --user --mount)")
+    config = _config(tmp_path, cache, "run", saes=SWEEP[:1], batch_size=64, total_tokens=64 * 20, checkpoint_every=5)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sae",
+                "train", "--config", str(config)]
+    t0 = time.monotonic()
+    run = subprocess.run([*ON_TMPFS, str(checkpoints), *launcher], env=_env(), text=True, capture_output=True,
+                         timeout=120)
+    _failed_alone(run, 0, f"no space left on device while writing in {checkpoints}")
+    assert time.monotonic() - t0 < 60
+    assert "no checkpoint was written yet" in run.stderr
+    assert not any(checkpoints.iterdir())  # the namespace's tmpfs is gone; nothing was written under it either
+
+
+def test_nan_row_in_one_ranks_share_of_a_batch_stops_every_rank(tmp_path):
+    """A NaN row the initial fit's sample does not read (its shard is not among those sampled) lands in one rank's
+    share of a batch mid-run: that rank's batch check fails alone while the other steps on."""
+    from sae.data.store import ActivationStore, is_holdout
+
+    seed, context_size, contexts_per_shard, n_shards = 3, 16, 512, 12
+    rows_per_shard = contexts_per_shard * context_size  # the sample takes 65,536 rows from at most 9 such shards
+    data, _ = planted(n_shards * rows_per_shard, d=16, n_true=64)
+    unsampled = torch.randperm(n_shards, generator=torch.Generator().manual_seed(seed + 1))[-1].item()
+    seqs = torch.arange(unsampled * contexts_per_shard, (unsampled + 1) * contexts_per_shard)
+    context = seqs[~is_holdout(seqs, 0.1)][0].item()  # a training context
+    data[context * context_size + 5] = float("nan")
+    cache = tmp_path / "cache"
+    writer = CacheWriter(cache, {"model": "planted", "hooks": {"h0": 16}, "dtype": "float32",
+                                 "context_size": context_size, "exclude_first": False, "eval_fraction": 0.1},
+                         contexts_per_shard=contexts_per_shard)
+    writer.add({"h0": data.reshape(-1, context_size, 16)}, torch.zeros(len(data) // context_size, context_size,
+                                                                        dtype=torch.long), first_pos=0)
+    writer.finish(first_pos=0)
+    writer.close()
+    store = ActivationStore(cache)
+    assert torch.isfinite(store.sample(["h0"], 65536, seed=seed + 1)["h0"]).all()  # the test's premise
+    t0 = time.monotonic()
+    run = _sae_train(_config(tmp_path, cache, "run", saes=SWEEP[:1], batch_size=1024, shuffle_rows=rows_per_shard,
+                             total_tokens=store.n_train_rows, log_every=50), nproc=2, timeout=120)
+    rank = int(re.search(r"rank (\d) failed: ", run.stderr).group(1)) if "failed: " in run.stderr else -1
+    _failed_alone(run, rank, "non-finite values (NaN/inf) in the cache for hook 'h0'")
+    assert time.monotonic() - t0 < 60
+
+
+def test_init_makes_the_picked_gpu_current_and_gives_the_group_its_timeout(monkeypatch):
+    """device=cuda:1 in one process: CUDA events and synchronize() act on the current device, so it must be the
+    picked one. Under torchrun the process group gets the run's timeout rather than nccl's 10 minutes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from sae.training import distributed
+
+    current, group = [], {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    world, device = distributed.init("cuda:1")
+    assert not world.distributed and device == torch.device("cuda", 1) and current == [device]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: group.update(backend=backend, **kw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    world, device = distributed.init("cpu", timedelta(minutes=3))
+    assert world.rank == 1 and device.type == "cpu"
+    assert group == {"backend": "gloo", "device_id": None, "timeout": timedelta(minutes=3)}

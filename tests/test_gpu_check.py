@@ -34,7 +34,7 @@ def test_cpu_mode_reports_every_step(tmp_path: Path) -> None:
     assert steps["bench_harvest"]["detail"]["model_dtype"] == "float32"  # bf16 is for the GPU run
     end = lines[-1]
     assert end["summary"] and end["mode"] == "cpu" and end["goals_missed"] == []  # goals are judged on GPUs only
-    assert sorted(end["passed"] + end["failed"]) == sorted(STEPS)
+    assert sorted(end["passed"] + end["failed"]) == sorted(STEPS) and end["not_exercised"] == []
     assert proc.returncode == (0 if end["ok"] else 1)
     assert (tmp_path / "gpu_check_logs" / "bench_train.json").is_file()
     assert stdout_lines(proc.stdout) == lines  # the same lines on stdout
@@ -42,3 +42,27 @@ def test_cpu_mode_reports_every_step(tmp_path: Path) -> None:
 
 def stdout_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def _judge(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_step.py"), *args],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_ddp_below_two_gpus_is_not_exercised(tmp_path: Path) -> None:
+    """torchrun with one process creates no process group, yet its run wrote SAE folders and a checkpoint of world
+    size 1 = the GPUs counted, so the DDP step passed on a one-GPU machine. Below 2 GPUs it is neither passed nor
+    failed, and the summary says so."""
+    ddp = _judge("step", "ddp", "--mode", "gpu", "--rc", "0", "--started", "0", "--world", "1")
+    assert ddp["ok"] is None and ddp["exercised"] is False
+    assert ddp["why"] == "not exercised: 1 GPU(s) visible to torch: DDP needs 2 or more"
+    summary = tmp_path / "gpu_check.json"
+    model = {"step": "model", "ok": True, "rc": 0, "why": None, "detail": {}}
+    summary.write_text(json.dumps(model) + "\n" + json.dumps(ddp) + "\n")
+    end = _judge("summary", str(summary), "--mode", "gpu", "--seconds", "1")
+    assert end["ok"] is True and end["passed"] == ["model"] and end["failed"] == []
+    assert end["not_exercised"] == ["ddp"]
+    summary.write_text(json.dumps(ddp) + "\n")  # nothing that ran is nothing that passed
+    assert _judge("summary", str(summary), "--mode", "gpu", "--seconds", "1")["ok"] is False
+

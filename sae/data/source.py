@@ -42,6 +42,12 @@ class Source(Protocol):
     n_train_rows: int | None
     """Training rows in one epoch; None when the source does not know in advance (a live model)."""
 
+    def load(self) -> None:
+        """Load what the source computes with (a live model's weights): called on every process after the plan
+        check and before the job's first collective, so no process waits in a collective while another loads a
+        model (which can outlast the collective's timeout) and a load that fails on one process stops them all."""
+        ...
+
     def sample(self, n_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
         """About `n_rows` float32 training rows per hook, enough to fit the input scale and b_dec. `seed`, `rank`
         and `world_size` are those of the stream `batches` will read next, so a live source can reuse the work."""
@@ -76,6 +82,9 @@ class CacheSource:
         self.model_name = self.store.model_name
         self.n_train_rows: int | None = self.store.n_train_rows
         self.shuffle_rows = shuffle_rows
+
+    def load(self) -> None:
+        """Nothing to load: shards are read as the batches need them."""
 
     def sample(self, n_rows: int, seed: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
         # A draw of its own (seed + 1), independent of the stream's batch order.
@@ -121,6 +130,9 @@ class ModelSource:
         self._model = None
         self._tokenizer = None
         self._chunk_cache: tuple[tuple[int, ...], dict[str, Tensor]] | None = None
+
+    def load(self) -> None:
+        self._load()
 
     def _load(self):
         if self._model is None:

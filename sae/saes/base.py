@@ -218,8 +218,14 @@ class SAE(nn.Module):
     ``project_parameters`` after each optimiser step."""
     sparse_step: ClassVar[bool] = False
     """The training step never builds the dense [batch, d_sae] activations (sparse decode and encoder backward)."""
-    dense_act_copies: ClassVar[int]
-    """fp32 [batch, d_sae] tensors alive at once in one training step, for the memory plan (``sae.training.plan``)."""
+    dense_act_copies: ClassVar[float]
+    """fp32 [batch, d_sae] tensors alive at a training step's peak, for the memory plan (``sae.training.plan``):
+    measured by ``scripts/bench_memory.py`` as the batch-dependent part of the peak (batches of 512 and 2,048 rows
+    at d_in 256, d_sae 8,192, fp32, AuxK firing), rounded up."""
+    dense_act_copies_bf16: ClassVar[float]
+    """The same under bf16 autocast, in fp32-sized copies (some of the step's [batch, d_sae] tensors are bf16)."""
+    init_workspace_bytes: ClassVar[int] = 0
+    """Memory the variant's own initial fit needs beyond the sample's copies (``sae.training.plan``)."""
     reference_steps: ClassVar[int]
     """Run length (steps) at which ``sae.training.train.default_lr`` hands over to ``paper_lr`` (see there)."""
     paper_d_in: ClassVar[int | None] = None

@@ -43,7 +43,8 @@ class ReLUL1SAE(SAE):
     sae_lens_architecture = "standard"
     apply_b_dec_default = False
     unit_norm_decoder = False
-    dense_act_copies = 4  # pre-activations, the activations and their gradient, and the L1 term's workspace
+    dense_act_copies = 3.5  # measured 3.35: pre-activations, activations and their gradient, the L1 term's workspace
+    dense_act_copies_bf16 = 3.0  # measured 2.86
     reference_steps = 200_000
     paper_d_in = 4096
     fast_params = ("b_enc",)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,6 +26,11 @@ from sae.data.model import pick_device
 
 class PeerLost(UserError):
     """A collective failed: another process of the job died or stopped answering."""
+
+
+class PeerFailed(UserError):
+    """Another process of the job failed on its own (its device, its share of the data, its disk) and said why
+    (``fail_together``)."""
 
 
 @dataclass(frozen=True)
@@ -41,18 +50,19 @@ class World:
         return self.rank == 0
 
 
-def init(device: str = "auto") -> tuple[World, torch.device]:
+def init(device: str = "auto", timeout: timedelta | None = None) -> tuple[World, torch.device]:
     """Join torchrun's process group if there is one, and pick this process's device.
 
     Under torchrun, "auto" and "cuda" mean the GPU numbered LOCAL_RANK (one GPU per process, as torchrun expects),
-    "auto" the CPU when there is none; the backend follows the device: nccl for CUDA, gloo for the CPU.
+    "auto" the CPU when there is none; the backend follows the device: nccl for CUDA, gloo for the CPU. `timeout`:
+    how long a collective waits for the other processes before it fails (None: torch's default, 10 minutes under
+    nccl). The picked GPU becomes the current device in a single process too (device=cuda:1): CUDA events,
+    `torch.cuda.synchronize()` and the allocator's statistics act on the current device, not on the tensors'.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World(), pick_device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     wants_gpu = device == "auto" and torch.cuda.is_available() or device.startswith("cuda")
-    if not wants_gpu:
+    if size == 1 or not wants_gpu:
         picked = pick_device(device)
     elif local >= torch.cuda.device_count():
         raise UserError(f"process {local} of this node needs GPU {local} but {torch.cuda.device_count()} are visible; "
@@ -61,11 +71,13 @@ def init(device: str = "auto") -> tuple[World, torch.device]:
         picked = torch.device("cuda", local)  # one GPU per process, whatever index the config named
     if picked.type == "cuda":
         torch.cuda.set_device(picked)
+    if size == 1:
+        return World(), picked
     if not dist.is_initialized():
-        # Tensors go over nccl; Python objects (metrics, checkpoint metadata, a sharded SAE gathered for saving)
-        # over gloo, so they never pass through a GPU.
+        # Tensors go over nccl; Python objects (metrics, checkpoint metadata, a sharded SAE gathered for saving) and
+        # the CPU flags of `fail_together` over gloo, so they never pass through a GPU.
         dist.init_process_group("cpu:gloo,cuda:nccl" if picked.type == "cuda" else "gloo",
-                                device_id=picked if picked.type == "cuda" else None)
+                                device_id=picked if picked.type == "cuda" else None, timeout=timeout)
     return World(rank, size), picked
 
 
@@ -125,6 +137,45 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     _collective(dist.gather_object, obj, out, 0)
     return out
+
+
+@contextmanager
+def fail_together() -> Iterator[None]:
+    """Run a block that may fail on some processes only, and have every process leave it the same way.
+
+    A process that raises alone (a plan that does not fit its GPU, a NaN in its share of a batch, a full disk under
+    rank 0's checkpoint) would never reach its next collective, and under nccl the others would wait there until the
+    timeout: torchrun's SIGTERM cannot interrupt a thread blocked on the GPU, so no process would say what went
+    wrong. Here a process that failed stays for one more collective: a flag all-reduced after the block (a CPU
+    tensor, so gloo carries it: no device sync). If any process failed, their messages are gathered; each failed
+    process raises its own error and the others `PeerFailed` with the first one's message, so every process stops
+    at once, saying why (SIGTERM is ignored from then on; call it from the main thread). The block must not fail on
+    some processes before a collective that the others then wait in.
+    """
+    if not _active():
+        yield
+        return
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - raised again below, here and (its message) on every other process
+        failure = err
+    said: list[str | None] = []
+    try:
+        if all_reduce_(torch.tensor(failure is not None, dtype=torch.int32), "max"):
+            # The job is over: torchrun answers the first process to exit by terminating the others, which must not
+            # cut their messages short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            said = gather_objects(None if failure is None else str(failure) if isinstance(failure, UserError)
+                                  else f"{type(failure).__name__}: {failure}")
+    except PeerLost:
+        if failure is None:  # a process died instead: nothing more to tell
+            raise
+    if failure is not None:  # its own error, with its traceback when it is no UserError
+        raise failure
+    for rank, message in enumerate(said):
+        if message is not None:
+            raise PeerFailed(f"rank {rank} failed: {message}")
 
 
 def barrier() -> None:

@@ -1,8 +1,14 @@
 """Know the cost before the run: memory per SAE, what the device has free, and the widest SAE that would fit.
 
-The estimate is deliberately simple and on the high side — fp32 weights, their gradients and Adam's two moments
-(4 copies of the parameters), plus the [batch, d_sae] activations a step keeps for its backward — so that an SAE
-that cannot fit fails before the model loads and the first shard is read, with the width that would fit.
+The figure is what a step really holds, measured (``scripts/bench_memory.py``: peak RSS of every variant's
+initialisation and first steps, fp32 and bf16 autocast, AuxK firing), not a count of the tensors one would name: an
+SAE that cannot fit fails before the model loads and the first shard is read, with the width that would fit, and
+one the plan admits does not run out of memory at step 1. It is the larger of two moments:
+
+* the initial fit, before any gradient or Adam state exists: the weights, the sample's working copies and the
+  variant's own workspace (JumpReLU's per-latent quantile, in bounded chunks);
+* a training step: ``STEP_PARAM_COPIES`` parameter-sized tensors and the variant's ``dense_act_copies``
+  [batch, d_sae] ones.
 """
 
 from __future__ import annotations
@@ -15,8 +21,16 @@ import torch
 from sae.config import UserError
 from sae.saes import SAE_CLASSES
 
-PARAM_COPIES = 4
-"""Weights, gradients, Adam's first and second moments, all fp32."""
+STEP_PARAM_COPIES = 5.25
+"""Parameter-sized fp32 tensors alive at a step's peak: the weights, their gradients and Adam's two moments (4), and
+the step's temporaries (a second decoder gradient accumulated into the first by the AuxK decode, the transposed
+encoder gradient, ``remove_parallel_grads``'s product, Adam's √v, bf16 copies under autocast). Measured by
+``scripts/bench_memory.py`` as the batch-independent part of the peak (batches of 512 and 2,048 rows at d_in 256,
+d_sae 8,192, AuxK firing): 4.4 for the TopK family, 5.0 ReLU+L1, 4.9 JumpReLU (4.3–4.7 under bf16 autocast). With
+4 and fewer activation copies, the plan left TopK's peak at d_in 1024 × 32,768 ~35% above it (issue 19)."""
+INIT_SAMPLE_COPIES = 2.5
+"""Copies of the initial fit's sample [rows, d_in] alive while it runs: 2.05 measured on the CPU (a working copy and
+the centred one); on a GPU the sample's device copy may live beside the first working copy."""
 HEADROOM = 0.9
 """Fraction of the free memory a plan may use: allocator fragmentation and the data stream need the rest."""
 GIB = 2**30
@@ -38,6 +52,10 @@ class SAECost:
     """A transcoder's output width (None: an SAE, d_in)."""
     skip: bool = False
     """A transcoder's linear skip W_skip [d_out, d_in]."""
+    init_rows: int = 0
+    """Rows of the sample the initial fit reads (``sae.training.train.SCALE_SAMPLE_ROWS``; 0: no initial fit)."""
+    precision: str = "fp32"
+    """How the step computes (``step_precision``): under bf16 autocast some [batch, d_sae] tensors are half size."""
 
     def params(self, d_sae: int | None = None) -> int:
         """W_enc, W_dec, b_enc, a threshold, b_dec and a transcoder's W_skip, at this SAE's width or at `d_sae`."""
@@ -46,19 +64,44 @@ class SAECost:
         return (self.d_in + d_out) * d + 2 * d + d_out + (self.d_in * d_out if self.skip else 0)
 
     def activation_bytes(self, d_sae: int | None = None) -> int:
-        """fp32 [batch, d_sae] tensors alive in one step: the variant's ``dense_act_copies`` (TopK's sparse step keeps
-        only the pre-activations and the selection's workspace, never the dense activations)."""
-        copies = SAE_CLASSES[self.architecture].dense_act_copies
-        return 4 * copies * self.batch * (self.d_sae if d_sae is None else d_sae)
+        """[batch, d_sae] tensors alive at a step's peak, in fp32 sizes: the variant's measured ``dense_act_copies``
+        (``dense_act_copies_bf16`` under autocast; about one for TopK, whose sparse step never builds the dense
+        activations)."""
+        variant = SAE_CLASSES[self.architecture]
+        copies = variant.dense_act_copies_bf16 if self.precision == "bf16" else variant.dense_act_copies
+        return round(4 * copies * self.batch * (self.d_sae if d_sae is None else d_sae))
+
+    def step_bytes(self, d_sae: int | None = None) -> int:
+        return round(4 * STEP_PARAM_COPIES * self.params(d_sae)) + self.activation_bytes(d_sae)
+
+    def init_bytes(self, d_sae: int | None = None) -> int:
+        """The initial fit's peak: the weights, the sample's copies and the variant's workspace."""
+        if not self.init_rows:
+            return 0
+        workspace = SAE_CLASSES[self.architecture].init_workspace_bytes
+        width = self.d_in + (self.d_out or 0)  # a transcoder's sample holds its output hook too
+        return round(4 * self.params(d_sae) + 4 * INIT_SAMPLE_COPIES * self.init_rows * width) + workspace
 
     def bytes(self, d_sae: int | None = None) -> int:
-        return 4 * PARAM_COPIES * self.params(d_sae) + self.activation_bytes(d_sae)
+        return max(self.step_bytes(d_sae), self.init_bytes(d_sae))
 
     def describe(self) -> str:
         p = self.params()
+        init = f"; initial fit {size(self.init_bytes())}" if self.init_bytes() > self.step_bytes() else ""
         return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {size(4 * p)} weights + "
-                f"{size(8 * p)} Adam + {size(4 * p)} gradients + {size(self.activation_bytes())} activations "
-                f"(batch {self.batch})")
+                f"{size(8 * p)} Adam + {size(4 * p)} gradients + {size(4 * (STEP_PARAM_COPIES - 4) * p)} step "
+                f"temporaries + {size(self.activation_bytes())} activations (batch {self.batch}){init}")
+
+
+def step_precision(device: torch.device) -> str:
+    """How a training step computes on `device`: "bf16" (autocast for the matrix products; weights, gradients and
+    Adam's moments stay fp32) on a CUDA GPU with native bf16 (Ampere and later), "fp32" elsewhere. On older GPUs bf16
+    is emulated, slower than fp32 (``torch.cuda.is_bf16_supported(including_emulation=False)`` is False there), and
+    fp16 autocast would need a loss scaler for gradients that underflow its range; on the CPU most x86 cores have no
+    fast bf16 matrix product either. Train prints the choice with the plan."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
 
 
 def size(n: float) -> str:
@@ -91,9 +134,19 @@ def check_fits(costs: list[SAECost], device: torch.device, free: int | None = No
         return
     big = max(costs, key=lambda c: c.bytes())
     rest = need - big.bytes()
-    per_latent = big.bytes(1) - big.bytes(0)
-    fits = int((budget - rest - big.bytes(0)) // per_latent)
+    fits = _widest(big, budget - rest)
     hint = (f"{big.name} would fit with d_sae ≤ {fits:,} (expansion_factor ≤ {fits // big.d_in})" if fits > 0
             else "even the smallest width does not fit beside the other SAEs")
     raise PlanError(f"the SAEs and their data need ≈ {size(need)} on {device} but {size(free)} is free; {hint}; "
                     "or lower batch_size, or spread a sweep over processes with torchrun and distribute_saes=true")
+
+
+def _widest(cost: SAECost, budget: float) -> int:
+    """The largest d_sae whose cost fits `budget` (0 if none does); cost grows with d_sae, so bisect."""
+    lo, hi = 0, max(1, cost.d_sae)
+    while cost.bytes(hi) <= budget:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost.bytes(mid) <= budget else (lo, mid)
+    return lo

@@ -20,8 +20,9 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -146,7 +147,7 @@ class TrainConfig:
         ("optimisation", ("batch_size", "lr", "lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "topk_warmup_frac",
                           "grad_clip", "dead_window_tokens", "shuffle_rows", "seed")),
         ("running", ("device", "checkpoint_every", "log_every", "wandb_mode", "wandb_project", "overwrite",
-                     "distribute_saes", "shard_latents", "harvest")),
+                     "distribute_saes", "shard_latents", "peer_timeout_minutes", "harvest")),
     )
     """`--help` groups, most used first (``sae.config.describe``)."""
 
@@ -215,6 +216,13 @@ class TrainConfig:
     (Gao et al. 2024): each holds d_sae / processes latents and reads every batch whole; see `sae.training.sharded`."""
     log_every: int = 10
     """Steps between log lines (wandb and the progress bar's FVU)."""
+    peer_timeout_minutes: float = 30.0
+    """Under torchrun: how long a process waits in a collective for the others before the job fails (torch's own
+    default is 10 minutes under nccl). A process that fails alone tells the others at once (see
+    ``sae.training.distributed.fail_together``) and one that dies is reported by gloo at the next step, so this bounds
+    only a hang (a wedged GPU, a peer stuck in I/O). It must exceed the longest stretch one process works while the
+    others wait: rank 0's initial fit and its checkpoint and SAE folder writes (~1 GB/s: ~2 minutes for the weights
+    and Adam moments of 1M latents at d_in 4096), or the spread of the model loads of an on-the-fly run."""
 
 PAPER_BATCH = 4096
 MIN_STEPS = 500
@@ -338,39 +346,48 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
     rename), then drop older checkpoints: a crash at any moment leaves one whole checkpoint.
 
     Rank 0 writes the run's state; the SAEs' files come from the ranks that train them (rank 0
-    alone when data-parallel ranks hold identical copies; every rank its own shard with shard_latents)."""
+    alone when data-parallel ranks hold identical copies; every rank its own shard with shard_latents). Each of the
+    three parts (the folder, the SAEs' files, the state) ends with the ranks agreeing that it was written
+    (``distributed.fail_together``): a full disk under one rank stops them all, saying so."""
     root = out / CHECKPOINT_DIR
     folder = root / f"step_{step:09d}"
     tmp = root / f".tmp_step_{step:09d}"
-    with disk_full_reported(root, then="resume"):
+
+    @contextmanager
+    def written() -> Iterator[None]:
+        """One part of the checkpoint: ENOSPC said in one line, and every rank told whether it was written."""
+        with distributed.fail_together(), disk_full_reported(root, then="resume"):
+            yield
+
+    with written():
         if world.is_main:
             for stale in root.glob(".tmp_step_*"):  # left by a process killed mid-checkpoint
                 shutil.rmtree(stale)
             tmp.mkdir(parents=True)
-        distributed.barrier()
-        try:
-            if writes_saes:
-                for name, trainer in trainers.items():
-                    save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
-            metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})  # waits for the files
-            if not world.is_main:
-                return
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            save_file(rng, str(tmp / "rng.safetensors"))
-            state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        except BaseException:
-            if world.is_main:  # a full disk (or any failure) leaves no half-written checkpoint behind
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
-    for old in root.glob("step_*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with written():
+            for name, trainer in trainers.items() if writes_saes else []:
+                save_file(trainer.state_tensors(), str(tmp / _checkpoint_file(name, shard)))
+        metas = distributed.gather_objects({n: t.state_json() for n, t in trainers.items()})
+        with written():
+            if world.is_main:
+                rng = {"cpu": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+                save_file(rng, str(tmp / "rng.safetensors"))
+                state = {**state, "step": step, "saes": {n: m for part in metas for n, m in part.items()}}
+                (tmp / "state.json").write_text(json.dumps(state, indent=1))
+                shutil.rmtree(folder, ignore_errors=True)
+                tmp.rename(folder)
+                atomic_write_json(root / LATEST, {"step": step, "folder": folder.name})
+    except BaseException:
+        if world.is_main:  # a full disk (or any failure) leaves no half-written checkpoint behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if world.is_main:
+        for old in root.glob("step_*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -491,6 +508,8 @@ def train(cfg: TrainConfig) -> list[Path]:
             and getattr(cfg, k) < 1]
     if low:
         raise TrainError(f"{', '.join(low)}: must be ≥ 1")
+    if not cfg.peer_timeout_minutes > 0:
+        raise TrainError(f"peer_timeout_minutes={cfg.peer_timeout_minutes} must be > 0")
     if not 0 <= cfg.topk_warmup_frac < 1:
         raise TrainError(f"topk_warmup_frac={cfg.topk_warmup_frac} must be in [0, 1): the batch-wide budget needs the "
                          "steps after the warm-up to set its thresholds")
@@ -506,7 +525,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     # One job per folder: the process that will be rank 0 holds the lock (taken before the process group exists, so a
     # refusal needs no collective; torchrun then stops the other ranks).
     with folder_lock(cfg.out, "sae train") if os.environ.get("RANK", "0") == "0" else nullcontext():
-        world, device = distributed.init(cfg.device)
+        world, device = distributed.init(cfg.device, timedelta(minutes=cfg.peer_timeout_minutes))
         try:
             return _train(cfg, names, world, device)
         finally:
@@ -518,18 +537,25 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
     them, step through the batches, and write the SAE folders."""
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    lay = _layout(cfg, world, device)
-    trainers, lrs = _build_trainers(cfg, names, lay, world, device)
+    if device.type == "cuda":  # TF32 for the fp32 matrix products outside autocast (the dense init, eval of a batch)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    with distributed.fail_together():  # the plan is checked on each process's own device: one may fail alone
+        lay = _layout(cfg, world, device)
+        trainers, lrs = _build_trainers(cfg, names, lay, world, device)
+        lay.source.load()
     start = _resume_or_initialise(cfg, out, lay, trainers, world)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     metrics = _step_loop(cfg, out, lay, trainers, world, device, start, lrs)
     paths = [out / name for name in names]
-    if lay.writes_saes:  # a latent shard's save is collective: rank 0 writes the whole SAE
-        for name, trainer in trainers.items():
-            trainer.sae.eval()
-            trainer.sae.save(out / name)
-    distributed.barrier()  # every folder is written before any rank returns
+    # Every folder is written before any rank returns, and a failed write stops every rank. A latent shard's save
+    # is collective (rank 0 gathers and writes the whole SAE), so the ranks agree after each one.
+    saves = list(trainers.items()) if lay.writes_saes else []
+    for group in [[save] for save in saves] if lay.shard is not None else [saves]:
+        with distributed.fail_together():
+            for name, trainer in group:
+                trainer.sae.eval()
+                trainer.sae.save(out / name)
     if world.is_main:
         _warn_failed(metrics, names)
     return paths
@@ -596,7 +622,9 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
     lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, lay.total_steps, c.d_in)
            for i, (name, c) in zip(lay.mine, configs.items())}
     costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1),
-                          lay.local_batch, d_out=c.d_out, skip=c.skip) for n, c in configs.items()]
+                          lay.local_batch, d_out=c.d_out, skip=c.skip, init_rows=SCALE_SAMPLE_ROWS,
+                          precision=plan.step_precision(device))
+             for n, c in configs.items()]
     data_bytes = source.device_bytes(device, lay.shards)
     plan.check_fits(costs, device, data_bytes=data_bytes)
     if world.is_main:
@@ -605,7 +633,7 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
         mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
         print(f"plan: {lay.total_steps * lay.batch_size:,} tokens from the {cfg.source} in {lay.total_steps:,} "
               f"step{'' if lay.total_steps == 1 else 's'} "
-              f"of {lay.batch_size}{mode} on {device}")
+              f"of {lay.batch_size}{mode} on {device} ({plan.step_precision(device)})")
         fast = {n: f" ({', '.join(c.fast_biases)} ×√d_in)" if c.fast_biases else "" for n, c in configs.items()}
         print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}{fast[c.name]}" for c in costs))
         print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
@@ -646,31 +674,34 @@ class _Start:
 def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETrainer],
                           world: distributed.World) -> _Start:
     """Load the latest checkpoint into the trainers (resume=true), or fit each SAE's input scale and b_dec from a
-    sample of the data: computed once (rank 0) and broadcast when data-parallel."""
+    sample of the data: computed once (rank 0) and broadcast when data-parallel. Either is work a process does on its
+    own (its sample, its shard's file), so a failure there stops every process (``distributed.fail_together``)."""
     run_config = _run_config(cfg, lay.batch_size, world.size)
     checkpoint = _resume_point(cfg, out, run_config, world)
     if checkpoint is None:
-        if not lay.ddp or world.is_main:
-            sample = lay.source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=lay.rank, world_size=lay.shards)
-            _check_sample_finite(lay.source, sample)
-            for i, trainer in zip(lay.mine, trainers.values()):
-                trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks))
-            del sample
+        with distributed.fail_together():
+            if not lay.ddp or world.is_main:
+                sample = lay.source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=lay.rank, world_size=lay.shards)
+                _check_sample_finite(lay.source, sample)
+                for i, trainer in zip(lay.mine, trainers.values()):
+                    trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks))
+                del sample
         if lay.ddp:
             for trainer in trainers.values():
                 distributed.broadcast_module_(trainer.sae)
                 trainer.sae.sync_cfg_scales()
         return _Start(run_config=run_config)
     folder, state = checkpoint
-    for name, trainer in trainers.items():
-        meta = state["saes"][name]
-        if meta["sae_config"]["d_in"] != trainer.sae.cfg.d_in:
-            raise TrainError(
-                f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
-                f"the data's hook has d_model {trainer.sae.cfg.d_in}"
-            )
-        trainer.load_state(load_file(str(folder / _checkpoint_file(name, lay.shard))), meta)
-    rng = load_file(str(folder / "rng.safetensors"))
+    with distributed.fail_together():
+        for name, trainer in trainers.items():
+            meta = state["saes"][name]
+            if meta["sae_config"]["d_in"] != trainer.sae.cfg.d_in:
+                raise TrainError(
+                    f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
+                    f"the data's hook has d_model {trainer.sae.cfg.d_in}"
+                )
+            trainer.load_state(load_file(str(folder / _checkpoint_file(name, lay.shard))), meta)
+        rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         if f"cuda{i}" in rng:  # another set of visible GPUs at resume is no reason to fail
@@ -707,13 +738,13 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
     from tqdm.auto import tqdm
 
     batch_size, total_steps = lay.batch_size, lay.total_steps
-    run = _init_wandb(cfg, out, world, start.wandb_id, batch_size=batch_size, total_steps=total_steps,
-                      lrs=lrs)
+    with distributed.fail_together():  # rank 0 alone starts a real wandb run (online: a login it may lack)
+        run = _init_wandb(cfg, out, world, start.wandb_id, batch_size=batch_size, total_steps=total_steps, lrs=lrs)
     reader = lay.source.batches(batch_size, seed=cfg.seed, position=start.position, rank=lay.rank,
                                 world_size=lay.shards)
     prefetch = Prefetcher(reader, start=start.position, batch_size=batch_size,
                           n_batches=total_steps - start.step, pin=device.type == "cuda")
-    autocast = device.type == "cuda"
+    autocast = plan.step_precision(device) == "bf16"
     state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics}
     bar = tqdm(total=total_steps * batch_size, initial=start.step * batch_size, unit="tok", unit_scale=True,
                desc="train", dynamic_ncols=True, disable=not world.is_main)
@@ -722,7 +753,8 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
     stop = _stop_on_sigterm() if world.distributed else None
     try:
         for step in range(start.step, total_steps):
-            batch = prefetch.get()
+            with distributed.fail_together():  # a rank's own share of the data can fail (NaN rows, a bad shard)
+                batch = prefetch.get()
             xs = {h: t.to(device, non_blocking=True) for h, t in batch.items()}
             metrics = {}
             for i, (name, trainer) in zip(lay.mine, trainers.items()):
@@ -745,10 +777,13 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
                 state["reader_position"] = start.position + (done - start.step) * batch_size
                 _write_checkpoint(out, done, state, trainers, world, writes_saes=lay.writes_saes, shard=lay.shard)
                 last_good = done
-    except (DivergedError, JobStopped, distributed.PeerLost, DiskFullError) as err:
-        if stop is not None:  # the job is over: a second SIGTERM must not cut the message short
+    except Exception as err:
+        if stop is not None:  # the job is over: torchrun's SIGTERM (once any process exits) must not cut the message
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop = None
+        if not isinstance(err, (DivergedError, JobStopped, distributed.PeerLost, distributed.PeerFailed,
+                                DiskFullError)):
+            raise
         if last_good == 0:  # nothing to resume from: no checkpoint was written
             raise type(err)(f"{err}; no checkpoint was written yet (the first is at step "
                             f"{min(cfg.checkpoint_every, total_steps)}): run again to start over") from None

@@ -73,7 +73,9 @@ class SAETrainer:
         if fast:  # ReLU+L1's b_enc (an SAE's, centred): see ReLUL1SAE
             groups.append({"params": fast, "lr": lr * math.sqrt(sae.cfg.d_in)})
         betas = getattr(sae, "adam_betas", (0.9, 0.999))  # JumpReLU: β₁ = 0
-        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=betas)
+        # On CUDA the fused kernel: one launch for every parameter instead of a chain of foreach kernels with
+        # parameter-sized temporaries (Adam's √v). Same update; the CPU keeps the default (foreach) implementation.
+        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, fused=sae.W_dec.is_cuda or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, total_steps, lr_warmup_frac, lr_decay_frac),

@@ -1,0 +1,114 @@
+"""Memory plan vs real peak: does every variant's training step fit the plan that admitted it?
+
+For each variant, in fp32 and under bf16 autocast, a fresh subprocess builds the SAE where it trains, runs its
+data-dependent initialisation (``initialise_from_data`` on the trainer's 65,536-row sample, JumpReLU's per-latent
+quantile included; ``--sample-rows``) and ``steps`` optimiser steps of ``SAETrainer`` (AuxK firing: a latent is dead after one batch
+without firing; the TopK warm-up of BatchTopK/JumpReLU on the first steps). Peak memory is the process's peak RSS
+(``VmHWM``, reset through ``/proc/self/clear_refs`` once the data exists) minus its RSS at that moment: what the
+SAE, its optimiser and its step added. The plan's figure is ``sae.training.plan.SAECost.bytes()`` for the same
+shapes. The goal (issue 19 §2): peak ≤ plan ≤ 1.3 × peak for every variant and mode.
+
+Prints ONE JSON document on stdout: per variant and mode the peak, the plan and plan / peak, and ``ok``.
+
+Usage: python scripts/bench_memory.py [--d-in 2048] [--d-sae 65536] [--batch 4096] [--steps 3] [--sample-rows 65536]
+                                      [--variants topk ...] [--modes fp32 bf16]
+Linux only (it reads /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+GOAL_MAX_RATIO = 1.3
+"""The plan may over-count by at most 30% (issue 19 §2); it must never under-count."""
+VARIANTS = ("relu_l1", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure(architecture: str, autocast: bool, d_in: int, d_sae: int, batch: int, steps: int,
+            sample_rows: int) -> dict:
+    """Peak bytes the SAE's initialisation and `steps` training steps add to this process, and the plan's figure."""
+    import torch
+
+    from sae.saes import SAEConfig, create_sae
+    from sae.training.plan import SAECost
+    from sae.training.trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sample = torch.randn(sample_rows, d_in)
+    batches = [torch.randn(batch, d_in) for _ in range(steps)]
+    kwargs = {"k": 32} if "topk" in architecture else {"target_l0": 32.0} if architecture == "jumprelu" else {}
+    cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name="h", **kwargs)
+    # The same path once at a tiny width first: the first call of each kernel pages in its code and sets up thread
+    # pools (tens of MiB of RSS, none of it tensors), which would otherwise be charged to the SAE.
+    tiny = create_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=256, hook_name="h", **kwargs))
+    tiny.initialise_from_data(sample[:1024])
+    warm = SAETrainer(tiny, lr=1e-4, total_steps=2, topk_warmup_frac=0.5 if tiny.warms_up else 0.0,
+                      dead_window_tokens=batch)
+    for x in batches[:2]:
+        warm.step(x[:256], autocast=autocast)
+    del tiny, warm
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+    sae = create_sae(cfg)
+    sae.initialise_from_data(sample)
+    init_peak = (_status_kib("VmHWM") - base) * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    trainer = SAETrainer(sae, lr=1e-4, total_steps=steps, topk_warmup_frac=0.5 if sae.warms_up else 0.0,
+                         dead_window_tokens=batch)
+    for x in batches:
+        trainer.step(x, autocast=autocast)
+    step_peak = (_status_kib("VmHWM") - base) * 1024
+    peak = max(init_peak, step_peak)
+    plan = SAECost("bench", architecture, d_in, d_sae, batch, init_rows=sample_rows,
+                   precision="bf16" if autocast else "fp32").bytes()
+    return {"peak_bytes": peak, "init_peak_bytes": init_peak, "step_peak_bytes": step_peak, "plan_bytes": plan,
+            "plan_over_peak": round(plan / peak, 3), "ok": peak <= plan <= GOAL_MAX_RATIO * peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=2048)
+    parser.add_argument("--d-sae", type=int, default=65536)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sample-rows", type=int, default=65536,
+                        help="rows of the initial fit's sample (train's SCALE_SAMPLE_ROWS)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--worker", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = (args.d_in, args.d_sae, args.batch, args.steps, args.sample_rows)
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], args.worker[1] == "bf16", *shape)))
+        return
+    results: dict[str, dict] = {}
+    for arch in args.variants:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--worker", arch, mode, "--d-in", str(args.d_in), "--d-sae",
+                   str(args.d_sae), "--batch", str(args.batch), "--steps", str(args.steps), "--sample-rows",
+                   str(args.sample_rows)]
+            # Every allocation above 128 KiB gets its own mapping, returned to the OS when freed, so RSS follows the
+            # live tensors; glibc's default raises that cut to 32 MiB after the first large free, and freed tensors
+            # below it stay in the heap, counted in RSS: the peak would then depend on allocation history.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            results[f"{arch}/{mode}"] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{arch:22s} {mode}: {results[f'{arch}/{mode}']}", file=sys.stderr)
+    print(json.dumps({"shape": dict(zip(("d_in", "d_sae", "batch", "steps", "sample_rows"), shape)), "goal_max_ratio":
+                      GOAL_MAX_RATIO, "results": results, "ok": all(r["ok"] for r in results.values())}))
+
+
+if __name__ == "__main__":
+    main()
