@@ -35,7 +35,7 @@ from sae.config import HelpSections, field_docs
 from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from sae.data.source import CacheSource, ModelSource, Source, check_split
-from sae.data.store import DiskFullError, atomic_write_json, check_output_folder, disk_full_reported, folder_lock
+from sae.data.store import DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported, folder_lock
 from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -296,7 +296,7 @@ class Prefetcher:
                     return
                 batch = next(reader)
                 for hook, t in batch.items():
-                    if not torch.isfinite(t).all():
+                    if not all_finite(t):
                         row = start + i * batch_size
                         raise TrainError(
                             f"non-finite values (NaN/inf) in the cache for hook {hook!r} in the "
