@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae.cli import main
-from sae.planted import PlantedConfig
+from sae.planted import PlantedConfig, run_planted
 
 
 def test_planted_data_has_the_hard_properties():
@@ -46,10 +46,12 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
 
 
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
-RECOVERY_FLOOR = {name: 0.95 for name in MODELS}
-"""Mean max cosine each model must reach at defaults (issue 9). Measured at 400k tokens: TopK 0.976, BatchTopK 0.958
-(with the TopK warm-up), JumpReLU 0.964, ReLU+L1 0.979 (centred, b_enc at √d_in × the lr), the plain reference loop
-0.988; seeds 1 and 2 give ≥ 0.957."""
+RECOVERY_FLOOR = {"topk": 0.95, "batchtopk": 0.95, "jumprelu": 0.95, "relu_l1": 0.95, "reference": 0.85}
+"""Mean max cosine each model must reach at defaults (issue 9). Measured at 400k tokens: TopK 0.977, BatchTopK 0.966
+(with the TopK warm-up and, since issue 18, the d_in-scaled lr: 0.958 before), JumpReLU 0.964, ReLU+L1 0.979
+(centred, b_enc at √d_in × the lr), the plain reference loop 0.870 (seeds 1 and 2: 0.890, 0.887) from an
+initialisation of its own (``sae.planted.REFERENCE_INIT_SEED``; it reached 0.988 while it started at the dictionary
+itself); seeds 1 and 2 gave ≥ 0.957 for the SAEs before issue 18."""
 
 
 def _by_model(out) -> dict:
@@ -84,3 +86,44 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
     # A second run reuses the cache and the finished training (resume) and gives the same scores.
     assert main(args) == 0
     assert _by_model(out) == scores
+
+
+INIT_CEILING = 0.6
+"""Mean max cosine a decoder may have with the planted dictionary before training: 2048 random rows in 64
+dimensions reach ≈ 0.42 against 1024 random directions; the dictionary itself is 1.0."""
+
+
+def test_no_model_starts_at_the_planted_dictionary(tmp_path):
+    """Every decoder, ours and the reference loop's, starts as a random dictionary, scored after one step of 256
+    rows. The reference loop once drew its init from the seed that drew the dictionary, so its first n_features
+    rows were the dictionary: 1.0 before training, 0.982 after at this shape and 2M tokens, against 0.687 from an
+    independent init (``sae.planted.REFERENCE_INIT_SEED``)."""
+    out = tmp_path / "p"
+    run_planted(PlantedConfig(out=str(out), d_in=64, n_features=1024, l0=8, tokens=256, eval_tokens=1024))
+    scores = _by_model(out)
+    assert sorted(scores) == sorted(MODELS)
+    for name, s in scores.items():
+        assert s["mean_max_cos"] < INIT_CEILING, (name, s)
+
+
+SUPERPOSITION_TOKENS = 1_024_000
+"""2,000 tokens per true feature (``scripts/bench_planted.py``'s budget): 500 steps of 2048."""
+SUPERPOSITION_FLOOR = {"topk": 0.80, "batchtopk": 0.82, "jumprelu": 0.65, "relu_l1": 0.80, "reference": 0.53}
+"""Mean max cosine at d_in 32, 512 features, L0 8 (seed 0), measured: TopK 0.843, BatchTopK 0.870, JumpReLU 0.696,
+ReLU+L1 0.839, the reference loop 0.571. Before TopK's lr was scaled with d_in (``TopKFamily.paper_d_in``), TopK
+reached 0.696 and BatchTopK 0.752 here (a run with those lrs given explicitly: 0.851 and 0.868 with the factor)."""
+
+
+def test_planted_superposition_at_defaults(tmp_path):
+    """The regime where TopK fell behind the reference loop while the CI point passed (issue 18): n_features =
+    16·d_in, L0 8, every SAE at its defaults. ReLU+L1 does not beat PCA here (FVU 0.495 against 0.414 at its L0
+    10.7), so it is held to its recovery only."""
+    out = tmp_path / "p"
+    run_planted(PlantedConfig(out=str(out), d_in=32, n_features=512, l0=8, tokens=SUPERPOSITION_TOKENS))
+    scores = _by_model(out)
+    for name, floor in SUPERPOSITION_FLOOR.items():
+        assert scores[name]["mean_max_cos"] >= floor, (name, scores[name])
+    for name in ("topk", "batchtopk", "jumprelu", "reference"):
+        assert scores[name]["fvu"] < scores[name]["pca_fvu"], (name, scores[name])
+    for name in ("topk", "batchtopk"):  # well ahead of the plain loop on the same batches
+        assert scores[name]["mean_max_cos"] >= scores["reference"]["mean_max_cos"] + 0.2, scores

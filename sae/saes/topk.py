@@ -23,6 +23,12 @@ class TopKFamily(SAE):
     dense_act_copies = 2.2  # measured 2.13 (BatchTopK, Matryoshka 2.12): pre-activations, AuxK's masked copy
     dense_act_copies_bf16 = 1.2  # measured 1.12
     reference_steps = 3_000
+    paper_d_in = 576
+    """SmolLM2-135M's residual stream, where the short-run lr was calibrated; ``sae.training.train.default_lr`` scales
+    it by √(576 / d_in). Without that, TopK fell behind the plain reference loop in superposition on `sae planted`
+    (issue 18; mean max cosine at n_features = 16·d_in, L0 8, width 2·n_features: TopK 0.768 → 0.927 at d_in 64 and
+    0.696 → 0.851 at d_in 32, BatchTopK 0.816 → 0.897 and 0.752 → 0.868), and it still helps at d_in 256 (×1.5;
+    TopK 0.842 → 0.888, BatchTopK 0.834 → 0.893 at 1024 features, L0 8); figures in ``default_lr``."""
 
     @staticmethod
     def paper_lr(d_sae: int) -> float:

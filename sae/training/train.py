@@ -252,13 +252,24 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None, d_in: int
     PCA-25 0.53 at lr ≈ 1e-3, but 0.375 vs 0.367 (beaten by PCA) at ~4e-4. TopK k=32 needs far less (N = 3k): lr
     1e-3 gives FVU 0.187 with 2.8% dead latents, while 3.1e-3 (N = 30k) gives 0.173 but leaves 47.7% of latents dead.
 
-    A variant with ``paper_d_in`` set (JumpReLU, ReLU+L1) also gets ×√(paper_d_in / d_in): Adam moves every coordinate of a
-    unit-norm row by ~lr per step, a rotation of ~lr·√d_in, so a recipe keeps its pace at another width with lr ∝
-    1/√d_in. JumpReLU on the CI-sized hard `sae planted` data (d_in 32, 781 steps, TopK warm-up 0.75): lr 1.1e-3
+    Every variant sets ``paper_d_in`` (TopK, BatchTopK and Matryoshka 576, where their values above were calibrated;
+    JumpReLU 2304; ReLU+L1 4096) and gets ×√(paper_d_in / d_in): Adam moves every coordinate of a unit-norm row by
+    ~lr per step, a rotation of ~lr·√d_in, so a recipe keeps its pace at another width with lr ∝ 1/√d_in. JumpReLU on
+    the CI-sized hard `sae planted` data (d_in 32, 128 features, L0 3, 781 steps, TopK warm-up 0.75): lr 1.1e-3
     (without the factor) reaches mean max cosine 0.69–0.73 and FVU 0.27, 9.5e-3 (with it) 0.90 and FVU 0.11.
     ReLU+L1: see ``ReLUL1SAE``.
-    TopK's short-run values, calibrated at d_in 576 as above, held at d_in 32 (0.96–0.97 from 3e-3 to 1.5e-2), while
-    BatchTopK lost recovery at 4× its lr there (0.96 → 0.93), so neither is rescaled.
+    The TopK family went without the factor while only that CI point was measured (TopK held 0.96–0.97 there from
+    3e-3 to 1.5e-2), until it fell behind the plain reference loop in superposition (issue 18). Mean max cosine
+    without → with the factor, `sae planted` at width 2·n_features:
+    - d_in 32, 512 features, L0 8 (500 steps; ×4.24): TopK 0.696 → 0.851 (FVU 0.182 → 0.156), BatchTopK
+      0.752 → 0.868 (FVU 0.374 → 0.205, L0 5.7 → 7.8 of 8);
+    - d_in 64, 1024 features, L0 8 (976 steps; ×3): TopK 0.768 → 0.927, BatchTopK 0.816 → 0.897;
+    - d_in 256, 1024 features, L0 8 (500 steps of 1024; ×1.5): TopK 0.842 → 0.888 (FVU 0.108 → 0.092), BatchTopK
+      0.834 → 0.893 (FVU 0.108 → 0.090);
+    - the CI point, seeds 0 / 1 / 2 (×4.24): BatchTopK 0.966 / 0.963 / 0.957 → 0.966 / 0.958 / 0.968 with FVU
+      0.14 → 0.13 (an earlier single run had it lose 0.96 → 0.93 at 4×), Matryoshka 0.767 / 0.768 / 0.773 →
+      0.794 / 0.805 / 0.794.
+    At d_in 576 the TopK family's factor is 1: its SmolLM2 defaults are unchanged.
     """
     variant = SAE_CLASSES[architecture]
     ref = variant.reference_steps

@@ -1,0 +1,138 @@
+"""Planted-dictionary grid: every variant at its defaults against the plain PyTorch TopK loop and PCA (issue 18).
+
+Each point (d_in, n_features, L0) runs ``sae.planted.run_planted`` — the `sae planted` benchmark: a known dictionary
+shaped like a residual stream (offset 4× the spread, power-law frequencies, co-occurring groups, log-normal
+magnitudes, noise), TopK, BatchTopK, JumpReLU (target_l0 = L0) and ReLU+L1 (default λ) at width 2·n_features
+trained by `sae train` at their defaults, the reference loop on the same batches, PCA at each model's L0. The grid is
+d_in ∈ {32, 64, 256} × n_features/d_in ∈ {4, 16} × L0 ∈ {3, 8, 32}, without the points where L0 ≥ d_in / 2 (as many
+features active as half the dimensions: nothing sparse left to recover). The token budget of a point is
+``tokens_for``. It prints a table (stdout; training's plan and progress go to stderr), then one line ``JSON {...}``
+with, per point, each model's mean max cosine, fraction recovered, FVU, L0, PCA's FVU at that L0, its ratios to the
+reference loop (cosine and FVU) and whether it meets issue 18's goal (``GOAL_COSINE``, ``GOAL_GAP``, beating PCA).
+
+Usage: python scripts/bench_planted.py [--quick] [--points 64,1024,8 32,512,8] [--tokens N] [--seed 0]
+                                       [--out FOLDER] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sae.planted import PlantedConfig, Score, run_planted
+from sae.training.train import default_batch_size
+
+D_IN = (32, 64, 256)
+RATIOS = (4, 16)
+L0S = (3, 8, 32)
+QUICK = ((64, 1024, 8), (32, 512, 8), (32, 128, 3))
+"""``--quick``: the point of issue 18's report, the CI slice's superposition point and the CI point."""
+MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
+"""Model names in planted.json start with one of these (the defaults of ``PlantedConfig.specs``, then the loop)."""
+GOAL_COSINE = 0.95
+"""Issue 18: every variant reaches this mean max cosine ..."""
+GOAL_GAP = 0.02
+"""... and is within this of the reference loop wherever the loop reaches ``GOAL_COSINE``."""
+
+Point = tuple[int, int, float]
+
+
+def grid() -> list[Point]:
+    """Every (d_in, n_features, L0) of the benchmark, smallest first."""
+    return [(d, r * d, l0) for d in D_IN for r in RATIOS for l0 in L0S if l0 < d / 2]
+
+
+def tokens_for(n_features: int) -> int:
+    """Training tokens of a point: 2,000 per true feature (issue 18's report ran 2M at 1,024 features), at least the
+    CI point's 400k. Not the budget at which the reference loop converges: it reached only 0.57–0.87 mean max cosine
+    at d_in 32 and 64 (docs/planted.md), where our variants reached 0.70–0.99."""
+    return max(400_000, 2_000 * n_features)
+
+
+def parse_point(text: str) -> Point:
+    """``"64,1024,8"`` → (64, 1024, 8.0)."""
+    d_in, n_features, l0 = text.split(",")
+    return int(d_in), int(n_features), float(l0)
+
+
+def summarise(scores: list[Score]) -> dict[str, dict[str, float | bool | None]]:
+    """Each model's scores keyed by its entry of MODELS, with its ratios to the reference loop and the goal check."""
+    by_model = {next(m for m in MODELS if s.name.startswith(m)):
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(s).items()} for s in scores}
+    ref = by_model["reference"]
+    for s in by_model.values():
+        s["cos_vs_reference"] = round(s["mean_max_cos"] / ref["mean_max_cos"], 4)
+        s["fvu_vs_reference"] = round(s["fvu"] / ref["fvu"], 4)
+        close = ref["mean_max_cos"] < GOAL_COSINE or s["mean_max_cos"] >= ref["mean_max_cos"] - GOAL_GAP
+        s["meets_goal"] = s["mean_max_cos"] >= GOAL_COSINE and close and s["fvu"] < s["pca_fvu"]
+    return by_model
+
+
+def run_point(point: Point, tokens: int, seed: int, out: Path) -> dict:
+    """One point of the grid through ``run_planted``, its cache removed afterwards (it is tokens × d_in floats)."""
+    d_in, n_features, l0 = point
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # `sae train`'s plan: stdout keeps the table and the JSON
+            scores = run_planted(PlantedConfig(out=str(out), d_in=d_in, n_features=n_features, l0=l0, tokens=tokens,
+                                               seed=seed))
+    finally:
+        shutil.rmtree(out / "cache", ignore_errors=True)
+    models = summarise(scores)
+    return {"d_in": d_in, "n_features": n_features, "l0": l0, "tokens": tokens,
+            "steps": tokens // default_batch_size(tokens), "seed": seed,
+            "seconds": round(time.perf_counter() - start, 1),
+            "pca_fvu_at_l0": models["reference"]["pca_fvu"], "models": models}
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per point and model."""
+    lines = [f"{'d_in':>4} {'feats':>5} {'L0':>3} {'steps':>5}  {'model':<10} {'max cos':>7} {'recov':>6} "
+             f"{'L0':>6} {'FVU':>6} {'PCA FVU':>7} {'cos/ref':>7} {'FVU/ref':>7}  goal"]
+    for r in results:
+        for name, s in r["models"].items():
+            lines.append(f"{r['d_in']:>4} {r['n_features']:>5} {r['l0']:>3g} {r['steps']:>5}  {name:<10} "
+                         f"{s['mean_max_cos']:7.3f} {s['recovered']:6.1%} {s['l0']:6.2f} {s['fvu']:6.3f} "
+                         f"{s['pca_fvu']:7.3f} {s['cos_vs_reference']:7.3f} {s['fvu_vs_reference']:7.3f}  "
+                         f"{'yes' if s['meets_goal'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", nargs="+", type=parse_point, metavar="D_IN,N_FEATURES,L0",
+                        help="run these points (default: the whole grid)")
+    parser.add_argument("--quick", action="store_true", help=f"run {', '.join(map(str, QUICK))} only")
+    parser.add_argument("--tokens", type=int, help="training tokens at every point (default: tokens_for)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="keep each point's SAEs and planted.json here (default: a temporary "
+                                                  "folder, removed)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    points = args.points or (list(QUICK) if args.quick else grid())
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_planted_") as tmp:
+        root = args.out or Path(tmp)
+        for point in points:
+            tokens = args.tokens or tokens_for(point[1])
+            print(f"point {point}: {tokens:,} tokens", file=sys.stderr, flush=True)
+            results.append(run_point(point, tokens, args.seed, root / "_".join(f"{v:g}" for v in point)))
+            print(format_table(results[-1:]), file=sys.stderr, flush=True)
+    print(format_table(results))
+    print("JSON " + json.dumps({"seed": args.seed, "points": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
