@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sae.analysis.evaluate import EvalConfig, evaluate, fit_pca, format_table, pca_fvu_curve, reconstruction_metrics
+from sae.analysis.evaluate import (EvalConfig, cache_model_dtype, evaluate, fit_pca, format_table, pca_fvu_curve,
+                                   reconstruction_metrics)
 from sae.saes import SAE, failure_signs
 
 def identity_sae(hand_sae, d: int, model: str = "") -> SAE:
@@ -178,3 +180,10 @@ def test_every_config_field_is_documented_and_has_a_demo_default():
 
     assert set(field_docs(EvalConfig)) == {f.name for f in fields(EvalConfig)}
     assert EvalConfig().saes == ["runs/demo/saes"] and EvalConfig().cache == "runs/demo/cache"
+
+
+def test_the_model_runs_in_the_dtype_the_cache_was_harvested_in():
+    """eval and analyse load the model as the harvest ran it (bf16 on a GPU); caches from before the manifest
+    recorded it keep float32."""
+    assert cache_model_dtype(SimpleNamespace(manifest={"model_dtype": "bfloat16"})) == "bfloat16"
+    assert cache_model_dtype(SimpleNamespace(manifest={})) == "float32"

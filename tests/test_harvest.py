@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from sae.data import model as model_lib
 from sae.cli import main as cli_main
 from sae.config import ConfigError
 from sae.data.text import DataError, load_texts, pack
-from sae.data.harvest import HarvestConfig, harvest
+from sae.data.harvest import HarvestConfig, ahead, batch_size, forward_rows, harvest
 from sae.data.store import ActivationStore, CacheError, CacheWriter, is_holdout
 
 
@@ -253,6 +254,56 @@ def test_resume_after_kill_9_matches_clean_run(tiny_llama, text_dir, tmp_path):
     a, b = ActivationStore(clean.out), ActivationStore(killed)
     assert b.complete and [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in Path(clean.out).iterdir())
+
+
+def test_ahead_produces_on_a_worker_and_stops_with_its_consumer():
+    """Tokenising ahead: items come from the worker thread, at most `depth` (+1 in hand) beyond what was taken;
+    closing the stream ends the worker; an error in the worker reaches the consumer where the items stop."""
+    made: list[str] = []
+
+    def items():
+        for i in range(1000):
+            made.append(threading.current_thread().name)
+            yield i
+
+    stream = ahead(items(), depth=2)
+    assert list(itertools.islice(stream, 3)) == [0, 1, 2]
+    stream.close()
+    assert set(made) == {"sae-tokenise"} and len(made) <= 3 + 2 + 1
+    assert not any(t.name == "sae-tokenise" for t in threading.enumerate())
+
+    def failing():
+        yield 1
+        raise DataError("the text ran dry")
+
+    stream = ahead(failing(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(DataError, match="the text ran dry"):
+        next(stream)
+
+
+def test_default_batch_is_larger_on_cuda():
+    cfg = HarvestConfig(context_size=128)
+    assert batch_size(cfg, torch.device("cpu")) == 16
+    assert batch_size(cfg, torch.device("cuda")) == 128
+    assert batch_size(dataclasses.replace(cfg, context_size=1024), torch.device("cuda")) == 16
+    assert batch_size(dataclasses.replace(cfg, batch_size=8), torch.device("cuda")) == 8
+
+
+def test_float16_overflow_is_one_flag_per_batch_naming_the_hook(tiny_llama):
+    """The range check is a device tensor of one flag per hook, read once when the batch's rows are taken."""
+    model, _ = model_lib.load_model(str(tiny_llama), "cpu")
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.inference_mode():
+        assert forward_rows(model, ids, hooks, 1, torch.float32).overflow is None
+        fine = forward_rows(model, ids, hooks, 1, torch.float16)
+        assert fine.overflow.shape == (2,) and fine.to_host().checked().keys() == set(hooks)
+        model.get_input_embeddings().weight.mul_(1e9)  # the residual overflows, not the MLP's output of its norm
+        rows = forward_rows(model, ids, hooks, 1, torch.float16)
+    assert rows.overflow.tolist() == [True, False]
+    with pytest.raises(CacheError, match="at blocks.1.hook_resid_post exceed the float16 range"):
+        rows.to_host().checked()
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import HelpSections
-from sae.analysis.evaluate import DEMO_SAE, ROW_CHUNK, check_matches, load_sae, output_hook, reconstruct, sae_hooks
+from sae.analysis.evaluate import (DEMO_SAE, ROW_CHUNK, cache_model_dtype, check_matches, load_sae, output_hook,
+                                   reconstruct, sae_hooks)
 from sae.data.store import check_finite
 
 #: Activation histogram bins: fixed log10 edges shared by all features, so counts can be accumulated in one pass
@@ -368,7 +369,7 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     name, sae = load_sae(cfg.sae, device)
     check_matches(sae, store, name)
     hook, hooks = sae.cfg.hook_name, sae_hooks(sae)
-    model, tokenizer = load_model(store.model_name, str(device))
+    model, tokenizer = load_model(store.model_name, str(device), cache_model_dtype(store))
     held = store.holdout(hooks, cfg.reference_tokens)
     for h in hooks:
         check_finite(held[h], f"the held-out rows of {h} in {store.path}")

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from sae.config import HelpSections, UserError
 from sae.analysis.splice import keep_first, spliced
-from sae.data.store import atomic_write_json, check_finite
+from sae.data.store import ActivationStore, atomic_write_json, check_finite
 
 #: The demo's TopK SAE (`configs/demo.yaml`'s first): the default of the stages that read one SAE.
 DEMO_SAE = "runs/demo/saes/topk_k32_x8_blocks.15.hook_resid_post"
@@ -473,7 +473,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
 def evaluate(cfg: EvalConfig) -> dict:
     """Load the cache, the SAEs and the model, evaluate, and write `<out>/eval.json` plus the plots."""
     from sae.data.model import load_model, pick_device
-    from sae.data.store import ActivationStore, check_output_folder, folder_lock
+    from sae.data.store import check_output_folder, folder_lock
 
     check_output_folder(cfg.out)
     with folder_lock(cfg.out, "sae eval"):
@@ -483,8 +483,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         saes = load_saes(cfg.saes, device)
         for name, sae in saes.items():
             check_matches(sae, store, name)
-        model, _ = load_model(store.model_name, str(device))
+        model, _ = load_model(store.model_name, str(device), cache_model_dtype(store))
         return evaluate_saes(cfg, store, saes, model)
+
+
+def cache_model_dtype(store: ActivationStore) -> str:
+    """The dtype the cache's harvest ran its model in, for `eval` and `analyse` to run it in: the activations they
+    splice and score are then those the SAE was trained on, at that dtype's memory (half of float32 for bfloat16).
+    Caches harvested before the manifest recorded it get float32, as every cache did then."""
+    return store.manifest.get("model_dtype", "float32")
 
 
 #: Width `format_table` keeps to: a terminal's default.

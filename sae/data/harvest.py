@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import contextmanager
+import queue
+import threading
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar, Generator, Iterator, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -54,8 +56,9 @@ class HarvestConfig:
     (mean 394), against ≈ 175 at every later position (max 252); left in, a few such rows dominate the MSE."""
     max_tokens: int = 300_000
     """Rows to store per hook (rounded up to whole contexts); fewer if the dataset runs out first."""
-    batch_size: int = 16
-    """Contexts per forward pass."""
+    batch_size: int | None = None
+    """Contexts per forward pass; None: 16 on the CPU (`CPU_BATCH`) and `CUDA_BATCH_TOKENS` // context_size
+    (128 at context_size 128) on CUDA, where 16 contexts of SmolLM2 leave the GPU waiting on kernel launches."""
     shard_tokens: int = 65_536
     """Rows per shard (rounded up to whole batches of contexts); bounds the training reader's memory."""
     dtype: str = "float16"
@@ -83,7 +86,7 @@ def check_config(cfg: HarvestConfig) -> None:
         raise CacheError(f"dtype {cfg.dtype!r} is not a storage dtype; use one of {', '.join(DTYPES)}")
     if not cfg.hooks:
         raise CacheError("hooks is empty; name at least one, e.g. blocks.15.hook_resid_post")
-    if cfg.context_size < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1:
+    if cfg.context_size < 2 or (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.max_tokens < 1:
         raise CacheError("context_size must be ≥ 2, batch_size and max_tokens ≥ 1")
     if not 0 <= int(cfg.exclude_first) < cfg.context_size:
         raise CacheError(f"exclude_first must be between 0 and context_size - 1 = {cfg.context_size - 1}")
@@ -134,10 +137,14 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
         model_lib.resolve_hook(model, name)  # unknown names fail here with the list of valid ones
     check_context_size(cfg.context_size, model)
     device = model_lib.input_device(model)
+    size = batch_size(cfg, device)
+    if cfg.batch_size is None:
+        print(f"harvest: batch_size {size} contexts per forward ({size * cfg.context_size} tokens), the default on "
+              f"{device.type}")
     first_pos = int(cfg.exclude_first)
     rows_per_context = cfg.context_size - first_pos
     max_contexts = math.ceil(cfg.max_tokens / rows_per_context)
-    per_shard = math.ceil(cfg.shard_tokens / rows_per_context / cfg.batch_size) * cfg.batch_size
+    per_shard = math.ceil(cfg.shard_tokens / rows_per_context / size) * size
     meta = {
         "model": cfg.model,
         "hooks": {h: model_lib.hidden_size(model) for h in cfg.hooks},
@@ -154,21 +161,21 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     writer = CacheWriter(cfg.out, meta, per_shard)
     try:
         if cfg.repair:
-            _repair(cfg, writer, model, tokenizer)
+            _repair(cfg, writer, model, tokenizer, size)
         if writer.complete:
             print(f"cache at {cfg.out} is already complete ({writer.contexts_done} contexts)")
             return Path(cfg.out)
         done = writer.contexts_done
         # Resume: the stream is deterministic, so skipping what the manifest lists continues where we stopped.
-        stream = itertools.islice(contexts(cfg, tokenizer), done, max_contexts)
+        batches = id_batches(cfg, tokenizer, done, max_contexts, size, device)
         n_done = done
         bar = tqdm(total=max_contexts * rows_per_context, initial=done * rows_per_context, unit="tok", desc="harvest", unit_scale=True, smoothing=0.1)
-        with bar, torch.inference_mode():  # the bar is closed before an error's message is printed, not after
-            while batch := list(itertools.islice(stream, cfg.batch_size)):
-                ids = torch.tensor(batch, device=device)
-                writer.add(_stored_acts(model, ids, cfg), ids.cpu(), first_pos)
-                n_done += len(batch)
-                bar.update(len(batch) * rows_per_context)
+        # The bar is closed before an error's message is printed, not after; the tokenising worker stops with the loop.
+        with bar, torch.inference_mode(), closing(batches):
+            for ids, acts in stored_batches(model, batches, cfg.hooks, first_pos, DTYPES[cfg.dtype]):
+                writer.add(acts, ids, first_pos)
+                n_done += len(ids)
+                bar.update(len(ids) * rows_per_context)
         if n_done == 0:
             raise DataError(f"dataset {cfg.dataset!r} yielded fewer than {cfg.context_size} tokens: nothing to harvest")
         if n_done < max_contexts:
@@ -179,46 +186,177 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     return Path(cfg.out)
 
 
+#: Contexts per forward on the CPU when `batch_size` is unset: with it `scripts/bench_harvest.py` measured the
+#: harvest at 0.95-0.98 of a bare forward of SmolLM2 (docs/benchmarks.md; 0.94 against a bare forward of batches
+#: tokenised beforehand, docs/gpu.md); a CPU has no kernel launches to amortise, so the old default stays.
+CPU_BATCH = 16
+#: Tokens per forward on CUDA when `batch_size` is unset (128 contexts of 128 tokens). Not yet measured on a GPU
+#: (docs/gpu.md); the reasoning: 16 contexts of SmolLM2-135M are 2,048 tokens, ≈ 0.55 TFLOP, ≈ 1.5 ms at an H100's
+#: bf16 rate, against 30 layers × ~20 kernels × ~5 µs ≈ 3 ms of launches, so the GPU waits on the host; 8× the
+#: tokens per launch puts the work ahead of the launches. At context_size 1024 it is 16 contexts, the CPU default.
+CUDA_BATCH_TOKENS = 16_384
+
+
+def batch_size(cfg: HarvestConfig, device: torch.device) -> int:
+    """Contexts per forward: `cfg.batch_size`, or when unset the default for the device the ids go to."""
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    if device.type == "cuda":
+        return max(1, CUDA_BATCH_TOKENS // cfg.context_size)
+    return CPU_BATCH
+
+
 def contexts(cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
     """The packed context stream, the same on every run (resume, repair and on-the-fly training rely on that)."""
     return pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
 
 
-def forward_rows(model, ids: torch.Tensor, hooks: list[str], first_pos: int, storage: torch.dtype) -> dict[str, torch.Tensor]:
-    """Activations [n_ctx, context_size - first_pos, d] at `hooks` for contexts `ids`, in the storage dtype and on
-    the device of the layer that made them: one forward that stops after the deepest hook. Harvest and on-the-fly
-    training share it, so a live run sees exactly the rows a cache would hold."""
+T = TypeVar("T")
+
+
+def ahead(items: Iterator[T], depth: int) -> Generator[T, None, None]:
+    """`items`, produced on a worker thread up to `depth` items ahead of the consumer: reading and tokenising the
+    text runs while the model runs (a fast tokenizer releases the GIL as it encodes). An error in the worker is raised
+    in the consumer where the items stop. Closing the generator stops the worker and waits for it, so a tokenizer is
+    never used by two threads at once (fast tokenizers refuse that: "Already borrowed")."""
+    channel: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object, err: BaseException | None = None) -> bool:
+        while not stop.is_set():
+            try:
+                channel.put((item, err), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            put(end, err)
+
+    worker = threading.Thread(target=run, name="sae-tokenise", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = channel.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join()
+
+
+def host_ids(batch: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Contexts as an id tensor on the host, pinned when bound for a GPU so that copy there does not block. The
+    harvest keeps this tensor for the cache's token ids instead of copying the device's back."""
+    ids = torch.tensor(batch)
+    return ids.pin_memory() if device.type == "cuda" else ids
+
+
+def id_batches(cfg: HarvestConfig, tokenizer, start: int, stop: int, size: int,
+               device: torch.device) -> Generator[torch.Tensor, None, None]:
+    """Contexts [start, stop) of the stream in batches of `size` host ids, tokenised two batches ahead."""
+    def batches() -> Iterator[torch.Tensor]:
+        stream = itertools.islice(contexts(cfg, tokenizer), start, stop)
+        while batch := list(itertools.islice(stream, size)):
+            yield host_ids(batch, device)
+
+    return ahead(batches(), depth=2)
+
+
+@dataclass
+class Rows:
+    """A batch's rows per hook, [n_ctx, context_size - first_pos, d] in the storage dtype, and for float16 storage
+    `overflow`: whether each hook's values exceed float16's range (bool [n_hooks], computed on the device with the
+    rows). It is read once per batch by `checked`, where a check per hook cost a host sync each."""
+
+    acts: dict[str, torch.Tensor]
+    overflow: torch.Tensor | None
+    ready: list[torch.cuda.Event] = field(default_factory=list)
+    """Events the host copies of `to_host` complete at."""
+
+    def to_host(self) -> Rows:
+        """Queue copies to the host: from CUDA non-blocking, each into newly allocated pinned memory (PyTorch's
+        caching host allocator reuses blocks whose copies have finished, so no cudaHostAlloc after the first
+        batches), with an event per device to wait on; from elsewhere `.cpu()`, a no-op on the CPU."""
+        parts = {**self.acts, **({"": self.overflow} if self.overflow is not None else {})}
+        host, devices = {}, set()
+        for key, t in parts.items():
+            if t.device.type == "cuda":
+                host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                devices.add(t.device)
+            else:
+                host[key] = t.cpu()
+        events = [torch.cuda.Event() for _ in devices]
+        for event, device in zip(events, devices):
+            event.record(torch.cuda.current_stream(device))
+        return Rows({h: host[h] for h in self.acts}, host.get(""), events)
+
+    def checked(self) -> dict[str, torch.Tensor]:
+        """The rows, once their copies are done, refusing values float16 cannot hold."""
+        for event in self.ready:
+            event.synchronize()
+        check_range(self.overflow, list(self.acts))
+        return self.acts
+
+
+def check_range(overflow: torch.Tensor | None, hooks: list[str]) -> None:
+    """Refuse rows whose values exceed float16's range (`overflow` as in `Rows`: one read, a sync on a device)."""
+    if overflow is not None and bool(overflow.any()):
+        hook = hooks[int(overflow.to(torch.uint8).argmax())]
+        raise CacheError(f"activations at {hook} exceed the float16 range; harvest with dtype=bfloat16 or float32")
+
+
+def forward_rows(model, ids: torch.Tensor, hooks: list[str], first_pos: int, storage: torch.dtype) -> Rows:
+    """Rows at `hooks` for contexts `ids`, in the storage dtype and on the device of the layer that made them: one
+    forward that stops after the deepest hook, and no host sync. Harvest and on-the-fly training share it, so a live
+    run sees exactly the rows a cache would hold."""
     acts = model_lib.capture(model, ids, hooks)
-    return {h: _to_storage(acts[h][:, first_pos:], storage, h) for h in hooks}
+    rows = {h: acts[h][:, first_pos:] for h in hooks}
+    overflow = None
+    if storage == torch.float16:  # cast on the model's device (less to copy), checked against the range first
+        device = rows[hooks[0]].device
+        overflow = torch.stack([rows[h].abs().amax().to(device) for h in hooks]) > torch.finfo(torch.float16).max
+    return Rows({h: t.to(storage) for h, t in rows.items()}, overflow)
 
 
-def _stored_acts(model, ids: torch.Tensor, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
-    """A batch's rows as the cache stores them (on the CPU)."""
-    acts = forward_rows(model, ids, cfg.hooks, int(cfg.exclude_first), DTYPES[cfg.dtype])
-    return {h: t.cpu() for h, t in acts.items()}
+def stored_batches(model, batches: Iterator[torch.Tensor], hooks: list[str], first_pos: int,
+                   storage: torch.dtype) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(host ids, rows on the host) per batch of `batches`. Batch k+1's copy in, forward and copies out are queued
+    before batch k's rows are waited for, so on a GPU they run while the host hands batch k to the writer (double
+    buffering); on the CPU each batch is simply done in turn."""
+    device = model_lib.input_device(model)
+    landing: tuple[torch.Tensor, Rows] | None = None
+    for ids in batches:
+        rows = forward_rows(model, ids.to(device, non_blocking=True), hooks, first_pos, storage).to_host()
+        if landing is not None:
+            yield landing[0], landing[1].checked()
+        landing = ids, rows
+    if landing is not None:
+        yield landing[0], landing[1].checked()
 
 
-def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer) -> None:
+def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer, size: int) -> None:
     """Re-harvest exactly the listed shards that are missing or corrupt, in the batches the harvest used (shards
-    start at multiples of batch_size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
+    start at multiples of the batch size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
     damaged = writer.damaged_shards()
     device = model_lib.input_device(model)
     for index in damaged:
         start = index * writer.contexts_per_shard
-        stream = itertools.islice(contexts(cfg, tokenizer), start, start + writer.manifest["shards"][index]["contexts"])
-        parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
-        with torch.inference_mode():
-            while batch := list(itertools.islice(stream, cfg.batch_size)):
-                ids = torch.tensor(batch, device=device)
-                parts.append((_stored_acts(model, ids, cfg), ids.cpu()))
-        acts = {h: torch.cat([a[h] for a, _ in parts]) for h in cfg.hooks}
-        writer.rewrite(index, acts, torch.cat([t for _, t in parts]), int(cfg.exclude_first))
+        batches = id_batches(cfg, tokenizer, start, start + writer.manifest["shards"][index]["contexts"], size, device)
+        with torch.inference_mode(), closing(batches):
+            parts = list(stored_batches(model, batches, cfg.hooks, int(cfg.exclude_first), DTYPES[cfg.dtype]))
+        acts = {h: torch.cat([a[h] for _, a in parts]) for h in cfg.hooks}
+        writer.rewrite(index, acts, torch.cat([t for t, _ in parts]), int(cfg.exclude_first))
     print(f"repair: {len(damaged)} of {len(writer.manifest['shards'])} shards re-harvested"
           + (f" ({', '.join(writer.manifest['shards'][i]['file'] for i in damaged)})" if damaged else ""))
-
-
-def _to_storage(t: torch.Tensor, dtype: torch.dtype, hook: str) -> torch.Tensor:
-    """Cast to the storage dtype on the model's device (less to copy), refusing values float16 cannot hold."""
-    if dtype == torch.float16 and t.abs().max() > torch.finfo(torch.float16).max:
-        raise CacheError(f"activations at {hook} exceed the float16 range; harvest with dtype=bfloat16 or float32")
-    return t.to(dtype)

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from sae.data import model as model_lib
 from sae.config import UserError
-from sae.data.harvest import HarvestConfig, check_config, contexts, forward_rows
+from sae.data.harvest import (HarvestConfig, ahead, batch_size, check_config, check_range, contexts, forward_rows,
+                              host_ids)
 from sae.data.store import DTYPES, ActivationStore, is_holdout
 
 
@@ -147,9 +148,8 @@ class ModelSource:
         per_rank = max(1, math.ceil(self.shuffle_rows / self.rows_per_context / world_size))
         return per_rank * world_size
 
-    def _train_contexts(self) -> Iterator[list[int]]:
+    def _train_contexts(self, tokenizer) -> Iterator[list[int]]:
         """The training contexts in stream order: every packed context whose index the held-out hash skips."""
-        _, tokenizer = self._load()
         for seq, ids in enumerate(contexts(self.cfg, tokenizer)):
             if not is_holdout(torch.tensor([seq]), self.cfg.eval_fraction)[0]:
                 yield ids
@@ -161,21 +161,28 @@ class ModelSource:
         n_rows = len(contexts) * self.rows_per_context
         g = torch.Generator().manual_seed(seed * 1_000_003 + index * 7919 + rank)
         dest = torch.randperm(n_rows, generator=g).to(self.device)  # row j of the chunk is served at dest[j]
-        step = self.cfg.batch_size
+        step = batch_size(self.cfg, self.device)
+        hooks = list(self.hooks)
+        overflows: list[Tensor | None] = []
         with torch.inference_mode():  # as harvest; batches drawn from the chunk later are ordinary tensors (torch.cat)
             out = {h: torch.empty(n_rows, d, dtype=self.storage, device=self.device) for h, d in self.hooks.items()}
             for start in range(0, len(contexts), step):
-                ids = torch.tensor(contexts[start : start + step], device=self.device)
-                acts = forward_rows(model, ids, list(self.hooks), self.first_pos, self.storage)
+                ids = host_ids(contexts[start : start + step], self.device).to(self.device, non_blocking=True)
+                rows = forward_rows(model, ids, hooks, self.first_pos, self.storage)
                 where = dest[start * self.rows_per_context : (start + len(ids)) * self.rows_per_context]
-                for h, t in acts.items():
+                for h, t in rows.acts.items():
                     out[h][where] = t.reshape(-1, t.shape[-1])
+                overflows.append(rows.overflow)
+            # One read for the whole chunk, after every forward is queued: a GPU never waits on the host mid-chunk.
+            check_range(torch.stack(overflows).any(0) if overflows[0] is not None else None, hooks)
         return out
 
     def _chunks(self, seed: int, first: int, rank: int, world_size: int) -> Iterator[dict[str, Tensor]]:
         """Rank `rank`'s chunks from chunk `first` on; the chunk `sample` built is reused, not recomputed."""
         size = self.chunk_contexts(world_size)
-        stream = itertools.islice(self._train_contexts(), first * size, None)
+        _, tokenizer = self._load()
+        # Tokenised a chunk ahead on a worker thread, while this chunk's forwards run.
+        stream = itertools.islice(ahead(self._train_contexts(tokenizer), depth=size), first * size, None)
         for index in itertools.count(first):
             mine = [ids for t, ids in enumerate(itertools.islice(stream, size)) if t % world_size == rank]
             if len(mine) < size // world_size:
