@@ -9,6 +9,8 @@ One run prints ONE JSON document (on stdout; progress goes to stderr) with three
     timed bare in the same run. A ratio above 1 is possible for TopK/BatchTopK because their
     decoder (``embedding_bag``) and encoder backward are sparse, so of the five only x@W_enc
     remains dense.
+``topk_auxk``   TopK's step with every latent dead at every step, so AuxK runs at its full k_aux = d_in / 2, and
+    ``auxk_share_of_step``: the share of that step AuxK takes (1 − TopK's time without it ÷ this time; issue 19 §3).
 ``saelens``     SAELens's own training step on the same shapes and data: its
     ``sae_lens.training.sae_trainer.SAETrainer.step`` (``training_forward_pass`` + dead-latent
     tracking + ``loss.backward()`` + ``clip_grad_norm_(1.0)`` + ``Adam.step`` + schedulers; SAELens
@@ -146,13 +148,15 @@ def ceiling_contender(x: torch.Tensor, d_sae: int, dtype: torch.dtype = torch.fl
     return Contender("ceiling", five_matmuls, dict)
 
 
-def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int) -> Contender:
+def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int, auxk: bool = False) -> Contender:
+    """Our step; ``auxk``: with every latent dead at every step (a dead window of 0 tokens), so AuxK runs at its
+    full k_aux (the ``{arch}_auxk`` contender, whose extra time over ``arch``'s is the AuxK share)."""
     sae = create_sae(SAEConfig(arch, args.d_in, d_sae, k=args.k)).to(x.device)
     sae.initialise_from_data(x)
     trainer = SAETrainer(sae, lr=default_lr(arch, d_sae, None, args.d_in), total_steps=10**6,
-                         # dead after 2 silent steps, so AuxK would run from step 3 — but on this
+                         # without `auxk`: dead after 2 silent steps, so AuxK would run from step 3 — but on this
                          # Gaussian data every latent fires each batch (dead_frac in the JSON is 0)
-                         dead_window_tokens=args.batch * 2)
+                         dead_window_tokens=0 if auxk else args.batch * 2)
     state = {"i": 0}
 
     def step() -> None:
@@ -164,7 +168,7 @@ def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: 
         return {"dead_frac": round(float(trainer.dead_mask.float().mean()), 3),
                 "sparse_decoder_and_encoder_backward": SAE_CLASSES[arch].sparse_step}
 
-    return Contender(arch, step, info)
+    return Contender(f"{arch}_auxk" if auxk else arch, step, info)
 
 
 def saelens_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int) -> Contender:
@@ -211,6 +215,8 @@ def bench_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     x = torch.randn(args.batch * 4, args.d_in, device=device)  # in-memory "cache": 4 batches
     contenders = [ceiling_contender(x[: args.batch], d_sae, torch.bfloat16 if args.autocast else torch.float32)]
     contenders += [ours_contender(a, x, args, d_sae) for a in args.arch]
+    if "topk" in args.arch:
+        contenders.append(ours_contender("topk", x, args, d_sae, auxk=True))
     saelens_error = None
     if args.saelens:
         try:
@@ -260,6 +266,10 @@ def bench_throughput(args: argparse.Namespace, device: torch.device) -> dict:
                     "gflop_per_s": round(5 * 2 * args.batch * args.d_in * d_sae / ceil_w / 1e9, 1)},
         "ours": ours,
     }
+    if "topk" in args.arch:  # issue 19 §3: what AuxK at k_aux = d_in / 2 adds to TopK's step
+        on, off = by_name["topk_auxk"], by_name["topk"]
+        out["topk_auxk"] = {**entry(on), "k_aux": args.d_in // 2,  # dead_frac: the fraction it ran at (all)
+                            "auxk_share_of_step": round(1 - statistics.median(off.wall) / statistics.median(on.wall), 3)}
     if args.saelens:
         lens: dict = {"version": saelens_version, "error": saelens_error}
         for a in ("relu_l1", "topk"):

@@ -38,6 +38,35 @@ def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float
     return max(0.0, min(1.0, (step + 1) / warmup, (total_steps - step) / decay))
 
 
+BUCKET_FLOATS = 2**22
+"""Largest flat fp32 bucket ``mean_over_ranks_`` packs (16 MiB): it bounds the copy a bucket costs, where a tensor
+at least this large is reduced in place on its own (a bucket of one, nothing to copy)."""
+
+
+def mean_over_ranks_(tensors: list[Tensor], bucket_floats: int = BUCKET_FLOATS) -> None:
+    """Average `tensors` over the data-parallel ranks in place, with one fp32 all-reduce per bucket of consecutive
+    tensors of at most `bucket_floats` elements in all instead of one per tensor (issue 19 §6). The sums are the ones
+    a per-tensor all-reduce forms, element by element, so the result is the same. Measured by
+    ``scripts/bench_ddp.py`` (2 gloo ranks, TopK): at d_in 64 × 1024 the synchronisation took 6.1 ms instead of
+    12.1 ms; at 576 × 9216 the bucket cap keeps it level (54 against 48 ms, noise), where one flat bucket of all
+    10.6 M gradients took 165 against 77 ms, its copies costing more than the collectives it saved."""
+    buckets: list[list[Tensor]] = []
+    size = bucket_floats
+    for t in tensors:
+        if size + t.numel() > bucket_floats:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel()
+    for bucket in buckets:
+        if len(bucket) == 1 and bucket[0].dtype == torch.float32:
+            distributed.all_reduce_(bucket[0], "mean")
+            continue
+        flat = distributed.all_reduce_(torch.cat([t.reshape(-1).float() for t in bucket]), "mean")
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(part.view_as(t))
+
+
 class SAETrainer:
     """Everything one SAE needs to take a step: Adam, lr and sparsity schedules, gradient
     clipping, the unit-norm decoder constraint, and dead-latent tracking."""
@@ -147,14 +176,11 @@ class SAETrainer:
         itself is a batch statistic: BatchTopK selects the top k·b of each rank's b rows, and its threshold (and
         JumpReLU's warm-up threshold) follow the mean of the ranks' batch-wide cuts.
         """
-        for p in self.sae.parameters():
-            # A parameter without a gradient (JumpReLU's θ in the TopK warm-up) has none on every rank (it depends on
-            # the step and the config alone) and Adam skips it, as in one process.
-            if p.grad is not None:
-                distributed.all_reduce_(p.grad, "mean")
-        for name, buf in self.sae.named_buffers():
-            if name not in self.sae.FITTED_BUFFERS and buf.is_floating_point():
-                distributed.all_reduce_(buf, "mean")
+        # A parameter without a gradient (JumpReLU's θ in the TopK warm-up) has none on every rank (it depends on
+        # the step and the config alone) and Adam skips it, as in one process.
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        bufs = [b for n, b in self.sae.named_buffers() if n not in self.sae.FITTED_BUFFERS and b.is_floating_point()]
+        mean_over_ranks_(grads + bufs)
         return distributed.all_reduce_(fire_counts.clone(), "sum")
 
     # ----- checkpoint state ----------------------------------------------------------------
