@@ -141,11 +141,12 @@ def test_step_aware_defaults():
     assert default_lr("topk", 4608, 10**6, 576) == pytest.approx(gao)
     assert default_lr("topk", 4608, 300, 576) == pytest.approx(gao * 10**0.5)  # √(3k / 300)
     assert default_lr("relu_l1", 4608, 50, 4096) == pytest.approx(5e-5 * 25)  # capped
-    # JumpReLU's lr is Gemma Scope's at d_in 2304, ReLU+L1's Anthropic's taken at 4096, each rescaled by √(ref / d_in);
-    # TopK's has no d_in factor
+    # JumpReLU's lr is Gemma Scope's at d_in 2304, ReLU+L1's Anthropic's taken at 4096, TopK's calibrated at 576 (issue
+    # 18), each rescaled by √(ref / d_in)
     assert default_lr("jumprelu", 4608, 10**6, d_in=576) == pytest.approx(7e-5 * 2)
     assert default_lr("relu_l1", 4608, 10**6, d_in=1024) == pytest.approx(5e-5 * 2)
-    assert default_lr("topk", 4608, 10**6, d_in=32) == pytest.approx(gao)
+    assert default_lr("topk", 4608, 10**6, d_in=36) == pytest.approx(gao * 4)
+    assert default_lr("batchtopk", 4608, 10**6, d_in=2304) == pytest.approx(gao / 2)
 
 
 # ----- metrics by hand ---------------------------------------------------------------------
