@@ -106,6 +106,28 @@ def within_ulp():
     return _within_ulp
 
 
+@pytest.fixture
+def patch_batches(monkeypatch):
+    """``patch_batches(change)`` routes training's batches through ``change(n, batch)`` (n counts from 1) as they
+    leave the reader's checks, on the prefetch worker: how a test poisons a run at a given step; ``patch_batches(
+    interrupt_at=n)`` raises KeyboardInterrupt instead of the n-th batch (it reaches the training loop at that step,
+    as Ctrl-C would). ``monkeypatch.undo()`` restores the real batches."""
+    from sae.training import train as train_lib
+
+    real = train_lib.checked_batches
+
+    def patch(change=None, *, interrupt_at: int | None = None):
+        def patched(*args, **kwargs):
+            for n, batch in enumerate(real(*args, **kwargs), 1):
+                if n == interrupt_at:
+                    raise KeyboardInterrupt
+                yield change(n, batch) if change else batch
+
+        monkeypatch.setattr(train_lib, "checked_batches", patched)
+
+    return patch
+
+
 @pytest.fixture(scope="session")
 def hook() -> str:
     """The hook every tiny cache and hand-built SAE uses: layer 1's residual stream of the tiny models."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from sae.data.harvest import HarvestConfig, harvest
 from sae.saes import SAE, SAE_CLASSES, SAEConfig, create_sae
 from sae.data.store import ActivationStore
-from sae.training.train import Prefetcher, SAESpec, SAETrainer, TrainConfig, train
+from sae.training import train as train_lib
+from sae.training.train import SAESpec, SAETrainer, TrainConfig, train
 
 DEVICE = torch.device(os.environ.get("SAE_TEST_GPU_DEVICE", "cuda"))
 
@@ -76,14 +78,14 @@ def test_train_end_to_end_on_the_device_with_pinned_batches(tiny_cache, hook, tm
     """`train(device=cuda)`: the prefetcher hands over pinned batches (so the copy to the GPU is asynchronous), the
     SAEs train under autocast and come out as fp32, finite SAELens folders."""
     pinned: list[bool] = []
-    real_get = Prefetcher.get
+    real_batches = train_lib.checked_batches
 
-    def spying_get(self: Prefetcher) -> dict[str, torch.Tensor]:
-        batch = real_get(self)
-        pinned.extend(t.is_pinned() for t in batch.values())
-        return batch
+    def spying_batches(*args, **kwargs) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in real_batches(*args, **kwargs):
+            pinned.extend(t.is_pinned() for t in batch.values())
+            yield batch
 
-    monkeypatch.setattr(Prefetcher, "get", spying_get)
+    monkeypatch.setattr(train_lib, "checked_batches", spying_batches)
     cfg = TrainConfig(cache=str(tiny_cache), out=str(tmp_path), device=str(DEVICE), wandb_mode="disabled",
                       batch_size=128, total_tokens=128 * 20, checkpoint_every=10, log_every=5,
                       saes=[SAESpec("topk", hook, expansion_factor=4, k=8),

@@ -20,7 +20,8 @@ from sae.data import model as model_lib
 from sae.cli import main as cli_main
 from sae.config import ConfigError
 from sae.data.text import DataError, load_texts, pack
-from sae.data.harvest import HarvestConfig, ahead, batch_size, forward_rows, harvest
+from sae.data.ahead import ahead
+from sae.data.harvest import HarvestConfig, batch_size, forward_rows, harvest
 from sae.data.store import ActivationStore, CacheError, CacheWriter, is_holdout
 
 
@@ -266,7 +267,7 @@ def test_ahead_produces_on_a_worker_and_stops_with_its_consumer():
             made.append(threading.current_thread().name)
             yield i
 
-    stream = ahead(items(), depth=2)
+    stream = ahead(items(), depth=2, name="sae-tokenise")
     assert list(itertools.islice(stream, 3)) == [0, 1, 2]
     stream.close()
     assert set(made) == {"sae-tokenise"} and len(made) <= 3 + 2 + 1

@@ -15,7 +15,7 @@ from sae.data.harvest import HarvestConfig, harvest
 from sae.saes import SAE
 from sae.data.source import ModelSource, SourceError
 from sae.data.store import ActivationStore
-from sae.training.train import Prefetcher, SAESpec, TrainConfig, train
+from sae.training.train import SAESpec, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HOOK = "blocks.1.hook_resid_post"
@@ -60,22 +60,14 @@ def _run(tiny_llama, text_dir, tmp_path: Path, out: str, **kw) -> TrainConfig:
                        wandb_mode="disabled", **kw)
 
 
-def test_live_training_resumes_exactly(tiny_llama, text_dir, tmp_path, monkeypatch):
+def test_live_training_resumes_exactly(tiny_llama, text_dir, tmp_path, monkeypatch, patch_batches):
     """Interrupted after the step-4 checkpoint and resumed, a live run ends with the uninterrupted run's weights;
     its 12 steps cross several chunks of ~10 contexts, so resuming rebuilds a chunk mid-way."""
     full = train(_run(tiny_llama, text_dir, tmp_path, "a"))
-    real_get, calls = Prefetcher.get, {"n": 0}
-
-    def interrupted_get(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_get(self)
-
-    monkeypatch.setattr(Prefetcher, "get", interrupted_get)
+    patch_batches(interrupt_at=6)
     with pytest.raises(KeyboardInterrupt):
         train(_run(tiny_llama, text_dir, tmp_path, "b"))
-    monkeypatch.setattr(Prefetcher, "get", real_get)
+    monkeypatch.undo()
     resumed = train(_run(tiny_llama, text_dir, tmp_path, "b", resume=True))
     a, b = SAE.load(full[0]).state_dict(), SAE.load(resumed[0]).state_dict()
     for key in a:

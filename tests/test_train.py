@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 
 import sae.training.train as train_module
 from sae.saes import SAE, SAEConfig, create_sae
+from sae.data.ahead import ahead
 from sae.data.store import ActivationStore, CacheError, CacheWriter, NonFiniteError
-from sae.training.train import (DivergedError, Prefetcher, SAESpec, SAETrainer, TrainConfig, TrainError,
+from sae.training.train import (DivergedError, SAESpec, checked_batches, SAETrainer, TrainConfig, TrainError,
                        default_batch_size, default_lr, train)
 
 
@@ -231,22 +233,12 @@ def test_train_writes_loadable_saes(tmp_path, cache):
     assert (tmp_path / "out" / "checkpoints" / "latest.json").is_file()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, cache, monkeypatch):
+def test_resume_matches_uninterrupted_run(tmp_path, cache, monkeypatch, patch_batches):
     full = train(_cfg(tmp_path / "a", cache))
-
-    calls = {"n": 0}
-    real_get = Prefetcher.get
-
-    def interrupted_get(self):
-        calls["n"] += 1
-        if calls["n"] == 6:  # after the step-4 checkpoint, mid-way to the next
-            raise KeyboardInterrupt
-        return real_get(self)
-
-    monkeypatch.setattr(Prefetcher, "get", interrupted_get)
+    patch_batches(interrupt_at=6)  # after the step-4 checkpoint, mid-way to the next
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path / "b", cache))
-    monkeypatch.setattr(Prefetcher, "get", real_get)
+    monkeypatch.undo()
     resumed = train(_cfg(tmp_path / "b", cache, resume=True))
 
     for a, b in zip(full, resumed):
@@ -264,10 +256,11 @@ def test_resume_refuses_changed_settings_and_stops_reading_when_closed(tmp_path,
     # An error in the training loop closes the prefetcher: its thread must stop, not read the rest of the run.
     store = ActivationStore(cache)
     reader = store.shuffled(["h0"], 16)
-    prefetch = Prefetcher(reader, start=0, batch_size=16, n_batches=10**9, pin=False)
-    prefetch.get()
+    prefetch = ahead(checked_batches(reader, start=0, batch_size=16, n_batches=10**9, pin=False), depth=2,
+                     name="sae-prefetch")
+    next(prefetch)
     prefetch.close()
-    assert not prefetch._thread.is_alive() and reader.position < 16 * 10
+    assert "sae-prefetch" not in {t.name for t in threading.enumerate()} and reader.position < 16 * 10
 
 
 def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without_newer_spec_keys(tmp_path, cache):
@@ -340,16 +333,8 @@ def test_nan_in_cache_is_reported(tmp_path):
         train(cfg)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, cache, monkeypatch):
-    real_get = Prefetcher.get
-    calls = {"n": 0}
-
-    def poisoned_get(self):
-        calls["n"] += 1
-        batch = real_get(self)
-        return {h: t * float("inf") for h, t in batch.items()} if calls["n"] == 6 else batch
-
-    monkeypatch.setattr(Prefetcher, "get", poisoned_get)
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, cache, patch_batches):
+    patch_batches(lambda n, batch: {h: t * float("inf") for h, t in batch.items()} if n == 6 else batch)
     with pytest.raises(DivergedError, match="at step 6.*last good checkpoint is step 4"):
         train(_cfg(tmp_path, cache))
     assert (tmp_path / "out" / "checkpoints" / "step_000000004").is_dir()

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import itertools
 import math
-import queue
-import threading
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Generator, Iterator, TypeVar
+from typing import ClassVar, Generator, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from sae.config import HelpSections
 from sae.data import model as model_lib
+from sae.data.ahead import ahead
 from sae.data.text import DataError, bos_token, load_texts, pack
 from sae.data.store import DTYPES, CacheError, CacheWriter, check_output_folder, folder_lock
 
@@ -211,51 +210,6 @@ def contexts(cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
     return pack(load_texts(cfg.dataset, cfg.dataset_split, cfg.text_column), tokenizer, cfg.context_size, cfg.prepend_bos)
 
 
-T = TypeVar("T")
-
-
-def ahead(items: Iterator[T], depth: int) -> Generator[T, None, None]:
-    """`items`, produced on a worker thread up to `depth` items ahead of the consumer: reading and tokenising the
-    text runs while the model runs (a fast tokenizer releases the GIL as it encodes). An error in the worker is raised
-    in the consumer where the items stop. Closing the generator stops the worker and waits for it, so a tokenizer is
-    never used by two threads at once (fast tokenizers refuse that: "Already borrowed")."""
-    channel: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(item: object, err: BaseException | None = None) -> bool:
-        while not stop.is_set():
-            try:
-                channel.put((item, err), timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-            put(end, err)
-
-    worker = threading.Thread(target=run, name="sae-tokenise", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, err = channel.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        worker.join()
-
-
 def host_ids(batch: list[list[int]], device: torch.device) -> torch.Tensor:
     """Contexts as an id tensor on the host, pinned when bound for a GPU so that copy there does not block. The
     harvest keeps this tensor for the cache's token ids instead of copying the device's back."""
@@ -271,7 +225,7 @@ def id_batches(cfg: HarvestConfig, tokenizer, start: int, stop: int, size: int,
         while batch := list(itertools.islice(stream, size)):
             yield host_ids(batch, device)
 
-    return ahead(batches(), depth=2)
+    return ahead(batches(), depth=2, name="sae-tokenise")
 
 
 @dataclass

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from sae.data import model as model_lib
 from sae.config import UserError
-from sae.data.harvest import (HarvestConfig, ahead, batch_size, check_config, check_range, contexts, forward_rows,
+from sae.data.ahead import ahead
+from sae.data.harvest import (HarvestConfig, batch_size, check_config, check_range, contexts, forward_rows,
                               host_ids)
 from sae.data.store import DTYPES, ActivationStore, is_holdout
 
@@ -182,7 +183,7 @@ class ModelSource:
         size = self.chunk_contexts(world_size)
         _, tokenizer = self._load()
         # Tokenised a chunk ahead on a worker thread, while this chunk's forwards run.
-        stream = itertools.islice(ahead(self._train_contexts(tokenizer), depth=size), first * size, None)
+        stream = itertools.islice(ahead(self._train_contexts(tokenizer), depth=size, name="sae-tokenise"), first * size, None)
         for index in itertools.count(first):
             mine = [ids for t, ids in enumerate(itertools.islice(stream, size)) if t % world_size == rank]
             if len(mine) < size // world_size:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import shutil
 import signal
-import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -32,6 +30,7 @@ from torch import Tensor
 
 from sae.training import distributed, plan, sharded
 from sae.config import HelpSections, field_docs
+from sae.data.ahead import ahead
 from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from sae.data.source import CacheSource, ModelSource, Source, check_split
@@ -282,65 +281,22 @@ def default_lr(architecture: str, d_sae: int, total_steps: int | None, d_in: int
 # ----- data ----------------------------------------------------------------------------------
 
 
-class Prefetcher:
-    """Reads batches on a background thread so disk and decoding overlap the SAE steps.
-
-    Batches are checked for NaN/inf here, on the CPU, where it costs no device sync; on CUDA
-    they are pinned so the host→device copy can run asynchronously.
-    """
-
-    def __init__(self, reader: Iterator[dict[str, Tensor]], *, start: int, batch_size: int,
-                 n_batches: int, pin: bool, depth: int = 2) -> None:
-        self._queue: queue.Queue[dict[str, Tensor] | BaseException] = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._reader = reader
-        self._args = (start, batch_size, n_batches, pin)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        reader = self._reader
-        start, batch_size, n_batches, pin = self._args
-        try:
-            for i in range(n_batches):
-                if self._stop.is_set():  # closed early (error, Ctrl-C): don't read the rest of the run
-                    return
-                batch = next(reader)
-                for hook, t in batch.items():
-                    if not all_finite(t):
-                        row = start + i * batch_size
-                        raise TrainError(
-                            f"non-finite values (NaN/inf) in the cache for hook {hook!r} in the "
-                            f"batch at training-stream rows {row}..{row + batch_size}; the cache "
-                            "is corrupt or the model overflowed in its storage dtype"
-                        )
-                if pin:  # a live model's batches are already on the GPU
-                    batch = {h: t.pin_memory() if t.device.type == "cpu" else t for h, t in batch.items()}
-                self._put(batch)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
-            self._put(err)
-
-    def _put(self, item: dict[str, Tensor] | BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def get(self) -> dict[str, Tensor]:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the thread, then the reader's own threads (a cache reader's pool, a live model's stream)."""
-        self._stop.set()
-        self._thread.join()
-        close = getattr(self._reader, "close", None)
-        if close is not None:
-            close()
+def checked_batches(reader: Iterator[dict[str, Tensor]], *, start: int, batch_size: int, n_batches: int,
+                    pin: bool) -> Iterator[dict[str, Tensor]]:
+    """The reader's next `n_batches` batches, each checked for NaN/inf on the CPU, where it costs no device sync, and
+    on CUDA pinned so the host→device copy can run asynchronously. Training takes them through ``ahead``, so the
+    reading and these checks overlap the SAE steps."""
+    for i in range(n_batches):
+        batch = next(reader)
+        for hook, t in batch.items():
+            if not all_finite(t):
+                row = start + i * batch_size
+                raise TrainError(f"non-finite values (NaN/inf) in the cache for hook {hook!r} in the batch at "
+                                 f"training-stream rows {row}..{row + batch_size}; the cache is corrupt or the model "
+                                 "overflowed in its storage dtype")
+        if pin:  # a live model's batches are already on the GPU
+            batch = {h: t.pin_memory() if t.device.type == "cpu" else t for h, t in batch.items()}
+        yield batch
 
 
 # ----- checkpoints ---------------------------------------------------------------------------
@@ -729,7 +685,7 @@ def _check_sample_finite(source: Source, sample: dict[str, Tensor]) -> None:
     from sae.data.store import NonFiniteError, check_finite
 
     for hook, rows in sample.items():
-        if torch.isfinite(rows).all():
+        if all_finite(rows):
             continue
         store = getattr(source, "store", None)
         if store is None:
@@ -753,8 +709,9 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
         run = _init_wandb(cfg, out, world, start.wandb_id, batch_size=batch_size, total_steps=total_steps, lrs=lrs)
     reader = lay.source.batches(batch_size, seed=cfg.seed, position=start.position, rank=lay.rank,
                                 world_size=lay.shards)
-    prefetch = Prefetcher(reader, start=start.position, batch_size=batch_size,
-                          n_batches=total_steps - start.step, pin=device.type == "cuda")
+    prefetch = ahead(checked_batches(reader, start=start.position, batch_size=batch_size,
+                                     n_batches=total_steps - start.step, pin=device.type == "cuda"),
+                     depth=2, name="sae-prefetch")
     autocast = plan.step_precision(device) == "bf16"
     state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics}
     bar = tqdm(total=total_steps * batch_size, initial=start.step * batch_size, unit="tok", unit_scale=True,
@@ -765,7 +722,7 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
     try:
         for step in range(start.step, total_steps):
             with distributed.fail_together():  # a rank's own share of the data can fail (NaN rows, a bad shard)
-                batch = prefetch.get()
+                batch = next(prefetch)
             xs = {h: t.to(device, non_blocking=True) for h, t in batch.items()}
             metrics = {}
             for i, (name, trainer) in zip(lay.mine, trainers.items()):
@@ -803,7 +760,10 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
     finally:
         if stop is not None:
             signal.signal(signal.SIGTERM, stop)
-        prefetch.close()
+        prefetch.close()  # stops the worker, then the reader's own threads (a cache's pool, a live model's stream)
+        close = getattr(reader, "close", None)
+        if close is not None:
+            close()
         bar.close()
         run.finish()
     return state["metrics"]
