@@ -66,6 +66,8 @@ def main() -> None:
                          batch_size=args.batch_size, exclude_first=False, eval_fraction=0.0,
                          model_dtype=args.model_dtype)
     device = model_lib.input_device(model)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the harvest's streams and events, and synchronize(), act on the current one
     size = batch_size(base, device)
     base = dataclasses.replace(base, batch_size=size)  # set, so the harvest prints nothing into the JSON
     t0 = time.perf_counter()

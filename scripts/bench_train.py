@@ -458,6 +458,8 @@ def main() -> None:
     from sae.data.model import pick_device
 
     device = pick_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events and synchronize() act on the current device
     goals = GPU_GOALS if args.autocast else GOALS
     t_start = time.perf_counter()
     doc: dict = {

@@ -4,10 +4,13 @@
 #   bash scripts/gpu_check.sh [--cpu] [--out FILE]
 #
 # Steps: model (convert/cache SmolLM2, or build a tiny model), tests (pytest -m gpu), bench_train (d_in 2048 x 32,
-# bf16 autocast, against the bf16 matmul ceiling), bench_harvest (model in bf16), cache (a bf16 harvest for the DDP
-# step), on_the_fly (`sae train ... train.source=model`, a few million tokens), ddp (torchrun over every GPU torch
-# sees, i.e. those CUDA_VISIBLE_DEVICES leaves; with fewer than 2 it is reported "not exercised": torchrun with one
-# process creates no process group, so its run would prove nothing about DDP).
+# bf16 autocast, against the bf16 matmul ceiling; AuxK's share of TopK's step), bench_syncs (host syncs per step of
+# every variant under CUDA's sync debug mode, against tests/test_syncs.py's budget), bench_memory (the allocator's
+# peak of every variant, initial fit included, fp32 and bf16, against the memory plan at d_in 2048 x 65,536, batch
+# 4096), bench_harvest (model in bf16, the harvester's own batch size), cache (a bf16 harvest for the DDP step),
+# on_the_fly (`sae train ... train.source=model`, a few million tokens), ddp (torchrun over every GPU torch sees,
+# i.e. those CUDA_VISIBLE_DEVICES leaves; with fewer than 2 it is reported "not exercised": torchrun with one process
+# creates no process group, so its run would prove nothing about DDP).
 # Each step runs under its own time limit and a failing step does not stop the rest. One JSON line per step and a
 # summary line go to stdout and to --out FILE, else $OUT/gpu_check.json, else runs/gpu_check/gpu_check.json; every
 # step's output is kept next to it in <summary>_logs/. Exit status 0 when every step run passed, else 1.
@@ -73,11 +76,14 @@ if [[ $MODE == gpu ]]; then
   NPROC=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
   MODEL=smollm2
   MODEL_ARGS=() # the demo config's model: SmolLM2-135M, layer 15
-  HBATCH=64
+  HARVEST_BATCH=() # the harvester's own choice on CUDA: 16,384 tokens per forward (sae.data.harvest.batch_size)
   MODEL_DTYPE=bfloat16
   run_step model 240 -- "$PY" -c 'from sae.data.model import resolve_spec; print(resolve_spec("smollm2"))'
   BENCH_TRAIN=(--device cuda --autocast --d-in 2048 --expansion 32 --batch 4096 --warmup 3 --rounds 20 --no-rss)
-  BENCH_HARVEST=(--device cuda --tokens 131072 --batch-size 64)
+  SAE_SHAPE=(--d-in 2048 --d-sae 65536 --batch 4096)
+  BENCH_SYNCS=(--device cuda "${SAE_SHAPE[@]}")
+  BENCH_MEMORY=(--device cuda "${SAE_SHAPE[@]}")
+  BENCH_HARVEST=(--device cuda --tokens 131072)
   CACHE_TOKENS=1000000
   OTF_TOKENS=4000000
   DDP_DEVICE=auto # each rank picks its own GPU
@@ -87,20 +93,25 @@ else
   NPROC=2
   MODEL=$WORK/tiny
   MODEL_ARGS=("harvest.model=$MODEL")
-  HBATCH=16
+  HARVEST_BATCH=(harvest.batch_size=16)
   MODEL_DTYPE=float32 # bf16 matmuls on a CPU without bf16 units run ~10x slower than fp32
   run_step model 120 -- "$PY" -m sae.tiny "$MODEL" --layers 16
   BENCH_TRAIN=(--device cpu --autocast --d-in 64 --expansion 4 --batch 256 --warmup 1 --rounds 2 --no-rss --no-saelens)
+  SAE_SHAPE=(--d-in 64 --d-sae 1024 --batch 256)
+  BENCH_SYNCS=(--device cpu "${SAE_SHAPE[@]}")
+  BENCH_MEMORY=(--device cpu "${SAE_SHAPE[@]}" --steps 2 --sample-rows 4096)
   BENCH_HARVEST=(--device cpu --tokens 1024 --repeats 1 --hooks blocks.15.hook_resid_post)
   CACHE_TOKENS=4096
   OTF_TOKENS=4096
   DDP_DEVICE=cpu
 fi
-HARVEST_ARGS=("${MODEL_ARGS[@]}" "harvest.device=$DEV" "harvest.model_dtype=$MODEL_DTYPE" "harvest.batch_size=$HBATCH")
+HARVEST_ARGS=("${MODEL_ARGS[@]}" "${HARVEST_BATCH[@]}" "harvest.device=$DEV" "harvest.model_dtype=$MODEL_DTYPE")
 
 run_step tests 150 --path "$LOGS/tests.xml" -- \
   "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$LOGS/tests.xml"
 run_bench bench_train 120 -- "$PY" scripts/bench_train.py "${BENCH_TRAIN[@]}"
+run_bench bench_syncs 90 -- "$PY" scripts/bench_syncs.py "${BENCH_SYNCS[@]}"
+run_bench bench_memory 150 -- "$PY" scripts/bench_memory.py "${BENCH_MEMORY[@]}"
 run_bench bench_harvest 120 -- "$PY" scripts/bench_harvest.py --model "$MODEL" --model-dtype "$MODEL_DTYPE" "${BENCH_HARVEST[@]}"
 run_step cache 90 --path "$WORK/cache" -- "$PY" -m sae harvest "${DEMO[@]}" "${HARVEST_ARGS[@]}" \
   "harvest.out=$WORK/cache" "harvest.max_tokens=$CACHE_TOKENS"

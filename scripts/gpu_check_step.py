@@ -1,8 +1,9 @@
 """Judge one step of scripts/gpu_check.sh from what it left behind, or sum the steps up; prints ONE JSON line.
 
 The shell script only runs commands (each under a time limit, so one hang cannot eat the others' time); deciding
-whether a step proved what it should (GPU tests ran rather than skipped, SAE folders were written, a DDP run really
-ran on N ranks) needs parsing, which is clearer here. No torch import: judging must cost nothing next to the steps.
+whether a step proved what it should (GPU tests ran rather than skipped, host syncs kept their budget, the memory plan
+covered every peak, SAE folders were written, a DDP run really ran on N ranks) needs parsing, which is clearer here.
+No torch import: judging must cost nothing next to the steps.
 
     python scripts/gpu_check_step.py step NAME --mode gpu --rc 0 --started EPOCH_S --log L [--stdout S] [--path P]
         [--world N]
@@ -57,7 +58,66 @@ def judge_bench_train(args: argparse.Namespace) -> Judgement:
         "verdict": doc["verdict"],
         "goals": doc["goals"],
     }
+    auxk = t.get("topk_auxk")  # issue 19 §3: TopK's step with AuxK at its full k_aux, against the same without
+    if auxk is None:
+        return False, "no topk_auxk part: AuxK's share of TopK's step was not measured", detail
+    detail["topk_auxk"] = {k: auxk[k] for k in ("k_aux", "auxk_share_of_step", "tokens_per_s", "step_ms")}
     return True, None, detail
+
+
+def judge_bench_syncs(args: argparse.Namespace) -> Judgement:
+    """On a GPU every case must keep its budget under CUDA's sync debug mode. The CPU has no such mode: there the
+    steps only have to run, each case on the AuxK path it meant (its counts are null)."""
+    doc = _json_doc(args.stdout)
+    cases = {f"{c['arch']}/{'auxk' if c['auxk'] else 'no-auxk'}/{'in' if c['topk_warmup'] else 'after'}-warmup":
+             c for c in doc["cases"]}
+    detail: dict = {"shape": doc["shape"], "device": doc["device"], "gpu": doc["gpu"], "budget": doc["budget"],
+                    "max_syncs_per_step": {name: c["max_syncs"] for name, c in cases.items()}}
+    not_set_up = sorted(name for name, c in cases.items() if not c["set_up"])
+    if not_set_up:
+        return False, f"AuxK did not run as meant in {', '.join(not_set_up)}", detail
+    if not doc["measurable"]:
+        if args.mode == "gpu":
+            return False, f"syncs not measured on {doc['device']}: {doc['note']}", detail
+        detail["syncs"] = doc["note"]
+        return True, None, detail
+    over = {name: c for name, c in cases.items() if not c["ok"]}
+    detail["over_budget"] = {name: {k: c[k] for k in ("max_syncs", "budget", "where")} for name, c in over.items()}
+    why = ", ".join(f"{name} {c['max_syncs']} > {c['budget']}" for name, c in over.items())
+    return not over, f"syncs per step over budget: {why}" if over else None, detail
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def judge_bench_memory(args: argparse.Namespace) -> Judgement:
+    """The plan must never under-count a peak (a run it admits could run out of memory): on a GPU that fails the
+    step, JumpReLU's initial fit against its own plan figure included. Over-counting by more than 1.3× is a goal
+    missed. At the CPU run's tiny sizes constant overheads (code pages, JumpReLU's fixed quantile workspace) swamp
+    the plan's model, so there the figures are only reported."""
+    doc = _json_doc(args.stdout)
+    results = doc["results"]
+    # issue 19 §2: JumpReLU's initial fit at d_sae 65,536 (its per-latent quantile in chunks), against its own figure
+    jumprelu_init = {case.split("/")[1]: {"init_peak_mib": _mib(r["init_peak_bytes"]),
+                                          "init_plan_mib": _mib(r["init_plan_bytes"]),
+                                          "within_plan": r["init_peak_bytes"] <= r["init_plan_bytes"]}
+                     for case, r in results.items() if case.startswith("jumprelu/")}
+    detail: dict = {"shape": doc["shape"], "device": doc["device"], "meter": doc["meter"],
+                    "peaks": {case: {"peak_mib": _mib(r["peak_bytes"]), "plan_mib": _mib(r["plan_bytes"]),
+                                     "plan_over_peak": r["plan_over_peak"]} for case, r in results.items()},
+                    "jumprelu_init": jumprelu_init}
+    if not results or not jumprelu_init:
+        return False, "no variant (or no JumpReLU) was measured", detail
+    ratios = [r["plan_over_peak"] for r in results.values()]
+    detail["verdict"] = {"plan_over_peak_min_max": [min(ratios), max(ratios)],
+                         "plan_over_peak_meets_goal": all(r["plan_bytes"] <= doc["goal_max_ratio"] * r["peak_bytes"]
+                                                          for r in results.values())}
+    if args.mode == "cpu":
+        return True, None, detail
+    under = [case for case, r in results.items() if r["peak_bytes"] > r["plan_bytes"]]
+    under += [f"jumprelu/{mode} initial fit" for mode, e in jumprelu_init.items() if not e["within_plan"]]
+    return not under, f"the plan under-counts: {', '.join(under)}" if under else None, detail
 
 
 def judge_bench_harvest(args: argparse.Namespace) -> Judgement:
@@ -126,7 +186,8 @@ def judge_ran(args: argparse.Namespace) -> Judgement:
 
 
 JUDGES: dict[str, Callable[[argparse.Namespace], Judgement]] = {
-    "model": judge_ran, "tests": judge_tests, "bench_train": judge_bench_train, "bench_harvest": judge_bench_harvest,
+    "model": judge_ran, "tests": judge_tests, "bench_train": judge_bench_train, "bench_syncs": judge_bench_syncs,
+    "bench_memory": judge_bench_memory, "bench_harvest": judge_bench_harvest,
     "cache": judge_cache, "on_the_fly": judge_train, "ddp": judge_ddp,
 }
 
