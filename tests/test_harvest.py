@@ -257,6 +257,33 @@ def test_resume_after_kill_9_matches_clean_run(tiny_llama, text_dir, tmp_path):
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in Path(clean.out).iterdir())
 
 
+def test_a_cache_resumes_on_a_device_with_another_default_batch(tiny_llama, text_dir, tmp_path, monkeypatch):
+    """`batch_size` unset is 128 contexts per forward on CUDA and 16 on the CPU: a harvest stopped on one and resumed
+    on the other keeps the cache's shard boundaries instead of refusing it as made with other settings."""
+    import sae.data.harvest as harvest_module
+
+    cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), batch_size=None, max_tokens=4000)
+    monkeypatch.setattr(harvest_module, "CPU_BATCH", 4)  # the device it started on
+    whole = ActivationStore(harvest(cfg))
+    ref = ActivationStore(harvest(dataclasses.replace(cfg, out=str(tmp_path / "ref"))))
+    manifest = json.loads((whole.path / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 4 and manifest["contexts_per_shard"] % 4 == 0
+    for shard in manifest["shards"][2:]:  # stopped after two shards
+        (whole.path / shard["file"]).unlink()
+    manifest["shards"], manifest["complete"] = manifest["shards"][:2], False
+    (whole.path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(harvest_module, "CPU_BATCH", 5)  # resumed where the default batch is another
+    fresh = dataclasses.replace(cfg, out=str(tmp_path / "fresh"))  # one a fresh cache would shard otherwise
+    assert harvest_module._contexts_per_shard(fresh, whole.rows_per_context, 5) != manifest["contexts_per_shard"]
+    resumed = ActivationStore(harvest(cfg))
+    assert resumed.complete and resumed.contexts_per_shard == ref.contexts_per_shard
+    assert [s["contexts"] for s in resumed.shards] == [s["contexts"] for s in ref.shards]
+    for a, b in zip(ref.iter_ordered(cfg.hooks), resumed.iter_ordered(cfg.hooks), strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.seq, b.seq)
+        for hook in cfg.hooks:  # float16 storage; only the batches' composition differs
+            torch.testing.assert_close(a.acts[hook], b.acts[hook], atol=2e-3, rtol=2e-3)
+
+
 def test_ahead_produces_on_a_worker_and_stops_with_its_consumer():
     """Tokenising ahead: items come from the worker thread, at most `depth` (+1 in hand) beyond what was taken;
     closing the stream ends the worker; an error in the worker reaches the consumer where the items stop."""

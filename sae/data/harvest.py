@@ -20,7 +20,8 @@ from sae.config import HelpSections
 from sae.data import model as model_lib
 from sae.data.ahead import ahead
 from sae.data.text import DataError, bos_token, load_texts, pack
-from sae.data.store import DTYPES, CacheError, CacheWriter, check_output_folder, folder_lock
+from sae.data.store import (DTYPES, MANIFEST, ActivationStore, CacheError, CacheWriter, check_output_folder,
+                            folder_lock)
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
     first_pos = int(cfg.exclude_first)
     rows_per_context = cfg.context_size - first_pos
     max_contexts = math.ceil(cfg.max_tokens / rows_per_context)
-    per_shard = math.ceil(cfg.shard_tokens / rows_per_context / size) * size
+    per_shard = _contexts_per_shard(cfg, rows_per_context, size)
     meta = {
         "model": cfg.model,
         "hooks": {h: model_lib.hidden_size(model) for h in cfg.hooks},
@@ -194,6 +195,17 @@ CPU_BATCH = 16
 #: bf16 rate, against 30 layers × ~20 kernels × ~5 µs ≈ 3 ms of launches, so the GPU waits on the host; 8× the
 #: tokens per launch puts the work ahead of the launches. At context_size 1024 it is 16 contexts, the CPU default.
 CUDA_BATCH_TOKENS = 16_384
+
+
+def _contexts_per_shard(cfg: HarvestConfig, rows_per_context: int, size: int) -> int:
+    """Whole batches of `size` contexts per shard, about `shard_tokens` rows; a cache being resumed with
+    `batch_size` unset keeps its own, so a harvest started on a GPU (128 contexts per forward) can be finished on a
+    CPU (16), or the other way round: the shards' boundaries stay where the manifest says, and a batch may straddle
+    one (the writer cuts shards by context count)."""
+    manifest = Path(cfg.out) / MANIFEST
+    if cfg.batch_size is None and manifest.exists():
+        return ActivationStore(cfg.out).contexts_per_shard
+    return math.ceil(cfg.shard_tokens / rows_per_context / size) * size
 
 
 def batch_size(cfg: HarvestConfig, device: torch.device) -> int:
