@@ -103,7 +103,9 @@ def measure(architecture: str, autocast: bool, d_in: int, d_sae: int, batch: int
 
     meter = CudaMeter(device) if device.startswith("cuda") else RssMeter()
     sample, batches = _data(d_in, batch, steps, sample_rows, device)
-    kwargs = {"k": 32} if "topk" in architecture else {"target_l0": 32.0} if architecture == "jumprelu" else {}
+    # JumpReLU in its λ form: its initial fit runs the per-latent quantile (with a target L0 and the TopK warm-up
+    # b_enc starts at 0, and the fit is the base one's).
+    kwargs = {"k": 32} if "topk" in architecture else {}
     cfg = SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, hook_name="h", **kwargs)
 
     def trainer_for(sae: torch.nn.Module, total_steps: int) -> SAETrainer:

@@ -394,6 +394,24 @@ def test_forward_is_the_reconstruction():
     assert torch.allclose(sae(x3).reshape(12, -1), sae.train_forward(x[:12]).x_hat, atol=1e-5)
 
 
+def test_jumprelu_b_enc_starts_at_its_fire_rate_unless_a_topk_warmup_selects_first():
+    """Without a warm-up each latent starts firing on init_fire_rate of the sample; before the TopK warm-up b_enc
+    stays 0, so each row has k positive pre-activations to keep (a fire-rate b_enc left many rows fewer)."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16) * 2 + 0.5
+    for topk_warmup in (False, True):
+        jr = create_sae(SAEConfig("jumprelu", 16, 256, target_l0=4.0))
+        jr.initialise_from_data(x, topk_warmup=topk_warmup)
+        pre = jr.pre_acts(jr.normalise(x)).detach()
+        if topk_warmup:
+            assert torch.all(jr.b_enc == 0)
+            assert (pre > 0).sum(-1).min() >= 4  # every row has its k candidates
+        else:
+            fire = (pre > jr.threshold).float().mean(0)
+            assert fire.mean().item() == pytest.approx(jr.init_fire_rate, abs=0.002)
+            assert ((pre > 0).sum(-1) < 4).float().mean() > 0.1  # rows the warm-up would give fewer than k
+
+
 def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
     """In the warm-up BatchTopK and JumpReLU (target_l0) keep each row's top k, as TopK; BatchTopK's inference threshold
     waits for the batch selection, and JumpReLU's thresholds all start at the warm-up's batch-wide threshold."""

@@ -313,7 +313,7 @@ class SAE(nn.Module):
     """Buffers fitted once from data (``initialise_from_data``), never changed by training."""
 
     @torch.no_grad()
-    def initialise_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
+    def initialise_from_data(self, sample: Tensor, target: Tensor | None = None, *, topk_warmup: bool = False) -> None:
         """Fit ``scale`` so the centred data has E‖(x − mean)·scale‖² = d_in, and either subtract the mean
         (``cfg.centre_input``: x_n = (x − mean)·scale, b_dec starting at 0) or leave it in the input with b_dec
         starting at it (x_n = x·scale, Anthropic's April 2024 recipe).
@@ -333,6 +333,9 @@ class SAE(nn.Module):
         A transcoder (never centred) also fits ``scale_out`` on its `target` rows (E‖y·scale_out‖² = d_out), starts
         b_dec at their mean, and starts b_enc at −mean(x)·W_enc, so its encoder sees centred inputs at first as an
         SAE's does through b_dec.
+
+        ``topk_warmup``: training will start with the per-token TopK warm-up (as ``train_forward``'s); JumpReLU then
+        leaves b_enc where this fit leaves it.
         """
         sample = sample.to(self.W_dec.device, torch.float32)
         mean = sample.mean(0, dtype=torch.float64).float()

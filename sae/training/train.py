@@ -651,7 +651,8 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
                 sample = lay.source.sample(SCALE_SAMPLE_ROWS, seed=cfg.seed, rank=lay.rank, world_size=lay.shards)
                 _check_sample_finite(lay.source, sample)
                 for i, trainer in zip(lay.mine, trainers.values()):
-                    trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks))
+                    trainer.sae.initialise_from_data(*(sample[h] for h in cfg.saes[i].hooks),
+                                                      topk_warmup=trainer.topk_warmup_steps > 0)
                 del sample
         if lay.ddp:
             for trainer in trainers.values():
