@@ -257,15 +257,18 @@ def test_resume_after_kill_9_matches_clean_run(tiny_llama, text_dir, tmp_path):
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in Path(clean.out).iterdir())
 
 
-def test_a_cache_resumes_on_a_device_with_another_default_batch(tiny_llama, text_dir, tmp_path, monkeypatch):
-    """`batch_size` unset is 128 contexts per forward on CUDA and 16 on the CPU: a harvest stopped on one and resumed
-    on the other keeps the cache's shard boundaries instead of refusing it as made with other settings."""
+def test_a_cache_resumes_on_a_device_with_another_default_batch_and_dtype(tiny_llama, text_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Unset, `batch_size` is 128 contexts per forward on CUDA and 16 on the CPU, and `model_dtype` bfloat16 and
+    float32: a harvest stopped on one and resumed on the other keeps the cache's shard boundaries and dtype instead of
+    refusing it as made with other settings."""
     import sae.data.harvest as harvest_module
 
     cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), batch_size=None, max_tokens=4000)
-    monkeypatch.setattr(harvest_module, "CPU_BATCH", 4)  # the device it started on
-    whole = ActivationStore(harvest(cfg))
-    ref = ActivationStore(harvest(dataclasses.replace(cfg, out=str(tmp_path / "ref"))))
+    monkeypatch.setattr(harvest_module, "CPU_BATCH", 4)  # the device it started on, where "auto" gave bfloat16
+    on_gpu = dataclasses.replace(cfg, model_dtype="bfloat16")
+    whole = ActivationStore(harvest(on_gpu))
+    ref = ActivationStore(harvest(dataclasses.replace(on_gpu, out=str(tmp_path / "ref"))))
     manifest = json.loads((whole.path / "manifest.json").read_text())
     assert len(manifest["shards"]) >= 4 and manifest["contexts_per_shard"] % 4 == 0
     for shard in manifest["shards"][2:]:  # stopped after two shards
@@ -275,7 +278,10 @@ def test_a_cache_resumes_on_a_device_with_another_default_batch(tiny_llama, text
     monkeypatch.setattr(harvest_module, "CPU_BATCH", 5)  # resumed where the default batch is another
     fresh = dataclasses.replace(cfg, out=str(tmp_path / "fresh"))  # one a fresh cache would shard otherwise
     assert harvest_module._contexts_per_shard(fresh, whole.rows_per_context, 5) != manifest["contexts_per_shard"]
-    resumed = ActivationStore(harvest(cfg))
+    capsys.readouterr()
+    resumed = ActivationStore(harvest(cfg))  # model_dtype "auto", float32 on this device
+    out = capsys.readouterr().out
+    assert "with its model_dtype bfloat16" in out and f"at its own {manifest['contexts_per_shard']} contexts" in out
     assert resumed.complete and resumed.contexts_per_shard == ref.contexts_per_shard
     assert [s["contexts"] for s in resumed.shards] == [s["contexts"] for s in ref.shards]
     for a, b in zip(ref.iter_ordered(cfg.hooks), resumed.iter_ordered(cfg.hooks), strict=True):

@@ -6,6 +6,7 @@ the storage dtype, and a hand-off to the writer thread — so that it runs at th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from contextlib import closing, contextmanager
@@ -108,6 +109,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     check_config(cfg)
     check_output_folder(cfg.out)
     with folder_lock(cfg.out, "sae harvest"):
+        cfg = _as_resumed(cfg)
         model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype, device_map=cfg.device_map)
         return harvest_with(cfg, model, tokenizer)
 
@@ -197,15 +199,32 @@ CPU_BATCH = 16
 CUDA_BATCH_TOKENS = 16_384
 
 
+def _as_resumed(cfg: HarvestConfig) -> HarvestConfig:
+    """A cache being resumed with `model_dtype` "auto" keeps the dtype "auto" gave it when it started (bfloat16 on a
+    GPU, float32 on the CPU), so a harvest started on one can be finished on the other in one dtype; with
+    `batch_size` unset it keeps its shard size too (`_contexts_per_shard`)."""
+    if cfg.model_dtype != "auto" or not (Path(cfg.out) / MANIFEST).exists():
+        return cfg
+    started = ActivationStore(cfg.out).manifest.get("model_dtype")
+    if started is None:  # a cache from before model_dtype was recorded
+        return cfg
+    print(f"harvest: resuming {cfg.out} with its model_dtype {started}")
+    return dataclasses.replace(cfg, model_dtype=started)
+
+
 def _contexts_per_shard(cfg: HarvestConfig, rows_per_context: int, size: int) -> int:
     """Whole batches of `size` contexts per shard, about `shard_tokens` rows; a cache being resumed with
     `batch_size` unset keeps its own, so a harvest started on a GPU (128 contexts per forward) can be finished on a
     CPU (16), or the other way round: the shards' boundaries stay where the manifest says, and a batch may straddle
     one (the writer cuts shards by context count)."""
-    manifest = Path(cfg.out) / MANIFEST
-    if cfg.batch_size is None and manifest.exists():
-        return ActivationStore(cfg.out).contexts_per_shard
-    return math.ceil(cfg.shard_tokens / rows_per_context / size) * size
+    planned = math.ceil(cfg.shard_tokens / rows_per_context / size) * size
+    if cfg.batch_size is None and (Path(cfg.out) / MANIFEST).exists():
+        kept = ActivationStore(cfg.out).contexts_per_shard
+        if kept != planned:
+            print(f"harvest: resuming {cfg.out} at its own {kept} contexts per shard (batch_size {size} and "
+                  f"shard_tokens {cfg.shard_tokens} would give {planned})")
+        return kept
+    return planned
 
 
 def batch_size(cfg: HarvestConfig, device: torch.device) -> int:
@@ -313,8 +332,10 @@ def stored_batches(model, batches: Iterator[torch.Tensor], hooks: list[str], fir
 
 
 def _repair(cfg: HarvestConfig, writer: CacheWriter, model, tokenizer, size: int) -> None:
-    """Re-harvest exactly the listed shards that are missing or corrupt, in the batches the harvest used (shards
-    start at multiples of the batch size), so each comes back byte-identical (`CacheWriter.rewrite` checks it)."""
+    """Re-harvest exactly the listed shards that are missing or corrupt, in batches from each shard's first context,
+    so each comes back byte-identical (`CacheWriter.rewrite` checks it). Shards start at multiples of the batch size
+    unless the cache was resumed at another one (`_contexts_per_shard`); then the batches differ from the harvest's,
+    which the CPU's kernels gave the same bytes for in a test, but other kernels need not."""
     damaged = writer.damaged_shards()
     device = model_lib.input_device(model)
     for index in damaged:

@@ -1033,7 +1033,8 @@ class CacheWriter:
         name, data, _, _ = self._shard_bytes(index, {**acts, "context_tokens": context_tokens}, first_pos)
         if hashlib.sha256(data).hexdigest() != self.manifest["shards"][index]["sha256"]:
             raise CacheError(f"re-harvesting {self.path / name} gives other bytes than the manifest records (the model, "
-                             "data or software changed since the harvest); harvest again into a fresh folder")
+                             "data or software changed since the harvest, or it ran on another device or batch size); "
+                             "harvest again into a fresh folder")
         atomic_write_bytes(self.path / name, data)
 
     def finish(self, first_pos: int) -> None:
