@@ -298,8 +298,8 @@ def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, cap
     relu = SAE_CLASSES["relu_l1"]
     init = relu.initialise_from_data
 
-    def silenced(self, sample):
-        init(self, sample)
+    def silenced(self, sample, **kw):
+        init(self, sample, **kw)
         self.b_enc.data.fill_(-1e6)
 
     monkeypatch.setattr(relu, "initialise_from_data", silenced)
