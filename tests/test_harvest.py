@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import signal
@@ -223,6 +224,21 @@ def test_shuffled_reader_epochs_and_resume(tiny_llama, text_dir, tmp_path):
     for i in range(17, 40):
         assert torch.equal(next(b)[hook], stream[i])
     assert b.epoch > 1
+
+
+def test_reader_windows_are_huge_page_aligned_tensors_of_their_own():
+    """The shuffle windows sit on 2 MiB boundaries (where the kernel may back them with huge pages), hold what is
+    written to them, and keep their memory alive on their own."""
+    from sae.data.store import HUGE_PAGE, huge_page_empty
+
+    for dtype in (torch.float16, torch.float32):
+        t = huge_page_empty(1000, 576, dtype)
+        assert t.shape == (1000, 576) and t.dtype == dtype and t.is_contiguous()
+        assert t.data_ptr() % HUGE_PAGE == 0
+        src = torch.randn(1000, 576).to(dtype)
+        t.copy_(src)
+        gc.collect()
+        assert torch.equal(t, src)
 
 
 def test_resume_after_kill_9_matches_clean_run(tiny_llama, text_dir, tmp_path):

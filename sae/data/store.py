@@ -739,6 +739,24 @@ def _gather(src: Tensor, rows: Tensor, out: Tensor) -> None:
     np.take(_as_rows(src), rows.numpy(), axis=0, out=_as_rows(out), mode="clip")
 
 
+HUGE_PAGE = 2**21
+MADV_HUGEPAGE = 14  # Linux's <sys/mman.h>
+
+
+def huge_page_empty(rows: int, d: int, dtype: torch.dtype) -> Tensor:
+    """torch.empty((rows, d)) on 2 MiB-aligned memory the kernel is asked to back with transparent huge pages
+    (madvise; a no-op where it has none or runs them "never"). The gather's random rows each cost a TLB miss with
+    4 KiB pages: gathering 4096 rows of d 576 out of a 2^18-row window took 0.25-0.32 µs per row, 0.20-0.22 with huge
+    pages, on this machine (THP "madvise", so only memory asked for gets them)."""
+    nbytes = rows * d * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None)
+    if madvise is not None and nbytes >= HUGE_PAGE:
+        madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(nbytes), MADV_HUGEPAGE)
+    return raw[start : start + nbytes].view(dtype).view(rows, d)  # a view: `raw` lives as long as the tensor does
+
+
 GATHER_THREADS = max(1, min(2, os.cpu_count() or 1))
 """Threads that assemble batches ahead of the consumer, each batch whole on one thread (`_gather`), so two batches are
 gathered at once and neither waits on the other. Gathering is the reader's largest cost (0.36-0.47 µs of CPU per row
@@ -874,7 +892,7 @@ class ShuffledReader:
 
     def _buffers(self) -> dict[str, Tensor]:
         """Room for the largest group; allocated twice per reader (then recycled), since touching fresh memory is slow."""
-        return {h: torch.empty(self._capacity, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
+        return {h: huge_page_empty(self._capacity, self.store.hooks[h], dtype=self.store.dtype) for h in self.hooks}
 
     # ----------------------------------------------------------------------------------------- batches
     def _schedule(self, position: int, n: int) -> Future:
