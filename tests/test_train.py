@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -423,6 +424,21 @@ def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_th
         check_fits([costs[0], SAECost("big", "relu_l1", 576, int(fits * 1.02), 4096)], torch.device("cpu"), free=free)
     with pytest.raises(PlanError, match="the SAEs and their data need"):  # a live model's weights count too
         check_fits([costs[0]], torch.device("cpu"), free=free, data_bytes=free)
+
+
+def test_plan_counts_jumprelus_quantile_workspace_only_where_its_initial_fit_runs_it(tmp_path, cache, capsys):
+    """JumpReLU's initial fit takes its chunked quantile (the plan's workspace) for its fire-rate b_enc; before a TopK
+    warm-up (a target L0) b_enc starts at 0 and the fit is the base one's, which the plan then counts alone."""
+    from sae.cli import main
+    from sae.saes.jumprelu import JumpReLUSAE
+
+    specs = ("{architecture: jumprelu, hook: h0, d_sae: 64, name: lam}, "
+             "{architecture: jumprelu, hook: h0, d_sae: 64, target_l0: 4, name: target}")
+    assert main(["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled", "batch_size=128",
+                 "total_tokens=1024", f"saes=[{specs}]"]) == 0
+    out = capsys.readouterr().out
+    fit = {name: float(re.search(rf"  {name}: .*initial fit ([\d.]+) MiB", out).group(1)) for name in ("lam", "target")}
+    assert fit["lam"] - fit["target"] == pytest.approx(JumpReLUSAE.init_workspace_bytes / 2**20, abs=0.1), out
 
 
 def test_too_wide_sae_is_refused_at_the_cli_before_anything_is_allocated(tmp_path, cache, capsys):

@@ -56,6 +56,9 @@ class SAECost:
     """Rows of the sample the initial fit reads (``sae.training.train.SCALE_SAMPLE_ROWS``; 0: no initial fit)."""
     precision: str = "fp32"
     """How the step computes (``step_precision``): under bf16 autocast some [batch, d_sae] tensors are half size."""
+    topk_warmup: bool = False
+    """The SAE trains with the TopK warm-up from its first step (``SAEConfig.warms_up`` in a run with warm-up steps):
+    its initial fit is then the base one, without the variant's workspace (JumpReLU's b_enc starts at 0)."""
 
     def params(self, d_sae: int | None = None) -> int:
         """W_enc, W_dec, b_enc, a threshold, b_dec and a transcoder's W_skip, at this SAE's width or at `d_sae`."""
@@ -78,7 +81,7 @@ class SAECost:
         """The initial fit's peak: the weights, the sample's copies and the variant's workspace."""
         if not self.init_rows:
             return 0
-        workspace = SAE_CLASSES[self.architecture].init_workspace_bytes
+        workspace = 0 if self.topk_warmup else SAE_CLASSES[self.architecture].init_workspace_bytes
         width = self.d_in + (self.d_out or 0)  # a transcoder's sample holds its output hook too
         return round(4 * self.params(d_sae) + 4 * INIT_SAMPLE_COPIES * self.init_rows * width) + workspace
 

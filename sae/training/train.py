@@ -35,7 +35,7 @@ from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from sae.data.source import CacheSource, ModelSource, Source, check_split
 from sae.data.store import DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported, folder_lock
-from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError
+from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError, topk_warmup_steps
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -588,9 +588,10 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
     configs = {names[i]: every[i] for i in lay.mine}
     lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, lay.total_steps, c.d_in)
            for i, (name, c) in zip(lay.mine, configs.items())}
+    warmup = topk_warmup_steps(cfg.topk_warmup_frac, lay.total_steps) > 0
     costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1),
                           lay.local_batch, d_out=c.d_out, skip=c.skip, init_rows=SCALE_SAMPLE_ROWS,
-                          precision=plan.step_precision(device))
+                          precision=plan.step_precision(device), topk_warmup=warmup and c.warms_up)
              for n, c in configs.items()]
     data_bytes = source.device_bytes(device, lay.shards)
     plan.check_fits(costs, device, data_bytes=data_bytes)

@@ -67,6 +67,11 @@ def mean_over_ranks_(tensors: list[Tensor], bucket_floats: int = BUCKET_FLOATS) 
             t.copy_(part.view_as(t))
 
 
+def topk_warmup_steps(topk_warmup_frac: float, total_steps: int) -> int:
+    """Steps of the TopK warm-up (``sae.training.train.TrainConfig.topk_warmup_frac``); the last step is never one."""
+    return min(round(topk_warmup_frac * total_steps), total_steps - 1)
+
+
 class SAETrainer:
     """Everything one SAE needs to take a step: Adam, lr and sparsity schedules, gradient
     clipping, the unit-norm decoder constraint, and dead-latent tracking."""
@@ -92,8 +97,7 @@ class SAETrainer:
             sae.mean_over_ranks = functools.partial(distributed.all_reduce_, op="mean")
         self.total_steps = total_steps
         self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
-        self.topk_warmup_steps = min(round(topk_warmup_frac * total_steps), total_steps - 1)
-        """Steps of the TopK warm-up (``sae.training.train.TrainConfig.topk_warmup_frac``); the last step is never one."""
+        self.topk_warmup_steps = topk_warmup_steps(topk_warmup_frac, total_steps)
         self.grad_clip = grad_clip
         self.dead_window_tokens = dead_window_tokens
         named = list(sae.named_parameters())
