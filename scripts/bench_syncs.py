@@ -37,8 +37,9 @@ from sae.saes import SAEConfig, create_sae
 from sae.training.trainer import SAETrainer
 
 BUDGET = {"relu_l1": 0, "topk": 1, "batchtopk": 1, "matryoshka_batchtopk": 1, "jumprelu": 1}
-"""Most host syncs a training step may make: the same budget as ``tests/test_syncs.py``'s ``BUDGET`` (keep them
-equal). The one allowed read is whether any latent is dead, which decides whether the AuxK pass runs at all."""
+"""Most host syncs a training step may make: the same budget as ``tests/test_syncs.py``'s ``BUDGET``
+(``tests/test_gpu_check.py`` checks they are equal). The one allowed read is whether any latent is dead, which
+decides whether the AuxK pass runs at all."""
 SYNC_WARNING = "synchronizing CUDA operation"
 """What the sync debug mode's warnings say (c10/cuda: "called a synchronizing CUDA operation")."""
 NOT_MEASURABLE = "not measurable on CPU: CUDA's sync debug mode exists on CUDA devices only"

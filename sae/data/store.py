@@ -174,9 +174,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fsync_dir(path.parent)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+"""The C library's calls Python has no wrapper for (renameat2, madvise), each looked up where it is used."""
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system lacks it."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    renameat2 = getattr(_LIBC, "renameat2", None)
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
@@ -748,10 +752,10 @@ def huge_page_empty(rows: int, d: int, dtype: torch.dtype) -> Tensor:
     (madvise; a no-op where it has none or runs them "never"). The gather's random rows each cost a TLB miss with
     4 KiB pages: gathering 4096 rows of d 576 out of a 2^18-row window took 0.25-0.32 µs per row, 0.20-0.22 with huge
     pages, on this machine (THP "madvise", so only memory asked for gets them)."""
-    nbytes = rows * d * torch.empty((), dtype=dtype).element_size()
+    nbytes = rows * d * dtype.itemsize
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
-    madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None)
+    madvise = getattr(_LIBC, "madvise", None)
     if madvise is not None and nbytes >= HUGE_PAGE:
         madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(nbytes), MADV_HUGEPAGE)
     return raw[start : start + nbytes].view(dtype).view(rows, d)  # a view: `raw` lives as long as the tensor does
