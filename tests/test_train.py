@@ -264,6 +264,23 @@ def test_resume_refuses_changed_settings_and_stops_reading_when_closed(tmp_path,
     assert "sae-prefetch" not in {t.name for t in threading.enumerate()} and reader.position < 16 * 10
 
 
+def test_a_failure_before_the_first_step_still_closes_the_reader(tmp_path, cache, monkeypatch):
+    """The reader's threads and windows are released however the loop's set-up fails, not only once it steps."""
+    from sae.data.store import ShuffledReader
+
+    closed = []
+    close = ShuffledReader.close
+    monkeypatch.setattr(ShuffledReader, "close", lambda self: (closed.append(self), close(self))[1])
+
+    def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(train_module, "ahead", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        train(_cfg(tmp_path, cache))
+    assert len(closed) == 1
+
+
 def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without_newer_spec_keys(tmp_path, cache):
     train(_cfg(tmp_path, cache))
     first, *rest = _cfg(tmp_path, cache).saes

@@ -18,7 +18,7 @@ import signal
 import time
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -707,20 +707,36 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
     from tqdm.auto import tqdm
 
     batch_size, total_steps = lay.batch_size, lay.total_steps
-    with distributed.fail_together():  # rank 0 alone starts a real wandb run (online: a login it may lack)
-        run = _init_wandb(cfg, out, world, start.wandb_id, batch_size=batch_size, total_steps=total_steps, lrs=lrs)
-    reader = lay.source.batches(batch_size, seed=cfg.seed, position=start.position, rank=lay.rank,
-                                world_size=lay.shards)
-    prefetch = ahead(checked_batches(reader, start=start.position, batch_size=batch_size,
-                                     n_batches=total_steps - start.step, pin=device.type == "cuda"),
-                     depth=2, name="sae-prefetch")
+    with ExitStack() as cleanup:  # each resource is released, last made first, whatever fails after it is made
+        with distributed.fail_together():  # rank 0 alone starts a real wandb run (online: a login it may lack)
+            run = _init_wandb(cfg, out, world, start.wandb_id, batch_size=batch_size, total_steps=total_steps,
+                              lrs=lrs)
+        cleanup.callback(run.finish)
+        bar = cleanup.enter_context(tqdm(total=total_steps * batch_size, initial=start.step * batch_size, unit="tok",
+                                         unit_scale=True, desc="train", dynamic_ncols=True,
+                                         disable=not world.is_main))
+        reader = lay.source.batches(batch_size, seed=cfg.seed, position=start.position, rank=lay.rank,
+                                    world_size=lay.shards)
+        if hasattr(reader, "close"):  # a cache's pool, a live model's stream
+            cleanup.callback(reader.close)
+        prefetch = ahead(checked_batches(reader, start=start.position, batch_size=batch_size,
+                                         n_batches=total_steps - start.step, pin=device.type == "cuda"),
+                         depth=2, name="sae-prefetch")
+        cleanup.callback(prefetch.close)  # stops the worker before the reader it reads from
+        if world.distributed:
+            cleanup.enter_context(_stop_on_sigterm())
+        return _steps(cfg, out, lay, trainers, world, device, start, prefetch, bar, run)
+
+
+def _steps(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETrainer], world: distributed.World,
+           device: torch.device, start: _Start, prefetch: Iterator[dict[str, Tensor]], bar: Any,
+           run: Any) -> dict[str, float]:
+    """The steps themselves (see ``_step_loop``)."""
+    batch_size, total_steps = lay.batch_size, lay.total_steps
     autocast = plan.step_precision(device) == "bf16"
     state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics}
-    bar = tqdm(total=total_steps * batch_size, initial=start.step * batch_size, unit="tok", unit_scale=True,
-               desc="train", dynamic_ncols=True, disable=not world.is_main)
     last_good = start.step
     t_log, tokens_log = time.perf_counter(), 0
-    stop = _stop_on_sigterm() if world.distributed else None
     try:
         for step in range(start.step, total_steps):
             with distributed.fail_together():  # a rank's own share of the data can fail (NaN rows, a bad shard)
@@ -748,9 +764,6 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
                 _write_checkpoint(out, done, state, trainers, world, writes_saes=lay.writes_saes, shard=lay.shard)
                 last_good = done
     except Exception as err:
-        if stop is not None:  # the job is over: torchrun's SIGTERM (once any process exits) must not cut the message
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            stop = None
         if not isinstance(err, (DivergedError, JobStopped, distributed.PeerLost, distributed.PeerFailed,
                                 DiskFullError)):
             raise
@@ -759,15 +772,6 @@ def _step_loop(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SA
                             f"{min(cfg.checkpoint_every, total_steps)}): run again to start over") from None
         raise type(err)(f"{err}; the last good checkpoint is step {last_good} in {out / CHECKPOINT_DIR}: run again "
                   "with resume=true to continue from it") from None
-    finally:
-        if stop is not None:
-            signal.signal(signal.SIGTERM, stop)
-        prefetch.close()  # stops the worker, then the reader's own threads (a cache's pool, a live model's stream)
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()
-        bar.close()
-        run.finish()
     return state["metrics"]
 
 
@@ -780,14 +784,23 @@ def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
                 print(f"warning: SAE {name} ended training with {sign}")
 
 
-def _stop_on_sigterm() -> Any:
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
     """torchrun answers a failed process by sending SIGTERM to the others: turn it into a message that says what to
-    do, instead of a silent exit. Returns the previous handler."""
+    do, instead of a silent exit. Once the job has failed here, SIGTERM is ignored (once any process exits, torchrun's
+    must not cut the message); after a clean run the previous handler is back."""
 
     def handler(_signum: int, _frame: Any) -> None:
         raise JobStopped("stopped by torchrun because another process of the job failed")
 
-    return signal.signal(signal.SIGTERM, handler)
+    previous, failed = signal.signal(signal.SIGTERM, handler), False
+    try:
+        yield
+    except Exception:
+        failed = True
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if failed else previous)
 
 
 def _gather_metrics(metrics: dict[str, dict[str, Tensor]], every_rank: bool,
