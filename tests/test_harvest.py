@@ -277,7 +277,7 @@ def test_a_cache_resumes_on_a_device_with_another_default_batch_and_dtype(tiny_l
                                                                           monkeypatch, capsys):
     """Unset, `batch_size` is 128 contexts per forward on CUDA and 16 on the CPU, and `model_dtype` bfloat16 and
     float32: a harvest stopped on one and resumed on the other keeps the cache's shard boundaries and dtype instead of
-    refusing it as made with other settings."""
+    refusing it as made with other settings; so does one resumed with a `batch_size` set to suit the new device."""
     import sae.data.harvest as harvest_module
 
     cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), batch_size=None, max_tokens=4000)
@@ -296,6 +296,13 @@ def test_a_cache_resumes_on_a_device_with_another_default_batch_and_dtype(tiny_l
     assert harvest_module._contexts_per_shard(fresh, whole.rows_per_context, 5) != manifest["contexts_per_shard"]
     capsys.readouterr()
     resumed = ActivationStore(harvest(cfg))  # model_dtype "auto", float32 on this device
+    out = capsys.readouterr().out
+    assert "with its model_dtype bfloat16" in out and f"at its own {manifest['contexts_per_shard']} contexts" in out
+    (resumed.path / resumed.shards[-1]["file"]).unlink()  # stopped again, resumed with a batch_size given
+    manifest = json.loads((whole.path / "manifest.json").read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:-1], False
+    (whole.path / "manifest.json").write_text(json.dumps(manifest))
+    resumed = ActivationStore(harvest(dataclasses.replace(cfg, batch_size=7)))
     out = capsys.readouterr().out
     assert "with its model_dtype bfloat16" in out and f"at its own {manifest['contexts_per_shard']} contexts" in out
     assert resumed.complete and resumed.contexts_per_shard == ref.contexts_per_shard

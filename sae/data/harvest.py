@@ -61,7 +61,8 @@ class HarvestConfig:
     """Contexts per forward pass; None: 16 on the CPU (`CPU_BATCH`) and `CUDA_BATCH_TOKENS` // context_size
     (128 at context_size 128) on CUDA, where 16 contexts of SmolLM2 leave the GPU waiting on kernel launches."""
     shard_tokens: int = 65_536
-    """Rows per shard (rounded up to whole batches of contexts); bounds the training reader's memory."""
+    """Rows per shard (rounded up to whole batches of contexts); bounds the training reader's memory. A cache being
+    resumed keeps the shard size it started with, whatever `batch_size` and this say now."""
     dtype: str = "float16"
     """Storage dtype: float16 (default: half the disk of float32, relative error 2e-4 on SmolLM2), bfloat16 (1.6e-3) or float32."""
     model_dtype: str = "auto"
@@ -201,8 +202,8 @@ CUDA_BATCH_TOKENS = 16_384
 
 def _as_resumed(cfg: HarvestConfig) -> HarvestConfig:
     """A cache being resumed with `model_dtype` "auto" keeps the dtype "auto" gave it when it started (bfloat16 on a
-    GPU, float32 on the CPU), so a harvest started on one can be finished on the other in one dtype; with
-    `batch_size` unset it keeps its shard size too (`_contexts_per_shard`)."""
+    GPU, float32 on the CPU), so a harvest started on one can be finished on the other in one dtype; it keeps its shard
+    size too (`_contexts_per_shard`)."""
     if cfg.model_dtype != "auto" or not (Path(cfg.out) / MANIFEST).exists():
         return cfg
     started = ActivationStore(cfg.out).manifest.get("model_dtype")
@@ -213,12 +214,12 @@ def _as_resumed(cfg: HarvestConfig) -> HarvestConfig:
 
 
 def _contexts_per_shard(cfg: HarvestConfig, rows_per_context: int, size: int) -> int:
-    """Whole batches of `size` contexts per shard, about `shard_tokens` rows; a cache being resumed with
-    `batch_size` unset keeps its own, so a harvest started on a GPU (128 contexts per forward) can be finished on a
-    CPU (16), or the other way round: the shards' boundaries stay where the manifest says, and a batch may straddle
-    one (the writer cuts shards by context count)."""
+    """Whole batches of `size` contexts per shard, about `shard_tokens` rows; a cache being resumed keeps its own,
+    so a harvest started on a GPU (128 contexts per forward) can be finished on a CPU (16), or the other way round,
+    with `batch_size` unset or set to suit the device: the shards' boundaries stay where the manifest says, and a
+    batch may straddle one (the writer cuts shards by context count)."""
     planned = math.ceil(cfg.shard_tokens / rows_per_context / size) * size
-    if cfg.batch_size is None and (Path(cfg.out) / MANIFEST).exists():
+    if (Path(cfg.out) / MANIFEST).exists():
         kept = ActivationStore(cfg.out).contexts_per_shard
         if kept != planned:
             print(f"harvest: resuming {cfg.out} at its own {kept} contexts per shard (batch_size {size} and "
