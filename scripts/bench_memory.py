@@ -18,7 +18,7 @@ The plan's figure is ``sae.training.plan.SAECost.bytes()`` for the same shapes. 
 Prints ONE JSON document on stdout: per variant and mode the peak, the plan and plan / peak, and ``ok``.
 
 Usage: python scripts/bench_memory.py [--d-in 2048] [--d-sae 65536] [--batch 4096] [--steps 3] [--sample-rows 65536]
-                                      [--variants topk ...] [--modes fp32 bf16] [--device cpu]
+                                      [--variants topk ...] [--modes fp32 bf16] [--device cpu] [--auxk-path auto]
 Linux only (the CPU path reads /proc).
 """
 
@@ -91,6 +91,14 @@ def _data(d_in: int, batch: int, steps: int, sample_rows: int, device: str) -> t
     return torch.randn(sample_rows, d_in), [torch.randn(batch, d_in, device=device) for _ in range(steps)]
 
 
+def force_auxk_path(path: str, device: str) -> None:
+    """AuxK's decode on `device`: "auto" (the crossover ``sae.saes.base.AUXK_DENSE_FROM``), "sparse" or "dense"."""
+    from sae.saes import base
+
+    if path != "auto":
+        base.AUXK_DENSE_FROM[device.split(":")[0]] = 0.0 if path == "dense" else float("inf")
+
+
 def measure(architecture: str, autocast: bool, d_in: int, d_sae: int, batch: int, steps: int,
             sample_rows: int, device: str = "cpu") -> dict:
     """Peak bytes the SAE's initialisation and `steps` training steps add to this process (on CUDA: to the GPU's
@@ -136,7 +144,7 @@ def measure(architecture: str, autocast: bool, d_in: int, d_sae: int, batch: int
     gc.collect()  # on CUDA the next variant is measured in this process
     peak = max(init_peak, step_peak)
     cost = SAECost("bench", architecture, d_in, d_sae, batch, init_rows=sample_rows,
-                   precision="bf16" if autocast else "fp32")
+                   precision="bf16" if autocast else "fp32", aux_k=cfg.auxk_latents, device_type=torch.device(device).type)
     plan = cost.bytes()
     return {"peak_bytes": peak, "init_peak_bytes": init_peak, "step_peak_bytes": step_peak, "plan_bytes": plan,
             "init_plan_bytes": cost.init_bytes(), "plan_over_peak": round(plan / peak, 3),
@@ -146,7 +154,8 @@ def measure(architecture: str, autocast: bool, d_in: int, d_sae: int, batch: int
 def measure_in_subprocess(arch: str, mode: str, args: argparse.Namespace) -> dict:
     """One variant and mode in a fresh process: RSS only falls back where nothing else was ever allocated."""
     cmd = [sys.executable, __file__, "--worker", arch, mode, "--d-in", str(args.d_in), "--d-sae", str(args.d_sae),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--sample-rows", str(args.sample_rows)]
+           "--batch", str(args.batch), "--steps", str(args.steps), "--sample-rows", str(args.sample_rows),
+           "--auxk-path", args.auxk_path]
     # Every allocation above 128 KiB gets its own mapping, returned to the OS when freed, so RSS follows the live
     # tensors; glibc's default raises that cut to 32 MiB after the first large free, and freed tensors below it stay
     # in the heap, counted in RSS: the peak would then depend on allocation history.
@@ -166,9 +175,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu", help="cpu (peak RSS), cuda or cuda:N (the allocator's peak)")
+    parser.add_argument("--auxk-path", default="auto", choices=["auto", "sparse", "dense"],
+                        help="AuxK's decode: the crossover's choice for these shapes (auto), or forced")
     parser.add_argument("--worker", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = (args.d_in, args.d_sae, args.batch, args.steps, args.sample_rows)
+    force_auxk_path(args.auxk_path, args.device)
     if args.worker:
         print(json.dumps(measure(args.worker[0], args.worker[1] == "bf16", *shape)))
         return
@@ -188,7 +200,7 @@ def main() -> None:
                                          else measure_in_subprocess(arch, mode, args))
             print(f"{arch:22s} {mode}: {results[f'{arch}/{mode}']}", file=sys.stderr, flush=True)
     print(json.dumps({"shape": dict(zip(("d_in", "d_sae", "batch", "steps", "sample_rows"), shape)),
-                      "device": args.device, "meter": "cuda max_memory_allocated" if on_cuda else "peak RSS (VmHWM)",
+                      "device": args.device, "auxk_path": args.auxk_path, "meter": "cuda max_memory_allocated" if on_cuda else "peak RSS (VmHWM)",
                       "goal_max_ratio": GOAL_MAX_RATIO, "results": results,
                       "ok": all(r["ok"] for r in results.values())}))
 

@@ -9,8 +9,11 @@ One run prints ONE JSON document (on stdout; progress goes to stderr) with three
     timed bare in the same run. A ratio above 1 is possible for TopK/BatchTopK because their
     decoder (``embedding_bag``) and encoder backward are sparse, so of the five only x@W_enc
     remains dense.
-``topk_auxk``   TopK's step with every latent dead at every step, so AuxK runs at its full k_aux = d_in / 2, and
-    ``auxk_share_of_step``: the share of that step AuxK takes (1 − TopK's time without it ÷ this time; issue 19 §3).
+``topk_auxk``   TopK's step with every latent dead at every step, so AuxK runs at its full k_aux = d_in / 2, by the
+    decode ``sae.saes.base.AUXK_DENSE_FROM`` picks for these shapes (``path``), and ``auxk_share_of_step``: the
+    share of that step AuxK takes (1 − TopK's time without it ÷ this time; issue 19 §3). Both decodes are timed:
+    ``auxk_ms`` (AuxK's milliseconds by each) and ``dense_speedup`` (sparse ÷ dense), the measurement that sets the
+    crossover.
 ``saelens``     SAELens's own training step on the same shapes and data: its
     ``sae_lens.training.sae_trainer.SAETrainer.step`` (``training_forward_pass`` + dead-latent
     tracking + ``loss.backward()`` + ``clip_grad_norm_(1.0)`` + ``Adam.step`` + schedulers; SAELens
@@ -51,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from sae.saes import SAE_CLASSES, SAEConfig, create_sae
+from sae.saes import SAE_CLASSES, SAEConfig, base, create_sae, dense_auxk
 from sae.training.train import default_lr
 from sae.training.trainer import SAETrainer
 
@@ -148,9 +151,11 @@ def ceiling_contender(x: torch.Tensor, d_sae: int, dtype: torch.dtype = torch.fl
     return Contender("ceiling", five_matmuls, dict)
 
 
-def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int, auxk: bool = False) -> Contender:
-    """Our step; ``auxk``: with every latent dead at every step (a dead window of 0 tokens), so AuxK runs at its
-    full k_aux (the ``{arch}_auxk`` contender, whose extra time over ``arch``'s is the AuxK share)."""
+def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int,
+                   auxk: str | None = None) -> Contender:
+    """Our step; ``auxk`` ("sparse" or "dense": AuxK's decode, forced): with every latent dead at every step (a dead
+    window of 0 tokens), so AuxK runs at its full k_aux (the ``{arch}_auxk_{path}`` contender, whose extra time over
+    ``arch``'s is the AuxK share)."""
     sae = create_sae(SAEConfig(arch, args.d_in, d_sae, k=args.k)).to(x.device)
     sae.initialise_from_data(x)
     trainer = SAETrainer(sae, lr=default_lr(arch, d_sae, None, args.d_in), total_steps=10**6,
@@ -159,16 +164,23 @@ def ours_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: 
                          dead_window_tokens=0 if auxk else args.batch * 2)
     state = {"i": 0}
 
+    crossovers = base.AUXK_DENSE_FROM
+    forced = {**crossovers, x.device.type: 0.0 if auxk == "dense" else float("inf")}
+
     def step() -> None:
         i = state["i"] % 4
         state["i"] += 1
-        trainer.step(x[i * args.batch : (i + 1) * args.batch], autocast=args.autocast)
+        base.AUXK_DENSE_FROM = forced if auxk else crossovers
+        try:
+            trainer.step(x[i * args.batch : (i + 1) * args.batch], autocast=args.autocast)
+        finally:
+            base.AUXK_DENSE_FROM = crossovers
 
     def info() -> dict:
         return {"dead_frac": round(float(trainer.dead_mask.float().mean()), 3),
                 "sparse_decoder_and_encoder_backward": SAE_CLASSES[arch].sparse_step}
 
-    return Contender(f"{arch}_auxk" if auxk else arch, step, info)
+    return Contender(f"{arch}_auxk_{auxk}" if auxk else arch, step, info)
 
 
 def saelens_contender(arch: str, x: torch.Tensor, args: argparse.Namespace, d_sae: int) -> Contender:
@@ -216,7 +228,7 @@ def bench_throughput(args: argparse.Namespace, device: torch.device) -> dict:
     contenders = [ceiling_contender(x[: args.batch], d_sae, torch.bfloat16 if args.autocast else torch.float32)]
     contenders += [ours_contender(a, x, args, d_sae) for a in args.arch]
     if "topk" in args.arch:
-        contenders.append(ours_contender("topk", x, args, d_sae, auxk=True))
+        contenders += [ours_contender("topk", x, args, d_sae, auxk=path) for path in ("sparse", "dense")]
     saelens_error = None
     if args.saelens:
         try:
@@ -266,10 +278,15 @@ def bench_throughput(args: argparse.Namespace, device: torch.device) -> dict:
                     "gflop_per_s": round(5 * 2 * args.batch * args.d_in * d_sae / ceil_w / 1e9, 1)},
         "ours": ours,
     }
-    if "topk" in args.arch:  # issue 19 §3: what AuxK at k_aux = d_in / 2 adds to TopK's step
-        on, off = by_name["topk_auxk"], by_name["topk"]
-        out["topk_auxk"] = {**entry(on), "k_aux": args.d_in // 2,  # dead_frac: the fraction it ran at (all)
-                            "auxk_share_of_step": round(1 - statistics.median(off.wall) / statistics.median(on.wall), 3)}
+    if "topk" in args.arch:  # issue 19 §3: what AuxK at k_aux = d_in / 2 adds to TopK's step, by either decode
+        k_aux, off = args.d_in // 2, statistics.median(by_name["topk"].wall)
+        chosen = "dense" if dense_auxk(k_aux, d_sae, device.type) else "sparse"
+        on = {path: statistics.median(by_name[f"topk_auxk_{path}"].wall) for path in ("sparse", "dense")}
+        out["topk_auxk"] = {**entry(by_name[f"topk_auxk_{chosen}"]), "k_aux": k_aux,  # dead_frac: all, see above
+                            "auxk_share_of_step": round(1 - off / on[chosen], 3), "path": chosen,
+                            "auxk_ms": {path: round(1e3 * (t - off), 1) for path, t in on.items()},
+                            "dense_speedup": round((on["sparse"] - off) / max(on["dense"] - off, 1e-9), 3),
+                            "crossover_k_aux_over_d_sae": base.AUXK_DENSE_FROM.get(device.type)}
     if args.saelens:
         lens: dict = {"version": saelens_version, "error": saelens_error}
         for a in ("relu_l1", "topk"):

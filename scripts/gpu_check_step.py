@@ -61,7 +61,8 @@ def judge_bench_train(args: argparse.Namespace) -> Judgement:
     auxk = t.get("topk_auxk")  # issue 19 §3: TopK's step with AuxK at its full k_aux, against the same without
     if auxk is None:
         return False, "no topk_auxk part: AuxK's share of TopK's step was not measured", detail
-    detail["topk_auxk"] = {k: auxk[k] for k in ("k_aux", "auxk_share_of_step", "tokens_per_s", "step_ms")}
+    detail["topk_auxk"] = {k: auxk[k] for k in ("k_aux", "auxk_share_of_step", "tokens_per_s", "step_ms", "path",
+                                               "auxk_ms", "dense_speedup")}
     return True, None, detail
 
 

@@ -131,13 +131,14 @@ def test_sparse_encoder_backward_casts_no_parameter_under_autocast():
     W_enc = torch.randn(32, 256, requires_grad=True)
     b_enc, b_dec = torch.zeros(256, requires_grad=True), torch.zeros(32, requires_grad=True)
     x = torch.randn(64, 32)
-    select = lambda pre: (torch.arange(64).repeat_interleave(4), pre.topk(4, dim=-1).indices.flatten())  # noqa: E731
+    # with the dense pre-activations out too (AuxK's dense path), so both halves of the backward run
+    select = lambda pre: (torch.arange(64).repeat_interleave(4), pre.topk(4, dim=-1).indices.flatten(), True)  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        vals, _, _ = kernels.SparseEncode.apply(x, b_dec, W_enc, b_enc, True, select)
-        assert vals.dtype == torch.bfloat16  # the forward's matmul did run under autocast
+        vals, _, _, pre = kernels.SparseEncode.apply(x, b_dec, W_enc, b_enc, True, select)
+        assert vals.dtype == pre.dtype == torch.bfloat16  # the forward's matmul did run under autocast
         casts = CudaAutocastInBackward(W_enc.numel())
         with casts:  # the backward called in the autocast context, as custom_bwd would run it
-            grads = vals.grad_fn.apply(torch.ones_like(vals), None, None)
+            grads = vals.grad_fn.apply(torch.ones_like(vals), None, None, torch.ones_like(pre))
     assert casts.casts == 0
     assert [g.dtype for g in grads if g is not None] == [torch.float32] * 3  # b_dec, W_enc, b_enc
 

@@ -56,11 +56,16 @@ def test_initialise_from_data_centres_and_normalises_to_d_in(arch, kw):
     assert torch.allclose(sae.denormalise(x_n), x)
 
 
+@pytest.mark.parametrize("auxk_path", ["sparse", "dense"])
 @pytest.mark.parametrize("n_dead", [22, 3])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_forward_matches_dense_reference(arch, n_dead):
-    """Loss and every gradient of the sparse encoder/decoder path (incl. AuxK, weighted by min(n_dead / k_aux, 1))
-    equal a straightforward dense implementation built from the same selection."""
+def test_sparse_forward_matches_dense_reference(arch, n_dead, auxk_path, monkeypatch):
+    """Loss and every gradient of the sparse encoder/decoder path (incl. AuxK, weighted by min(n_dead / k_aux, 1),
+    with its pairs decoded sparsely or densely: ``sae.saes.base.AUXK_DENSE_FROM``) equal a straightforward dense
+    implementation built from the same selection."""
+    import sae.saes.base as base
+
+    monkeypatch.setitem(base.AUXK_DENSE_FROM, "cpu", 0.0 if auxk_path == "dense" else 2.0)
     sae, x = _fitted(arch, offset=20.0)
     x.requires_grad_(True)  # the input's gradient too (what upstream of an SAE needs, e.g. attribution through it)
     dead = torch.zeros(64, dtype=torch.bool)
@@ -100,6 +105,36 @@ def test_sparse_forward_matches_dense_reference(arch, n_dead):
     assert torch.allclose(sparse_grad_x, x.grad, atol=1e-12)
     assert out.l0 == (f > 0).sum() / len(x)
     assert torch.equal(out.fire_counts, (f > 0).sum(0))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"])
+def test_auxk_dense_and_sparse_paths_agree(arch, monkeypatch):
+    """AuxK's two decodes (``sae.saes.base.AUXK_DENSE_FROM``: dense above a k_aux / d_sae crossover) give every
+    variant the same loss, AuxK term and gradients, in and after the TopK warm-up, and take the path chosen."""
+    import sae.saes.base as base
+    from sae.saes import kernels
+
+    extra = {"target_l0": 4} if arch == "jumprelu" else {}
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=torch.Generator().manual_seed(1))[:40]] = True
+    bags = []
+    embedding_bag = kernels.F.embedding_bag
+    monkeypatch.setattr(kernels.F, "embedding_bag", lambda *a, **kw: bags.append(a[0].numel()) or embedding_bag(*a, **kw))
+    for warmup in (False, True):
+        runs = {}
+        for path, crossover in (("sparse", 2.0), ("dense", 0.0)):
+            monkeypatch.setitem(base.AUXK_DENSE_FROM, "cpu", crossover)
+            sae, x = _fitted(arch, offset=20.0, **extra)
+            bags.clear()
+            out = sae.train_forward(x, dead_mask=dead, topk_warmup=warmup)
+            out.loss.backward()
+            runs[path] = (out.loss, out.losses["auxk"], {n: p.grad for n, p in sae.named_parameters()}, max(bags, default=0))
+        (loss_s, auxk_s, grads_s, bag_s), (loss_d, auxk_d, grads_d, bag_d) = runs["sparse"], runs["dense"]
+        torch.testing.assert_close(loss_d, loss_s, rtol=1e-12, atol=0)
+        torch.testing.assert_close(auxk_d, auxk_s, rtol=1e-12, atol=0)
+        for name in grads_s:
+            torch.testing.assert_close(grads_d[name], grads_s[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert bag_s - bag_d == 64 * 6  # the largest bag of the sparse path holds AuxK's 6 pairs per row too
 
 
 def test_matryoshka_loss_and_gradients_match_saelens(tmp_path):

@@ -62,12 +62,13 @@ def test_a_shard_is_built_as_the_slice_of_the_whole_sae(architecture, d_sae, wor
 
 
 NAMES = ("topk_k2_d256_h1", "batchtopk_k2_d256_h0")
-COMMON = dict(saes=[{"architecture": "topk", "hook": "h1", "d_sae": 256, "k": 2},
+COMMON = dict(saes=[{"architecture": "topk", "hook": "h1", "d_sae": 256, "k": 2, "aux_k": 32},
                     {"architecture": "batchtopk", "hook": "h0", "d_sae": 256, "k": 2}], batch_size=128,
               total_tokens=128 * 20, dead_window_tokens=128, grad_clip=0.05, checkpoint_every=10, topk_warmup_frac=0.5)
 """A short dead window makes AuxK select (globally) among dead latents for most of the run (~45% dead); the small
 grad_clip makes every step clip, by the global norm; BatchTopK selects per row for the first 10 steps (the TopK
-warm-up) and over the batch for the last 10, the checkpoint falling between them."""
+warm-up) and over the batch for the last 10, the checkpoint falling between them. TopK's k_aux of 32 (1/4 of a shard's
+latents, 1/8 of the whole) decodes AuxK densely, BatchTopK's 8 by pairs (``sae.saes.base.AUXK_DENSE_FROM``)."""
 
 
 @pytest.fixture(scope="module")

@@ -69,9 +69,15 @@ def _trainer(architecture: str, aux: bool, warmup: bool) -> SAETrainer:
 
 
 @pytest.mark.parametrize("warmup", [False, True], ids=["after-warmup", "in-warmup"])
-@pytest.mark.parametrize("aux", [False, True], ids=["no-auxk", "auxk"])
+@pytest.mark.parametrize("aux", [None, "sparse", "dense"], ids=["no-auxk", "auxk", "auxk-dense"])
 @pytest.mark.parametrize("architecture", sorted(BUDGET))
-def test_syncs_per_step_within_budget(architecture, aux, warmup):
+def test_syncs_per_step_within_budget(architecture, aux, warmup, monkeypatch):
+    import sae.saes.base as base
+
+    if aux == "dense" and architecture == "relu_l1":
+        pytest.skip("ReLU+L1 has no AuxK")
+    monkeypatch.setitem(base.AUXK_DENSE_FROM, "cpu", 0.0 if aux == "dense" else 2.0)  # AuxK's decode path
+    aux = aux is not None
     trainer = _trainer(architecture, aux, warmup)
     x = torch.randn(32, 16)
     for _ in range(2):  # the first steps set thresholds and the dead tracker up

@@ -443,6 +443,26 @@ def test_memory_check_refuses_an_sae_too_wide_for_the_device_naming_the_width_th
         check_fits([costs[0]], torch.device("cpu"), free=free, data_bytes=free)
 
 
+def test_plan_counts_auxks_dense_decode_where_the_crossover_picks_it():
+    """At d_in 2048 × 65,536 (k_aux 1,024 = d_sae / 64) AuxK decodes densely on CUDA and sparsely on the CPU
+    (``sae.saes.base.AUXK_DENSE_FROM``); the plan counts the dense path's [batch, d_sae] tensors only where it runs,
+    for a variant with AuxK (none for ReLU+L1, or with aux_coefficient 0)."""
+    from sae.saes import SAE_CLASSES, SAEConfig
+    from sae.training.plan import SAECost
+
+    cfg = SAEConfig("topk", 2048, 65536, k=32)
+    assert cfg.auxk_latents == 1024 and dataclasses.replace(cfg, aux_coefficient=0).auxk_latents == 0
+    assert SAEConfig("relu_l1", 2048, 65536).auxk_latents == 0
+    on_cpu = SAECost("t", "topk", 2048, 65536, 4096, aux_k=cfg.auxk_latents, device_type="cpu")
+    on_gpu, bf16 = dataclasses.replace(on_cpu, device_type="cuda"), dataclasses.replace(on_cpu, device_type="cuda",
+                                                                                         precision="bf16")
+    per_copy = 4 * 4096 * 65536
+    extra = on_gpu.activation_bytes() - on_cpu.activation_bytes()
+    assert extra == pytest.approx(SAE_CLASSES["topk"].dense_auxk_copies * per_copy, abs=1)
+    assert bf16.activation_bytes() - dataclasses.replace(bf16, aux_k=0).activation_bytes() > 0
+    assert dataclasses.replace(on_gpu, aux_k=0).activation_bytes() == on_cpu.activation_bytes()
+
+
 def test_plan_counts_jumprelus_quantile_workspace_only_where_its_initial_fit_runs_it(tmp_path, cache, capsys):
     """JumpReLU's initial fit takes its chunked quantile (the plan's workspace) for its fire-rate b_enc; before a TopK
     warm-up (a target L0) b_enc starts at 0 and the fit is the base one's, which the plan then counts alone."""

@@ -1,7 +1,8 @@
 """Sparse autoencoder variants: the base class and config (``base``), one module per variant, the sparse kernels, the
 on-disk formats and pretrained-name resolution. Adding a variant is one module and one line of ``SAE_CLASSES``."""
 
-from sae.saes.base import INIT_BLOCK, SAE, SAE_CLASSES, ForwardOutput, SAEConfig, create_sae, failure_signs
+from sae.saes.base import (INIT_BLOCK, SAE, SAE_CLASSES, ForwardOutput, SAEConfig, create_sae, dense_auxk,
+                           failure_signs)
 from sae.saes.batchtopk import BatchTopKSAE, MatryoshkaBatchTopKSAE
 from sae.saes.jumprelu import JumpReLUSAE
 from sae.saes.kernels import SparseActs, sparse_decode
@@ -19,6 +20,7 @@ SAE_CLASSES.update({
 
 __all__ = [
     "INIT_BLOCK", "SAE", "SAE_CLASSES", "BatchTopKSAE", "ForwardOutput", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
-    "ReLUL1SAE", "SAEConfig", "SAEFormatError", "SparseActs", "TopKFamily", "TopKSAE", "create_sae", "failure_signs",
+    "ReLUL1SAE", "SAEConfig", "SAEFormatError", "SparseActs", "TopKFamily", "TopKSAE", "create_sae", "dense_auxk",
+    "failure_signs",
     "sparse_decode",
 ]

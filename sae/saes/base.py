@@ -157,6 +157,14 @@ class SAEConfig:
         return SAE_CLASSES[self.architecture].warms_up(self.target_l0)
 
     @property
+    def auxk_latents(self) -> int:
+        """k_aux: dead latents per token in the AuxK reconstruction (``aux_k``, or Gao et al.'s d_in / 2); 0 where
+        the SAE has no AuxK pass (ReLU+L1, or aux_coefficient 0)."""
+        if not (SAE_CLASSES[self.architecture].has_auxk and self.aux_coefficient):
+            return 0
+        return self.aux_k or self.d_in // 2
+
+    @property
     def fast_biases(self) -> tuple[str, ...]:
         """Parameters whose Adam lr the trainer multiplies by √d_in: the variant's ``fast_params`` in an SAE, none in a
         transcoder (whose input keeps its mean; see ``ReLUL1SAE``)."""
@@ -181,6 +189,23 @@ def auxk_weight(n_dead: Tensor, aux_k: int) -> Tensor:
     (``scale = min(num_dead / k_aux, 1.0)``) scale it: with fewer dead latents than k_aux the loss still asks a full
     reconstruction of the residual from the few there are, so its pull is cut in proportion."""
     return (n_dead / aux_k).clamp(max=1.0)  # a tensor: reading n_dead on the host would stall a GPU
+
+
+AUXK_DENSE_FROM: dict[str, float] = {"cpu": 1 / 8, "cuda": 1 / 256}
+"""k_aux / d_sae from which AuxK decodes its activations as a dense [batch, d_sae] matrix (a masked ReLU of the
+pre-activations, then matmuls) rather than as batch·k_aux (row, latent) pairs through ``embedding_bag`` (issue 19).
+Both cost about five passes, over batch·d_sae·d_in multiply-adds for the dense path and batch·k_aux·d_in scattered
+reads for the sparse one. The CPU's is measured (``scripts/bench_train.py``'s ``topk_auxk``, TopK with every latent
+dead, dense ÷ sparse AuxK time, load 1–1.5): at k_aux / d_sae = 1/4 dense was 1.50× faster at d_in 576 and 1.91× at
+2048; at 1/8 0.86× (576), 0.98× (256) and 1.33× (2048); at 1/32 0.51× (576). CUDA's is a roofline estimate until a
+GPU measures it (the same script, run by ``scripts/gpu_check.sh``, reports ``dense_speedup``): a pair's d_in reads
+from HBM cost ~200 bf16 multiply-adds' time per element, so at d_in 2048 × 65,536 latents (k_aux 1,024 = d_sae / 64)
+the dense decode should win by ~5×."""
+
+
+def dense_auxk(aux_k: int, d_sae: int, device_type: str) -> bool:
+    """Whether AuxK takes the dense path (``AUXK_DENSE_FROM``) for `aux_k` of `d_sae` latents on this device type."""
+    return aux_k >= AUXK_DENSE_FROM.get(device_type, AUXK_DENSE_FROM["cpu"]) * d_sae
 
 
 class ForwardOutput(NamedTuple):
@@ -224,6 +249,14 @@ class SAE(nn.Module):
     at d_in 256, d_sae 8,192, fp32, AuxK firing), rounded up."""
     dense_act_copies_bf16: ClassVar[float]
     """The same under bf16 autocast, in fp32-sized copies (some of the step's [batch, d_sae] tensors are bf16)."""
+    has_auxk: ClassVar[bool] = False
+    """Dead latents learn through the AuxK loss (Gao et al. §A.2; ``SAEConfig.auxk_latents``)."""
+    dense_auxk_copies: ClassVar[float] = 0.0
+    """fp32 [batch, d_sae] tensors AuxK's dense decode (``dense_auxk``) adds to a step's peak, for the memory plan:
+    measured by ``scripts/bench_memory.py --auxk-path dense`` against ``--auxk-path sparse`` (d_in 256, d_sae 8,192,
+    batch 2,048), rounded up."""
+    dense_auxk_copies_bf16: ClassVar[float] = 0.0
+    """The same under bf16 autocast."""
     init_workspace_bytes: ClassVar[int] = 0
     """Memory the variant's own initial fit needs beyond the sample's copies (``sae.training.plan``)."""
     reference_steps: ClassVar[int]
@@ -469,8 +502,8 @@ class SAE(nn.Module):
 
     @property
     def aux_k(self) -> int:
-        """k_aux: dead latents per token in the AuxK reconstruction (Gao et al.: d_in / 2)."""
-        return self.cfg.aux_k or self.cfg.d_in // 2
+        """k_aux: dead latents per token in the AuxK reconstruction (``SAEConfig.auxk_latents``)."""
+        return self.cfg.auxk_latents
 
     def _dead_total(self, dead_mask: Tensor | None) -> Tensor | None:
         """Dead latents (of all shards) as a device tensor, or None when AuxK is off (no coefficient, or no tracker)."""
@@ -491,10 +524,25 @@ class SAE(nn.Module):
         """AuxK's activations: ReLU of the selected pre-activations, zero (and so without gradient) on live latents."""
         return SparseActs(rows, feats, F.relu(pre_values) * dead_mask[feats])
 
-    def _auxk(self, aux: SparseActs, y_n: Tensor, x_hat: Tensor, n_dead: Tensor) -> tuple[Tensor, Tensor]:
+    def _dense_auxk(self, pre: Tensor) -> bool:
+        """Whether AuxK over these pre-activations [batch, latents of this process] takes the dense path."""
+        return dense_auxk(min(self.aux_k, pre.shape[1]), pre.shape[1], pre.device.type)
+
+    def _aux_from(self, pre: Tensor, dead_mask: Tensor) -> Tensor | SparseActs:
+        """AuxK's activations from the whole pre-activations: dense (``_dense_auxk``; ReLU at the selected dead
+        pairs, zero elsewhere) or as pairs."""
+        rows, feats = self._select_aux(pre.detach(), dead_mask, min(self.aux_k, pre.shape[1]))
+        if not self._dense_auxk(pre):
+            return self._aux_acts(rows, feats, pre[rows, feats], dead_mask)
+        keep = torch.zeros(pre.shape, dtype=torch.bool, device=pre.device).index_put_((rows, feats), dead_mask[feats])
+        return F.relu(pre) * keep
+
+    def _auxk(self, aux: Tensor | SparseActs, y_n: Tensor, x_hat: Tensor, n_dead: Tensor) -> tuple[Tensor, Tensor]:
         """(the weighted AuxK term to add to the loss, the unweighted loss to log) for the dead latents' activations
-        ``aux`` against the residual of the normalised target y_n: α·min(n_dead/k_aux, 1)·AuxK (``auxk_weight``)."""
-        aux_hat = self._sum_over_shards(sparse_decode(aux, self.W_dec, len(y_n)))
+        ``aux`` (dense, or as pairs) against the residual of the normalised target y_n: α·min(n_dead/k_aux, 1)·AuxK
+        (``auxk_weight``)."""
+        decoded = aux @ self.W_dec if isinstance(aux, Tensor) else sparse_decode(aux, self.W_dec, len(y_n))
+        aux_hat = self._sum_over_shards(decoded)
         residual = (y_n - x_hat).detach()
         auxk = auxk_loss(aux_hat, residual, self.cfg.d_out, self.mean_over_ranks(residual.pow(2).sum()))
         return self.cfg.aux_coefficient * auxk_weight(n_dead, self.aux_k) * auxk, auxk.detach()

@@ -41,6 +41,10 @@ class SparseEncode(torch.autograd.Function):
     only touches the selected pairs: dW_enc, db_enc, db_dec and dx cost O(nnz·d_in) instead of
     the O(batch·d_sae·d_in) dense matmuls. dW_enc and dx are assembled with ``embedding_bag``
     (over pairs sorted by latent, and by row), which avoids materialising [nnz, d_in].
+
+    ``select`` also says whether the dense pre-activations [batch, d_sae] must come out too (a fourth output, else
+    an empty tensor): AuxK's dense decode uses them where its pairs outnumber what the sparse backward does faster
+    (``sae.saes.base.dense_auxk``); their gradient then adds the dense matmuls' terms.
     """
 
     @staticmethod
@@ -51,28 +55,30 @@ class SparseEncode(torch.autograd.Function):
         W_enc: Tensor,
         b_enc: Tensor,
         apply_b_dec: bool,
-        select: Callable[[Tensor], tuple[Tensor, Tensor]],
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        select: Callable[[Tensor], tuple[Tensor, Tensor, bool]],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x_c = x_n - b_dec if apply_b_dec else x_n
         pre = torch.addmm(b_enc, x_c, W_enc)
-        rows, feats = select(pre)
+        rows, feats, keep_pre = select(pre)
         ctx.save_for_backward(x_c, W_enc, rows, feats)
         ctx.apply_b_dec = apply_b_dec
         ctx.mark_non_differentiable(rows, feats)
-        return pre[rows, feats], rows, feats
+        ctx.set_materialize_grads(False)
+        return pre[rows, feats], rows, feats, pre if keep_pre else pre.new_empty(0)
 
     @staticmethod
-    def backward(ctx: Any, grad_vals: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_vals: Tensor | None, _rows: None, _feats: None,  # type: ignore[override]
+                 grad_pre: Tensor | None) -> tuple[Tensor | None, ...]:
         # In the parameters' dtype whatever autocast is on: under bf16 autocast (which the forward's matmul runs in)
         # a backward that re-entered it would cast W_enc to bf16 every step and round b_dec's gradient to bf16.
-        with torch.autocast(grad_vals.device.type, enabled=False):
-            return SparseEncode._backward(ctx, grad_vals)
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return SparseEncode._backward(ctx, grad_vals, grad_pre)
 
     @staticmethod
-    def _backward(ctx: Any, grad_vals: Tensor) -> tuple[Tensor | None, ...]:
+    def _backward(ctx: Any, grad_vals: Tensor | None, grad_pre: Tensor | None) -> tuple[Tensor | None, ...]:
         x_c, W_enc, rows, feats = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        grad_vals = grad_vals.to(x_c.dtype)
+        grad_vals = x_c.new_zeros(rows.shape) if grad_vals is None else grad_vals.to(x_c.dtype)
         order = torch.argsort(feats)
         # dW_encᵀ[j] = Σ_{(b, j) selected} grad · x_c[b]: one bag of token rows per latent.
         grad_W_enc_t = F.embedding_bag(
@@ -84,6 +90,10 @@ class SparseEncode(torch.autograd.Function):
         )
         grad_b_enc = torch.zeros(d_sae, dtype=x_c.dtype, device=x_c.device)
         grad_b_enc.index_add_(0, feats, grad_vals)
+        if grad_pre is not None:
+            grad_pre = grad_pre.to(x_c.dtype)
+            grad_W_enc_t.addmm_(grad_pre.T, x_c)
+            grad_b_enc.add_(grad_pre.sum(0))
         # pre = (x − b_dec) W_enc + b_enc  ⇒  ∂/∂b_dec = −W_enc · (∂/∂b_enc).
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.apply_b_dec else None
         grad_x = None
@@ -97,6 +107,8 @@ class SparseEncode(torch.autograd.Function):
                 mode="sum",
                 per_sample_weights=grad_vals[by_row],
             )
+            if grad_pre is not None:
+                grad_x.addmm_(grad_pre, W_enc.T)
         return grad_x, grad_b_dec, grad_W_enc_t.T, grad_b_enc, None, None
 
 

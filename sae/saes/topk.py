@@ -20,6 +20,9 @@ class TopKFamily(SAE):
     uses_k = True
     unit_norm_decoder = True
     sparse_step = True
+    has_auxk = True
+    dense_auxk_copies = 2.4  # measured 2.34: the pre-activations kept for it, its masked activations, their gradient
+    dense_auxk_copies_bf16 = 1.4  # measured 1.34
     dense_act_copies = 2.2  # measured 2.13 (BatchTopK, Matryoshka 2.12): pre-activations, AuxK's masked copy
     dense_act_copies_bf16 = 1.2  # measured 1.12
     reference_steps = 3_000
@@ -59,7 +62,7 @@ class TopKFamily(SAE):
         n_main: list[int] = []
         auxk: list[bool] = []
 
-        def select(pre: Tensor) -> tuple[Tensor, Tensor]:
+        def select(pre: Tensor) -> tuple[Tensor, Tensor, bool]:
             rows, feats, inexact = self._select(pre)
             checks = [f for f in (inexact, None if n_dead is None else n_dead > 0) if f is not None]
             read = torch.stack(checks).tolist() if checks else []  # the step's one host sync: both flags at once
@@ -69,12 +72,14 @@ class TopKFamily(SAE):
                 rows, feats = self._select_wider(pre)
             n_main.append(rows.numel())
             if not any_dead:
-                return rows, feats
+                return rows, feats, False
             auxk.append(True)
+            if self._dense_auxk(pre):  # AuxK reads the dense pre-activations after the forward
+                return rows, feats, True
             aux_rows, aux_feats = self._select_aux(pre, dead_mask, min(self.aux_k, pre.shape[1]))
-            return torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats])
+            return torch.cat([rows, aux_rows]), torch.cat([feats, aux_feats]), False
 
-        vals, rows, feats = SparseEncode.apply(
+        vals, rows, feats, pre = SparseEncode.apply(
             x_n, self._encoder_b_dec(), self.W_enc, self.b_enc, self.cfg.apply_b_dec_to_input, select
         )
         m = n_main[0]
@@ -85,7 +90,8 @@ class TopKFamily(SAE):
         loss = mse
         losses = {"mse": mse.detach()}
         if auxk:
-            aux = self._aux_acts(rows[m:], feats[m:], vals[m:], dead_mask)
+            aux = (self._aux_from(pre, dead_mask) if pre.numel()
+                   else self._aux_acts(rows[m:], feats[m:], vals[m:], dead_mask))
             term, losses["auxk"] = self._auxk(aux, y_n, x_hat, n_dead)
             loss = loss + term
         fired = acts.values.detach() > 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sae.config import UserError
-from sae.saes import SAE_CLASSES
+from sae.saes import SAE_CLASSES, dense_auxk
 
 STEP_PARAM_COPIES = 5.25
 """Parameter-sized fp32 tensors alive at a step's peak: the weights, their gradients and Adam's two moments (4), and
@@ -56,6 +56,11 @@ class SAECost:
     """Rows of the sample the initial fit reads (``sae.training.train.SCALE_SAMPLE_ROWS``; 0: no initial fit)."""
     precision: str = "fp32"
     """How the step computes (``step_precision``): under bf16 autocast some [batch, d_sae] tensors are half size."""
+    aux_k: int = 0
+    """k_aux of its AuxK pass (``SAEConfig.auxk_latents``; 0: none)."""
+    device_type: str = "cpu"
+    """Where it trains: AuxK's decode is dense past a k_aux / d_sae crossover that depends on it
+    (``sae.saes.base.dense_auxk``), and holds the variant's ``dense_auxk_copies`` more [batch, d_sae] tensors then."""
     topk_warmup: bool = False
     """The SAE trains with the TopK warm-up from its first step (``SAEConfig.warms_up`` in a run with warm-up steps):
     its initial fit is then the base one, without the variant's workspace (JumpReLU's b_enc starts at 0)."""
@@ -71,8 +76,12 @@ class SAECost:
         (``dense_act_copies_bf16`` under autocast; about one for TopK, whose sparse step never builds the dense
         activations)."""
         variant = SAE_CLASSES[self.architecture]
-        copies = variant.dense_act_copies_bf16 if self.precision == "bf16" else variant.dense_act_copies
-        return round(4 * copies * self.batch * (self.d_sae if d_sae is None else d_sae))
+        bf16 = self.precision == "bf16"
+        copies = variant.dense_act_copies_bf16 if bf16 else variant.dense_act_copies
+        d = self.d_sae if d_sae is None else d_sae
+        if self.aux_k and dense_auxk(min(self.aux_k, d), d, self.device_type):
+            copies += variant.dense_auxk_copies_bf16 if bf16 else variant.dense_auxk_copies
+        return round(4 * copies * self.batch * d)
 
     def step_bytes(self, d_sae: int | None = None) -> int:
         return round(4 * STEP_PARAM_COPIES * self.params(d_sae)) + self.activation_bytes(d_sae)
