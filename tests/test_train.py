@@ -501,8 +501,8 @@ def test_relu_bias_learns_faster_in_an_sae_only():
 
 
 def test_a_topk_run_from_before_two_defaults_changed_still_resumes():
-    """l1_coefficient's default moved 5 → 3 and threshold_momentum's 0.01 → 0.05; a checkpoint's TopK spec still says
-    5 and 0.01, which TopK never read, while the variants that read them must resume with them."""
+    """l1_coefficient's default moved 5 → 3 and threshold_momentum's 0.01 → 0.05 (0.2 since); a checkpoint's TopK
+    spec still says 5 and 0.01, which TopK never read, while the variants that read them must resume with them."""
     from sae.training.train import _flat_run_config
 
     def run(arch, l1, momentum):
