@@ -477,6 +477,8 @@ def main() -> None:
     device = pick_device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # CUDA events and synchronize() act on the current device
+    if device.type == "cuda":  # as train sets it: the fp32 products outside autocast (AuxK's dense backward) in TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
     goals = GPU_GOALS if args.autocast else GOALS
     t_start = time.perf_counter()
     doc: dict = {

@@ -61,14 +61,29 @@ def test_a_shard_is_built_as_the_slice_of_the_whole_sae(architecture, d_sae, wor
         assert torch.equal(part.W_dec, full.W_dec[latents]) and torch.equal(part.b_dec, full.b_dec)
 
 
+def test_a_shard_takes_auxks_decode_by_all_the_latents():
+    """Each shard decodes its share of the global AuxK selection (~k_aux / shards pairs per row), so the dense path is
+    chosen by k_aux over all latents, on every shard alike, and the plan chooses as the shards do."""
+    from sae.saes import SAE_CLASSES
+    from sae.training.plan import SAECost
+
+    for aux_k, dense in ((16, False), (32, True)):  # 1/16 and 1/8 of 256 latents; 1/4 and 1/2 of a 64-latent shard
+        cfg = SAEConfig("topk", d_in=16, d_sae=256, k=4, aux_k=aux_k)
+        assert create_sae(cfg)._dense_auxk(torch.zeros(2, 256)) == dense
+        assert all(shard(cfg, rank, 4)._dense_auxk(torch.zeros(2, 64)) == dense for rank in range(4))
+        cost = SAECost("t", "topk", 16, 64, 4096, aux_k=aux_k, shards=4)
+        extra = cost.activation_bytes() - SAECost("t", "topk", 16, 64, 4096).activation_bytes()
+        assert extra == pytest.approx(dense * SAE_CLASSES["topk"].dense_auxk_copies * 4 * 4096 * 64, abs=1)
+
+
 NAMES = ("topk_k2_d256_h1", "batchtopk_k2_d256_h0")
 COMMON = dict(saes=[{"architecture": "topk", "hook": "h1", "d_sae": 256, "k": 2, "aux_k": 32},
                     {"architecture": "batchtopk", "hook": "h0", "d_sae": 256, "k": 2}], batch_size=128,
               total_tokens=128 * 20, dead_window_tokens=128, grad_clip=0.05, checkpoint_every=10, topk_warmup_frac=0.5)
 """A short dead window makes AuxK select (globally) among dead latents for most of the run (~45% dead); the small
 grad_clip makes every step clip, by the global norm; BatchTopK selects per row for the first 10 steps (the TopK
-warm-up) and over the batch for the last 10, the checkpoint falling between them. TopK's k_aux of 32 (1/4 of a shard's
-latents, 1/8 of the whole) decodes AuxK densely, BatchTopK's 8 by pairs (``sae.saes.base.AUXK_DENSE_FROM``)."""
+warm-up) and over the batch for the last 10, the checkpoint falling between them. TopK's k_aux of 32 (1/8 of its
+latents) decodes AuxK densely, BatchTopK's 8 by pairs (``sae.saes.base.AUXK_DENSE_FROM``), sharded or not."""
 
 
 @pytest.fixture(scope="module")

@@ -206,8 +206,8 @@ reads for the sparse one. The CPU's is measured (``scripts/bench_train.py``'s ``
 dead, dense ÷ sparse AuxK time, load 1–1.5): at k_aux / d_sae = 1/4 dense was 1.50× faster at d_in 576 and 1.91× at
 2048; at 1/8 0.86× (576), 0.98× (256) and 1.33× (2048); at 1/32 0.51× (576). CUDA's is a roofline estimate until a
 GPU measures it (the same script, run by ``scripts/gpu_check.sh``, reports ``dense_speedup``): a pair's d_in reads
-from HBM cost ~200 bf16 multiply-adds' time per element, so at d_in 2048 × 65,536 latents (k_aux 1,024 = d_sae / 64)
-the dense decode should win by ~5×."""
+from HBM cost ~200 bf16 (~50 TF32: the encoder's backward runs outside autocast) multiply-adds' time per element, so
+at d_in 2048 × 65,536 latents (k_aux 1,024 = d_sae / 64) the dense decode should win by ~1.5–5×."""
 
 
 def dense_auxk(aux_k: int, d_sae: int, device_type: str) -> bool:
@@ -532,8 +532,9 @@ class SAE(nn.Module):
         return SparseActs(rows, feats, F.relu(pre_values) * dead_mask[feats])
 
     def _dense_auxk(self, pre: Tensor) -> bool:
-        """Whether AuxK over these pre-activations [batch, latents of this process] takes the dense path."""
-        return dense_auxk(min(self.aux_k, pre.shape[1]), pre.shape[1], pre.device.type)
+        """Whether AuxK over these pre-activations takes the dense path: by k_aux over all latents, also where this
+        process holds a shard of them (each shard then decodes its share, ~k_aux / shards pairs per row)."""
+        return dense_auxk(min(self.aux_k, self.total_latents), self.total_latents, pre.device.type)
 
     def _aux_from(self, pre: Tensor, dead_mask: Tensor) -> Tensor | SparseActs:
         """AuxK's activations from the whole pre-activations: dense (``_dense_auxk``; ReLU at the selected dead
@@ -542,7 +543,7 @@ class SAE(nn.Module):
         if not self._dense_auxk(pre):
             return self._aux_acts(rows, feats, pre[rows, feats], dead_mask)
         keep = torch.zeros(pre.shape, dtype=torch.bool, device=pre.device).index_put_((rows, feats), dead_mask[feats])
-        return F.relu(pre) * keep
+        return pre * (keep & (pre > 0))  # ReLU by the mask: autograd keeps one bool matrix, not ReLU's output too
 
     def _auxk(self, aux: Tensor | SparseActs, y_n: Tensor, x_hat: Tensor, n_dead: Tensor) -> tuple[Tensor, Tensor]:
         """(the weighted AuxK term to add to the loss, the unweighted loss to log) for the dead latents' activations

@@ -21,8 +21,8 @@ class TopKFamily(SAE):
     unit_norm_decoder = True
     sparse_step = True
     has_auxk = True
-    dense_auxk_copies = 2.4  # measured 2.34: the pre-activations kept for it, its masked activations, their gradient
-    dense_auxk_copies_bf16 = 1.4  # measured 1.34
+    dense_auxk_copies = 1.6  # measured 1.58: the pre-activations kept for it, its masked activations, their gradient
+    dense_auxk_copies_bf16 = 1.2  # measured 1.10
     dense_act_copies = 2.2  # measured 2.13 (BatchTopK, Matryoshka 2.12): pre-activations, AuxK's masked copy
     dense_act_copies_bf16 = 1.2  # measured 1.12
     reference_steps = 3_000

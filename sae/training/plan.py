@@ -58,6 +58,8 @@ class SAECost:
     """How the step computes (``step_precision``): under bf16 autocast some [batch, d_sae] tensors are half size."""
     aux_k: int = 0
     """k_aux of its AuxK pass (``SAEConfig.auxk_latents``; 0: none)."""
+    shards: int = 1
+    """Processes its latents are split over (``d_sae`` is one shard's): AuxK's path is chosen by all of them."""
     device_type: str = "cpu"
     """Where it trains: AuxK's decode is dense past a k_aux / d_sae crossover that depends on it
     (``sae.saes.base.dense_auxk``), and holds the variant's ``dense_auxk_copies`` more [batch, d_sae] tensors then."""
@@ -79,7 +81,7 @@ class SAECost:
         bf16 = self.precision == "bf16"
         copies = variant.dense_act_copies_bf16 if bf16 else variant.dense_act_copies
         d = self.d_sae if d_sae is None else d_sae
-        if self.aux_k and dense_auxk(min(self.aux_k, d), d, self.device_type):
+        if self.aux_k and dense_auxk(min(self.aux_k, d * self.shards), d * self.shards, self.device_type):
             copies += variant.dense_auxk_copies_bf16 if bf16 else variant.dense_auxk_copies
         return round(4 * copies * self.batch * d)
 

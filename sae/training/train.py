@@ -589,10 +589,10 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
     lrs = {name: cfg.saes[i].lr or cfg.lr or default_lr(c.architecture, c.d_sae, lay.total_steps, c.d_in)
            for i, (name, c) in zip(lay.mine, configs.items())}
     warmup = topk_warmup_steps(cfg.topk_warmup_frac, lay.total_steps) > 0
-    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // (world.size if shard is not None else 1),
-                          lay.local_batch, d_out=c.d_out, skip=c.skip, init_rows=SCALE_SAMPLE_ROWS,
-                          precision=plan.step_precision(device), aux_k=c.auxk_latents, device_type=device.type,
-                          topk_warmup=warmup and c.warms_up)
+    shards = world.size if shard is not None else 1
+    costs = [plan.SAECost(n, c.architecture, c.d_in, c.d_sae // shards, lay.local_batch, d_out=c.d_out, skip=c.skip,
+                          init_rows=SCALE_SAMPLE_ROWS, precision=plan.step_precision(device), aux_k=c.auxk_latents,
+                          shards=shards, device_type=device.type, topk_warmup=warmup and c.warms_up)
              for n, c in configs.items()]
     data_bytes = source.device_bytes(device, lay.shards)
     plan.check_fits(costs, device, data_bytes=data_bytes)
