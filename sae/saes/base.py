@@ -211,8 +211,9 @@ at d_in 2048 × 65,536 latents (k_aux 1,024 = d_sae / 64) the dense decode shoul
 
 
 def dense_auxk(aux_k: int, d_sae: int, device_type: str) -> bool:
-    """Whether AuxK takes the dense path (``AUXK_DENSE_FROM``) for `aux_k` of `d_sae` latents on this device type."""
-    return aux_k >= AUXK_DENSE_FROM.get(device_type, AUXK_DENSE_FROM["cpu"]) * d_sae
+    """Whether AuxK takes the dense path (``AUXK_DENSE_FROM``) for `aux_k` (at most all) of `d_sae` latents on this
+    device type."""
+    return min(aux_k, d_sae) >= AUXK_DENSE_FROM.get(device_type, AUXK_DENSE_FROM["cpu"]) * d_sae
 
 
 class ForwardOutput(NamedTuple):
@@ -534,7 +535,7 @@ class SAE(nn.Module):
     def _dense_auxk(self, pre: Tensor) -> bool:
         """Whether AuxK over these pre-activations takes the dense path: by k_aux over all latents, also where this
         process holds a shard of them (each shard then decodes its share, ~k_aux / shards pairs per row)."""
-        return dense_auxk(min(self.aux_k, self.total_latents), self.total_latents, pre.device.type)
+        return dense_auxk(self.aux_k, self.total_latents, pre.device.type)
 
     def _aux_from(self, pre: Tensor, dead_mask: Tensor) -> Tensor | SparseActs:
         """AuxK's activations from the whole pre-activations: dense (``_dense_auxk``; ReLU at the selected dead

@@ -81,7 +81,7 @@ class SAECost:
         bf16 = self.precision == "bf16"
         copies = variant.dense_act_copies_bf16 if bf16 else variant.dense_act_copies
         d = self.d_sae if d_sae is None else d_sae
-        if self.aux_k and dense_auxk(min(self.aux_k, d * self.shards), d * self.shards, self.device_type):
+        if self.aux_k and dense_auxk(self.aux_k, d * self.shards, self.device_type):
             copies += variant.dense_auxk_copies_bf16 if bf16 else variant.dense_auxk_copies
         return round(4 * copies * self.batch * d)
 
