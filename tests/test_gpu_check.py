@@ -63,6 +63,18 @@ def _judge(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def test_step_limits_fit_one_device_call() -> None:
+    """A device call runs at most 600 s and the machine's start and the copies back come out of it: the steps'
+    shares must add up to at most 580 s, and every step the script runs must have one (bash reads a missing
+    array entry as 0 s, which would report the step as timed out without running it)."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    block = script[script.index("declare -A LIMIT=(") + len("declare -A LIMIT=("):]
+    block = block[:block.index(")\n")]
+    limits = {k: int(v) for k, v in (e.strip("[").split("]=") for e in block.split())}
+    assert set(limits) == set(STEPS)
+    assert sum(limits.values()) <= 580
+
+
 def test_ddp_below_two_gpus_is_not_exercised(tmp_path: Path) -> None:
     """torchrun with one process creates no process group, yet its run wrote SAE folders and a checkpoint of world
     size 1 = the GPUs counted, so the DDP step passed on a one-GPU machine. Below 2 GPUs it is neither passed nor
