@@ -79,7 +79,8 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
         assert scores[name]["l0"] == pytest.approx(3, abs=0.01), scores[name]
     # k on average, through the inference threshold (a running average of the batch-wide threshold)
     assert scores["batchtopk"]["l0"] == pytest.approx(3, abs=0.2), scores["batchtopk"]
-    assert scores["jumprelu"]["l0"] == pytest.approx(3, rel=0.5), scores["jumprelu"]  # the target, loosely held
+    # the target, held by JumpReLU's L0 controller (2.66–2.71 without it, measured)
+    assert scores["jumprelu"]["l0"] == pytest.approx(3, rel=0.05), scores["jumprelu"]
     assert 1 < scores["relu_l1"]["l0"] < 12, scores["relu_l1"]  # alive, and sparse
     for name in ("topk", "reference", "batchtopk", "jumprelu", "relu_l1"):
         assert scores[name]["fvu"] < scores[name]["pca_fvu"], scores[name]  # beats PCA at its own L0
@@ -127,5 +128,7 @@ def test_planted_superposition_at_defaults(tmp_path):
         assert scores[name]["mean_max_cos"] >= floor, (name, scores[name])
     for name in ("topk", "batchtopk", "jumprelu", "reference"):
         assert scores[name]["fvu"] < scores[name]["pca_fvu"], (name, scores[name])
+    # JumpReLU's target L0 (8.26 measured; 7.15 before its L0 controller, and FVU 0.214 → 0.187)
+    assert scores["jumprelu"]["l0"] == pytest.approx(8, rel=0.08), scores["jumprelu"]
     for name in ("topk", "batchtopk"):  # well ahead of the plain loop on the same batches
         assert scores[name]["mean_max_cos"] >= scores["reference"]["mean_max_cos"] + 0.2, scores

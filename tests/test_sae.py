@@ -479,3 +479,10 @@ def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
     out = jr.train_forward(x)
     assert torch.all(jr.threshold == cut) and jr.warmup_threshold == 0
     assert float(out.l0) == pytest.approx(4, abs=0.05)  # the target L0 on the batch that set it
+    # The L0 controller: the next step scales every θ by 1 + rate·(last L0 / target − 1), up when L0 was too high.
+    assert float(jr.last_l0) == pytest.approx(float(out.l0))
+    for last_l0 in (6.0, 2.0):
+        jr.last_l0.fill_(last_l0)
+        theta = jr.threshold.detach().clone()
+        jr.train_forward(x)
+        assert torch.allclose(jr.threshold, theta * (1 + jr.l0_control_rate * (last_l0 / 4 - 1)))

@@ -74,8 +74,8 @@ class SAEConfig:
     """jumprelu: weight λ of the L0 penalty (λ·L0, or λ·(L0/target_l0 − 1)² with target_l0)."""
     target_l0: float | None = None
     """jumprelu: None → the paper's λ·L0 penalty; a number → dictionary_learning's
-    λ·(L0/target_l0 − 1)², which steers L0 to target_l0, after a TopK warm-up at k = round(target_l0) (see
-    JumpReLUSAE)."""
+    λ·(L0/target_l0 − 1)², which steers L0 to target_l0, after a TopK warm-up at k = round(target_l0), with an L0
+    controller on θ that holds the training L0 at the target (see JumpReLUSAE)."""
     bandwidth: float | None = None
     """jumprelu: STE kernel width ε; None → 1.0, the spread of a unit encoder direction's pre-activation
     (see JumpReLUSAE)."""

@@ -214,6 +214,8 @@ class SAETrainer:
         weights.setdefault("mean", torch.zeros_like(self.sae.mean))
         if hasattr(self.sae, "warmup_threshold"):  # a JumpReLU checkpoint from before the TopK warm-up
             weights.setdefault("warmup_threshold", torch.zeros_like(self.sae.warmup_threshold))
+        if hasattr(self.sae, "last_l0"):  # ... or before its L0 controller: no L0 recorded yet
+            weights.setdefault("last_l0", torch.full_like(self.sae.last_l0, -1.0))
         self.sae.load_state_dict(weights)
         self.sae.sync_cfg_scales()
         state: dict[int, dict[str, Tensor]] = {}
