@@ -461,12 +461,12 @@ def test_real_smollm2_layer15_matches_hidden_states(tmp_path, within_ulp):
     model, _ = model_lib.load_model("smollm2", "cpu")
     assert model.config.hidden_size == 576 and len(model_lib.layers(model)) == 30
     ids = store.context_tokens(torch.arange(store.n_contexts))
-    with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states[16]
+    with torch.no_grad():  # in harvest's batches of 2, so most sums take the same kernels
+        hidden = torch.cat([model(ids[i:i + 2], output_hidden_states=True).hidden_states[16] for i in range(0, len(ids), 2)])
     rows = list(store.iter_ordered(cfg.hooks))
     acts = torch.cat([r.acts[cfg.hooks[0]] for r in rows])
     seq, pos = torch.cat([r.seq for r in rows]), torch.cat([r.pos for r in rows])
-    within_ulp(acts, hidden[seq, pos], torch.float16)  # batch 2 vs 4: float32 sums round apart, so float16 may too
+    within_ulp(acts, hidden[seq, pos], torch.float16, row_scale=True)
     assert torch.equal(torch.cat([r.tokens for r in rows]), ids[seq, pos])
     norm = acts.norm(dim=-1).mean()
     assert 100 < norm < 300, norm  # mid-depth residual (≈175 on Python source)
