@@ -220,28 +220,51 @@ def max_cosines(dictionary: Tensor, W_dec: Tensor) -> Tensor:
 
 
 def reference_topk(batches: Any, d_in: int, d_sae: int, k: int, steps: int, generator: torch.Generator,
-                   lr: float = 1e-3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   lr: float = 1e-3, start: Tensor | None = None, freeze_start: bool = False,
+                   batch_topk: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A textbook TopK SAE in plain PyTorch (Gao et al.'s architecture with none of its training recipe: no input
     normalisation, no AuxK, constant lr): what a naive implementation gets from the same batches. Its random
-    decoder rows are drawn from ``generator`` (see ``REFERENCE_INIT_SEED``). Returns (W_dec, W_enc, b_enc, b_dec)."""
-    W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=1).requires_grad_()
+    decoder rows are drawn from ``generator`` (see ``REFERENCE_INIT_SEED``). Returns (W_dec, W_enc, b_enc, b_dec).
+
+    start: decoder rows to begin from instead (the true dictionary, in ``scripts/planted_from_truth.py``, which asks
+    whether the objective's minimum is the truth); the remaining rows stay random, with b_enc −10 so they start off.
+    freeze_start: keep those rows fixed (Adam sees zero gradients for them), so the encoder and biases learn the best
+    codes for the given dictionary: the loss the truth itself reaches under the objective.
+    batch_topk: keep the k·batch largest pre-activations of the batch instead of k per row (BatchTopK's training
+    objective, Bussmann et al. 2024)."""
+    W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=1)
+    b_enc = torch.zeros(d_sae)
+    if start is not None:
+        W_dec[:len(start)] = F.normalize(start.float(), dim=1)
+        b_enc[len(start):] = -10.0
+    W_dec.requires_grad_()
     W_enc = W_dec.detach().T.clone().requires_grad_()
-    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_enc.requires_grad_()
     b_dec = None
     for _ in range(steps):
         x = next(batches)[HOOK].float()
         if b_dec is None:
             b_dec = x.mean(0).requires_grad_()
             opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
-        top = ((x - b_dec) @ W_enc + b_enc).topk(k, dim=-1)
-        f = torch.zeros(len(x), d_sae).scatter(-1, top.indices, top.values.relu())
+        f = reference_codes((x - b_dec) @ W_enc + b_enc, k, batch_topk)
         loss = (f @ W_dec + b_dec - x).pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
+        if freeze_start:
+            W_dec.grad[:len(start)] = 0
         opt.step()
         with torch.no_grad():
             W_dec.copy_(F.normalize(W_dec, dim=1))
     return W_dec.detach(), W_enc.detach(), b_enc.detach(), b_dec.detach()
+
+
+def reference_codes(pre: Tensor, k: int, batch_topk: bool = False) -> Tensor:
+    """The reference loop's codes: the k largest pre-activations of each row (or k·rows of the batch), ReLU'd."""
+    if batch_topk:
+        top = pre.flatten().topk(k * len(pre))
+        return torch.zeros(pre.numel()).scatter(0, top.indices, top.values.relu()).view_as(pre)
+    top = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
 
 
 def _score(name: str, dictionary: Tensor, W_dec: Tensor | None, x: Tensor, x_hat: Tensor, l0: float,
@@ -280,8 +303,7 @@ def run_planted(cfg: PlantedConfig) -> list[Score]:
     with torch.enable_grad():
         W_dec, W_enc, b_enc, b_dec = reference_topk(iter(store.shuffled([HOOK], batch, seed=cfg.seed)), cfg.d_in,
                                                     2 * cfg.n_features, k, store.n_train_rows // batch, init)
-    top = ((x - b_dec) @ W_enc + b_enc).topk(k, dim=-1)
-    f = torch.zeros(len(x), W_dec.shape[0]).scatter(-1, top.indices, top.values.relu())
+    f = reference_codes((x - b_dec) @ W_enc + b_enc, k)
     scores.append(_score(f"reference_topk_k{k}_plain_pytorch", data.dictionary, W_dec, x, f @ W_dec + b_dec,
                          float((f > 0).sum(-1).float().mean()), pca_curve))
     atomic_write_json(out / "planted.json", {"config": asdict(cfg), "scores": [asdict(s) for s in scores]})
