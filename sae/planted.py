@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.config import HelpSections, UserError
-from sae.analysis.evaluate import fit_pca, pca_fvu_curve
+from sae.analysis.evaluate import fit_pca, fvu, pca_fvu_curve
 from sae.saes import SAE
 from sae.data.store import ActivationStore, CacheWriter, atomic_write_json
 from sae.training.train import SAESpec, TrainConfig, default_batch_size, train
@@ -269,10 +269,9 @@ def reference_codes(pre: Tensor, k: int, batch_topk: bool = False) -> Tensor:
 
 def _score(name: str, dictionary: Tensor, W_dec: Tensor | None, x: Tensor, x_hat: Tensor, l0: float,
            pca_curve: Tensor) -> Score:
-    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     cos = max_cosines(dictionary, W_dec) if W_dec is not None else None
     return Score(name, None if cos is None else float(cos.mean()),
-                 None if cos is None else float((cos > RECOVERED_COSINE).float().mean()), l0, fvu,
+                 None if cos is None else float((cos > RECOVERED_COSINE).float().mean()), l0, fvu(x, x_hat),
                  float(pca_curve[min(len(pca_curve) - 1, round(l0))]))
 
 

@@ -23,7 +23,8 @@ import sys
 import torch
 
 from bench_planted import Point, parse_point  # the script's folder is on sys.path
-from sae.planted import HOOK, PlantedConfig, max_cosines, reference_codes, reference_topk
+from sae.analysis.evaluate import fvu
+from sae.planted import HOOK, RECOVERED_COSINE, PlantedConfig, max_cosines, reference_codes, reference_topk
 
 EVAL_ROWS = 16_384
 
@@ -42,10 +43,10 @@ def from_truth(point: Point, steps: int, batch: int, lr: float, batch_topk: bool
     x = data.sample(EVAL_ROWS, torch.Generator().manual_seed(seed + 2))
     f = reference_codes((x - b_dec) @ W_enc + b_enc, k, batch_topk)
     cos = max_cosines(data.dictionary, W_dec)
-    fvu = (f @ W_dec + b_dec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     return {"d_in": d_in, "n_features": n_features, "l0": l0, "objective": "batchtopk" if batch_topk else "topk",
             "steps": steps, "frozen": frozen, "batch": batch, "mean_max_cos": round(float(cos.mean()), 4),
-            "recovered": round(float((cos > 0.9).float().mean()), 4), "fvu": round(float(fvu), 4)}
+            "recovered": round(float((cos > RECOVERED_COSINE).float().mean()), 4),
+            "fvu": round(fvu(x, f @ W_dec + b_dec), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

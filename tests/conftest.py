@@ -95,8 +95,9 @@ def _within_ulp(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
 
     row_scale: the values are a network's outputs, each a float32 sum of terms as large as its row, so two kernels
     round it apart by float32 steps at the row's scale, not its own: on another x86 CPU in CI, 119 of 142,848
-    SmolLM2 values (rows of RMS ≈ 7) moved by up to 96 float16 steps at their own, smaller size. Then the step is taken at max(|value|, row
-    RMS), which still fails SmolLM2's layer 15 for 16 by 2,771 steps and a one-position shift by 20,647."""
+    SmolLM2 values (rows of RMS ≈ 7) moved by up to 96 float16 steps at their own, smaller size. Then the step is
+    taken at max(|value|, row RMS), which still fails SmolLM2's layer 15 for 16 by 2,771 steps and a one-position
+    shift by 20,647."""
     e = expected.to(dtype)
     at = e.abs()
     if row_scale:

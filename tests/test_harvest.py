@@ -462,7 +462,7 @@ def test_real_smollm2_layer15_matches_hidden_states(tmp_path, within_ulp):
     assert model.config.hidden_size == 576 and len(model_lib.layers(model)) == 30
     ids = store.context_tokens(torch.arange(store.n_contexts))
     with torch.no_grad():  # in harvest's batches of 2, so most sums take the same kernels
-        hidden = torch.cat([model(ids[i:i + 2], output_hidden_states=True).hidden_states[16] for i in range(0, len(ids), 2)])
+        hidden = torch.cat([model(pair, output_hidden_states=True).hidden_states[16] for pair in ids.split(2)])
     rows = list(store.iter_ordered(cfg.hooks))
     acts = torch.cat([r.acts[cfg.hooks[0]] for r in rows])
     seq, pos = torch.cat([r.seq for r in rows]), torch.cat([r.pos for r in rows])

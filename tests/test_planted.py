@@ -4,6 +4,10 @@ normal train path recover the planted dictionary (TopK fully; see RECOVERY_FLOOR
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,14 +144,10 @@ def test_at_a_quarter_of_d_in_active_the_objective_leaves_the_truth():
     planted_from_truth.py`` starts BatchTopK's objective at the true dictionary, and training moves it away (0.946
     after 3,000 steps of 512) to a lower FVU (0.119) than the truth reaches with its decoder held (0.140, the encoder
     trained as long). The frozen run must keep the truth (a freeze that leaked would not)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parent.parent / "scripts" / "planted_from_truth.py"
     done = subprocess.run([sys.executable, str(script), "--points", "32,128,8", "--steps", "3000", "--batch", "512",
                            "--objectives", "batchtopk"], capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     trained, frozen = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("JSON "))["results"]
     assert not trained["frozen"] and frozen["frozen"]
