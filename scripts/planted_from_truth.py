@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", nargs="+", choices=("topk", "batchtopk"), default=["topk", "batchtopk"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if min(args.steps) < 1 or args.batch < 1 or not args.lr > 0:
+        parser.error("--steps and --batch must be at least 1 and --lr above 0")
     results = []
     print(f"{'d_in':>4} {'feats':>5} {'L0':>3}  {'objective':<9} {'steps':>6} {'max cos':>7} {'recov':>6} {'FVU':>6}")
     for point in args.points:

@@ -153,3 +153,12 @@ def test_at_a_quarter_of_d_in_active_the_objective_leaves_the_truth():
     assert not trained["frozen"] and frozen["frozen"]
     assert frozen["mean_max_cos"] > 0.999, frozen
     assert trained["mean_max_cos"] < 0.97 and trained["fvu"] < frozen["fvu"] - 0.01, (trained, frozen)
+
+
+def test_planted_from_truth_refuses_bad_input_in_one_line():
+    """The script answers an empty run or a zero batch with argparse's one-line error, not a traceback."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "planted_from_truth.py"
+    for bad in (["--steps", "0"], ["--batch", "0"], ["--points", "32,128"]):
+        done = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith("planted_from_truth.py: error:"), done.stderr
