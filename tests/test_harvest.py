@@ -170,6 +170,25 @@ def test_pack_is_exact_and_bos_first(tiny_llama):
     assert len(stream) - 15 * len(contexts) < 15
 
 
+def test_pack_tokenises_little_ahead_of_what_is_taken(tiny_llama):
+    """The first context tokenises one document, not `docs_per_call` of them (a short harvest paid for ~20x the
+    tokens it used); the calls grow to `docs_per_call`, and the stream is the same whatever the grouping."""
+    _, tok = model_lib.load_model(str(tiny_llama), "cpu")
+    texts = [f"document {i} " + "word " * (i % 7 + 5) for i in range(300)]
+    seen = []
+
+    def counted():
+        for t in texts:
+            seen.append(t)
+            yield t
+
+    first = next(pack(counted(), tok, 8, docs_per_call=64))
+    assert len(seen) == 1
+    grouped = list(pack(texts, tok, 8, docs_per_call=64))
+    assert grouped[0] == first and grouped == list(pack(texts, tok, 8, docs_per_call=1))
+    assert len(grouped) > 300  # several calls of 64 documents were made
+
+
 # ------------------------------------------------------------------------------------------------ cache
 def test_cache_round_trip(tiny_llama, text_dir, tmp_path):
     cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir))

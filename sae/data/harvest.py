@@ -190,8 +190,8 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
 
 
 #: Contexts per forward on the CPU when `batch_size` is unset: with it `scripts/bench_harvest.py` measured the
-#: harvest at 0.95-0.98 of a bare forward of SmolLM2 (docs/benchmarks.md; 0.94 against a bare forward of batches
-#: tokenised beforehand, docs/gpu.md); a CPU has no kernel launches to amortise, so the old default stays.
+#: harvest at 0.96-0.97 of a bare forward of SmolLM2 on batches tokenised beforehand (docs/benchmarks.md); a CPU
+#: has no kernel launches to amortise, so the old default stays.
 CPU_BATCH = 16
 #: Tokens per forward on CUDA when `batch_size` is unset (128 contexts of 128 tokens). Not yet measured on a GPU
 #: (docs/gpu.md); the reasoning: 16 contexts of SmolLM2-135M are 2,048 tokens, ≈ 0.55 TFLOP, ≈ 1.5 ms at an H100's
