@@ -14,40 +14,37 @@ INIT_CHUNK_ELEMENTS = 2**24
 
 
 class _JumpReLU(torch.autograd.Function):
-    """f = z·H(z − θ) with the straight-through pseudo-derivative of Rajamanoharan et al.
-    2024 ("Jumping Ahead", §4 and the pseudo-code in their appendix):
-    ∂f/∂z = H(z − θ);  ∂f/∂θ := −(θ/ε)·K((z − θ)/ε), K the rectangle kernel 1{|u| < ½}."""
+    """Training's JumpReLU in one pass over the pre-activations z [batch, d_sae]: the codes f = z·H(z − θ), each
+    row's L0 Σᵢ H(zᵢ − θᵢ) for the L0 penalty, and each latent's fire count (no gradient), with the straight-through
+    pseudo-derivatives of Rajamanoharan et al. 2024 ("Jumping Ahead", §4 and their appendix's pseudo-code):
+    ∂f/∂z = H(z − θ), ∂f/∂θ := −(θ/ε)·K((z − θ)/ε), ∂H/∂z := 0, ∂H/∂θ := −(1/ε)·K((z − θ)/ε), K the rectangle
+    kernel 1{|u| < ½}.
+
+    One function, where there were two (f's and the step's), because on the dense [batch, d_sae] matrix every
+    elementwise pass costs about a fifth of a matmul: the two each rebuilt the kernel window in backward, the masks
+    were bools multiplied into floats (a cast each) and the counts went through bool → int64 copies. Now the
+    comparisons write 0/1 straight into float tensors (`out=`), products run in place, and the step's θ term is a
+    matrix-vector product. `scripts/bench_train.py` (d_in 576, 16×, batch 4096, 2 CPU threads, 2026-12-06): the
+    step took 2.75–3.4 s against 0.8–1.0 s for its five matmuls (0.28–0.30 of that ceiling), now 1.34–1.73 s (0.54)."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        fired = torch.gt(z, theta, out=torch.empty_like(z))  # H(z − θ) as 0/1 in z's dtype, no bool to cast
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return z * (z > theta)
+        counts = fired.sum(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(counts)
+        return z * fired, fired.sum(-1), counts
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_f: Tensor, grad_l0: Tensor, _: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         z, theta = ctx.saved_tensors
-        eps = ctx.eps
-        in_window = ((z - theta).abs() < eps / 2).to(grad.dtype)
-        grad_theta = -(theta / eps) * (grad * in_window).sum(0)
-        return grad * (z > theta), grad_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(z − θ) for the L0 penalty; ∂/∂z := 0, ∂/∂θ := −(1/ε)·K((z − θ)/ε) (same source)."""
-
-    @staticmethod
-    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
-        z, theta = ctx.saved_tensors
-        eps = ctx.eps
-        in_window = ((z - theta).abs() < eps / 2).to(grad.dtype)
-        return None, -(grad * in_window).sum(0) / eps, None
+        u = z - theta
+        grad_z = torch.gt(u, 0, out=torch.empty_like(grad_f)).mul_(grad_f)
+        window = torch.lt(u.abs_(), ctx.eps / 2, out=u)  # K((z − θ)/ε), in place of z − θ
+        step_part = grad_l0.to(window.dtype) @ window
+        grad_theta = -(theta * window.mul_(grad_f).sum(0) + step_part) / ctx.eps
+        return grad_z, grad_theta.to(theta.dtype), None
 
 
 class JumpReLUSAE(SAE):
@@ -123,8 +120,8 @@ class JumpReLUSAE(SAE):
     unit_norm_decoder = True
     has_auxk = True
     dense_auxk_copies_bf16 = 0.4  # measured 0.33; in fp32 none (-0.03): the dense step's own peak comes later
-    dense_act_copies = 7.5  # measured 7.31: ReLU+L1's and the pseudo-derivatives' masks and products
-    dense_act_copies_bf16 = 4.0  # measured 3.92
+    dense_act_copies = 6.25  # measured 6.10 (7.31 before the STE was fused): f, the 0/1 mask, u = z − θ and the grads
+    dense_act_copies_bf16 = 4.0  # measured 3.39 (3.92 before the STE was fused; plan 1.15x the peak at 2048 x 65,536)
     init_workspace_bytes = 5 * 4 * INIT_CHUNK_ELEMENTS  # a chunk's fp32 pre-activations and the quantile's sorted
     # copies and int64 indices: 2.1 chunks measured with 65,536 sample rows, 4.2 with 4,096
     reference_steps = 200_000
@@ -210,7 +207,8 @@ class JumpReLUSAE(SAE):
             f = pre * mask  # the gradient reaches the kept pre-activations only
             x_hat = self._output_offset(f @ self.W_dec, x_n)
             mse = (x_hat - y_n).pow(2).sum(-1).mean()
-            return self._with_auxk(x_hat, f, mse, {"mse": mse.detach()}, pre, y_n, dead_mask, mask)
+            return self._with_auxk(x_hat, f, mse, {"mse": mse.detach()}, pre, y_n, dead_mask,
+                                   mask.sum(0, dtype=torch.float32))
         if self.cfg.target_l0 is not None:
             with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
                 self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
@@ -218,29 +216,27 @@ class JumpReLUSAE(SAE):
                 # then the L0 controller (class docstring): θ·(1 + rate·(L0 of the last step / target − 1))
                 error = torch.where(self.last_l0 >= 0, self.last_l0 / self.cfg.target_l0 - 1, 0)
                 self.threshold.mul_(1 + self.l0_control_rate * error).clamp_(min=0)
-        theta = self.active_threshold
-        f = _JumpReLU.apply(pre, theta, self.bandwidth)
-        fired = f.detach() > 0
+        f, row_l0, fire_counts = _JumpReLU.apply(pre, self.active_threshold, self.bandwidth)
+        l0_loss = row_l0.mean()
         if self.cfg.target_l0 is not None:
-            self.last_l0.copy_(self._sum_over_shards(fired.sum(-1).float().mean()))
+            self.last_l0.copy_(self._sum_over_shards(l0_loss.detach().float()))
         x_hat = self._output_offset(f @ self.W_dec, x_n)
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
-        l0_loss = _Step.apply(pre, theta, self.bandwidth).sum(-1).mean()
         if self.cfg.target_l0 is None:
             sparsity = l0_loss
         else:
             sparsity = (l0_loss / self.cfg.target_l0 - 1) ** 2
         loss = mse + penalty_scale * self.cfg.l0_coefficient * sparsity
         return self._with_auxk(x_hat, f, loss, {"mse": mse.detach(), "l0": l0_loss.detach()}, pre, y_n, dead_mask,
-                               fired)
+                               fire_counts)
 
-    def _with_auxk(self, x_hat, f, loss, losses, pre, y_n, dead_mask, active):  # type: ignore[no-untyped-def]
-        """The step's outputs, with AuxK on the dead latents added to ``loss`` (``active``: the latents that fired)."""
+    def _with_auxk(self, x_hat, f, loss, losses, pre, y_n, dead_mask, fire_counts):  # type: ignore[no-untyped-def]
+        """The step's outputs, with AuxK on the dead latents added to ``loss``."""
         n_dead = self._dead_total(dead_mask)
         if n_dead is not None and bool(n_dead > 0):  # the step's one host sync
             term, losses["auxk"] = self._auxk(self._aux_from(pre, dead_mask), y_n, x_hat, n_dead)
             loss = loss + term
-        return x_hat, f, loss, losses, active.sum(-1).float().mean(), active.sum(0)
+        return x_hat, f, loss, losses, fire_counts.sum() / len(f), fire_counts
 
     @torch.no_grad()
     def project_parameters(self) -> None:
