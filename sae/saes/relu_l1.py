@@ -67,9 +67,10 @@ class ReLUL1SAE(SAE):
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
         l1 = (f @ self.W_dec.norm(dim=1)).mean()
         loss = mse + penalty_scale * self.cfg.l1_coefficient * l1
-        # One pass over the dense [batch, d_sae] matrix gives both statistics (a bool mask and two
-        # typed sums cost ~9% of the step at 16x width).
-        fire_counts = torch.count_nonzero(f.detach(), dim=0)
+        # One pass over the dense [batch, d_sae] matrix gives both statistics: f ≥ 0, so sign(f) is 1 where a latent
+        # fired. count_nonzero(f, dim=0) took 155-170 ms of the 1.15 s step at d_in 576, 16x, batch 4096 on 2 CPU
+        # threads (a bool mask, then two copies to int64), these 63-73 ms (scripts/bench_train.py's shapes).
+        fire_counts = f.detach().sign().sum(0, dtype=torch.float32)
         l0 = fire_counts.sum() / len(f)
         losses = {"mse": mse.detach(), "l1": l1.detach()}
         return x_hat, f, loss, losses, l0, fire_counts
