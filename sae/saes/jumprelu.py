@@ -182,7 +182,7 @@ class JumpReLUSAE(SAE):
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
-        return pre * (pre > self.active_threshold)
+        return pre * torch.gt(pre, self.active_threshold, out=torch.empty_like(pre))  # a 0/1 float: no bool to cast
 
     @torch.no_grad()
     def _warmup_mask(self, pre: Tensor) -> Tensor:
