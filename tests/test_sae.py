@@ -203,9 +203,11 @@ def test_relu_l1_loss_by_hand():
     assert out.l0 == (f > 0).sum() / len(x)
 
 
-def test_jumprelu_pseudo_derivatives():
-    """∂L/∂θ from the rectangle-kernel STE, worked out by hand (Rajamanoharan et al. 2024)."""
-    sae, x = _fitted("jumprelu", bandwidth=0.5, init_threshold=0.3, l0_coefficient=2.0)
+@pytest.mark.parametrize("target_l0", [None, 6.0])
+def test_jumprelu_pseudo_derivatives(target_l0):
+    """∂L/∂θ from the rectangle-kernel STE, worked out by hand (Rajamanoharan et al. 2024), for the paper's λ·L0
+    and for dictionary_learning's λ·(L0/target − 1)²."""
+    sae, x = _fitted("jumprelu", bandwidth=0.5, init_threshold=0.3, l0_coefficient=2.0, target_l0=target_l0)
     out = sae.train_forward(x)
     x_n = sae.normalise(x)
     pre = (x_n @ sae.W_enc + sae.b_enc).detach()
@@ -218,8 +220,11 @@ def test_jumprelu_pseudo_derivatives():
     B = len(x)
     dL_df = (2 * (x_hat - x_n) / B) @ sae.W_dec.T.detach()
     window = ((pre - theta).abs() < 0.25).double()
-    dtheta = (dL_df * window * -(theta / 0.5)).sum(0) + 2.0 * (window * -(1 / 0.5)).sum(0) / B
+    l0 = (pre > theta).sum() / B
+    dpenalty_dl0 = 2.0 if target_l0 is None else 2.0 * 2 * (l0 / target_l0 - 1) / target_l0
+    dtheta = (dL_df * window * -(theta / 0.5)).sum(0) + dpenalty_dl0 * (window * -(1 / 0.5)).sum(0) / B
     assert torch.allclose(sae.threshold.grad, dtheta)
+    assert abs(dpenalty_dl0) > 0.1  # the penalty's term is in the check
     assert window.sum() > 0  # the check above is not vacuous
 
 

@@ -231,8 +231,8 @@ class ForwardOutput(NamedTuple):
     l0: Tensor
     """Mean number of active latents per token (detached scalar)."""
     fire_counts: Tensor
-    """Tokens in this batch on which each latent fired, int64 [d_sae]; feeds the trainer's
-    dead-latent tracker."""
+    """Tokens in this batch on which each latent fired, [d_sae] (int64, or float32 where summed from 0/1 floats: exact
+    below 2²⁴ rows); feeds the trainer's dead-latent tracker."""
 
 
 class SAE(nn.Module):

@@ -34,7 +34,7 @@ class _JumpReLU(torch.autograd.Function):
         ctx.eps = eps
         counts = fired.sum(0, dtype=torch.float32)
         ctx.mark_non_differentiable(counts)
-        return z * fired, fired.sum(-1), counts
+        return z * fired, fired.sum(-1, dtype=torch.float32), counts  # fp32: exact counts under bf16 autocast
 
     @staticmethod
     def backward(ctx: Any, grad_f: Tensor, grad_l0: Tensor, _: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
@@ -219,7 +219,7 @@ class JumpReLUSAE(SAE):
         f, row_l0, fire_counts = _JumpReLU.apply(pre, self.active_threshold, self.bandwidth)
         l0_loss = row_l0.mean()
         if self.cfg.target_l0 is not None:
-            self.last_l0.copy_(self._sum_over_shards(l0_loss.detach().float()))
+            self.last_l0.copy_(self._sum_over_shards(l0_loss.detach()))
         x_hat = self._output_offset(f @ self.W_dec, x_n)
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
         if self.cfg.target_l0 is None:
