@@ -13,6 +13,13 @@ INIT_CHUNK_ELEMENTS = 2**24
 """Pre-activations per chunk of the initialisation's quantile (64 MB in fp32; torch.quantile takes at most 2²⁴)."""
 
 
+def _above(z: Tensor, theta: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """H(z − θ) as 0/1 in `dtype`, written by the comparison itself: a bool mask multiplied into floats costs a cast
+    pass over the dense [batch, d_sae] matrix (104 ms against 45 ms for the float product, 4096 × 9216 on 2 CPU
+    threads)."""
+    return torch.gt(z, theta, out=torch.empty(z.shape, dtype=dtype, device=z.device))
+
+
 class _JumpReLU(torch.autograd.Function):
     """Training's JumpReLU in one pass over the pre-activations z [batch, d_sae]: the codes f = z·H(z − θ), each
     row's L0 Σᵢ H(zᵢ − θᵢ) for the L0 penalty, and each latent's fire count (no gradient), with the straight-through
@@ -29,7 +36,7 @@ class _JumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        fired = torch.gt(z, theta, out=torch.empty_like(z))  # H(z − θ) as 0/1 in z's dtype, no bool to cast
+        fired = _above(z, theta, z.dtype)
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
         counts = fired.sum(0, dtype=torch.float32)
@@ -40,7 +47,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx: Any, grad_f: Tensor, grad_l0: Tensor, _: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         z, theta = ctx.saved_tensors
         u = z - theta
-        grad_z = torch.gt(u, 0, out=torch.empty_like(grad_f)).mul_(grad_f)
+        grad_z = _above(u, 0, grad_f.dtype).mul_(grad_f)
         window = torch.lt(u.abs_(), ctx.eps / 2, out=u)  # K((z − θ)/ε), in place of z − θ
         step_part = grad_l0.to(window.dtype) @ window
         grad_theta = -(theta * window.mul_(grad_f).sum(0) + step_part) / ctx.eps
@@ -182,7 +189,7 @@ class JumpReLUSAE(SAE):
 
     def encode_normalised(self, x_n: Tensor) -> Tensor:
         pre = self.pre_acts(x_n)
-        return pre * torch.gt(pre, self.active_threshold, out=torch.empty_like(pre))  # a 0/1 float: no bool to cast
+        return pre * _above(pre, self.active_threshold, pre.dtype)
 
     @torch.no_grad()
     def _warmup_mask(self, pre: Tensor) -> Tensor:
