@@ -187,3 +187,16 @@ def test_the_model_runs_in_the_dtype_the_cache_was_harvested_in():
     recorded it keep float32."""
     assert cache_model_dtype(SimpleNamespace(manifest={"model_dtype": "bfloat16"})) == "bfloat16"
     assert cache_model_dtype(SimpleNamespace(manifest={})) == "float32"
+
+
+def test_eval_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys):
+    """`lm_loss_contexts=0` used to reach the model with an empty batch and end in a reshape traceback."""
+    from sae.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", f"out={out}", "lm_loss_contexts=0", "dense_threshold=2", "max_tokens=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for said in ("lm_loss_contexts=0 must be ≥ 1", "dense_threshold=2.0 must be in (0, 1]", "max_tokens=-1 must be ≥ 1"):
+        assert said in err, err
+    assert not out.exists()

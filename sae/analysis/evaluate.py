@@ -64,6 +64,14 @@ class EvalConfig:
     pca_fit_tokens: int = 50_000
     """Training rows the PCA baseline is fitted on (never the held-out rows it is scored on)."""
 
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)} must be ≥ 1" for k in ("max_tokens", "lm_loss_contexts", "batch_size",
+                                                                "pca_fit_tokens") if not getattr(self, k) >= 1]
+        if not 0 < self.dense_threshold <= 1:
+            bad.append(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
+        if bad:
+            raise UserError(f"eval: {'; '.join(bad)}")
+
 
 # --------------------------------------------------------------------------------------------- finding SAEs
 
