@@ -206,9 +206,13 @@ def test_relu_l1_loss_by_hand():
 @pytest.mark.parametrize("target_l0", [None, 6.0])
 def test_jumprelu_pseudo_derivatives(target_l0):
     """∂L/∂θ from the rectangle-kernel STE, worked out by hand (Rajamanoharan et al. 2024), for the paper's λ·L0
-    and for dictionary_learning's λ·(L0/target − 1)²."""
+    at λ = l0_coefficient and, with a target L0, at the controller's λ (held here: last L0 on target)."""
     sae, x = _fitted("jumprelu", bandwidth=0.5, init_threshold=0.3, l0_coefficient=2.0, target_l0=target_l0)
-    out = sae.train_forward(x)
+    lam = 2.0 if target_l0 is None else 1.5
+    if target_l0 is not None:
+        sae.l0_multiplier.fill_(lam)
+        sae.last_l0.fill_(target_l0)
+    out = sae.train_forward(x, penalty_scale=0.5)  # the trainer's warm-up of the penalty
     x_n = sae.normalise(x)
     pre = (x_n @ sae.W_enc + sae.b_enc).detach()
     theta = sae.threshold.detach()
@@ -220,11 +224,8 @@ def test_jumprelu_pseudo_derivatives(target_l0):
     B = len(x)
     dL_df = (2 * (x_hat - x_n) / B) @ sae.W_dec.T.detach()
     window = ((pre - theta).abs() < 0.25).double()
-    l0 = (pre > theta).sum() / B
-    dpenalty_dl0 = 2.0 if target_l0 is None else 2.0 * 2 * (l0 / target_l0 - 1) / target_l0
-    dtheta = (dL_df * window * -(theta / 0.5)).sum(0) + dpenalty_dl0 * (window * -(1 / 0.5)).sum(0) / B
+    dtheta = (dL_df * window * -(theta / 0.5)).sum(0) + 0.5 * lam * (window * -(1 / 0.5)).sum(0) / B
     assert torch.allclose(sae.threshold.grad, dtheta)
-    assert abs(dpenalty_dl0) > 0.1  # the penalty's term is in the check
     assert window.sum() > 0  # the check above is not vacuous
 
 
@@ -484,10 +485,25 @@ def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
     out = jr.train_forward(x)
     assert torch.all(jr.threshold == cut) and jr.warmup_threshold == 0
     assert float(out.l0) == pytest.approx(4, abs=0.05)  # the target L0 on the batch that set it
-    # The L0 controller: the next step scales every θ by 1 + rate·(last L0 / target − 1), up when L0 was too high.
+    # The L0 controller: λ starts at θ̄² (hard thresholding at √λ); then the next step scales every θ by
+    # 1 + rate·(last L0 / target − 1) and λ by 1 + its own rate·(same), both up when L0 was too high.
     assert float(jr.last_l0) == pytest.approx(float(out.l0))
+    assert float(jr.l0_multiplier) == pytest.approx(float(cut) ** 2)
     for last_l0 in (6.0, 2.0):
         jr.last_l0.fill_(last_l0)
-        theta = jr.threshold.detach().clone()
-        jr.train_forward(x)
+        theta, lam = jr.threshold.detach().clone(), float(jr.l0_multiplier)
+        out = jr.train_forward(x)
         assert torch.allclose(jr.threshold, theta * (1 + jr.l0_control_rate * (last_l0 / 4 - 1)))
+        assert float(jr.l0_multiplier) == pytest.approx(lam * (1 + jr.l0_multiplier_rate * (last_l0 / 4 - 1)))
+    # The penalty is λ·L0: λ times the STE's ∂L0/∂θᵢ = −(1/ε)·(tokens in latent i's window)/B on θ's gradient.
+    grads = []
+    for lam in (0.7, 0.0):
+        jr.last_l0.fill_(4.0)  # on target: the controller leaves θ and λ as they are
+        jr.l0_multiplier.fill_(lam)
+        jr.zero_grad()
+        jr.train_forward(x).loss.backward()
+        grads.append(jr.threshold.grad.clone())
+    pre = jr.pre_acts(jr.normalise(x)).detach()
+    window = ((pre - jr.threshold.detach()).abs() < jr.bandwidth / 2).sum(0) / len(x)
+    assert window.sum() > 0
+    assert torch.allclose(grads[0] - grads[1], -0.7 * window / jr.bandwidth, atol=1e-6)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import sae.training.train as train_module
 from sae.saes import SAE, SAEConfig, create_sae
@@ -235,12 +236,26 @@ def test_train_writes_loadable_saes(tmp_path, cache):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, cache, monkeypatch, patch_batches):
-    full = train(_cfg(tmp_path / "a", cache))
+    def cfg(root: Path, **kw) -> TrainConfig:
+        # ... and a JumpReLU with a target L0, whose threshold phase (after a warm-up of 2 of the 8 steps) spans the
+        # step-4 checkpoint: its L0 controller's state (λ, the last L0) must come back exactly.
+        base = _cfg(root, cache, topk_warmup_frac=0.25, **kw)
+        return dataclasses.replace(base, saes=[*base.saes, SAESpec("jumprelu", "h1", d_sae=64, target_l0=4.0,
+                                                                   name="jumprelu_target")])
+
+    full = train(cfg(tmp_path / "a"))
     patch_batches(interrupt_at=6)  # after the step-4 checkpoint, mid-way to the next
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "b", cache))
+        train(cfg(tmp_path / "b"))
     monkeypatch.undo()
-    resumed = train(_cfg(tmp_path / "b", cache, resume=True))
+    resumed = train(cfg(tmp_path / "b", resume=True))
+    assert len(full) == len(resumed) == 7
+    # The controller's state itself (θ̄² tracks λ closely enough that a λ reset to it moves the weights < 1e-6).
+    last = [load_file(root / "out" / "checkpoints" / "step_000000008" / "jumprelu_target.safetensors")
+            for root in (tmp_path / "a", tmp_path / "b")]
+    for name in ("model.l0_multiplier", "model.last_l0", "model.threshold"):
+        assert last[0][name].shape == last[1][name].shape and torch.allclose(last[0][name], last[1][name]), name
+    assert float(last[0]["model.l0_multiplier"]) > 0
 
     for a, b in zip(full, resumed):
         sa, sb = SAE.load(a).state_dict(), SAE.load(b).state_dict()

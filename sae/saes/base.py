@@ -71,11 +71,11 @@ class SAEConfig:
     """relu_l1: λ of the April-2024 penalty λ Σ fᵢ‖W_dec,ᵢ‖. Anthropic's λ = 5 is for uncentred inputs with
     E‖x‖² = d_in; ours are centred (see ``ReLUL1SAE`` for how 3 was chosen)."""
     l0_coefficient: float = 2.0
-    """jumprelu: weight λ of the L0 penalty (λ·L0, or λ·(L0/target_l0 − 1)² with target_l0)."""
+    """jumprelu without target_l0: weight λ of the paper's L0 penalty λ·L0 (with target_l0 the controller sets λ)."""
     target_l0: float | None = None
-    """jumprelu: None → the paper's λ·L0 penalty; a number → dictionary_learning's
-    λ·(L0/target_l0 − 1)², which steers L0 to target_l0, after a TopK warm-up at k = round(target_l0), with an L0
-    controller on θ that holds the training L0 at the target (see JumpReLUSAE)."""
+    """jumprelu: None → the paper's λ·L0 penalty at λ = l0_coefficient; a number → a TopK warm-up at
+    k = round(target_l0), then an L0 controller on θ and λ that holds the training L0 at the target (see
+    JumpReLUSAE)."""
     bandwidth: float | None = None
     """jumprelu: STE kernel width ε; None → 1.0, the spread of a unit encoder direction's pre-activation
     (see JumpReLUSAE)."""

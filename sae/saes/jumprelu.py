@@ -76,9 +76,8 @@ class JumpReLUSAE(SAE):
 
     Training recipe beyond the paper's loss:
 
-    * ``cfg.target_l0`` set → dictionary_learning's ``JumpReluTrainer`` sparsity loss
-      λ·(L0/target_l0 − 1)² (``trainers/jumprelu.py``), which holds L0 at the target rather
-      than trading it against MSE at a λ that must be searched for.
+    * ``cfg.target_l0`` set → the paper's λ·L0 with λ moved by the L0 controller below, which holds L0 at the
+      target rather than trading it against MSE at a λ that must be searched for.
     * Adam β₁ = 0, β₂ = 0.999 (Jumping Ahead's training details; also ``JumpReluTrainer``):
       the STE gradients of θ are sparse, noisy and sign-flipping, and momentum smears them.
     * b_enc starts so that each latent fires on ``init_fire_rate`` of the init sample (Anthropic, "Circuits
@@ -100,20 +99,36 @@ class JumpReLUSAE(SAE):
       first step after the warm-up every θ starts there, so L0 starts at the target. As for BatchTopK, the L0
       budget alone gives no latent to tokens whose features have none yet; on the CI-sized hard planted data this
       takes mean max cosine from 0.77 to 0.956 (with the lr below; ``BatchTopKSAE`` has other seeds).
-    * With ``target_l0``, an L0 controller after the warm-up: each step multiplies every θ by
-      1 + ``l0_control_rate``·(L0/target_l0 − 1), L0 being the previous step's batch L0 (``last_l0``, averaged over
-      data-parallel ranks like every buffer and summed over latent shards). The penalty alone did not hold the
-      target in short runs: the warm-up ends inside the lr decay (the last ``lr_decay_frac`` of the run), where Adam
-      moves θ by at most ~lr per step whatever λ is, while the encoder's gradient pushes the pre-activations of
-      latents that fire wrongly after the switch below θ. Measured with ``sae planted`` (L0 and FVU on fresh rows):
-      d_in 32, 512 features, target 3, 1M tokens: L0 2.04 at λ 2, 2.04 at λ 8 and 2.01 at λ 50 (FVU 0.299); with
-      the controller L0 2.96, FVU 0.249, mean max cosine 0.902 → 0.902. d_in 64, 1024 features, target 8, 2M
-      tokens: L0 6.14 → 8.09, FVU 0.257 → 0.227, cosine 0.934 → 0.932. SmolLM2-135M layer 15 (target 32, 4,608
-      latents, 300k tokens): training L0 28.0 → 32.2; held-out L0 33.2 → 38.6 and FVU 0.155 → 0.151 (the held-out
-      text fires more latents: BatchTopK at k 32 gives L0 34.2 there). Tried instead: θ in an Adam group of its
-      own without the lr decay held the planted targets (3.21, 9.27) but not SmolLM2's (training L0 34.6, held-out
-      41.9; 40.1 with λ 100: the reconstruction's pull on θ outweighs the penalty at d_in 576); per-latent θ at the
-      switch reproducing each latent's TopK fire count overshot (L0 5.41 of 3).
+    * With ``target_l0``, an L0 controller after the warm-up, in two parts, each driven by the error
+      e = L0/target_l0 − 1 of the previous step's batch L0 (``last_l0``, averaged over data-parallel ranks like every
+      buffer and summed over latent shards). Fast: every θ is multiplied by 1 + ``l0_control_rate``·e. A penalty
+      alone (dictionary_learning's λ·(L0/target − 1)², which this used before) did not hold the target in short
+      runs: the warm-up ends inside the lr decay (the last ``lr_decay_frac`` of the run), where Adam moves θ by at
+      most ~lr per step whatever λ is, while the encoder's gradient pushes the pre-activations of latents that fire
+      wrongly after the switch below θ. Measured with ``sae planted`` (L0 and
+      FVU on fresh rows): d_in 32, 512 features, target 3, 1M tokens: L0 2.04 at λ 2, 2.04 at λ 8 and 2.01 at λ 50
+      (FVU 0.299); with the θ controller L0 2.96, FVU 0.249. d_in 64, 1024 features, target 8, 2M tokens: L0 6.14
+      → 8.09, FVU 0.257 → 0.227. SmolLM2-135M layer 15 (target 32, 4,608 latents, 300k tokens): training L0 28.0 →
+      32.2; held-out L0 33.2 → 38.6 and FVU 0.155 → 0.151 (the held-out text fires more latents: BatchTopK at k 32
+      gives L0 34.2 there). Slow: the penalty is λ·L0 and λ is multiplied by 1 + ``l0_multiplier_rate``·e, from
+      λ = θ̄² at the switch (hard thresholding: with unit-norm decoder rows a code a lowers the squared error by
+      about a², so a latent is worth its λ when a > √λ, and θ̄ is where the warm-up's latents fired). The θ
+      controller alone collapsed long runs: with dictionary_learning's λ·(L0/target − 1)², which pushes nothing at
+      the target, θ's only gradient was the reconstruction's, lowering θ wherever a latent fires, so L0 sat above
+      the target and the controller raised every θ each step; Adam paid latents that fire every step back ~lr per
+      step, but a latent firing on a fraction p of steps only ~√p·lr (its normalised steps come when it fires), so
+      rare latents' θ climbed until they died. d_in 64, 1024 features, target 8, 2M tokens, warm-up 0.5 (a threshold
+      phase of 488 steps): dead latents 0 → 92% and training FVU 0.22 → 0.49 (fresh rows: FVU 0.486). With the
+      integral λ the reconstruction's pull on θ is balanced per latent, in the same units, so Adam's normalisation
+      cannot favour frequent latents: 27% dead at the end (the spare half of a dictionary twice the true one),
+      FVU 0.217, L0 8.07 (SmolLM2 layer 15 at that warm-up: dead 14.4% → 8.7%, held-out FVU 0.1441 both); λ alone
+      (no θ controller) let L0 sink to 6.5 at the default warm-up. At the default warm-up, where the threshold
+      phase is short, nothing changed: the same point (2M tokens; fresh rows) 0.947 / 0.220 / 8.11 (mean max cosine
+      / FVU / L0) → 0.947 / 0.221 / 8.07, SmolLM2 layer 15 (above, seed 0) held-out FVU 0.1500 → 0.1502, L0 39.2 → 39.1, dead 0.54% →
+      0.56%; docs/planted.md has the other grid points. Tried instead: θ in an
+      Adam group of its own without the lr decay held the planted targets (3.21, 9.27) but not SmolLM2's (training
+      L0 34.6, held-out 41.9; 40.1 with λ 100: the reconstruction's pull on θ outweighs the penalty at d_in 576);
+      per-latent θ at the switch reproducing each latent's TopK fire count overshot (L0 5.41 of 3).
     * AuxK on dead latents (Gao et al. §A.2, as in ``TopKFamily``), weight
       ``cfg.aux_coefficient``: a dead JumpReLU latent gets no gradient from either loss (its
       pre-activations sit outside the ε window), and AuxK gives it the residual to model.
@@ -143,8 +158,11 @@ class JumpReLUSAE(SAE):
     """Read by ``SAETrainer`` when it builds the optimiser (default (0.9, 0.999))."""
     init_fire_rate = 0.004
     l0_control_rate = 0.1
-    """With ``target_l0``, the L0 controller's gain: each step multiplies every θ by 1 + rate·(L0/target_l0 − 1),
-    L0 being the previous step's (see the class docstring)."""
+    """With ``target_l0``, the gain of the L0 controller's fast part: each step multiplies every θ by
+    1 + rate·(L0/target_l0 − 1), L0 being the previous step's (see the class docstring)."""
+    l0_multiplier_rate = 0.2
+    """With ``target_l0``, the gain of its slow part: each step multiplies the penalty's weight λ by
+    1 + rate·(L0/target_l0 − 1), so λ settles where the θ controller no longer has to push."""
 
     @staticmethod
     def warms_up(target_l0: float | None) -> bool:
@@ -158,6 +176,8 @@ class JumpReLUSAE(SAE):
         """The warm-up's running batch-wide threshold; > 0 until the first step after the warm-up copies it into θ."""
         self.register_buffer("last_l0", torch.full((), -1.0))
         """The previous step's batch L0 (all ranks and shards; -1: none yet), read by the L0 controller."""
+        self.register_buffer("l0_multiplier", torch.full((), -1.0))
+        """With ``target_l0``: λ, the L0 penalty's weight, which the L0 controller moves (-1: not started yet)."""
 
     @property
     def bandwidth(self) -> float:
@@ -220,20 +240,21 @@ class JumpReLUSAE(SAE):
             with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
                 self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
                 self.warmup_threshold.zero_()
-                # then the L0 controller (class docstring): θ·(1 + rate·(L0 of the last step / target − 1))
+                # then the L0 controller (class docstring): θ and λ each times 1 + rate·(last step's L0 / target − 1),
+                # λ from θ̄² at its first step
                 error = torch.where(self.last_l0 >= 0, self.last_l0 / self.cfg.target_l0 - 1, 0)
                 self.threshold.mul_(1 + self.l0_control_rate * error).clamp_(min=0)
+                start = (self._sum_over_shards(self.active_threshold.sum()) / self.total_latents).float().square()
+                self.l0_multiplier.copy_(torch.where(self.l0_multiplier < 0, start,
+                                                     self.l0_multiplier * (1 + self.l0_multiplier_rate * error)))
         f, row_l0, fire_counts = _JumpReLU.apply(pre, self.active_threshold, self.bandwidth)
         l0_loss = row_l0.mean()
         if self.cfg.target_l0 is not None:
             self.last_l0.copy_(self._sum_over_shards(l0_loss.detach()))
         x_hat = self._output_offset(f @ self.W_dec, x_n)
         mse = (x_hat - y_n).pow(2).sum(-1).mean()
-        if self.cfg.target_l0 is None:
-            sparsity = l0_loss
-        else:
-            sparsity = (l0_loss / self.cfg.target_l0 - 1) ** 2
-        loss = mse + penalty_scale * self.cfg.l0_coefficient * sparsity
+        weight = self.cfg.l0_coefficient if self.cfg.target_l0 is None else self.l0_multiplier
+        loss = mse + penalty_scale * weight * l0_loss
         return self._with_auxk(x_hat, f, loss, {"mse": mse.detach(), "l0": l0_loss.detach()}, pre, y_n, dead_mask,
                                fire_counts)
 
