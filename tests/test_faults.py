@@ -59,6 +59,8 @@ def refused(capsys, *argv: str) -> str:
     ("architecture: topk, aux_coefficient: -0.5, aux_k: 0", r"aux_coefficient=-0.5 must be ≥ 0; aux_k=0 must be > 0 \(or unset\)$"),
     ("architecture: topk, expansion_factor: 0", r"expansion_factor=0 must be > 0"),
     ("architecture: topk, d_sae: 0", r"d_sae=0 must be > 0$"),
+    ("architecture: jumprelu, target_l0: 8, l0_coefficient: 5",
+     r"l0_coefficient=5 has no effect with target_l0=8 \(the L0 controller sets the penalty's weight\); drop one$"),
     ("architecture: matryoshka_batchtopk, expansion_factor: 2, k: 4, matryoshka_widths: [16, 32]",
      r"matryoshka_widths=\[16, 32\] must be strictly increasing, ≥ 1 and end at d_sae=64$"),
 ])

@@ -101,6 +101,10 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
         if self.d_sae is None and self.expansion_factor <= 0:
             raise TrainError(f"SAE {self.run_name}: expansion_factor={self.expansion_factor} must be > 0 "
                              "(the width is expansion_factor × d_in)")
+        unused = self.target_l0 is not None and self.l0_coefficient != SAEConfig.l0_coefficient
+        if self.architecture == "jumprelu" and unused:
+            raise TrainError(f"SAE {self.run_name}: l0_coefficient={self.l0_coefficient:g} has no effect with "
+                             f"target_l0={self.target_l0:g} (the L0 controller sets the penalty's weight); drop one")
 
     @property
     def run_name(self) -> str:
