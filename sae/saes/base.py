@@ -562,6 +562,11 @@ class SAE(nn.Module):
     then its share of the one-process loss on the global batch, so the ranks' mean gradient is that loss's gradient
     (with per-rank energies, 2 gloo ranks ended 0.41 (max abs) from 1 process on SmolLM2, issue 19)."""
 
+    gather_over_ranks: Callable[[Tensor], Tensor] = staticmethod(lambda t: t.unsqueeze(0))
+    """Every data-parallel rank's copy of a per-rank tensor, stacked [ranks, *shape]: one in one process;
+    ``sae.training.trainer.SAETrainer`` sets an all-gather for a data-parallel job. For a batch statistic no mean
+    of per-rank values gives (JumpReLU's warm-up cut, a quantile of the global batch)."""
+
     def _sum_over_shards(self, t: Tensor) -> Tensor:
         """A sum over latents completed across latent shards: the identity here, where this process holds every
         latent (``sae.training.sharded`` overrides it, and ``_encoder_b_dec``, to shard the latents across processes)."""
