@@ -200,3 +200,21 @@ def test_eval_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys):
     for said in ("lm_loss_contexts=0 must be ≥ 1", "dense_threshold=2.0 must be in (0, 1]", "max_tokens=-1 must be ≥ 1"):
         assert said in err, err
     assert not out.exists()
+
+
+def test_eval_refuses_an_out_folder_holding_files_it_did_not_write(tmp_path, capsys):
+    """An eval.json (or plot) of the user's own in out= would be replaced: refused before any work, files intact."""
+    from sae.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "eval.json").write_text("my notes")
+    (out / "pareto.png").write_text("my plot")
+    assert main(["eval", f"out={out}", f"cache={tmp_path / 'no_cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval.json, pareto.png that `sae eval` did not write" in err, err
+    assert (out / "eval.json").read_text() == "my notes" and (out / "pareto.png").read_text() == "my plot"
+    # An eval.json of ours (a finished eval) is no obstacle: the same check passes it.
+    (out / "eval.json").write_text(json.dumps({"cache": "c", "saes": [], "pca": {}}))
+    assert main(["eval", f"out={out}", f"cache={tmp_path / 'no_cache'}"]) == 2
+    assert "did not write" not in capsys.readouterr().err
