@@ -71,7 +71,8 @@ class SAEConfig:
     """relu_l1: λ of the April-2024 penalty λ Σ fᵢ‖W_dec,ᵢ‖. Anthropic's λ = 5 is for uncentred inputs with
     E‖x‖² = d_in; ours are centred (see ``ReLUL1SAE`` for how 3 was chosen)."""
     l0_coefficient: float = 2.0
-    """jumprelu without target_l0: weight λ of the paper's L0 penalty λ·L0 (with target_l0 the controller sets λ)."""
+    """jumprelu without target_l0: weight λ of the paper's L0 penalty λ·L0 (with target_l0 the L0 controller sets
+    λ)."""
     target_l0: float | None = None
     """jumprelu: None → the paper's λ·L0 penalty at λ = l0_coefficient; a number → a TopK warm-up at
     k = round(target_l0), then an L0 controller on θ and λ that holds the training L0 at the target (see

@@ -105,10 +105,10 @@ class JumpReLUSAE(SAE):
       alone (dictionary_learning's λ·(L0/target − 1)², which this used before) did not hold the target in short
       runs: the warm-up ends inside the lr decay (the last ``lr_decay_frac`` of the run), where Adam moves θ by at
       most ~lr per step whatever λ is, while the encoder's gradient pushes the pre-activations of latents that fire
-      wrongly after the switch below θ. Measured with ``sae planted`` (L0 and
-      FVU on fresh rows): d_in 32, 512 features, target 3, 1M tokens: L0 2.04 at λ 2, 2.04 at λ 8 and 2.01 at λ 50
-      (FVU 0.299); with the θ controller L0 2.96, FVU 0.249. d_in 64, 1024 features, target 8, 2M tokens: L0 6.14
-      → 8.09, FVU 0.257 → 0.227. SmolLM2-135M layer 15 (target 32, 4,608 latents, 300k tokens): training L0 28.0 →
+      wrongly after the switch below θ. Measured with ``sae planted`` (L0 and FVU on fresh rows): d_in 32, 512
+      features, target 3, 1M tokens: L0 2.04 at λ 2, 2.04 at λ 8 and 2.01 at λ 50 (FVU 0.299); with the θ
+      controller L0 2.96, FVU 0.249. d_in 64, 1024 features, target 8, 2M tokens: L0 6.14 → 8.09, FVU 0.257 →
+      0.227. SmolLM2-135M layer 15 (target 32, 4,608 latents, 300k tokens): training L0 28.0 →
       32.2; held-out L0 33.2 → 38.6 and FVU 0.155 → 0.151 (the held-out text fires more latents: BatchTopK at k 32
       gives L0 34.2 there). Slow: the penalty is λ·L0 and λ is multiplied by 1 + ``l0_multiplier_rate``·e, from
       λ = θ̄² at the switch (hard thresholding: with unit-norm decoder rows a code a lowers the squared error by
@@ -124,11 +124,11 @@ class JumpReLUSAE(SAE):
       FVU 0.217, L0 8.07 (SmolLM2 layer 15 at that warm-up: dead 14.4% → 8.7%, held-out FVU 0.1441 both); λ alone
       (no θ controller) let L0 sink to 6.5 at the default warm-up. At the default warm-up, where the threshold
       phase is short, nothing changed: the same point (2M tokens; fresh rows) 0.947 / 0.220 / 8.11 (mean max cosine
-      / FVU / L0) → 0.947 / 0.221 / 8.07, SmolLM2 layer 15 (above, seed 0) held-out FVU 0.1500 → 0.1502, L0 39.2 → 39.1, dead 0.54% →
-      0.56%; docs/planted.md has the other grid points. Tried instead: θ in an
-      Adam group of its own without the lr decay held the planted targets (3.21, 9.27) but not SmolLM2's (training
-      L0 34.6, held-out 41.9; 40.1 with λ 100: the reconstruction's pull on θ outweighs the penalty at d_in 576);
-      per-latent θ at the switch reproducing each latent's TopK fire count overshot (L0 5.41 of 3).
+      / FVU / L0) → 0.947 / 0.221 / 8.07, SmolLM2 layer 15 (above, seed 0) held-out FVU 0.1500 → 0.1502, L0 39.2
+      → 39.1, dead 0.54% → 0.56%; docs/planted.md has the other grid points. Tried instead: θ in an Adam group of
+      its own without the lr decay held the planted targets (3.21, 9.27) but not SmolLM2's (training L0 34.6,
+      held-out 41.9; 40.1 with λ 100: the reconstruction's pull on θ outweighs the penalty at d_in 576); per-latent
+      θ at the switch reproducing each latent's TopK fire count overshot (L0 5.41 of 3).
     * AuxK on dead latents (Gao et al. §A.2, as in ``TopKFamily``), weight
       ``cfg.aux_coefficient``: a dead JumpReLU latent gets no gradient from either loss (its
       pre-activations sit outside the ε window), and AuxK gives it the residual to model.
@@ -223,7 +223,7 @@ class JumpReLUSAE(SAE):
         # Over the global batch under data parallelism (the mean of the ranks' cuts is not the batch's: 2 ranks left
         # W_enc 0.003–0.005 (max abs) from 1 process 10 steps past the switch; `tests/test_distributed.py`).
         cand = pre.topk(min(pre.shape[1], 4 * k), dim=-1)
-        flat = self.gather_over_ranks(cand.values.detach()).flatten()
+        flat = self.gather_over_ranks(cand.values).flatten()
         rows = flat.numel() // cand.values.shape[1]
         cut = flat.kthvalue(flat.numel() - k * rows + 1).values.to(self.warmup_threshold.dtype).clamp_min(1e-6)
         self.warmup_threshold.copy_(torch.where(self.warmup_threshold > 0,
@@ -243,8 +243,8 @@ class JumpReLUSAE(SAE):
             with torch.no_grad():  # the first step after a warm-up: every θ starts at its batch-wide threshold
                 self.threshold.copy_(torch.where(self.warmup_threshold > 0, self.warmup_threshold, self.threshold))
                 self.warmup_threshold.zero_()
-                # then the L0 controller (class docstring): θ and λ each times 1 + rate·(last step's L0 / target − 1),
-                # λ from θ̄² at its first step
+                # then the L0 controller (class docstring): θ and λ each times 1 + rate·(last step's L0 / target
+                # − 1), λ from θ̄² at its first step
                 error = torch.where(self.last_l0 >= 0, self.last_l0 / self.cfg.target_l0 - 1, 0)
                 self.threshold.mul_(1 + self.l0_control_rate * error).clamp_(min=0)
                 start = (self._sum_over_shards(self.active_threshold.sum()) / self.total_latents).float().square()

@@ -217,7 +217,7 @@ class SAETrainer:
             weights.setdefault("warmup_threshold", torch.zeros_like(self.sae.warmup_threshold))
         if hasattr(self.sae, "last_l0"):  # ... or before its L0 controller: no L0 recorded yet
             weights.setdefault("last_l0", torch.full_like(self.sae.last_l0, -1.0))
-            # ... or before its λ: the threshold phase goes on with λ·L0, λ from θ̄² (JumpReLUSAE's L0 controller)
+            # ... or before its λ: the threshold phase goes on with λ·L0, λ from θ̄² (JumpReLUSAE's controller)
             weights.setdefault("l0_multiplier", torch.full_like(self.sae.l0_multiplier, -1.0))
         self.sae.load_state_dict(weights)
         self.sae.sync_cfg_scales()
