@@ -63,6 +63,20 @@ def test_an_epoch_serves_every_training_row_once(tmp_path):
     assert sorted(map(tuple, epoch.long().tolist())) == sorted(train)
 
 
+
+def test_a_batch_longer_than_several_epochs_serves_whole_epochs(tmp_path):
+    """A cache smaller than one batch (`sae planted tokens=10` is one context): the batch spans several epochs, and
+    each of them is every training row once (it ended in a KeyError: the epochs' plans were dropped while in use)."""
+    store = identity_cache(tmp_path, contexts=2, contexts_per_shard=1)
+    rows = store.n_train_rows
+    reader = store.shuffled(["ids"], 5 * rows, seed=1, shuffle_rows=16)
+    batch = next(reader)["ids"].long()
+    reader.close()
+    train = sorted(map(tuple, batch[:rows].tolist()))
+    assert len(set(train)) == rows
+    for epoch in range(5):
+        assert sorted(map(tuple, batch[epoch * rows : (epoch + 1) * rows].tolist())) == train
+
 def mixing(batches: list[torch.Tensor], shard_of: torch.Tensor) -> dict[str, float]:
     """How mixed consecutive batches of context ids are: distinct contexts per batch, contexts shared by one batch
     and the next, and the lag-1 correlation of the batches' mean shard index."""

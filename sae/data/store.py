@@ -851,8 +851,8 @@ class ShuffledReader:
             order = torch.randperm(len(self.shard_rows), generator=g).tolist()
             groups = [order[i : i + self.group_shards] for i in range(0, len(order), self.group_shards)]
             self._plans[epoch] = [(shards, sum(self.shard_rows[i] for i in shards)) for shards in groups]
-            if len(self._plans) > 2:
-                del self._plans[min(self._plans)]
+            if len(self._plans) > 2:  # a batch longer than an epoch asks for an older epoch after newer ones
+                del self._plans[min(e for e in self._plans if e != epoch)]
         return self._plans[epoch]
 
     def _locate(self, position: int) -> tuple[tuple[int, int], int, int]:
