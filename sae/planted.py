@@ -24,8 +24,9 @@ from torch import Tensor
 from sae.config import HelpSections, UserError
 from sae.analysis.evaluate import fit_pca, fvu, pca_fvu_curve
 from sae.saes import SAE
-from sae.data.store import ActivationStore, CacheWriter, atomic_write_json
-from sae.training.train import SAESpec, TrainConfig, default_batch_size, train
+from sae.data.store import (ActivationStore, CacheWriter, atomic_write_json, check_output_folder,
+                            check_report_is_ours, folder_lock)
+from sae.training.train import MIN_BATCH, SAESpec, TrainConfig, default_batch_size, train
 
 HOOK = "planted"
 """The hook name of the planted cache (its only one)."""
@@ -90,6 +91,8 @@ class PlantedConfig:
                                                                  "noise") if not getattr(self, k) >= 0]
         if not 0 <= self.correlation < 1:
             bad.append(f"correlation={self.correlation} must be in [0, 1)")
+        if self.tokens < MIN_BATCH:
+            bad.append(f"tokens={self.tokens} must be at least {MIN_BATCH} (one training batch)")
         if self.l0 > self.n_features:
             bad.append(f"l0={self.l0} must be at most n_features={self.n_features}")
         if bad:
@@ -194,7 +197,7 @@ def write_cache(cfg: PlantedConfig, data: PlantedData, path: Path) -> Path:
     per_shard = max(1, min(contexts, 65536 // CONTEXT_SIZE))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "saes", "eval_tokens")}
     meta = {"model": "planted", "hooks": {HOOK: cfg.d_in}, "dtype": "float32", "context_size": CONTEXT_SIZE,
-            "exclude_first": False, "eval_fraction": 0.0, "planted": settings}
+            "exclude_first": False, "eval_fraction": 0.0, "max_contexts": contexts, "planted": settings}
     writer = CacheWriter(path, meta, contexts_per_shard=per_shard)
     try:
         if writer.complete:
@@ -275,11 +278,17 @@ def _score(name: str, dictionary: Tensor, W_dec: Tensor | None, x: Tensor, x_hat
                  float(pca_curve[min(len(pca_curve) - 1, round(l0))]))
 
 
-@torch.no_grad()
 def run_planted(cfg: PlantedConfig) -> list[Score]:
     """Write the planted cache, train the SAEs on it with `sae train`, and score them (and PCA, and the reference
     loop) on fresh rows; the scores are also written to ``out/planted.json``."""
-    out = Path(cfg.out)
+    out = check_output_folder(cfg.out)
+    check_report_is_ours(out, "planted.json", {"config", "scores"}, "sae planted")
+    with folder_lock(out, "sae planted"):
+        return _run_planted(cfg, out)
+
+
+@torch.no_grad()
+def _run_planted(cfg: PlantedConfig, out: Path) -> list[Score]:
     data = cfg.data()
     cache = write_cache(cfg, data, out / "cache")
     specs = cfg.specs()

@@ -225,6 +225,48 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_work(stage, b
     assert (tmp_path / "taken").read_text() == "a user's file"
 
 
+def test_planted_refuses_a_file_a_foreign_report_and_too_few_tokens_before_work(tmp_path, capsys):
+    """`sae planted` out= naming a file was a NotADirectoryError once the data was drawn; a planted.json of the user's
+    was replaced; tokens below one training batch ended in a traceback after training. Each is one line now, and
+    the user's files are left as they were."""
+    (tmp_path / "taken").write_text("a user's file")
+    line = refused(capsys, "planted", f"out={tmp_path / 'taken'}", "tokens=1000")
+    assert line.endswith(f"{tmp_path / 'taken'} is a file, not a folder; name a folder"), line
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "planted.json").write_text('{"my": "results"}')
+    line = refused(capsys, "planted", f"out={mine}", "tokens=1000")
+    assert line.endswith(f"out={mine} already holds planted.json that `sae planted` did not write; use a new or "
+                         "empty folder (out=...), nothing was changed"), line
+    assert (mine / "planted.json").read_text() == '{"my": "results"}' and len(list(mine.iterdir())) == 1
+    line = refused(capsys, "planted", f"out={tmp_path / 'few'}", "tokens=100")
+    assert line.endswith("tokens=100 must be at least 256 (one training batch)"), line
+    assert (tmp_path / "taken").read_text() == "a user's file" and not (tmp_path / "few").exists()
+
+
+@pytest.mark.parametrize("stage", ["harvest", "planted"])
+def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(stage, tiny_llama, text_dir, hook, tmp_path, capsys,
+                                                                monkeypatch):
+    """`sae planted tokens=10¹²` wrote until the disk was full. The contexts still to write, at their stored size,
+    are checked against the free space first (here the disk reports 64 KiB free): one line, nothing written."""
+    import collections
+
+    import sae.data.store as store
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**16, 2**16))
+    out = tmp_path / "out"
+    args = (tiny_harvest_args(tiny_llama, text_dir, hook, out) if stage == "harvest"
+            else ["planted", f"out={out}", "tokens=20000"])  # 20,032 rows of d_in 64: 5.4 MB
+    line = refused(capsys, *args)
+    assert re.search(rf"this cache needs \S+ MiB more but {re.escape(str(out))}(/cache)? has 0.1 MiB free; ask for fewer "
+                     r"tokens, or free space \(or use another folder\) first$", line), line
+    assert not out.exists()
+    monkeypatch.undo()
+    if stage == "harvest":  # with room, the same command runs
+        assert cli_main(args) == 0 and ActivationStore(out).complete
+
+
 @pytest.mark.parametrize("stage", ["harvest", "train", "eval", "analyse", "explain"])
 def test_a_folder_in_use_is_refused_naming_its_writer(stage, tiny_cache, tiny_llama, text_dir, hook, saved_sae,
                                                       tmp_path, capsys):

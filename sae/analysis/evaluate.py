@@ -12,7 +12,6 @@ as its baseline, the least-squares linear map of the same rank from its input to
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from contextlib import nullcontext
@@ -482,10 +481,12 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
 def evaluate(cfg: EvalConfig) -> dict:
     """Load the cache, the SAEs and the model, evaluate, and write `<out>/eval.json` plus the plots."""
     from sae.data.model import load_model, pick_device
-    from sae.data.store import check_output_folder, folder_lock
+    from sae.data.store import check_output_folder, check_report_is_ours, folder_lock
 
     check_output_folder(cfg.out)
-    check_not_theirs(Path(cfg.out))
+    out = Path(cfg.out)
+    check_report_is_ours(out, "eval.json", {"cache", "saes", "pca"}, "sae eval",
+                         [out / "pareto.png", *out.glob("density_*.png")])
     with folder_lock(cfg.out, "sae eval"):
         store = ActivationStore(cfg.cache)
         device = pick_device(cfg.device)
@@ -495,21 +496,6 @@ def evaluate(cfg: EvalConfig) -> dict:
             check_matches(sae, store, name)
         model, _ = load_model(store.model_name, str(device), cache_model_dtype(store))
         return evaluate_saes(cfg, store, saes, model)
-
-
-def check_not_theirs(out: Path) -> None:
-    """Refuse, before any work, an out folder whose eval.json or plots `sae eval` did not write (they would be
-    replaced): an eval.json is ours if it parses with our top-level keys, and the plots beside it go with it."""
-    report = out / "eval.json"
-    try:
-        ours = report.is_file() and {"cache", "saes", "pca"} <= set(json.loads(report.read_text()))
-    except (ValueError, TypeError, OSError):
-        ours = False
-    plots = sorted(p.name for p in [out / "pareto.png", *out.glob("density_*.png")] if p.exists())
-    theirs = [name for name in ["eval.json"] * report.exists() + plots if not ours]
-    if theirs:
-        raise UserError(f"out={out} already holds {', '.join(theirs)} that `sae eval` did not write; evaluate into a "
-                        "new or empty folder (out=...), nothing was changed")
 
 
 def cache_model_dtype(store: ActivationStore) -> str:

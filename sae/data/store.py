@@ -146,19 +146,43 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
         os.close(fd)
 
 
+def human_bytes(n: float) -> str:
+    """A size for a message: GiB from one GiB up, MiB below."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself if it exists, else the nearest folder above it that does (what a write there would meet)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output_folder(path: str | Path, key: str = "out") -> Path:
     """Refuse, before any work starts, an output folder that cannot be written: a file at its path or above it, or a
     read-only place (a read-only mount refuses even root). One line naming the setting, instead of an OSError
     traceback once the work is done."""
     path = Path(path)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(path)
     if not probe.is_dir():
         raise UserError(f"{key}={path}: {probe} is a file, not a folder; name a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{key}={path}: {probe} is not writable (read-only, or no permission); choose another folder")
     return path
+
+
+def check_report_is_ours(out: Path, report: str, keys: set[str], command: str, beside: list[Path] = ()) -> None:
+    """Refuse, before any work, an out folder whose `report` (a JSON file) `command` did not write, as it would be
+    replaced: ours parses with our top-level `keys`. Files `beside` it (plots) go with it: theirs if it is."""
+    path = out / report
+    try:
+        ours = path.is_file() and keys <= set(json.loads(path.read_text()))
+    except (ValueError, TypeError, OSError):
+        ours = False
+    theirs = [name for name in [report] * path.exists() + sorted(p.name for p in beside if p.exists()) if not ours]
+    if theirs:
+        raise UserError(f"out={out} already holds {', '.join(theirs)} that `{command}` did not write; use a new or "
+                        "empty folder (out=...), nothing was changed")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -964,8 +988,6 @@ class CacheWriter:
 
     def __init__(self, path: str | Path, meta: dict[str, Any], contexts_per_shard: int):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path)
         self.file = self.path / MANIFEST
         meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
         if self.file.exists():
@@ -979,11 +1001,29 @@ class CacheWriter:
             self.manifest = {**meta, "shards": [], "complete": False}
         self.contexts_per_shard = contexts_per_shard
         self.hooks = list(meta["hooks"])
+        self._check_space()
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)
         self._pending: dict[str, list[Tensor]] = {}
         self._pending_contexts = 0
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._futures: list[Future] = []
         self._next_index = len(self.manifest["shards"])
+
+    def _check_space(self) -> None:
+        """Refuse, before the first shard, a cache the disk cannot hold: the contexts still to write (the manifest's
+        `max_contexts`) at their stored size (the layout above) against the free space (`sae planted tokens=10¹²`
+        wrote until the disk was full). Nothing is written; the same command runs once there is room."""
+        m = self.manifest
+        todo = m.get("max_contexts", 0) - self.contexts_done
+        if m["complete"] or todo <= 0:
+            return
+        rows = m["context_size"] - int(m["exclude_first"])
+        per_context = rows * (sum(m["hooks"].values()) * DTYPES[m["dtype"]].itemsize + 12) + m["context_size"] * 4
+        need, free = todo * per_context, shutil.disk_usage(existing_ancestor(self.path)).free
+        if need > free:
+            raise DiskFullError(f"this cache needs {human_bytes(need)} more but {self.path} has {human_bytes(free)} "
+                                "free; ask for fewer tokens, or free space (or use another folder) first")
 
     @property
     def complete(self) -> bool:

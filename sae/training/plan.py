@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sae.config import UserError
+from sae.data.store import human_bytes
 from sae.saes import SAE_CLASSES, dense_auxk
 
 STEP_PARAM_COPIES = 5.25
@@ -101,10 +102,11 @@ class SAECost:
 
     def describe(self) -> str:
         p = self.params()
-        init = f"; initial fit {size(self.init_bytes())}" if self.init_bytes() > self.step_bytes() else ""
-        return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {size(4 * p)} weights + "
-                f"{size(8 * p)} Adam + {size(4 * p)} gradients + {size(4 * (STEP_PARAM_COPIES - 4) * p)} step "
-                f"temporaries + {size(self.activation_bytes())} activations (batch {self.batch}){init}")
+        init = f"; initial fit {human_bytes(self.init_bytes())}" if self.init_bytes() > self.step_bytes() else ""
+        return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {human_bytes(4 * p)} weights + "
+                f"{human_bytes(8 * p)} Adam + {human_bytes(4 * p)} gradients + "
+                f"{human_bytes(4 * (STEP_PARAM_COPIES - 4) * p)} step temporaries + "
+                f"{human_bytes(self.activation_bytes())} activations (batch {self.batch}){init}")
 
 
 def step_precision(device: torch.device) -> str:
@@ -116,10 +118,6 @@ def step_precision(device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-
-
-def size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -151,8 +149,9 @@ def check_fits(costs: list[SAECost], device: torch.device, free: int | None = No
     fits = _widest(big, budget - rest)
     hint = (f"{big.name} would fit with d_sae ≤ {fits:,} (expansion_factor ≤ {fits // big.d_in})" if fits > 0
             else "even the smallest width does not fit beside the other SAEs")
-    raise PlanError(f"the SAEs and their data need ≈ {size(need)} on {device} but {size(free)} is free; {hint}; "
-                    "or lower batch_size, or spread a sweep over processes with torchrun and distribute_saes=true")
+    raise PlanError(f"the SAEs and their data need ≈ {human_bytes(need)} on {device} but {human_bytes(free)} is "
+                    f"free; {hint}; or lower batch_size, or spread a sweep over processes with torchrun and "
+                    "distribute_saes=true")
 
 
 def _widest(cost: SAECost, budget: float) -> int:

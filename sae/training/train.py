@@ -34,7 +34,8 @@ from sae.data.ahead import ahead
 from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
 from sae.data.source import CacheSource, ModelSource, Source, check_split
-from sae.data.store import DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported, folder_lock
+from sae.data.store import (DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported,
+                            folder_lock, human_bytes)
 from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError, topk_warmup_steps
 
 CHECKPOINT_DIR = "checkpoints"
@@ -609,7 +610,7 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
               f"of {lay.batch_size}{mode} on {device} ({plan.step_precision(device)})")
         fast = {n: f" ({', '.join(c.fast_biases)} ×√d_in)" if c.fast_biases else "" for n, c in configs.items()}
         print("\n".join(c.describe() + f", lr {lrs[c.name]:.3g}{fast[c.name]}" for c in costs))
-        print(f"  data ({cfg.source}) on {device}: {plan.size(data_bytes)}")
+        print(f"  data ({cfg.source}) on {device}: {human_bytes(data_bytes)}")
 
     trainers: dict[str, SAETrainer] = {}
     for i, (name, sae_cfg) in zip(lay.mine, configs.items()):
