@@ -83,6 +83,25 @@ def test_train_refuses_a_topk_warmup_with_no_steps_after_it(value, tiny_cache, t
     assert err.endswith("steps after the warm-up to set its thresholds") and f"topk_warmup_frac={float(value)}" in err
 
 
+@pytest.mark.parametrize("theirs", ['{"my": "settings"}', "not json at all"])
+def test_train_refuses_an_sae_folder_whose_cfg_json_is_not_an_saes_before_work(theirs, tiny_cache, hook, tmp_path,
+                                                                              capsys):
+    """`name: mine` into an out/ whose mine/ holds the user's own cfg.json: it was replaced by the SAE's at the end
+    of the run. Refused before any work now, the file intact; a folder an earlier run saved is still replaced."""
+    out = tmp_path / "saes"
+    (out / "mine").mkdir(parents=True)
+    (out / "mine" / "cfg.json").write_text(theirs)
+    args = ["train", f"cache={tiny_cache}", f"out={out}", "batch_size=64", "total_tokens=128", "wandb_mode=disabled",
+            f"saes=[{{architecture: topk, expansion_factor: 2, k: 4, hook: {hook}, name: mine}}]"]
+    line = refused(capsys, *args)
+    assert line.endswith(f"cannot save an SAE to {out / 'mine'}: saving replaces the folder, and it holds other files "
+                         "(a cfg.json that is not an SAE's); save to a new or empty folder"), line
+    assert (out / "mine" / "cfg.json").read_text() == theirs and sorted(p.name for p in out.iterdir()) == ["mine"]
+    (out / "mine" / "cfg.json").unlink()
+    assert cli_main(args) == 0 and cli_main([*args, "overwrite=true"]) == 0  # ours, replaced by the second run
+    assert (out / "mine" / "sae_weights.safetensors").is_file()
+
+
 # ----- a damaged manifest ---------------------------------------------------------------------------------------
 
 

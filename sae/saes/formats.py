@@ -77,7 +77,7 @@ def saelens_cfg_json(fields: dict[str, Any], architecture: str, fitted_scale: fl
 def write_saelens(path: Path, cfg_json: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
     """Write the folder whole or not at all (a crash never pairs new weights with an old cfg), replacing an SAE folder
     already there and refusing any other."""
-    _check_replaceable(path)
+    check_replaceable(path)
     with atomic_folder(path) as tmp:
         (tmp / WEIGHTS_FILENAME).write_bytes(save_bytes(tensors))
         (tmp / CFG_FILENAME).write_text(json.dumps(cfg_json, indent=2))
@@ -164,11 +164,18 @@ def read_saelens_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _check_replaceable(path: Path) -> None:
-    """Saving replaces the whole folder, so refuse one that holds anything besides an SAE's own files."""
+def check_replaceable(path: Path) -> None:
+    """Saving replaces the whole folder, so refuse one that holds anything besides an SAE's own files, or a cfg.json
+    that is not an SAE's settings (a user's own file of that name; `sae train` checks its folders before any work)."""
     if path.exists() and not path.is_dir():
         raise SAEFormatError(f"cannot save an SAE to {path}: it is a file; name a folder")
     others = sorted(p.name for p in path.iterdir() if p.name not in (CFG_FILENAME, WEIGHTS_FILENAME)) if path.is_dir() else []
+    if (path / CFG_FILENAME).is_file():
+        try:
+            an_sae = {"d_in", "d_sae"} <= set(read_cfg(path))
+        except SAEFormatError:
+            an_sae = False
+        others += [] if an_sae else [f"a {CFG_FILENAME} that is not an SAE's"]
     if others:
         raise SAEFormatError(f"cannot save an SAE to {path}: saving replaces the folder, and it holds other files "
                              f"({', '.join(others[:5])}); save to a new or empty folder")

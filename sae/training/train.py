@@ -33,6 +33,7 @@ from sae.config import HelpSections, field_docs
 from sae.data.ahead import ahead
 from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
+from sae.saes.formats import check_replaceable
 from sae.data.source import CacheSource, ModelSource, Source, check_split
 from sae.data.store import (DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported,
                             folder_lock, human_bytes)
@@ -494,6 +495,8 @@ def train(cfg: TrainConfig) -> list[Path]:
     check_output_folder(cfg.out)
     if len(set(names)) != len(names):
         raise TrainError(f"two SAEs share an output name: {names}; set distinct `name`s")
+    for name in names:  # before any work, not hours later at the save
+        check_replaceable(Path(cfg.out) / name)
     # One job per folder: the process that will be rank 0 holds the lock (taken before the process group exists, so a
     # refusal needs no collective; torchrun then stops the other ranks).
     with folder_lock(cfg.out, "sae train") if os.environ.get("RANK", "0") == "0" else nullcontext():
