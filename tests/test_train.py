@@ -404,6 +404,38 @@ def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
     assert "no checkpoint in" in capsys.readouterr().out
 
 
+def test_a_damaged_latest_json_resumes_from_the_newest_whole_checkpoint(tmp_path, cache, capsys):
+    """A damaged checkpoints/latest.json was a JSONDecodeError traceback, even with overwrite=true. resume=true now
+    continues from the newest step folder that reads (each is renamed into place whole): the SAEs it holds; with none readable it is one line; overwrite=true deletes them unread, and only
+    them."""
+    from sae.cli import main
+
+    out = tmp_path / "out"
+    train(_cfg(tmp_path, cache))
+    saved = {f: f.read_bytes() for f in out.glob("*/sae_weights.safetensors")}
+    (out / "checkpoints" / "latest.json").write_text('{"folder": "step_0000')
+    for f in saved:
+        f.unlink()
+    train(_cfg(tmp_path, cache, resume=True))  # from step 8's folder: the SAEs it holds are written again
+    assert len(saved) == 6 and all(f.read_bytes() == data for f, data in saved.items())
+
+    root = tmp_path / "out" / "checkpoints"
+    (root / "latest.json").write_text("garbage")
+    for state in root.glob("step_*/state.json"):
+        state.write_text("{")
+    (root / "my_notes.txt").write_text("the user's own file")
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "batch_size=128", "total_tokens=512",
+            "wandb_mode=disabled", "saes=[{architecture: topk, hook: h0, k: 4, d_sae: 64}]"]
+    capsys.readouterr()
+    assert main([*args, "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"sae train: error: {root} holds no readable checkpoint (its latest.json and state.json files are "
+                   "damaged); start over with overwrite=true, or use another `out` folder\n")
+    assert main([*args, "overwrite=true"]) == 0, capsys.readouterr().err
+    assert (root / "my_notes.txt").read_text() == "the user's own file"
+    assert json.loads((root / "latest.json").read_text())["step"] == 4
+
+
 def test_wandb_resumes_its_run_and_logs_the_values_used(tmp_path, cache, monkeypatch):
     import wandb
 

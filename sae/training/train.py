@@ -18,7 +18,7 @@ import signal
 import time
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -364,11 +364,24 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
 
 
 def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    latest = out / CHECKPOINT_DIR / LATEST
-    if not latest.is_file():
-        return None
-    folder = out / CHECKPOINT_DIR / json.loads(latest.read_text())["folder"]
-    return folder, json.loads((folder / "state.json").read_text())
+    """(folder, state) of the checkpoint to continue from: the one latest.json names, else (that file missing or
+    damaged, or its folder gone) the newest step folder whose state reads; a step folder is renamed into place only
+    once whole (``_save_checkpoint``), so any that reads is a whole checkpoint. None where there is none at all."""
+    root = out / CHECKPOINT_DIR
+    candidates = sorted(root.glob("step_*"), reverse=True)
+    try:
+        candidates.insert(0, root / json.loads((root / LATEST).read_text())["folder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for folder in candidates:
+        try:
+            return folder, json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    if candidates or (root / LATEST).exists():
+        raise TrainError(f"{root} holds no readable checkpoint (its latest.json and state.json files are damaged); "
+                         "start over with overwrite=true, or use another `out` folder")
+    return None
 
 
 # ----- the run -------------------------------------------------------------------------------
@@ -440,6 +453,19 @@ def _sae_seed(seed: int, index: int) -> int:
 def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
                   world: distributed.World) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused."""
+    root = out / CHECKPOINT_DIR
+    ours = [root / LATEST] * (root / LATEST).exists() + [*root.glob("step_*"), *root.glob(".tmp_step_*")]
+    if cfg.overwrite and not cfg.resume and ours:  # deleted unread: they may be damaged
+        distributed.barrier()  # every rank has seen the folder before rank 0 deletes it
+        if world.is_main:
+            for path in ours:  # only what checkpoints write: a file of the user's in there stays
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            with suppress(OSError):
+                root.rmdir()
+        return None
     checkpoint = _read_checkpoint(out)
     if checkpoint is None:
         if cfg.resume and world.is_main:
@@ -447,14 +473,9 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
         return None
     folder, state = checkpoint
     if not cfg.resume:
-        if not cfg.overwrite:
-            raise TrainError(f"{out} holds a training run (checkpoint at step {state['step']}); continue it with "
-                             "resume=true, start over with overwrite=true (deleting its checkpoints), or use another "
-                             "`out` folder")
-        distributed.barrier()  # every rank has read the folder before rank 0 deletes it
-        if world.is_main:
-            shutil.rmtree(out / CHECKPOINT_DIR)
-        return None
+        raise TrainError(f"{out} holds a training run (checkpoint at step {state['step']}); continue it with "
+                         "resume=true, start over with overwrite=true (deleting its checkpoints), or use another "
+                         "`out` folder")
     old = state["run_config"]
     if old.get("world_size", 1) != run_config["world_size"]:
         raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
