@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sae.config import ConfigError, UserError, describe, from_dict, merge, parse_overrides, read_yaml
 
@@ -117,8 +117,28 @@ def _link(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def stage_config(name: str, config_file: str | None, overrides: list[str]) -> Any:
-    """The dataclass for stage `name` from a YAML file (optional) plus overrides."""
+def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(key path, value) of every value of nested dicts that is not itself a dict."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path, tree
+
+
+def _refuse_unread(name: str, scoped: dict[str, Any], used: dict[str, Any]) -> None:
+    """Refuse `section.key=value` overrides that stage `name` never reads (`sae planted train.lr=…` was silently
+    ignored): each override's value is its own object, so one the stage's settings do not hold went nowhere."""
+    held = {id(value) for _, value in _leaves(used)}
+    unread = [".".join(path) for path, value in _leaves(scoped) if id(value) not in held]
+    if unread:
+        raise ConfigError(f"{', '.join(unread)}: not read by `sae {name}`; set its own keys (`sae {name} --help`) "
+                          f"as key=value or {STAGES[name].section}.key=value")
+
+
+def stage_config(name: str, config_file: str | None, overrides: list[str], strict: bool = True) -> Any:
+    """The dataclass for stage `name` from a YAML file (optional) plus overrides. strict: refuse an override of
+    another section that this stage does not read (`sae demo` passes one set of overrides to every stage)."""
     stage = STAGES[name]
     cls, _ = stage.load()
     data = read_yaml(config_file) if config_file else {}
@@ -135,6 +155,8 @@ def stage_config(name: str, config_file: str | None, overrides: list[str]) -> An
     fields = set(cls.__dataclass_fields__)
     # Links only fill keys the stage has; a stage without e.g. `sae` just ignores that link.
     linked = {k: v for k, v in linked.items() if k in fields or k in data[stage.section]}
+    if strict:
+        _refuse_unread(name, scoped, linked)
     return from_dict(cls, linked, where=stage.section)
 
 
@@ -157,8 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(name: str, config_file: str | None, overrides: list[str]) -> Any:
-    cfg = stage_config(name, config_file, overrides)
+def run_stage(name: str, config_file: str | None, overrides: list[str], strict: bool = True) -> Any:
+    cfg = stage_config(name, config_file, overrides, strict)
     _, run = STAGES[name].load()
     return run(cfg)
 
@@ -173,7 +195,7 @@ def demo(config_file: str, overrides: list[str]) -> None:
     overrides = ["train.resume=true", *overrides]
     for name in ("harvest", "train", "eval", "analyse"):
         print(f"\n=== sae {name} ({time.time() - start:.0f} s) ===", flush=True)
-        results[name] = run_stage(name, config_file, overrides)
+        results[name] = run_stage(name, config_file, overrides, strict=False)
     print(f"\n=== demo finished in {time.time() - start:.0f} s ===\n{format_table(results['eval'])}")
     print(f"feature browser: {Path(results['analyse']).resolve()}")
 

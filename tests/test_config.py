@@ -152,3 +152,26 @@ def test_a_required_key_left_out_is_named_as_the_user_sets_it(capsys):
     assert len(err) == 1 and "steer: features has no default; set features=..." in err[0], err
     assert cli_main(["attribute"]) == 2
     assert "attribute: prompt has no default; set prompt=..." in capsys.readouterr().err
+
+
+def test_an_override_of_a_section_the_stage_does_not_read_is_refused(tmp_path):
+    """`sae planted train.lr=5` was silently ignored (planted reads only its own section). An override of another
+    section is accepted where it reaches the stage's settings (eval reads the cache from harvest.out and its SAEs
+    from train.out; train runs the harvest section's model live), refused in one line naming it where it does not."""
+    from sae.cli import stage_config
+    from sae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.lr, train.bogus: not read by `sae planted`; set its own keys "
+                                          r"\(`sae planted --help`\) as key=value or planted.key=value$"):
+        stage_config("planted", None, ["d_in=16", "train.lr=5", "train.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^analyse.n_top: not read by `sae eval`"):
+        stage_config("eval", None, ["train.out=my_saes", "analyse.n_top=3"])
+    cfg = stage_config("eval", None, ["harvest.out=my_cache", "train.out=my_saes"])
+    assert (cfg.cache, cfg.saes) == ("my_cache", ["my_saes"])
+    assert stage_config("train", None, ["harvest.model=gpt2", "source=model"]).harvest.model == "gpt2"
+    # A config file's eval: section that names its SAEs wins over the link, so train.out would go nowhere.
+    config = tmp_path / "c.yaml"
+    config.write_text("eval:\n  saes: [mine]\n")
+    with pytest.raises(ConfigError, match=r"^train.out: not read by `sae eval`"):
+        stage_config("eval", str(config), ["train.out=other"])
+    assert stage_config("eval", str(config), ["train.out=other"], strict=False).saes == ["mine"]
