@@ -173,6 +173,27 @@ def saved_sae(hand_sae, tmp_path) -> Path:
     return hand_sae(torch.randn(32, 16), torch.randn(16, 32)).save(tmp_path / "sae")
 
 
+@pytest.mark.parametrize("setting, said", [*((s, re.escape(said)) for s, said in [
+    ("n_top=0", "analyse: n_top=0 must be ≥ 1"), ("n_top=-1", "analyse: n_top=-1 must be ≥ 1"),
+    ("reservoir=0", "analyse: reservoir=0 must be ≥ 1"), ("batch_rows=0", "analyse: batch_rows=0 must be ≥ 1"),
+    ("window_left=-2", "analyse: window_left=-2 must be ≥ 0"),
+    ("split=test", "analyse: split='test' must be all, train or eval"),
+    ("logit_tokens=100000000", "logit_tokens=100000000 is more than the model's vocabulary of 512 tokens; use "
+                               "logit_tokens=512 or less")]),
+    ("n_top=1000000000", r"analysing sae \(d_sae 16\) needs about [\d.]+ GiB but [\d.]+ [GM]iB is free on cpu; lower "
+                         "n_top, reservoir, the windows or batch_rows"),
+])
+def test_analyse_refuses_settings_it_cannot_run_before_the_pass(setting, said, tiny_cache, saved_sae, tmp_path,
+                                                                  capsys):
+    """Each was a traceback (n_top=0, reservoir=0, batch_rows=0 in the pass, logit_tokens past the vocabulary in
+    the logit lens), and n_top=10⁶ at d_sae 4,608 was killed for memory with no word: one line now, before the pass
+    (the memory estimate before the model loads), and no output folder left."""
+    out = tmp_path / "analysis"
+    line = refused(capsys, "analyse", f"cache={tiny_cache}", f"sae={saved_sae}", f"out={out}", "device=cpu", setting)
+    assert re.search(f"{said}$", line), line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("stage, extra", [("eval", "saes=[{sae}]"), ("analyse", "sae={sae}"), ("score", "sae={sae}")])
 def test_nan_rows_stop_every_stage_and_leave_no_output(stage, extra, cache_copy, saved_sae, tmp_path, capsys):
     poison(cache_copy)

@@ -92,6 +92,14 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
     # A second run reuses the cache and the finished training (resume) and gives the same scores.
     assert main(args) == 0
     assert _by_model(out) == scores
+    # The planted cache has no model to evaluate or analyse on: said at once (a hub lookup of "planted" retried).
+    capsys.readouterr()
+    for stage, saes in (("eval", f"saes=[{out / 'saes'}]"), ("analyse", f"sae={out / 'saes'}")):
+        assert main([stage, f"cache={out / 'cache'}", saes, f"out={tmp_path / stage}", "device=cpu"]) == 2
+        assert capsys.readouterr().err == (f"sae {stage}: error: the cache at {out / 'cache'} was written by `sae "
+                                           "planted`: it has no language model or held-out rows to evaluate or "
+                                           "analyse on; its SAEs' scores against the true dictionary are in the "
+                                           "planted.json beside it\n")
 
 
 INIT_CEILING = 0.6

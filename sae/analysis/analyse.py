@@ -19,8 +19,8 @@ from typing import ClassVar, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from sae.config import HelpSections
-from sae.analysis.evaluate import (DEMO_SAE, ROW_CHUNK, cache_model_dtype, check_matches, load_sae, output_hook,
+from sae.config import HelpSections, UserError
+from sae.analysis.evaluate import (DEMO_SAE, ROW_CHUNK, check_matches, load_cache_model, load_sae, output_hook,
                                    reconstruct, sae_hooks)
 from sae.data.store import check_finite
 
@@ -69,6 +69,23 @@ class AnalyseConfig:
     """Cache rows to analyse: "all", "train" or "eval" (held out)."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", ..."""
+
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)} must be ≥ 1" for k in ("n_top", "reservoir", "logit_tokens", "batch_rows")
+               if getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)} must be ≥ 0" for k in ("n_interval_samples", "window_left", "window_right")
+                if getattr(self, k) < 0]
+        if self.split not in ("all", "train", "eval"):
+            bad.append(f"split={self.split!r} must be all, train or eval")
+        if bad:
+            raise UserError(f"analyse: {'; '.join(bad)}")
+
+    def stats_bytes(self, d_sae: int) -> int:
+        """About the memory the streaming pass holds for an SAE of `d_sae` latents: each feature's top and reservoir
+        slots (key, activation, place and window: 24 + 4·W bytes each, ``RunningTopK.empty``) and a batch of codes
+        with its temporaries (≈ 3 floats per code)."""
+        width = self.window_left + 1 + self.window_right
+        return d_sae * ((self.n_top + self.reservoir) * (24 + 4 * width) + 12 * self.batch_rows)
 
 
 # --------------------------------------------------------------------------------------------- streaming pass
@@ -361,7 +378,7 @@ class TokenScore:
 @torch.no_grad()
 def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     """Run the model on `cfg.text` to the SAE's hook and score every token against the held-out error distribution."""
-    from sae.data.model import capture, load_model, pick_device, prompt_ids
+    from sae.data.model import capture, pick_device, prompt_ids
     from sae.data.store import ActivationStore
 
     store = ActivationStore(cfg.cache)
@@ -369,7 +386,7 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
     name, sae = load_sae(cfg.sae, device)
     check_matches(sae, store, name)
     hook, hooks = sae.cfg.hook_name, sae_hooks(sae)
-    model, tokenizer = load_model(store.model_name, str(device), cache_model_dtype(store))
+    model, tokenizer = load_cache_model(store, device)
     held = store.holdout(hooks, cfg.reference_tokens)
     for h in hooks:
         check_finite(held[h], f"the held-out rows of {h} in {store.path}")

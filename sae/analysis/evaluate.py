@@ -480,7 +480,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Load the cache, the SAEs and the model, evaluate, and write `<out>/eval.json` plus the plots."""
-    from sae.data.model import load_model, pick_device
+    from sae.data.model import pick_device
     from sae.data.store import check_output_folder, check_report_is_ours, folder_lock
 
     check_output_folder(cfg.out)
@@ -494,8 +494,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         saes = load_saes(cfg.saes, device)
         for name, sae in saes.items():
             check_matches(sae, store, name)
-        model, _ = load_model(store.model_name, str(device), cache_model_dtype(store))
+        model, _ = load_cache_model(store, device)
         return evaluate_saes(cfg, store, saes, model)
+
+
+def load_cache_model(store: ActivationStore, device: torch.device) -> tuple[Any, Any]:
+    """(model, tokenizer) the cache was harvested from, in the dtype it ran in (``cache_model_dtype``). A cache
+    `sae planted` wrote has no model: refused in one line (a hub lookup of "planted" retried for ~30 s)."""
+    from sae.data.model import load_model
+
+    if "planted" in store.manifest:
+        raise UserError(f"the cache at {store.path} was written by `sae planted`: it has no language model or held-out "
+                        "rows to evaluate or analyse on; its SAEs' scores against the true dictionary are in the "
+                        "planted.json beside it")
+    return load_model(store.model_name, str(device), cache_model_dtype(store))
 
 
 def cache_model_dtype(store: ActivationStore) -> str:

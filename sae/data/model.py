@@ -654,6 +654,19 @@ def resolve_spec(spec: str) -> Path | str:
     return spec
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for this process on `device`: the CUDA allocator's view, or MemAvailable on Linux; None when
+    unknown (then nothing is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if device.type == "cpu" and meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """"auto" → CUDA when present, else CPU; anything else is checked here rather than failing mid-run."""
     if device == "auto":

@@ -14,11 +14,11 @@ one the plan admits does not run out of memory at step 1. It is the larger of tw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from sae.config import UserError
+from sae.data.model import free_bytes
 from sae.data.store import human_bytes
 from sae.saes import SAE_CLASSES, dense_auxk
 
@@ -118,19 +118,6 @@ def step_precision(device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-
-
-def free_bytes(device: torch.device) -> int | None:
-    """Memory free for this process on `device`: the CUDA allocator's view, or MemAvailable on Linux; None when
-    unknown (then nothing is checked)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if device.type == "cpu" and meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def check_fits(costs: list[SAECost], device: torch.device, free: int | None = None, data_bytes: int = 0) -> None:

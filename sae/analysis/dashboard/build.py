@@ -10,8 +10,9 @@ from typing import Iterator
 from sae.analysis.analyse import AnalyseConfig, logit_lens, stream_features
 from sae.analysis.dashboard import claim_data, write_dashboard
 from sae.analysis.dashboard.export import write_analysis
-from sae.analysis.evaluate import check_matches, load_saes
+from sae.analysis.evaluate import check_matches, load_cache_model, load_saes
 from sae.analysis.explain import restore_browser_copy
+from sae.config import UserError
 
 
 def run(cfg: AnalyseConfig) -> Path:
@@ -31,21 +32,31 @@ def analyse(cfg: AnalyseConfig) -> Path:
     With several SAEs the model (tokenizer, final norm, unembedding) is loaded once and each SAE is written to
     `<out>/<its folder name>/`; `sae.analysis.dashboard.write_dashboard(out)` then makes one browser per SAE plus an index.
     """
-    from sae.data.model import final_norm, load_model, pick_device
-    from sae.data.store import ActivationStore, check_output_folder
+    from sae.data.model import final_norm, free_bytes, pick_device
+    from sae.data.store import ActivationStore, check_output_folder, human_bytes
 
     check_output_folder(cfg.out)
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
     saes = load_saes([cfg.sae], device)
+    free = free_bytes(device)
     for name, sae in saes.items():
         check_matches(sae, store, name)
+        need = cfg.stats_bytes(sae.cfg.d_sae)
+        if free is not None and need > free:  # before the model loads: n_top=10⁶ was killed for memory mid-pass
+            raise UserError(f"analysing {name} (d_sae {sae.cfg.d_sae:,}) needs about {human_bytes(need)} but "
+                            f"{human_bytes(free)} is free on {device}; lower n_top, reservoir, the windows or "
+                            "batch_rows")
     out = Path(cfg.out)
     targets = {name: (out / name, Path(cfg.sae) / name) if len(saes) > 1 else (out, Path(cfg.sae)) for name in saes}
     # A stale data/index.js would mark a half-written folder done, or make a folder of analyses look like one; every
     # folder is checked before the model loads.
     claim_data(*{out, *(target for target, _ in targets.values())})
-    model, tokenizer = load_model(store.model_name, str(device))
+    model, tokenizer = load_cache_model(store, device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if cfg.logit_tokens > vocab:
+        raise UserError(f"logit_tokens={cfg.logit_tokens} is more than the model's vocabulary of {vocab:,} tokens; use "
+                        f"logit_tokens={vocab} or less")
     for name, sae in saes.items():
         target, source = targets[name]
         stats = stream_features(store, sae, cfg)
