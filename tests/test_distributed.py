@@ -56,21 +56,23 @@ def cache(tmp_path_factory) -> Path:
 
 SWEEP = [{"architecture": "relu_l1", "hook": "h0", "d_sae": 64},
          {"architecture": "topk", "hook": "h1", "d_sae": 64, "k": 4},
-         {"architecture": "jumprelu", "hook": "h0", "d_sae": 64, "target_l0": 4.0}]
+         {"architecture": "jumprelu", "hook": "h0", "d_sae": 64, "target_l0": 4.0},
+         {"architecture": "batchtopk", "hook": "h1", "d_sae": 64, "k": 4}]
 
 
 def test_data_parallel_matches_one_process_with_the_whole_batch(tmp_path, cache):
     """World 2 with 64 rows per rank takes the same steps as 1 process with 128: gradients averaged over ranks
     equal the gradient of the mean over the global batch (no latent dies in 20 steps, so AuxK is off), and
     JumpReLU's warm-up cut (where its thresholds start) and its L0 controller (10 steps after a warm-up of 10) are
-    the global batch's: with the ranks' cuts averaged, W_enc ended 0.003–0.005 (max abs) from 1 process."""
+    the global batch's: with the ranks' cuts averaged, W_enc ended 0.003–0.005 (max abs) from 1 process. So is
+    BatchTopK's top k·B and its threshold (10 steps after its warm-up); per-rank top k·b left W_enc 0.004 apart."""
     common = dict(saes=SWEEP, batch_size=128, total_tokens=128 * 20, dead_window_tokens=10**9, topk_warmup_frac=0.5)
     one = _sae_train(_config(tmp_path, cache, "one", **common))
     two = _sae_train(_config(tmp_path, cache, "two", **common), nproc=2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "on 2 processes (64 rows each)" in two.stdout
-    for name in ("relu_l1_l1c3_d64_h0", "topk_k4_d64_h1", "jumprelu_l0c2_d64_h0"):
+    for name in ("relu_l1_l1c3_d64_h0", "topk_k4_d64_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1"):
         a, b = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key, (a[key] - b[key]).abs().max())
@@ -99,7 +101,7 @@ def test_distributed_sweep_writes_the_same_saes_as_one_process(tmp_path, cache):
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     names = sorted(p.name for p in (tmp_path / "one").iterdir() if (p / "cfg.json").is_file())
-    assert len(names) == 3 and names == sorted(p.name for p in (tmp_path / "two").iterdir() if (p / "cfg.json").is_file())
+    assert len(names) == len(SWEEP) and names == sorted(p.name for p in (tmp_path / "two").iterdir() if (p / "cfg.json").is_file())
     for name in names:
         a, b = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
         for key in a:

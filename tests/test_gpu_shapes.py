@@ -45,6 +45,31 @@ def test_batchtopk_selection_is_exact_when_one_row_needs_every_candidate():
     assert not bool(inexact) and set(zip(rows.tolist(), feats.tolist())) == batch_topk_brute(pre, 32)
 
 
+@pytest.mark.parametrize("dominant", [None, 3, 12])
+def test_batchtopk_data_parallel_ranks_select_the_whole_batchs_top_between_them(dominant):
+    """Two data-parallel ranks of 8 rows each keep between them exactly the top k·16 of the 16 rows, as one process
+    does (each rank sees every rank's candidates through ``gather_over_ranks``), rows ascending on each; a row that
+    needs more than its candidates, on either rank, flags both ranks, so they widen together."""
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig("batchtopk", d_in=8, d_sae=256, k=2))
+    pre = torch.randn(16, 256)
+    if dominant is not None:
+        pre[dominant] += 10
+    halves = pre.split(8)
+    kept, flags = set(), []
+    for rank, own in enumerate(halves):
+        sae.rank_of_process = rank
+        sae.gather_over_ranks = lambda t: torch.stack([h.topk(t.shape[1], dim=-1, sorted=False).values for h in halves])
+        rows, feats, inexact = sae._select(pre=own)
+        flags.append(bool(inexact))
+        if inexact:
+            rows, feats = sae._select_wider(own)
+        assert rows.tolist() == sorted(rows.tolist())
+        kept |= {(r + 8 * rank, f) for r, f in zip(rows.tolist(), feats.tolist())}
+    assert kept == batch_topk_brute(pre, 32)
+    assert flags == [dominant is not None] * 2
+
+
 class TopkSizes(TorchDispatchMode):
     """The number of elements each topk/sort is asked to search."""
 

@@ -566,7 +566,10 @@ class SAE(nn.Module):
     gather_over_ranks: Callable[[Tensor], Tensor] = staticmethod(lambda t: t.unsqueeze(0))
     """Every data-parallel rank's copy of a per-rank tensor, stacked [ranks, *shape]: one in one process;
     ``sae.training.trainer.SAETrainer`` sets an all-gather for a data-parallel job. For a batch statistic no mean
-    of per-rank values gives (JumpReLU's warm-up cut, a quantile of the global batch)."""
+    of per-rank values gives (JumpReLU's warm-up cut, a quantile of the global batch; BatchTopK's selection)."""
+
+    rank_of_process: int = 0
+    """This process's index in ``gather_over_ranks``'s stack (its data-parallel rank)."""
 
     def _sum_over_shards(self, t: Tensor) -> Tensor:
         """A sum over latents completed across latent shards: the identity here, where this process holds every

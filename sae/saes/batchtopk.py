@@ -74,14 +74,29 @@ class BatchTopKSAE(TopKFamily):
 
     def _top_of_candidates(self, pre: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rows, latents) of the batch's top k·B among each row's top m, rows ascending, and whether a row took all
-        m (a device flag)."""
+        m (a device flag).
+
+        Data parallel, the batch is the global one, as in one process: every rank gathers all ranks' candidate
+        values (b·m floats each, against the gradients' 2·d_in·d_sae), takes the same top k·b·ranks of them and
+        keeps the entries of its own rows; the flag covers every rank's rows, so all widen together. Per-rank top
+        k·b selections (before) kept a fixed share of the budget on each rank, so 2 ranks ≠ 1 process. Its own
+        entries' count varies, read on the host: one sync per step, data parallel only."""
         n = pre.shape[0]
         cand = pre.topk(m, dim=-1, sorted=False)
-        flat = flat_topk(cand.values, self.cfg.k * n)
+        every = self.gather_over_ranks(cand.values)
+        ranks = every.shape[0]
+        flat = flat_topk(every.reshape(ranks * n, m), self.cfg.k * n * ranks)
         rows = flat // m
-        per_row = torch.zeros(n, dtype=torch.long, device=pre.device).index_add_(0, rows, torch.ones_like(rows))
-        order = torch.argsort(rows)
-        return rows[order], cand.indices.flatten()[flat][order], (per_row == m).any()
+        per_row = torch.zeros(ranks * n, dtype=torch.long, device=pre.device).index_add_(0, rows, torch.ones_like(rows))
+        full = (per_row == m).any()
+        if ranks == 1:
+            order = torch.argsort(rows)
+            return rows[order], cand.indices.flatten()[flat][order], full
+        flat = flat.sort().values  # rank by rank, row by row
+        mine = self.rank_of_process * n * m
+        lo, hi = torch.searchsorted(flat, torch.tensor([mine, mine + n * m], device=flat.device)).tolist()
+        flat = flat[lo:hi] - mine
+        return flat // m, cand.indices.flatten()[flat], full
 
     @torch.no_grad()
     def _observe(self, acts: SparseActs) -> None:
@@ -90,6 +105,7 @@ class BatchTopKSAE(TopKFamily):
         if not self.training or self.warming_up:
             return
         smallest = torch.where(acts.values > 0, acts.values, torch.inf).min().to(self.threshold.dtype)
+        smallest = self.gather_over_ranks(smallest).min()  # the global batch's, as one process sees it
         moved = torch.where(self.threshold == 0, smallest, self.threshold.lerp(smallest, self.cfg.threshold_momentum))
         self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
 

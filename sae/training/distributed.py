@@ -95,6 +95,11 @@ def _active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank in the job (0 in a single process)."""
+    return dist.get_rank() if _active() else 0
+
+
 def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
     """In-place all-reduce over the job ("sum", "max" or "mean"); a no-op in a single process."""
     if _active():

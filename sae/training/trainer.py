@@ -96,6 +96,7 @@ class SAETrainer:
         if world_size > 1:  # batch statistics over the global batch (see SAE.mean_over_ranks, SAE.gather_over_ranks)
             sae.mean_over_ranks = functools.partial(distributed.all_reduce_, op="mean")
             sae.gather_over_ranks = distributed.all_gather
+            sae.rank_of_process = distributed.rank()
         self.total_steps = total_steps
         self.penalty_warmup_steps = max(1, round(penalty_warmup_frac * total_steps))
         self.topk_warmup_steps = topk_warmup_steps(topk_warmup_frac, total_steps)
@@ -177,9 +178,9 @@ class SAETrainer:
 
         Each rank's loss is a mean over its b = B/W rows, so the average of the ranks' gradients is the gradient of
         the mean over the global batch B: the step a single process takes on B rows (up to float rounding), AuxK
-        included (its normaliser is averaged over the ranks, ``SAE.mean_over_ranks``), except where the selection
-        itself is a batch statistic: BatchTopK selects the top k·b of each rank's b rows, and its threshold follows
-        the mean of the ranks' batch-wide cuts (JumpReLU's warm-up cut is taken over the global batch instead).
+        included (its normaliser is averaged over the ranks, ``SAE.mean_over_ranks``); statistics of the whole batch
+        (BatchTopK's selection and threshold, JumpReLU's warm-up cut) are taken over the gathered global batch
+        (``SAE.gather_over_ranks``), so the buffers they update are the same on every rank before the mean.
         """
         # A parameter without a gradient (JumpReLU's θ in the TopK warm-up) has none on every rank (it depends on
         # the step and the config alone) and Adam skips it, as in one process.
