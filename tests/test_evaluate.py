@@ -86,7 +86,8 @@ def test_pca_fvu_curve_matches_svd():
     assert bool((curve[1:] <= curve[:-1] + 1e-6).all())  # more components never hurt
 
 
-def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_llama, hand_sae, hook, tmp_path):
+def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_llama, hand_sae, hook, tmp_path,
+                                                            monkeypatch, capsys):
     cache = tiny_cache
     saes = tmp_path / "saes"
     identity_sae(hand_sae, 32, str(tiny_llama)).save(saes / "identity")
@@ -124,6 +125,22 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_ll
     assert f"{zeros['fvu']:.3f}" in zero_line and any(line.startswith("  identity ") for line in table.splitlines())
     for png in ("pareto.png", "density_identity.png", "density_zeros.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 5000
+
+    # lm_loss_contexts=0: the same reconstruction metrics, CE and KL null, and no model loaded at all.
+    from sae.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sae.data.model.load_model", no_model)
+    assert main(["eval", f"cache={cache}", f"saes=[{saes}]", f"out={tmp_path / 'eval0'}", "max_tokens=2000",
+                 "pca_fit_tokens=1500", "lm_loss_contexts=0", "device=cpu"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    without = {r["name"]: r for r in json.loads((tmp_path / "eval0" / "eval.json").read_text())["saes"]}
+    for name, r in without.items():
+        assert r["fvu"] == rows[name]["fvu"] and r["l0"] == rows[name]["l0"] and r["lm_loss_contexts"] == 0
+        assert all(r[key] is None for key in ("ce_clean", "ce_zero", "ce_spliced", "ce_recovered", "kl"))
+    assert any(line.startswith("  identity ") and line.endswith("n/a     n/a") for line in printed.splitlines())
 
 
 def test_silent_and_mostly_dead_saes_are_flagged_in_the_table(tiny_cache, tiny_llama, hand_sae, tmp_path, capsys):
@@ -190,14 +207,15 @@ def test_the_model_runs_in_the_dtype_the_cache_was_harvested_in():
 
 
 def test_eval_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys):
-    """`lm_loss_contexts=0` used to reach the model with an empty batch and end in a reshape traceback."""
+    """Each was a traceback deep in the run (lm_loss_contexts=0 reached the model with an empty batch; it now means
+    no LM loss)."""
     from sae.cli import main
 
     out = tmp_path / "eval"
-    assert main(["eval", f"out={out}", "lm_loss_contexts=0", "dense_threshold=2", "max_tokens=-1"]) == 2
+    assert main(["eval", f"out={out}", "lm_loss_contexts=-1", "dense_threshold=2", "max_tokens=-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    for said in ("lm_loss_contexts=0 must be ≥ 1", "dense_threshold=2.0 must be in (0, 1]", "max_tokens=-1 must be ≥ 1"):
+    for said in ("lm_loss_contexts=-1 must be ≥ 0 (0: no LM loss)", "dense_threshold=2.0 must be in (0, 1]", "max_tokens=-1 must be ≥ 1"):
         assert said in err, err
     assert not out.exists()
 

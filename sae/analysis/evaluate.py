@@ -54,7 +54,8 @@ class EvalConfig:
     max_tokens: int = 20_000
     """Held-out rows used for L0, FVU, MSE, densities and the PCA curve."""
     lm_loss_contexts: int = 32
-    """Held-out contexts run through the model clean, zero-ablated and with the SAE spliced in (CE and KL)."""
+    """Held-out contexts run through the model clean, zero-ablated and with the SAE spliced in (CE and KL); 0 skips
+    the language model (not loaded: CE and KL are null), for the reconstruction metrics of many SAEs at once."""
     batch_size: int = 4
     """Contexts per forward pass of the language model."""
     device: str = "auto"
@@ -65,8 +66,10 @@ class EvalConfig:
     """Training rows the PCA baseline is fitted on (never the held-out rows it is scored on)."""
 
     def __post_init__(self) -> None:
-        bad = [f"{k}={getattr(self, k)} must be ≥ 1" for k in ("max_tokens", "lm_loss_contexts", "batch_size",
-                                                                "pca_fit_tokens") if not getattr(self, k) >= 1]
+        bad = [f"{k}={getattr(self, k)} must be ≥ 1" for k in ("max_tokens", "batch_size", "pca_fit_tokens")
+               if not getattr(self, k) >= 1]
+        if not self.lm_loss_contexts >= 0:
+            bad.append(f"lm_loss_contexts={self.lm_loss_contexts} must be ≥ 0 (0: no LM loss)")
         if not 0 < self.dense_threshold <= 1:
             bad.append(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
         if bad:
@@ -264,12 +267,16 @@ def linear_fvu_curve(m: LinearMap, x: Tensor, y: Tensor) -> Tensor:
 
 @dataclass
 class LMLoss:
-    ce_clean: float
-    ce_zero: float
-    ce_spliced: float
-    ce_recovered: float | None
-    """None when zero-ablation costs nothing (the ratio is undefined); JSON has no NaN to say so."""
-    kl: float  # mean KL(clean || spliced) of the next-token distribution, nats per token
+    """Next-token losses with an SAE spliced in; every field None when the evaluation ran no model
+    (``EvalConfig.lm_loss_contexts`` 0)."""
+
+    ce_clean: float | None = None
+    ce_zero: float | None = None
+    ce_spliced: float | None = None
+    ce_recovered: float | None = None
+    """None also when zero-ablation costs nothing (the ratio is undefined); JSON has no NaN to say so."""
+    kl: float | None = None
+    """Mean KL(clean || spliced) of the next-token distribution, nats per token."""
 
 
 @torch.no_grad()
@@ -396,7 +403,7 @@ def plot_pareto(results: dict, path: Path) -> None:
 
 def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], model) -> dict:
     """Every metric for SAEs already loaded on the model's device and checked against the cache (`check_matches`);
-    `evaluate` does both."""
+    `evaluate` does both. model None: the reconstruction metrics alone (``EvalConfig.lm_loss_contexts`` 0)."""
     from sae.saes import failure_signs
 
     first = store.first_pos
@@ -420,8 +427,8 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
         "pca": {},
         "saes": [],
     }
-    contexts = store.context_tokens(store.holdout_seqs(cfg.lm_loss_contexts))
-    losses: dict[str, LMLoss] = {}
+    contexts = store.context_tokens(store.holdout_seqs(cfg.lm_loss_contexts)) if model is not None else []
+    losses: dict[str, LMLoss] = {name: LMLoss() for name in saes}
     for key, sae in {baseline_key(s): s for s in saes.values()}.items():
         fit = training_rows(store, sae_hooks(sae), cfg.pca_fit_tokens)
         if sae.cfg.is_transcoder:
@@ -431,7 +438,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
             curve = pca_fvu_curve(fit_pca(fit[key]), heldout[key])
         results["pca"][key] = {"fit_rows": len(fit[sae.cfg.hook_name]), "fvu": curve.tolist(),
                                "baseline": "linear" if sae.cfg.is_transcoder else "pca"}
-    for hook in sorted({output_hook(s) for s in saes.values()}):
+    for hook in sorted({output_hook(s) for s in saes.values()}) if model is not None else []:
         on_hook = {name: sae for name, sae in saes.items() if output_hook(sae) == hook}
         losses.update(lm_losses(model, contexts, hook, on_hook, first, cfg.batch_size))
     for name, sae in saes.items():
@@ -489,12 +496,13 @@ def evaluate(cfg: EvalConfig) -> dict:
                          [out / "pareto.png", *out.glob("density_*.png")])
     with folder_lock(cfg.out, "sae eval"):
         store = ActivationStore(cfg.cache)
+        check_not_planted(store)
         device = pick_device(cfg.device)
         # Before the model: a bad SAE name, an offline hub or an SAE of a hook the cache lacks fails in a moment.
         saes = load_saes(cfg.saes, device)
         for name, sae in saes.items():
             check_matches(sae, store, name)
-        model, _ = load_cache_model(store, device)
+        model = load_cache_model(store, device)[0] if cfg.lm_loss_contexts else None
         return evaluate_saes(cfg, store, saes, model)
 
 
@@ -503,11 +511,16 @@ def load_cache_model(store: ActivationStore, device: torch.device) -> tuple[Any,
     `sae planted` wrote has no model: refused in one line (a hub lookup of "planted" retried for ~30 s)."""
     from sae.data.model import load_model
 
+    check_not_planted(store)
+    return load_model(store.model_name, str(device), cache_model_dtype(store))
+
+
+def check_not_planted(store: ActivationStore) -> None:
+    """A cache `sae planted` wrote has no model and no held-out rows: refused in one line."""
     if "planted" in store.manifest:
         raise UserError(f"the cache at {store.path} was written by `sae planted`: it has no language model or held-out "
                         "rows to evaluate or analyse on; its SAEs' scores against the true dictionary are in the "
                         "planted.json beside it")
-    return load_model(store.model_name, str(device), cache_model_dtype(store))
 
 
 def cache_model_dtype(store: ActivationStore) -> str:
@@ -538,7 +551,7 @@ def format_table(results: dict) -> str:
             metrics = (
                 f"{r['l0']:>7.1f} {r['fvu']:>7.3f} {r['pca_fvu_at_l0']:>7.3f} {r['dead_fraction']:>6.1%} "
                 f"{r['dense_fraction']:>6.1%} {'n/a' if r['ce_recovered'] is None else format(r['ce_recovered'], '.3f'):>7} "
-                f"{r['kl']:>7.3f}"
+                f"{'n/a' if r['kl'] is None else format(r['kl'], '.3f'):>7}"
             )
             if len(name) > name_width:
                 lines += [mark + name, f"  {'':<{name_width}} {metrics}"]
