@@ -101,7 +101,8 @@ def test_distributed_sweep_writes_the_same_saes_as_one_process(tmp_path, cache):
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     names = sorted(p.name for p in (tmp_path / "one").iterdir() if (p / "cfg.json").is_file())
-    assert len(names) == len(SWEEP) and names == sorted(p.name for p in (tmp_path / "two").iterdir() if (p / "cfg.json").is_file())
+    assert len(names) == len(SWEEP)
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir() if (p / "cfg.json").is_file())
     for name in names:
         a, b = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
         for key in a:

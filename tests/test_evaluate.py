@@ -215,7 +215,8 @@ def test_eval_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys):
     assert main(["eval", f"out={out}", "lm_loss_contexts=-1", "dense_threshold=2", "max_tokens=-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    for said in ("lm_loss_contexts=-1 must be ≥ 0 (0: no LM loss)", "dense_threshold=2.0 must be in (0, 1]", "max_tokens=-1 must be ≥ 1"):
+    for said in ("lm_loss_contexts=-1 must be ≥ 0 (0: no LM loss)", "dense_threshold=2.0 must be in (0, 1]",
+                 "max_tokens=-1 must be ≥ 1"):
         assert said in err, err
     assert not out.exists()
 

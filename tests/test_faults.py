@@ -299,8 +299,8 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(stage, tiny_llam
     args = (tiny_harvest_args(tiny_llama, text_dir, hook, out) if stage == "harvest"
             else ["planted", f"out={out}", "tokens=20000"])  # 20,032 rows of d_in 64: 5.4 MB
     line = refused(capsys, *args)
-    assert re.search(rf"this cache needs \S+ MiB more but {re.escape(str(out))}(/cache)? has 0.1 MiB free; ask for fewer "
-                     r"tokens, or free space \(or use another folder\) first$", line), line
+    assert re.search(rf"this cache needs \S+ MiB more but {re.escape(str(out))}(/cache)? has 0.1 MiB free; ask for "
+                     r"fewer tokens, or free space \(or use another folder\) first$", line), line
     assert not out.exists()
     monkeypatch.undo()
     if stage == "harvest":  # with room, the same command runs

@@ -163,7 +163,8 @@ def test_readme_stage_commands_run_as_written(tiny_llama, text_dir, hook, tmp_pa
     folder = _in_copy(tmp_path, "stages", monkeypatch, tiny)
     printed = {}
     for args in demo_stage_commands():  # its own section's tiny settings win over the command's (total_tokens)
-        assert cli_main([*args, *(o for o in tiny if o.startswith(f"{args[0]}."))]) == 0, (args, capsys.readouterr().err)
+        own = [o for o in tiny if o.startswith(f"{args[0]}.")]
+        assert cli_main([*args, *own]) == 0, (args, capsys.readouterr().err)
         printed[args[0]] = capsys.readouterr().out
     runs = folder / "runs" / "demo"
     assert len(json.loads((runs / "eval" / "eval.json").read_text())["saes"]) == 2

@@ -406,8 +406,8 @@ def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
 
 def test_a_damaged_latest_json_resumes_from_the_newest_whole_checkpoint(tmp_path, cache, capsys):
     """A damaged checkpoints/latest.json was a JSONDecodeError traceback, even with overwrite=true. resume=true now
-    continues from the newest step folder that reads (each is renamed into place whole): the SAEs it holds; with none readable it is one line; overwrite=true deletes them unread, and only
-    them."""
+    continues from the newest step folder that reads (each is renamed into place whole): the SAEs it holds; with
+    none readable it is one line; overwrite=true deletes them unread, and only them."""
     from sae.cli import main
 
     out = tmp_path / "out"

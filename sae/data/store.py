@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -171,7 +171,7 @@ def check_output_folder(path: str | Path, key: str = "out") -> Path:
     return path
 
 
-def check_report_is_ours(out: Path, report: str, keys: set[str], command: str, beside: list[Path] = ()) -> None:
+def check_report_is_ours(out: Path, report: str, keys: set[str], command: str, beside: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an out folder whose `report` (a JSON file) `command` did not write, as it would be
     replaced: ours parses with our top-level `keys`. Files `beside` it (plots) go with it: theirs if it is."""
     path = out / report
