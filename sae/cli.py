@@ -193,6 +193,8 @@ def demo(config_file: str, overrides: list[str]) -> None:
     results = {}
     # A second `sae demo` continues the first (a finished training run just rewrites its SAE folders).
     overrides = ["train.resume=true", *overrides]
+    for name in ("harvest", "train", "eval", "analyse"):  # every stage's settings checked before the first runs
+        stage_config(name, config_file, overrides, strict=False)
     for name in ("harvest", "train", "eval", "analyse"):
         print(f"\n=== sae {name} ({time.time() - start:.0f} s) ===", flush=True)
         results[name] = run_stage(name, config_file, overrides, strict=False)
@@ -210,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as err:  # messages meant for the user; anything else is a bug: traceback
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed
+        again = {"train": "run the same command with resume=true to continue from the last checkpoint",
+                 **dict.fromkeys(("harvest", "planted", "demo"), "run the same command again to continue")}.get(
+                     args.command, "nothing partial was kept; run it again")
+        print(f"\nsae {args.command}: interrupted; {again}", file=sys.stderr)
+        return 130
     return 0
 
 

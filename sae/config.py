@@ -126,8 +126,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)  # YAML reads 1e6 as a float; a token count of 1e6 is meant as an int
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if (isinstance(tp, type) and not isinstance(value, tp)) or (tp in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")  # a bool is an int to Python, not here
     return value
 
 
@@ -182,14 +182,22 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; pass a YAML config file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (harvest:, train:, ...)")
+    bad = [k for k, v in data.items() if v is not None and not isinstance(v, dict)]
+    if bad:
+        raise ConfigError(f"{path}: section(s) {bad} must each hold a mapping of keys (e.g. `train:` then "
+                          "indented `out: runs/x`)")
     return data
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from sae.config import HelpSections, UserError
 from sae.analysis.evaluate import fit_pca, fvu, pca_fvu_curve
 from sae.saes import SAE
+from sae.data.model import PLANTED_MODEL
 from sae.data.store import (ActivationStore, CacheWriter, atomic_write_json, check_output_folder,
                             check_report_is_ours, folder_lock)
 from sae.training.train import MIN_BATCH, SAESpec, TrainConfig, default_batch_size, train
@@ -196,7 +197,7 @@ def write_cache(cfg: PlantedConfig, data: PlantedData, path: Path) -> Path:
     contexts = math.ceil(cfg.tokens / CONTEXT_SIZE)
     per_shard = max(1, min(contexts, 65536 // CONTEXT_SIZE))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "saes", "eval_tokens")}
-    meta = {"model": "planted", "hooks": {HOOK: cfg.d_in}, "dtype": "float32", "context_size": CONTEXT_SIZE,
+    meta = {"model": PLANTED_MODEL, "hooks": {HOOK: cfg.d_in}, "dtype": "float32", "context_size": CONTEXT_SIZE,
             "exclude_first": False, "eval_fraction": 0.0, "max_contexts": contexts, "planted": settings}
     writer = CacheWriter(path, meta, contexts_per_shard=per_shard)
     try:

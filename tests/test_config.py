@@ -175,3 +175,25 @@ def test_an_override_of_a_section_the_stage_does_not_read_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^train.out: not read by `sae eval`"):
         stage_config("eval", str(config), ["train.out=other"])
     assert stage_config("eval", str(config), ["train.out=other"], strict=False).saes == ["mine"]
+
+
+def test_config_files_that_are_not_yaml_mappings_are_one_line(tmp_path):
+    """A section that is not a mapping (`planted: 5`) was a TypeError, a file that is not UTF-8 a
+    UnicodeDecodeError, a folder "does not exist"; a bool where a number goes ran harvests on 1 token."""
+    from sae.cli import stage_config
+    from sae.config import ConfigError, UserError
+
+    cases = {"section.yaml": ("planted: 5\n", r"section\(s\) \['planted'\] must each hold a mapping of keys"),
+             "binary.yaml": (b"\xff\xfe x", r"is not UTF-8 text; pass a YAML config file$")}
+    for name, (text, said) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError, match=said):
+            stage_config("planted", str(path), [])
+    with pytest.raises(ConfigError, match=r"is a folder; pass a YAML file$"):
+        stage_config("planted", str(tmp_path), [])
+    for override in ("d_in=true", "l0=false"):
+        with pytest.raises(ConfigError, match=r"expected (int|float), got (True|False)"):
+            stage_config("planted", None, [override])
+    with pytest.raises(UserError, match=r"saes is empty: name the SAE folders to evaluate"):
+        stage_config("eval", None, ["saes=[]"])

@@ -69,11 +69,35 @@ def test_train_refuses_bad_sae_settings(spec, message, tiny_cache, hook, tmp_pat
     assert re.search(message, err.strip()), err
 
 
-@pytest.mark.parametrize("setting", ["shuffle_rows=0", "checkpoint_every=0", "log_every=-1", "batch_size=0"])
+@pytest.mark.parametrize("setting", ["shuffle_rows=0", "checkpoint_every=0", "log_every=-1", "batch_size=0",
+                                     "dead_window_tokens=0"])
 def test_train_refuses_counts_below_one(setting, tiny_cache, tmp_path, capsys):
     """A zero step count would divide by zero mid-run, a negative shuffle would silently stop shuffling."""
     err = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", setting)
     assert err.endswith(f"{setting}: must be ≥ 1")
+
+
+@pytest.mark.parametrize("setting, said", [
+    ("grad_clip=-1", "grad_clip=-1.0 must be > 0"),  # ran to FVU 2 before
+    ("lr_warmup_frac=2", "lr_warmup_frac=2.0: fractions of the run must be in [0, 1]"),
+    ("l1_warmup_frac=-3", "l1_warmup_frac=-3.0: fractions"),
+    ("lr_decay_frac=0.6 lr_warmup_frac=0.6", "lr_warmup_frac + lr_decay_frac: fractions"),
+    ("total_tokens=true", "total_tokens: expected int, got True"),  # trained on 1 token before
+])
+def test_train_refuses_schedules_that_cannot_train_before_work(setting, said, tiny_cache, tmp_path, capsys):
+    line = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", *setting.split())
+    assert said in line, line
+    assert not (tmp_path / "saes").exists()
+
+
+@pytest.mark.parametrize("name", ["/tmp/elsewhere/mine", "../up", "a/b", "checkpoints", "wandb", ".", "..", ".hidden"])
+def test_train_refuses_sae_names_that_are_not_a_folder_inside_out(name, tiny_cache, hook, tmp_path, capsys):
+    """`name: /tmp/r/mine` overwrote the user's mine.safetensors with a checkpoint and wrote the SAE outside `out`;
+    `../x` escaped too, `checkpoints` or `wandb` failed after training, `a/b` at the first checkpoint."""
+    line = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}",
+                   f"saes=[{{architecture: topk, k: 4, hook: {hook}, name: '{name}'}}]")
+    assert line.endswith("(the run's own folders); set `name`") and repr(name) in line, line
+    assert not (tmp_path / "saes").exists()
 
 
 @pytest.mark.parametrize("value", ["1", "-0.1"])
@@ -282,6 +306,105 @@ def test_planted_refuses_a_file_a_foreign_report_and_too_few_tokens_before_work(
     line = refused(capsys, "planted", f"out={tmp_path / 'few'}", "tokens=100")
     assert line.endswith("tokens=100 must be at least 256 (one training batch)"), line
     assert (tmp_path / "taken").read_text() == "a user's file" and not (tmp_path / "few").exists()
+
+
+def test_harvest_touches_no_file_of_the_users_in_its_folder(tiny_llama, text_dir, hook, tmp_path, capsys):
+    """A harvest into a project folder deleted its hidden `.env.old`, `.draft.tmpl` and `.git.old/` (taken for
+    stale temp files), and replaced a `shard_00000.safetensors` of the user's. Only its own temp names are
+    cleaned now, and a shard-named file that is not a shard is refused before anything is written."""
+    out = tmp_path / "project"
+    (out / ".git.old").mkdir(parents=True)
+    (out / ".git.old" / "HEAD").write_text("ref")
+    for name in (".env.old", ".draft.tmpl", ".notes.tmp1"):
+        (out / name).write_text(name)
+    assert cli_main(tiny_harvest_args(tiny_llama, text_dir, hook, out)) == 0, capsys.readouterr().err
+    assert all((out / name).read_text() == name for name in (".env.old", ".draft.tmpl", ".notes.tmp1"))
+    assert (out / ".git.old" / "HEAD").read_text() == "ref" and ActivationStore(out).complete
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "shard_00000.safetensors").write_text("MINE")
+    line = refused(capsys, *tiny_harvest_args(tiny_llama, text_dir, hook, mine))
+    assert line.endswith(f"{mine / 'shard_00000.safetensors'} is not a shard this toolkit wrote, and a harvest would "
+                         "replace it; use another `out` folder (nothing was changed)"), line
+    assert [p.name for p in mine.iterdir()] == ["shard_00000.safetensors"]
+
+
+def test_train_on_a_cache_with_no_training_rows_is_one_line(tiny_llama, text_dir, hook, tmp_path, capsys):
+    """One context, held out (context 0 always is): train ended in torch.cat's ValueError while fitting its scale."""
+    cache = tmp_path / "one"
+    args = tiny_harvest_args(tiny_llama, text_dir, hook, cache)
+    assert cli_main([*args, "max_tokens=31"]) == 0
+    line = refused(capsys, "train", f"cache={cache}", f"out={tmp_path / 'saes'}", "wandb_mode=disabled",
+                   f"saes=[{{architecture: topk, k: 4, hook: {hook}}}]")
+    assert line.endswith(f"the cache at {cache} has no training rows (every context is held out); harvest more "
+                         "tokens or lower eval_fraction"), line
+
+
+def test_unreadable_inputs_are_one_line(tiny_cache, hook, tmp_path, capsys, monkeypatch):
+    """A junk .gguf (the gguf reader's ValueError), a model path that is a file, `sae steer` of a planted SAE (a
+    hub lookup of "planted" for ~40 s), and a folder that cannot be written, found by its lock (an OSError)."""
+    import errno
+
+    import sae.data.store as store
+
+    (tmp_path / "junk.gguf").write_text("junk")
+    line = refused(capsys, "harvest", f"model={tmp_path / 'junk.gguf'}", f"out={tmp_path / 'c'}", f"hooks=[{hook}]")
+    assert f"GGUF file '{tmp_path / 'junk.gguf'}' cannot be read (" in line, line
+    line = refused(capsys, "harvest", f"model={tmp_path / 'junk.gguf'}x", f"out={tmp_path / 'c'}")
+    assert line.endswith("does not exist; pass a local folder, a .gguf file, a hub id or 'smollm2'"), line
+    (tmp_path / "weights.bin").write_text("x")
+    line = refused(capsys, "harvest", f"model={tmp_path / 'weights.bin'}", f"out={tmp_path / 'c'}")
+    assert line.endswith("is a file; pass a .gguf file, a Hugging Face model folder or a hub id"), line
+    line = refused(capsys, "harvest", "model=planted", f"out={tmp_path / 'c'}")
+    assert "is what `sae planted` records" in line, line
+    assert not (tmp_path / "c").exists()
+
+    def read_only(path, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(store.os, "open", read_only)
+    with pytest.raises(store.UserError, match=r"is not writable \(read-only, or no permission\), and `sae explain` "
+                                              r"writes there; copy it somewhere writable$"):
+        with store.folder_lock(tmp_path, "sae explain"):
+            pass
+
+
+def test_ctrl_c_is_one_line_saying_how_to_continue(tiny_cache, tmp_path, capsys, monkeypatch):
+    import sae.training.train as train_module
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert cli_main(["train", f"cache={tiny_cache}", f"out={tmp_path / 's'}"]) == 130
+    assert capsys.readouterr().err == ("\nsae train: interrupted; run the same command with resume=true to continue "
+                                       "from the last checkpoint\n")
+
+
+def test_demo_checks_every_stage_before_the_first_runs(tmp_path, capsys, monkeypatch):
+    """`sae demo eval.max_tokens=0` harvested and trained for minutes before eval refused the setting."""
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, "demo", "eval.max_tokens=0")
+    assert line.endswith("eval: max_tokens=0 must be ≥ 1"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stage, extra", [("eval", "saes=[{sae}] out={out}"), ("analyse", "sae={sae} out={out}"),
+                                          ("score", "sae={sae} text=return")])
+def test_an_interrupted_cache_is_finished_first_not_measured_half_made(stage, extra, cache_copy, saved_sae, tmp_path,
+                                                                       capsys):
+    """eval, analyse and score read a cache whose harvest was interrupted (train refused it): its held-out rows and
+    contexts are a prefix of the data asked for. They refuse it now as train does, saying how to finish it."""
+    edit_manifest(cache_copy, lambda m: m.update(complete=False))
+    line = refused(capsys, stage, f"cache={cache_copy}", *extra.format(sae=saved_sae, out=tmp_path / "o").split(),
+                   "device=cpu")
+    assert line.endswith(f"the cache at {cache_copy} is incomplete (harvest interrupted?); run `sae harvest` again "
+                         "with the same config to finish it"), line
+
+
+def test_score_refuses_a_reference_with_no_spread(tmp_path, capsys):
+    line = refused(capsys, "score", "text=def f(x): return x", "reference_tokens=0")
+    assert line.endswith("score: reference_tokens=0 must be ≥ 2"), line
 
 
 @pytest.mark.parametrize("stage", ["harvest", "planted"])

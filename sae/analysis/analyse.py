@@ -364,6 +364,10 @@ class ScoreConfig:
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda", ..."""
 
+    def __post_init__(self) -> None:
+        if self.reference_tokens < 2:  # a z-score needs a spread
+            raise UserError(f"score: reference_tokens={self.reference_tokens} must be ≥ 2")
+
 
 @dataclass
 class TokenScore:
@@ -392,6 +396,9 @@ def score_text(cfg: ScoreConfig) -> list[TokenScore]:
         check_finite(held[h], f"the held-out rows of {h} in {store.path}")
     reference = normalised_error(sae, held[hook], held[output_hook(sae)])
     ids = prompt_ids(tokenizer, cfg.text, store.bos_token_id, key="text")
+    if len(ids) <= store.first_pos:  # all of it before the cache's first position: nothing the SAE ever saw
+        raise UserError(f"text={cfg.text!r} is {len(ids)} token(s), and the cache (so the SAE) starts at position "
+                        f"{store.first_pos}; give a longer text")
     acts = capture(model, torch.tensor([ids], device=device), hooks)
     return token_scores(sae, acts[hook][0], reference, [tokenizer.decode([i]) for i in ids], store.first_pos,
                         cfg.threshold, acts[output_hook(sae)][0])

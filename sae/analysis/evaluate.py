@@ -72,6 +72,8 @@ class EvalConfig:
             bad.append(f"lm_loss_contexts={self.lm_loss_contexts} must be ≥ 0 (0: no LM loss)")
         if not 0 < self.dense_threshold <= 1:
             bad.append(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
+        if not self.saes:
+            bad.append("saes is empty: name the SAE folders to evaluate (saes=[runs/demo/saes])")
         if bad:
             raise UserError(f"eval: {'; '.join(bad)}")
 

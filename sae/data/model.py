@@ -94,6 +94,8 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in HOOK
 
 SMOLLM2 = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PLANTED_MODEL = "planted"
+"""The model name `sae planted` writes in its cache's manifest (and so in its SAEs' configs): there is no model."""
 
 
 class ModelError(UserError):
@@ -640,11 +642,21 @@ def resolve_spec(spec: str) -> Path | str:
     """A model spec as a local folder (GGUF files converted and cached) or a hub id left as is."""
     if spec == SMOLLM2:
         return _converted_gguf(smollm2_gguf())
+    if spec == PLANTED_MODEL:
+        raise ModelError(f"model {spec!r} is what `sae planted` records: its caches and SAEs come from a planted "
+                         "dictionary, not a language model, so there is none to run; pass model=<the LM> only for SAEs "
+                         "trained on one")
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file {spec!r} does not exist")
-        return _converted_gguf(path)
+        try:
+            return _converted_gguf(path)
+        except (ValueError, KeyError, OSError) as err:  # the gguf reader's own checks (magic bytes, version, ...)
+            raise ModelError(f"GGUF file {spec!r} cannot be read ({str(err).splitlines()[0]}); pass a GGUF model "
+                             "file, a Hugging Face model folder or a hub id") from None
+    if path.is_file():
+        raise ModelError(f"model {spec!r} is a file; pass a .gguf file, a Hugging Face model folder or a hub id")
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelError(f"{spec!r} is a folder without config.json; pass a Hugging Face model folder")

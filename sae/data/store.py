@@ -22,10 +22,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -121,7 +121,13 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise UserError(f"{folder} is not writable (read-only, or no permission), and `{what}` writes there; "
+                            "copy it somewhere writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -230,12 +236,14 @@ def _replace_folder(new: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def remove_stale_temps(folder: Path, name: str | None = None) -> None:
-    """Delete the `.<name>.tmp*` / `.<name>.old*` files and folders (any name by default) that a process killed
-    mid-write leaves; nothing ever reads them, and they would fill the disk over many restarts."""
-    stem = "*" if name is None else glob.escape(name)
-    for pattern in (f".{stem}.tmp*", f".{stem}.old*"):
-        for stale in folder.glob(pattern):
+def remove_stale_temps(folder: Path, name: str) -> None:
+    """Delete the `.<name>.tmp<pid>` / `.<name>.old<pid>` files and folders (`name` a regular expression) that a
+    process killed mid-write leaves; nothing ever reads them, and they would fill the disk over many restarts. Only
+    those exact names: a user's `.env.old` or `.draft.tmpl` beside them is not ours (a harvest into a project folder
+    deleted them)."""
+    ours = re.compile(rf"\.(?:{name})\.(?:tmp|old)\d+")
+    for stale in folder.glob(".*"):
+        if ours.fullmatch(stale.name):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
@@ -244,7 +252,7 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     """A temp folder beside `path` to fill; when the block ends its files are fsynced and it replaces `path` in one
     rename, so the folder appears whole or not at all. On an error the temp folder is removed and `path` is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, path.name)
+    remove_stale_temps(path.parent, re.escape(path.name))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.mkdir()
     try:
@@ -590,6 +598,7 @@ class ActivationStore:
 
     def iter_ordered(self, hooks: list[str], split: str = "all", batch_rows: int = 8192) -> Iterator[Rows]:
         """Activations with their token ids and places, in cache order: what feature analysis streams over."""
+        self.require_complete()  # as for training: an interrupted harvest is finished first, not analysed half-made
         self.check_hooks(hooks)
         for i in range(len(self.shards)):
             data = self.load_shard(i, [*hooks, *META_KEYS[:3]])
@@ -605,6 +614,7 @@ class ActivationStore:
 
     def holdout(self, hooks: list[str], max_rows: int) -> dict[str, Tensor]:
         """Up to `max_rows` held-out rows per hook (float32), in cache order."""
+        self.require_complete()
         self.check_hooks(hooks)
         parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
         n = 0
@@ -626,6 +636,9 @@ class ActivationStore:
         normalisation scale or a mean, at the cost of reading a few shards rather than a shuffle window."""
         self.require_complete()
         self.check_hooks(hooks)
+        if self.n_train_rows == 0:
+            raise CacheError(f"the cache at {self.path} has no training rows (every context is held out); harvest more "
+                             "tokens or lower eval_fraction")
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=g).tolist()
         per_shard = max(1, n_rows // min(len(order), 8))
@@ -998,17 +1011,31 @@ class CacheWriter:
                 raise CacheError(f"the cache at {self.path} was made with other settings ({diff}); use another `out` folder or delete it")
             self.manifest = old
         else:
+            self._check_no_foreign_shards()
             self.manifest = {**meta, "shards": [], "complete": False}
         self.contexts_per_shard = contexts_per_shard
         self.hooks = list(meta["hooks"])
         self._check_space()
         self.path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path)
+        remove_stale_temps(self.path, rf"shard_\d+\.safetensors|{re.escape(MANIFEST)}")
         self._pending: dict[str, list[Tensor]] = {}
         self._pending_contexts = 0
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._futures: list[Future] = []
         self._next_index = len(self.manifest["shards"])
+
+    def _check_no_foreign_shards(self) -> None:
+        """A folder with no manifest that holds files named like shards: ours only if they hold a shard's tensors (a
+        harvest killed before its first manifest); anything else is the user's, and writing would replace it."""
+        for file in sorted(self.path.glob("shard_*.safetensors")):
+            try:
+                with safe_open(file, "pt") as f:
+                    ours = set(META_KEYS) <= set(f.keys())
+            except (SafetensorError, OSError):
+                ours = False
+            if not ours:
+                raise CacheError(f"{file} is not a shard this toolkit wrote, and a harvest would replace it; use "
+                                 "another `out` folder (nothing was changed)")
 
     def _check_space(self) -> None:
         """Refuse, before the first shard, a cache the disk cannot hold: the contexts still to write (the manifest's

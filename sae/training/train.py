@@ -41,6 +41,8 @@ from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, Tra
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
+RESERVED_NAMES = (CHECKPOINT_DIR, "wandb")
+"""Folders of `out` that are the run's own, so no SAE may be named after them (wandb writes under out/wandb)."""
 SCALE_SAMPLE_ROWS = 65536
 SPEC_EXCLUDES = ("d_in", "d_sae", "hook_name", "model_name", "dtype", "scale", "hook_name_out", "d_out", "scale_out")
 """SAEConfig fields the run fills in rather than a spec: d_in and d_out from the data, d_sae from the spec's width,
@@ -93,7 +95,8 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
     lr: float | None = None
     """Overrides ``TrainConfig.lr`` for this SAE."""
     name: str | None = None
-    """Output folder name; default e.g. ``topk_k32_x16_blocks.15.hook_resid_post``."""
+    """Output folder name inside `out` (no path separators or leading dot, not checkpoints or wandb); default e.g.
+    ``topk_k32_x16_blocks.15.hook_resid_post``."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SAE_CLASSES:
@@ -103,6 +106,10 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
         if self.d_sae is None and self.expansion_factor <= 0:
             raise TrainError(f"SAE {self.run_name}: expansion_factor={self.expansion_factor} must be > 0 "
                              "(the width is expansion_factor × d_in)")
+        name = self.run_name
+        if not name or "/" in name or "\\" in name or name.startswith(".") or name in RESERVED_NAMES:
+            raise TrainError(f"SAE name {name!r} is not a folder name inside `out`: no path separators, no leading "
+                             f"dot, not one of {', '.join(RESERVED_NAMES)} (the run's own folders); set `name`")
         unused = self.target_l0 is not None and self.l0_coefficient != SAEConfig.l0_coefficient
         if self.architecture == "jumprelu" and unused:
             raise TrainError(f"SAE {self.run_name}: l0_coefficient={self.l0_coefficient:g} has no effect with "
@@ -498,10 +505,17 @@ def train(cfg: TrainConfig) -> list[Path]:
     if not cfg.saes:
         raise TrainError("the train config lists no SAEs (train.saes is empty)")
     low = [f"{k}={getattr(cfg, k)}" for k in ("shuffle_rows", "checkpoint_every", "log_every") if getattr(cfg, k) < 1]
-    low += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "total_tokens") if getattr(cfg, k) is not None
-            and getattr(cfg, k) < 1]
+    low += [f"{k}={getattr(cfg, k)}" for k in ("batch_size", "total_tokens", "dead_window_tokens")
+            if getattr(cfg, k) is not None and getattr(cfg, k) < 1]
     if low:
         raise TrainError(f"{', '.join(low)}: must be ≥ 1")
+    fracs = [f"{k}={getattr(cfg, k)}" for k in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac")
+             if not 0 <= getattr(cfg, k) <= 1]
+    if fracs or cfg.lr_warmup_frac + cfg.lr_decay_frac > 1:
+        raise TrainError(f"{', '.join(fracs) or 'lr_warmup_frac + lr_decay_frac'}: fractions of the run must be in "
+                         "[0, 1], and the lr warm-up and decay together at most 1")
+    if not cfg.grad_clip > 0:
+        raise TrainError(f"grad_clip={cfg.grad_clip} must be > 0 (the largest gradient norm a step may take)")
     if not cfg.peer_timeout_minutes > 0:
         raise TrainError(f"peer_timeout_minutes={cfg.peer_timeout_minutes} must be > 0")
     if not 0 <= cfg.topk_warmup_frac < 1:
