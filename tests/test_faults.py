@@ -402,6 +402,26 @@ def test_an_interrupted_cache_is_finished_first_not_measured_half_made(stage, ex
                          "with the same config to finish it"), line
 
 
+def test_analyse_of_a_split_the_cache_lacks_is_refused(cache_copy, saved_sae, tmp_path, capsys):
+    """split=eval on a cache without held-out rows wrote an empty browser."""
+    edit_manifest(cache_copy, lambda m: m.update(eval_fraction=0.0))
+    out = tmp_path / "o"
+    line = refused(capsys, "analyse", f"cache={cache_copy}", f"sae={saved_sae}", f"out={out}", "split=eval")
+    assert line.endswith(f"the cache at {cache_copy} has no eval rows to analyse; use split=all (or a cache harvested "
+                         "with eval_fraction > 0 for split=eval)"), line
+    assert not out.exists()
+
+
+def test_a_planted_cache_of_other_settings_names_what_changed(tmp_path, capsys):
+    """The refusal printed the whole planted settings dict on each side, not what differed."""
+    args = ["planted", f"out={tmp_path / 'p'}", "d_in=16", "n_features=32", "l0=2", "eval_tokens=2000",
+            "saes=[{architecture: topk, k: 2, d_sae: 64}]"]
+    assert cli_main([*args, "tokens=20000"]) == 0, capsys.readouterr().err
+    line = refused(capsys, *args, "tokens=30000", "seed=1")
+    assert "made with other settings (" in line and "planted.tokens: 20000 → 30000" in line, line
+    assert "planted.seed: 0 → 1" in line and "'d_in'" not in line, line
+
+
 def test_score_refuses_a_reference_with_no_spread(tmp_path, capsys):
     line = refused(capsys, "score", "text=def f(x): return x", "reference_tokens=0")
     assert line.endswith("score: reference_tokens=0 must be ≥ 2"), line

@@ -992,6 +992,14 @@ class ShuffledReader:
         return self.position / self.epoch_rows
 
 
+def _changed(old: Any, new: Any) -> list[tuple[str, tuple[Any, Any]]]:
+    """(key, (old, new)) for what differs between two settings: the keys that differ where both are mappings (a
+    planted cache's settings), else the whole value under the key ""."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [(k, (old.get(k), new.get(k))) for k in {**old, **new} if old.get(k) != new.get(k)]
+    return [("", (old, new))]
+
+
 class CacheWriter:
     """Write side: whole contexts in, shards out on a background thread, manifest updated after each shard.
 
@@ -1005,7 +1013,8 @@ class CacheWriter:
         meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
         if self.file.exists():
             old = ActivationStore(self.path).manifest
-            changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            changed = {f"{k}.{sub}" if sub else k: pair for k, v in meta.items() if old.get(k) != v
+                       for sub, pair in _changed(old.get(k), v)}
             if changed:
                 diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
                 raise CacheError(f"the cache at {self.path} was made with other settings ({diff}); use another `out` folder or delete it")

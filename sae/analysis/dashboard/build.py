@@ -38,6 +38,10 @@ def analyse(cfg: AnalyseConfig) -> Path:
     check_output_folder(cfg.out)
     store = ActivationStore(cfg.cache)
     device = pick_device(cfg.device)
+    rows = {"all": store.n_train_rows + store.n_eval_rows, "train": store.n_train_rows, "eval": store.n_eval_rows}
+    if not rows[cfg.split]:  # an empty browser was written
+        raise UserError(f"the cache at {store.path} has no {cfg.split} rows to analyse; use split=all (or a cache "
+                        "harvested with eval_fraction > 0 for split=eval)")
     saes = load_saes([cfg.sae], device)
     free = free_bytes(device)
     for name, sae in saes.items():
