@@ -314,3 +314,11 @@ def test_a_damaged_explanations_file_is_a_one_line_error_and_overwrite_replaces_
     assert (folder / "explanations.json").read_text() == '{"format": 1, "feat'
     cfg = ExplainConfig(analysis=str(folder), cache=str(tiny_cache), overwrite=True)
     assert ex.start_state(folder, ex.Analysis.read(folder), cfg)["features"] == {}
+    # A JSON file of the user's under that name is refused, overwrite=true or not (it was replaced).
+    (folder / "explanations.json").write_text('{"my": "notes"}')
+    for extra in ([], ["overwrite=true"]):
+        assert cli_main(["explain", f"analysis={folder}", f"cache={tiny_cache}", f"features=[{live[0]}]", *extra]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].endswith("is not one `sae explain` wrote, and explaining would replace it; "
+                                                 "move it aside (nothing was changed)"), err
+    assert (folder / "explanations.json").read_text() == '{"my": "notes"}'

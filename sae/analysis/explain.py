@@ -431,14 +431,19 @@ def start_state(folder: Path, analysis: Analysis, cfg: ExplainConfig) -> dict[st
     settings = {k: getattr(cfg, k) for k in SETTINGS}
     fresh = {"format": FORMAT, "analysis": fingerprint(folder), "sae": analysis.index["sae"],
              "hook": analysis.index["hook"], "settings": settings, "features": {}}
-    if cfg.overwrite:  # starts over: what is saved need not even be readable
-        return fresh
     try:
         saved = read_explanations(folder)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if cfg.overwrite:  # starts over: what is saved need not even be readable (a write cut off mid-way)
+            return fresh
         raise ExplainError(f"{folder / FILE} is not valid JSON ({err}); move it aside, or pass overwrite=true to "
                            "start over") from err
     if saved is None:
+        return fresh
+    if not isinstance(saved, dict) or not {"format", "features", "settings"} <= set(saved):
+        raise ExplainError(f"{folder / FILE} is not one `sae explain` wrote, and explaining would replace it; move it "
+                           "aside (nothing was changed)")
+    if cfg.overwrite:
         return fresh
     if saved.get("analysis") != fresh["analysis"]:
         raise ExplainError(f"{folder / FILE} explains an earlier analysis (data/index.js has changed since); pass "
