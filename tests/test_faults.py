@@ -422,9 +422,16 @@ def test_a_planted_cache_of_other_settings_names_what_changed(tmp_path, capsys):
     assert "planted.seed: 0 → 1" in line and "'d_in'" not in line, line
 
 
-def test_score_refuses_a_reference_with_no_spread(tmp_path, capsys):
+def test_score_refuses_a_reference_with_no_spread_or_a_text_with_nothing_to_score(tiny_cache, saved_sae, capsys,
+                                                                                   monkeypatch):
+    """A text whose tokens all fall before the cache's first position (a one-token text on a cache that drops
+    position 0) scored nothing and exited 0."""
     line = refused(capsys, "score", "text=def f(x): return x", "reference_tokens=0")
     assert line.endswith("score: reference_tokens=0 must be ≥ 2"), line
+    monkeypatch.setattr("sae.data.model.prompt_ids", lambda tokenizer, text, bos, key: [5])  # one token, as "x" is
+    line = refused(capsys, "score", f"cache={tiny_cache}", f"sae={saved_sae}", "text=x", "device=cpu")
+    assert line.endswith("text='x' is 1 token(s), and the cache (so the SAE) starts at position 1; give a longer "
+                         "text"), line
 
 
 @pytest.mark.parametrize("stage", ["harvest", "planted"])
