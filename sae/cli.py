@@ -179,8 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(name: str, config_file: str | None, overrides: list[str], strict: bool = True) -> Any:
-    cfg = stage_config(name, config_file, overrides, strict)
+def run_stage(name: str, config_file: str | None, overrides: list[str]) -> Any:
+    cfg = stage_config(name, config_file, overrides)
     _, run = STAGES[name].load()
     return run(cfg)
 
@@ -193,11 +193,12 @@ def demo(config_file: str, overrides: list[str]) -> None:
     results = {}
     # A second `sae demo` continues the first (a finished training run just rewrites its SAE folders).
     overrides = ["train.resume=true", *overrides]
-    for name in ("harvest", "train", "eval", "analyse"):  # every stage's settings checked before the first runs
-        stage_config(name, config_file, overrides, strict=False)
-    for name in ("harvest", "train", "eval", "analyse"):
+    # Every stage's settings are read and checked before the first stage runs.
+    configs = {name: stage_config(name, config_file, overrides, strict=False)
+               for name in ("harvest", "train", "eval", "analyse")}
+    for name, cfg in configs.items():
         print(f"\n=== sae {name} ({time.time() - start:.0f} s) ===", flush=True)
-        results[name] = run_stage(name, config_file, overrides, strict=False)
+        results[name] = STAGES[name].load()[1](cfg)
     print(f"\n=== demo finished in {time.time() - start:.0f} s ===\n{format_table(results['eval'])}")
     print(f"feature browser: {Path(results['analyse']).resolve()}")
 
@@ -213,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed
-        again = {"train": "run the same command with resume=true to continue from the last checkpoint",
-                 **dict.fromkeys(("harvest", "planted", "demo"), "run the same command again to continue")}.get(
-                     args.command, "nothing partial was kept; run it again")
+        if args.command == "train":
+            again = "run the same command with resume=true to continue from the last checkpoint"
+        elif args.command in ("harvest", "planted", "demo"):
+            again = "run the same command again to continue"
+        else:
+            again = "nothing partial was kept; run it again"
         print(f"\nsae {args.command}: interrupted; {again}", file=sys.stderr)
         return 130
     return 0

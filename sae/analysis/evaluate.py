@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from sae.config import HelpSections, UserError
 from sae.analysis.splice import keep_first, spliced
+from sae.data.model import PLANTED_MODEL
 from sae.data.store import ActivationStore, atomic_write_json, check_finite
 
 #: The demo's TopK SAE (`configs/demo.yaml`'s first): the default of the stages that read one SAE.
@@ -519,7 +520,7 @@ def load_cache_model(store: ActivationStore, device: torch.device) -> tuple[Any,
 
 def check_not_planted(store: ActivationStore) -> None:
     """A cache `sae planted` wrote has no model and no held-out rows: refused in one line."""
-    if "planted" in store.manifest:
+    if store.model_name == PLANTED_MODEL:
         raise UserError(f"the cache at {store.path} was written by `sae planted`: it has no language model or held-out "
                         "rows to evaluate or analyse on; its SAEs' scores against the true dictionary are in the "
                         "planted.json beside it")

@@ -34,7 +34,6 @@ INIT_SAMPLE_COPIES = 2.5
 the centred one); on a GPU the sample's device copy may live beside the first working copy."""
 HEADROOM = 0.9
 """Fraction of the free memory a plan may use: allocator fragmentation and the data stream need the rest."""
-GIB = 2**30
 
 
 class PlanError(UserError):

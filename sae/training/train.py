@@ -373,7 +373,7 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
 def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
     """(folder, state) of the checkpoint to continue from: the one latest.json names, else (that file missing or
     damaged, or its folder gone) the newest step folder whose state reads; a step folder is renamed into place only
-    once whole (``_save_checkpoint``), so any that reads is a whole checkpoint. None where there is none at all."""
+    once whole (``_write_checkpoint``), so any that reads is a whole checkpoint. None where there is none at all."""
     root = out / CHECKPOINT_DIR
     candidates = sorted(root.glob("step_*"), reverse=True)
     try:
