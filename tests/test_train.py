@@ -136,9 +136,11 @@ def test_matryoshka_keeps_the_parent_latent_firing_on_child_tokens():
 
 
 def test_step_aware_defaults():
-    """Short runs get ≥ 500 steps (batch ≥ 256) and a raised lr; long runs the papers' values."""
+    """Short runs get ≥ 4,000 steps (batch ≥ 256) and a raised lr; long runs the papers' values."""
     assert default_batch_size(115_000) == 256  # the demo: 449 steps rather than 28 of 4096
-    assert default_batch_size(500 * 1024) == 1024
+    assert default_batch_size(2_048_000) == 512  # 4,000 steps rather than 500 of 4096
+    assert default_batch_size(4000 * 1024) == 1024
+    assert default_batch_size(4000 * 4096 - 1) == 2048
     assert default_batch_size(10**8) == 4096
     gao = 2e-4 / (4608 / 2**14) ** 0.5
     assert default_lr("topk", 4608, None, 576) == pytest.approx(gao)
