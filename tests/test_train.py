@@ -409,7 +409,8 @@ def test_existing_run_is_refused_not_overwritten(tmp_path, cache, capsys):
 def test_a_damaged_latest_json_resumes_from_the_newest_whole_checkpoint(tmp_path, cache, capsys):
     """A damaged checkpoints/latest.json was a JSONDecodeError traceback, even with overwrite=true. resume=true now
     continues from the newest step folder that reads (each is renamed into place whole): the SAEs it holds; with
-    none readable it is one line; overwrite=true deletes them unread, and only them."""
+    none readable it is one line; overwrite=true deletes them unread, and only them (a user's `step_notes/` beside
+    them was deleted with them)."""
     from sae.cli import main
 
     out = tmp_path / "out"
@@ -426,6 +427,8 @@ def test_a_damaged_latest_json_resumes_from_the_newest_whole_checkpoint(tmp_path
     for state in root.glob("step_*/state.json"):
         state.write_text("{")
     (root / "my_notes.txt").write_text("the user's own file")
+    (root / "step_notes").mkdir()  # named like a checkpoint folder, but not one the toolkit writes
+    (root / "step_notes" / "notes.txt").write_text("the user's own folder")
     args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "batch_size=128", "total_tokens=512",
             "wandb_mode=disabled", "saes=[{architecture: topk, hook: h0, k: 4, d_sae: 64}]"]
     capsys.readouterr()
@@ -435,6 +438,7 @@ def test_a_damaged_latest_json_resumes_from_the_newest_whole_checkpoint(tmp_path
                    "damaged); start over with overwrite=true, or use another `out` folder\n")
     assert main([*args, "overwrite=true"]) == 0, capsys.readouterr().err
     assert (root / "my_notes.txt").read_text() == "the user's own file"
+    assert (root / "step_notes" / "notes.txt").read_text() == "the user's own folder"  # it was deleted too
     assert json.loads((root / "latest.json").read_text())["step"] == 4
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -41,6 +42,7 @@ from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, Tra
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
+_STEP_FOLDER = re.compile(r"(\.tmp_)?step_\d{9}")
 RESERVED_NAMES = (CHECKPOINT_DIR, "wandb")
 """Folders of `out` that are the run's own, so no SAE may be named after them (wandb writes under out/wandb)."""
 SCALE_SAMPLE_ROWS = 65536
@@ -333,6 +335,13 @@ def _checkpoint_file(name: str, shard: int | None) -> str:
     return f"{name}.safetensors" if shard is None else f"{name}.shard{shard}.safetensors"
 
 
+def _step_folders(root: Path, pattern: str = "step_*") -> list[Path]:
+    """The folders under `root` matching `pattern` that ``_write_checkpoint`` names (``step_N`` or, mid-write,
+    ``.tmp_step_N``, N nine digits): the only ones ever deleted or read as checkpoints, so a user's ``step_notes/``
+    in there is left alone."""
+    return [p for p in root.glob(pattern) if p.is_dir() and _STEP_FOLDER.fullmatch(p.name)]
+
+
 def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dict[str, SAETrainer],
                       world: distributed.World, writes_saes: bool, shard: int | None) -> None:
     """Write ``checkpoints/step_N/`` completely, then point ``latest.json`` at it (atomic
@@ -354,7 +363,7 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
 
     with written():
         if world.is_main:
-            for stale in root.glob(".tmp_step_*"):  # left by a process killed mid-checkpoint
+            for stale in _step_folders(root, ".tmp_step_*"):  # left by a process killed mid-checkpoint
                 shutil.rmtree(stale)
             tmp.mkdir(parents=True)
     try:
@@ -378,7 +387,7 @@ def _write_checkpoint(out: Path, step: int, state: dict[str, Any], trainers: dic
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if world.is_main:
-        for old in root.glob("step_*"):
+        for old in _step_folders(root):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -388,7 +397,7 @@ def _read_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
     damaged, or its folder gone) the newest step folder whose state reads; a step folder is renamed into place only
     once whole (``_write_checkpoint``), so any that reads is a whole checkpoint. None where there is none at all."""
     root = out / CHECKPOINT_DIR
-    candidates = sorted(root.glob("step_*"), reverse=True)
+    candidates = sorted(_step_folders(root), reverse=True)
     try:
         candidates.insert(0, root / json.loads((root / LATEST).read_text())["folder"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -474,7 +483,7 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
                   world: distributed.World) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused."""
     root = out / CHECKPOINT_DIR
-    ours = [root / LATEST] * (root / LATEST).exists() + [*root.glob("step_*"), *root.glob(".tmp_step_*")]
+    ours = [root / LATEST] * (root / LATEST).exists() + [*_step_folders(root), *_step_folders(root, ".tmp_step_*")]
     if cfg.overwrite and not cfg.resume and ours:  # deleted unread: they may be damaged
         distributed.barrier()  # every rank has seen the folder before rank 0 deletes it
         if world.is_main:
