@@ -57,16 +57,17 @@ class BatchTopKSAE(TopKFamily):
 
     @torch.no_grad()
     def initialise_from_data(self, sample: Tensor, target: Tensor | None = None, *, topk_warmup: bool = False) -> None:
-        """The base fit; under the TopK warm-up, first back to unit-norm encoder columns (``_encoder_shrink`` undone).
+        """The base fit; under the TopK warm-up, first unit-norm encoder columns (``_encoder_shrink`` undone).
 
         The warm-up gives each row its own top k, as TopK's, which starts from unit-norm columns; the smaller encoder
-        only slowed it. Mean max cosine smaller → unit-norm columns there (`sae train` on `sae planted` caches, the
-        grid's tokens at ≥ 4,000 steps, seed 0, 2026-12-07): d_in 32 / 128 features / L0 3 0.958 → 0.968, d_in 32 /
-        512 / 3 0.865 → 0.928, d_in 64 / 1024 / 8 0.920 → 0.935, d_in 256 / 1024 / 8 0.939 → 0.993 (FVU 0.071 →
-        0.061). On SmolLM2-135M layer 15 (k 32, width ×8, 1,224 steps of 256; seeds 0 / 1) held-out FVU 0.155 /
-        0.153 at L0 34 → 0.159 / 0.157 at L0 33 (nearer k), dead latents 0.5% → 0.1%."""
+        only slowed it. Mean max cosine smaller → unit-norm columns there (`scripts/bench_planted.py`, seed 0,
+        2026-12-07; docs/planted.md has every point): d_in 32 / 512 features / L0 3 0.853 → 0.927, d_in 64 / 1024 / 8
+        0.915 → 0.935, d_in 256 / 1024 / 8 0.967 → 0.990, but 0.003–0.011 lower at three small points (d_in 32 / 128
+        / L0 3 0.966 → 0.963). On SmolLM2-135M layer 15 (k 32, width ×8, 1,224 steps of 256; seeds 0 / 1) held-out
+        FVU 0.155 / 0.153 at L0 34 → 0.159 / 0.157 at L0 33 (nearer k), dead latents 0.5% → 0.1%. Normalised rather
+        than divided by the shrink, so a second call changes nothing."""
         if topk_warmup and self.cfg.warms_up:
-            self.W_enc.div_(self._encoder_shrink())
+            self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True))
         super().initialise_from_data(sample, target)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -42,7 +42,7 @@ from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, Tra
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
-_STEP_FOLDER = re.compile(r"(\.tmp_)?step_\d{9}")
+_STEP_FOLDER = re.compile(r"(\.tmp_)?step_\d{9,}")
 RESERVED_NAMES = (CHECKPOINT_DIR, "wandb")
 """Folders of `out` that are the run's own, so no SAE may be named after them (wandb writes under out/wandb)."""
 SCALE_SAMPLE_ROWS = 65536
@@ -337,8 +337,8 @@ def _checkpoint_file(name: str, shard: int | None) -> str:
 
 def _step_folders(root: Path, pattern: str = "step_*") -> list[Path]:
     """The folders under `root` matching `pattern` that ``_write_checkpoint`` names (``step_N`` or, mid-write,
-    ``.tmp_step_N``, N nine digits): the only ones ever deleted or read as checkpoints, so a user's ``step_notes/``
-    in there is left alone."""
+    ``.tmp_step_N``, N of nine digits or more): the only ones ever deleted or read as checkpoints, so a user's
+    ``step_notes/`` in there is left alone."""
     return [p for p in root.glob(pattern) if p.is_dir() and _STEP_FOLDER.fullmatch(p.name)]
 
 
