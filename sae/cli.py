@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_stage(args.command, args.config, args.overrides)
     except (UserError, FileNotFoundError) as err:  # messages meant for the user; anything else is a bug: traceback
-        print(f"sae {args.command}: error: {err}", file=sys.stderr)
+        # One write with its newline: torchrun's ranks share stderr, and print's two writes (text, then newline)
+        # let another rank's line land between them.
+        sys.stderr.write(f"sae {args.command}: error: {err}\n")
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed
         if args.command == "train":
