@@ -89,16 +89,16 @@ class SAEConfig:
     """topk/batchtopk/jumprelu: weight α of the AuxK loss (Gao et al. §A.2)."""
     threshold_momentum: float = 0.2
     """batchtopk: EMA rate of the inference threshold θ (the smallest activation each batch keeps); jumprelu: of the
-    TopK warm-up's batch-wide threshold. 0.2 averages ~5 batches, a lag of ~4 steps behind a cut that still falls in
-    the steps after the warm-up (the last tenth: 50 of a 500-step run), while the noise it lets through is small
-    (per-batch cuts vary by ~1.5% at k 32, batch 512 on SmolLM2). Recorded per batch after the warm-up (`sae
-    planted` d_in 32, 512 features, k 3, 500 steps of 2048): the cut fell 2.02 → 1.10, and fresh rows need 1.109;
-    0.05 ended at 1.271 (+15%: saved L0 2.44, FVU 0.300), 0.1 at 1.143, 0.2 at 1.114 (L0 2.92, FVU 0.286). At d_in
-    64, 1024 features, k 8: L0 7.32 → 8.08; at the CI point 2.96 → 2.98. SmolLM2 layer 15 (k 32, 556 steps of 512):
-    the cut fell 1.15 → 1.00 and 0.2 ended at 1.003 (the last 20 batches' mean 1.004), 0.05 at 1.023 — which fresh
-    rows happened to need (held-out L0 32.3; 33.8 at 0.2): that run's last batches cut 2% below other rows.
-    JumpReLU's mean max cosine and FVU moved by ≤ 0.001 and ≤ 0.002 at the 7 planted points measured
-    (docs/planted.md), its SmolLM2 FVU 0.157 → 0.156."""
+    TopK warm-up's batch-wide threshold. 0.2 averages ~5 batches, a lag of ~4 steps behind a cut that still falls in the
+    steps after the warm-up (the last tenth: 50 of a 500-step run, 400 of today's shortest default run), while the noise
+    it lets through is small (per-batch cuts vary by ~1.5% at k 32, batch 512 on SmolLM2). Recorded per batch after the
+    warm-up (`sae planted` d_in 32, 512 features, k 3, 500 steps of 2048): the cut fell 2.02 → 1.10, and fresh rows need
+    1.109; 0.05 ended at 1.271 (+15%: saved L0 2.44, FVU 0.300), 0.1 at 1.143, 0.2 at 1.114 (L0 2.92, FVU 0.286). At
+    d_in 64, 1024 features, k 8: L0 7.32 → 8.08; at the CI point 2.96 → 2.98. SmolLM2 layer 15 (k 32, 556 steps of 512):
+    the cut fell 1.15 → 1.00 and 0.2 ended at 1.003 (the last 20 batches' mean 1.004), 0.05 at 1.023 — which fresh rows
+    happened to need (held-out L0 32.3; 33.8 at 0.2): that run's last batches cut 2% below other rows. JumpReLU's mean
+    max cosine and FVU moved by ≤ 0.001 and ≤ 0.002 at the 7 planted points measured (docs/planted.md), its SmolLM2 FVU
+    0.157 → 0.156."""
     matryoshka_widths: list[int] | None = None
     """matryoshka_batchtopk: sizes of the nested dictionaries (prefixes of the latents) whose reconstruction errors
     the loss sums, strictly increasing and ending at d_sae; None → [d_sae/16, d_sae/4, d_sae]."""

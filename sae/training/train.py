@@ -182,7 +182,8 @@ class TrainConfig:
     """Tokens per step; None → ``default_batch_size(total_tokens)``: the papers' 4096 when the
     run is long enough, else the largest power of two that still leaves ≥ 4,000 steps (never
     below 256). A 2M-token run at 4096 would take 500 Adam steps, too few for any recipe to
-    converge (``default_batch_size`` has the measurements); from 16M tokens nothing changes."""
+    converge (``default_batch_size`` has the measurements); from 16.4M tokens (4,000 × 4096)
+    nothing changes."""
     total_tokens: int | None = None
     """Tokens to train on; None → one epoch over the cache's training split (source=model: harvest.max_tokens)."""
     shuffle_rows: int = 2**18
@@ -251,13 +252,14 @@ def default_batch_size(total_tokens: int) -> int:
     the same 2M tokens and seed (`sae planted`, width 2·n_features, fresh rows, 2026-12-07), mean max cosine (FVU)
     at 500 steps of 4096 → 2,000 of 1024 → 4,000 of 512 → 8,000 of 256:
     - d_in 256, 1024 features, L0 8: TopK 0.923 (0.080) → 0.969 (0.070) → 0.994 (0.065); BatchTopK 0.878 →
-      0.896 → 0.939 (0.071); JumpReLU 0.941 (0.078) → 0.995 (0.062) at 4,000. TopK at 500 steps with the
-      2,000-step run's smaller lr: 0.892, so it is the steps, not the lr that comes with them.
+      0.896 → 0.939 (0.071) with its smaller-encoder start then (0.990 now: ``BatchTopKSAE.initialise_from_data``);
+      JumpReLU 0.941 (0.078) → 0.995 (0.062) at 4,000. TopK at 500 steps with the 2,000-step run's smaller lr:
+      0.892, so it is the steps, not the lr that comes with them.
     - d_in 64, 1024 features, L0 8 (16 features per dimension): TopK 0.916 → 0.942 → 0.948, BatchTopK 0.888 →
       0.920 → 0.914, JumpReLU 0.931 → 0.949 → 0.945: gains stop by 4,000.
     - SmolLM2-135M layer 15 (`sae eval`'s held-out rows, width ×8, k / target L0 32, 313k tokens: 612 steps of
       512 → 1,224 of 256): held-out FVU TopK 0.163 → 0.160, BatchTopK 0.159 → 0.156, JumpReLU 0.150 → 0.143.
-    Hence ``MIN_STEPS`` 4,000 (it was 500): runs of ≥ 16M tokens keep the papers' 4096, which a GPU needs to be fed;
+    Hence ``MIN_STEPS`` 4,000 (it was 500): runs of ≥ 16.4M tokens keep the papers' 4096, which a GPU needs to be fed;
     shorter ones take seconds to minutes there at any batch."""
     batch = PAPER_BATCH
     while batch > MIN_BATCH and total_tokens // batch < MIN_STEPS:
