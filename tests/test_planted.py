@@ -52,12 +52,11 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
 RECOVERY_FLOOR = {"topk": 0.95, "batchtopk": 0.95, "jumprelu": 0.95, "relu_l1": 0.95, "reference": 0.88}
 """Mean max cosine each model must reach at defaults (issue 9). Measured at 400k tokens (1,562 steps of 256 since
-``train.MIN_STEPS`` became 4,000; 781 of 512 before): TopK 0.980 (0.977), BatchTopK 0.963 (0.966 before it started
-from unit-norm encoder columns under its warm-up; with the TopK warm-up and, since issue 18, the d_in-scaled lr: 0.958
-before that), JumpReLU 0.969 (0.971; 0.964 before its b_enc started at 0), ReLU+L1 0.977 (0.979; centred, b_enc at
-√d_in × the lr), the plain reference loop 0.931 (0.870 at 781 steps; seeds 1 and 2: 0.890, 0.887) from an
-initialisation of its own (``sae.planted.REFERENCE_INIT_SEED``; it reached 0.988 while it started at the dictionary
-itself); seeds 1 and 2 gave ≥ 0.957 for the SAEs before issue 18."""
+``train.MIN_STEPS`` became 4,000; 781 of 512 before): TopK 0.980 (0.977), BatchTopK 0.966 (with the TopK warm-up and,
+since issue 18, the d_in-scaled lr: 0.958 before), JumpReLU 0.969 (0.971; 0.964 before its b_enc started at 0), ReLU+L1
+0.977 (0.979; centred, b_enc at √d_in × the lr), the plain reference loop 0.931 (0.870 at 781 steps; seeds 1 and 2:
+0.890, 0.887) from an initialisation of its own (``sae.planted.REFERENCE_INIT_SEED``; it reached 0.988 while it started
+at the dictionary itself); seeds 1 and 2 gave ≥ 0.957 for the SAEs before issue 18."""
 
 
 def _by_model(out) -> dict:
@@ -124,12 +123,11 @@ def test_no_model_starts_at_the_planted_dictionary(tmp_path):
 SUPERPOSITION_TOKENS = 1_024_000
 """2,000 tokens per true feature (``scripts/bench_planted.py``'s budget): 4,000 steps of 256."""
 SUPERPOSITION_FLOOR = {"topk": 0.82, "batchtopk": 0.82, "jumprelu": 0.82, "relu_l1": 0.82, "reference": 0.66}
-"""Mean max cosine at d_in 32, 512 features, L0 8 (seed 0), measured: TopK 0.857, BatchTopK 0.850 (0.857 before it
-started from unit-norm encoder columns under its warm-up), JumpReLU 0.855, ReLU+L1 0.857, the reference loop 0.713 (at
-500 steps of 2048, before ``train.MIN_STEPS`` became 4,000: 0.843, 0.870, 0.860, 0.839 and 0.571). Before TopK's
-lr was scaled with d_in (``TopKFamily.paper_d_in``), TopK reached 0.696 and BatchTopK 0.752 here (a run with those
-lrs given explicitly: 0.851 and 0.868 with the factor); before JumpReLU's b_enc started at 0 for its TopK warm-up
-(``JumpReLUSAE``), JumpReLU reached 0.696."""
+"""Mean max cosine at d_in 32, 512 features, L0 8 (seed 0), measured: TopK 0.857, BatchTopK 0.857, JumpReLU 0.855,
+ReLU+L1 0.857, the reference loop 0.713 (at 500 steps of 2048, before ``train.MIN_STEPS`` became 4,000: 0.843, 0.870,
+0.860, 0.839 and 0.571). Before TopK's lr was scaled with d_in (``TopKFamily.paper_d_in``), TopK reached 0.696 and
+BatchTopK 0.752 here (a run with those lrs given explicitly: 0.851 and 0.868 with the factor); before JumpReLU's b_enc
+started at 0 for its TopK warm-up (``JumpReLUSAE``), JumpReLU reached 0.696."""
 
 
 def test_planted_superposition_at_defaults(tmp_path):

@@ -453,21 +453,6 @@ def test_jumprelu_b_enc_starts_at_its_fire_rate_unless_a_topk_warmup_selects_fir
             assert ((pre > 0).sum(-1) < 4).float().mean() > 0.1  # rows the warm-up would give fewer than k
 
 
-def test_batchtopk_starts_from_unit_norm_encoder_columns_only_under_the_topk_warmup():
-    """The reference code's smaller encoder (column norm √(2·d_in/d_sae)) at construction and without a warm-up
-    (Matryoshka never warms up); unit-norm columns when the warm-up runs, and a second fit changes nothing."""
-    torch.manual_seed(0)
-    x = torch.randn(2048, 16) * 2 + 0.5
-    shrink = (2 * 16 / 256) ** 0.5
-    for arch, topk_warmup, norm in [("batchtopk", False, shrink), ("batchtopk", True, 1.0),
-                                    ("matryoshka_batchtopk", True, shrink)]:
-        sae = create_sae(SAEConfig(arch, 16, 256, k=4))
-        torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((256,), shrink))
-        for _ in range(2):
-            sae.initialise_from_data(x, topk_warmup=topk_warmup)
-            torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((256,), norm), msg=f"{arch} {topk_warmup}")
-
-
 def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
     """In the warm-up BatchTopK and JumpReLU (target_l0) keep each row's top k, as TopK; BatchTopK's inference threshold
     waits for the batch selection, and JumpReLU's thresholds all start at the warm-up's batch-wide threshold."""

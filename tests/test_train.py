@@ -322,6 +322,36 @@ def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without
         train(changed)
 
 
+def test_train_warns_when_the_last_batch_is_reconstructed_worse_than_by_its_mean(tmp_path, cache, capsys,
+                                                                                  monkeypatch):
+    """BatchTopK at SmolLM2 layer 6 ended a short run at FVU 1.38 with no word from `sae train`. Here a TopK whose
+    decoder starts pointing away from its encoder (it adds the opposite of what it selects; Adam at lr 1e-4 cannot turn
+    it in 8 steps) ends at FVU > 1 with its latents alive, and gets a line; the healthy one none."""
+    from sae.cli import main
+    from sae.saes import SAE_CLASSES
+
+    topk = SAE_CLASSES["topk"]
+    init = topk.initialise_from_data
+
+    def off(self, sample, **kw):
+        init(self, sample, **kw)
+        if self.cfg.k == 2:
+            self.W_dec.data.neg_()
+
+    monkeypatch.setattr(topk, "initialise_from_data", off)
+    specs = "{architecture: topk, hook: h0, d_sae: 64, k: 2}, {architecture: topk, hook: h0, d_sae: 64, k: 4}"
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled", "batch_size=128",
+            "total_tokens=1024", "lr=0.0001", f"saes=[{specs}]"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    m = json.loads(next((tmp_path / "out" / "checkpoints").glob("step_*/state.json")).read_text())["metrics"]
+    off_name, healthy = "topk_k2_d64_h0", "topk_k4_d64_h0"
+    assert m[f"{off_name}/fvu"] > 1 > m[f"{healthy}/fvu"] and m[f"{off_name}/dead_frac"] < 0.5
+    assert warnings == [f"warning: SAE {off_name} ended training with FVU {m[f'{off_name}/fvu']:.2f} on its last batch "
+                        "(worse than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 avoids "
+                        "the switch that can cause it)"]
+
+
 def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, capsys, monkeypatch):
     """A ReLU SAE whose encoder biases start far below every pre-activation never fires (L0 = 0, and ReLU passes no
     gradient to revive it), and TopK with k = 1 over 1024 latents can fire at most 128 of them in the last 128-token

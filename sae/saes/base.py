@@ -377,7 +377,7 @@ class SAE(nn.Module):
         SAE's does through b_dec.
 
         ``topk_warmup``: training will start with the per-token TopK warm-up (as ``train_forward``'s); JumpReLU then
-        leaves b_enc where this fit leaves it, and BatchTopK starts from unit-norm encoder columns.
+        leaves b_enc where this fit leaves it.
         """
         sample = sample.to(self.W_dec.device, torch.float32)
         mean = sample.mean(0, dtype=torch.float64).float()

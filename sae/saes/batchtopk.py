@@ -43,32 +43,20 @@ class BatchTopKSAE(TopKFamily):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=self.W_enc.dtype))
+        # Smaller encoder at init, as in Bussmann et al.'s reference code (github.com/
+        # bartbussmann/BatchTopK, sae.py): W_enc ~ kaiming_uniform_ on [d_in, d_sae] (column norm
+        # √(2·d_in/d_sae)), W_dec = W_encᵀ row-normalised — i.e. our tied init with W_enc scaled.
+        # With unit-norm encoder columns the batch-wide selection gives high-norm tokens many
+        # overlapping latents, the first reconstructions overshoot (FVU ≈ 1.5 at step 1 on the
+        # planted-dictionary test vs 0.7 for TopK), and the gradients shrink every encoder
+        # column; most latents then never clear the global threshold again.
+        # Tried on 2026-12-07 and not adopted: unit-norm columns (TopK's start) when the TopK warm-up runs. On the
+        # planted grid it recovered more (d_in 32 / 512 features / L0 3: 0.853 → 0.927; d_in 256 / 1024 / 8: 0.967 →
+        # 0.990), but on SmolLM2 it reconstructed worse: layer 15 held-out FVU 0.155 → 0.159 (k 32, ×8, 1,224 steps),
+        # layer 6 0.278 → 0.343 (1,171 steps) and 0.356 → 0.860 (111 steps), where the switch to the batch-wide
+        # selection gives the rare high-norm rows many latents at once (docs/known-gaps.md).
         with torch.no_grad():
-            self.W_enc.mul_(self._encoder_shrink())
-
-    def _encoder_shrink(self) -> float:
-        """The smaller encoder of Bussmann et al.'s reference code (github.com/bartbussmann/BatchTopK, sae.py: W_enc ~
-        kaiming_uniform_ on [d_in, d_sae], column norm √(2·d_in/d_sae), W_dec = W_encᵀ row-normalised — our tied init
-        with W_enc scaled by this). With unit-norm encoder columns and no warm-up, the batch-wide selection gives
-        high-norm tokens many overlapping latents, the first reconstructions overshoot (FVU ≈ 1.5 at step 1 on the
-        planted-dictionary test vs 0.7 for TopK), and the gradients shrink every encoder column; most latents then
-        never clear the global threshold again."""
-        return min(1.0, math.sqrt(2 * self.cfg.d_in / self.total_latents))
-
-    @torch.no_grad()
-    def initialise_from_data(self, sample: Tensor, target: Tensor | None = None, *, topk_warmup: bool = False) -> None:
-        """The base fit; under the TopK warm-up, first unit-norm encoder columns (``_encoder_shrink`` undone).
-
-        The warm-up gives each row its own top k, as TopK's, which starts from unit-norm columns; the smaller encoder
-        only slowed it. Mean max cosine smaller → unit-norm columns there (`scripts/bench_planted.py`, seed 0,
-        2026-12-07; docs/planted.md has every point): d_in 32 / 512 features / L0 3 0.853 → 0.927, d_in 64 / 1024 / 8
-        0.915 → 0.935, d_in 256 / 1024 / 8 0.967 → 0.990, but 0.003–0.011 lower at three small points (d_in 32 / 128
-        / L0 3 0.966 → 0.963). On SmolLM2-135M layer 15 (k 32, width ×8, 1,224 steps of 256; seeds 0 / 1) held-out
-        FVU 0.155 / 0.153 at L0 34 → 0.159 / 0.157 at L0 33 (nearer k), dead latents 0.5% → 0.1%. Normalised rather
-        than divided by the shrink, so a second call changes nothing."""
-        if topk_warmup and self.cfg.warms_up:
-            self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True))
-        super().initialise_from_data(sample, target)
+            self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         # The top k·B of the batch come from each row's top m = 4k candidates: a flat topk over all B·d_sae entries
