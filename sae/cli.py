@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed
         if args.command == "train":
-            again = "run the same command with resume=true to continue from the last checkpoint"
+            again = ("run the same command with resume=true to continue from its last checkpoint (it starts over if none "
+                     "was written yet)")
         elif args.command in ("harvest", "planted", "demo"):
             again = "run the same command again to continue"
         else:

@@ -378,7 +378,7 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(tiny_cache, tmp_path, capsys,
     monkeypatch.setattr(train_module, "train", interrupted)
     assert cli_main(["train", f"cache={tiny_cache}", f"out={tmp_path / 's'}"]) == 130
     assert capsys.readouterr().err == ("\nsae train: interrupted; run the same command with resume=true to continue "
-                                       "from the last checkpoint\n")
+                                       "from its last checkpoint (it starts over if none was written yet)\n")
 
 
 def test_demo_checks_every_stage_before_the_first_runs(tmp_path, capsys, monkeypatch):
