@@ -92,7 +92,7 @@ class PlantedConfig:
                                                                  "noise") if not getattr(self, k) >= 0]
         if not 0 <= self.correlation < 1:
             bad.append(f"correlation={self.correlation} must be in [0, 1)")
-        if self.tokens < MIN_BATCH:
+        if 0 < self.tokens < MIN_BATCH:
             bad.append(f"tokens={self.tokens} must be at least {MIN_BATCH} (one training batch)")
         if self.l0 > self.n_features:
             bad.append(f"l0={self.l0} must be at most n_features={self.n_features}")

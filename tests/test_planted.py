@@ -46,7 +46,10 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
     assert main(["planted", f"out={tmp_path / 'p'}", "correlation=1.5", "tokens=0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "correlation=1.5 must be in [0, 1)" in err and "tokens=0 must be > 0" in err
+    assert "tokens=0 must be at least" not in err  # said once
     assert not (tmp_path / "p").exists()
+    assert main(["planted", f"out={tmp_path / 'p'}", "tokens=100"]) == 2
+    assert "tokens=100 must be at least 256 (one training batch)" in capsys.readouterr().err
 
 
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
