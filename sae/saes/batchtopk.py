@@ -51,10 +51,11 @@ class BatchTopKSAE(TopKFamily):
         # planted-dictionary test vs 0.7 for TopK), and the gradients shrink every encoder
         # column; most latents then never clear the global threshold again.
         # Tried on 2026-12-07 and not adopted: unit-norm columns (TopK's start) when the TopK warm-up runs. On the
-        # planted grid it recovered more (d_in 32 / 512 features / L0 3: 0.853 → 0.927; d_in 256 / 1024 / 8: 0.967 →
-        # 0.990), but on SmolLM2 it reconstructed worse: layer 15 held-out FVU 0.155 → 0.159 (k 32, ×8, 1,224 steps),
-        # layer 6 0.278 → 0.343 (1,171 steps) and 0.356 → 0.860 (111 steps), where the switch to the batch-wide
-        # selection gives the rare high-norm rows many latents at once (docs/known-gaps.md).
+        # planted grid it recovered more at four points (d_in 32 / 512 features / L0 3: 0.853 → 0.927; d_in 256 /
+        # 1024 / 8: 0.967 → 0.990) and less at six (d_in 256 / 1024 / 3: 0.995 → 0.958; docs/planted.md), and on
+        # SmolLM2 it reconstructed worse: layer 15 held-out FVU 0.155 → 0.159 (k 32, ×8, 1,224 steps), layer 6 0.278 →
+        # 0.343 (1,171 steps) and 0.356 → 0.860 (111 steps), where the switch to the batch-wide selection gives the
+        # rare high-norm rows many latents at once (docs/known-gaps.md).
         with torch.no_grad():
             self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
