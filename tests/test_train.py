@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import sae.training.train as train_module
 from sae.saes import SAE, SAEConfig, create_sae
 from sae.data.ahead import ahead
+from sae.data.source import CacheSource
 from sae.data.store import ActivationStore, CacheError, CacheWriter, NonFiniteError
 from sae.training.train import (DivergedError, SAESpec, checked_batches, SAETrainer, TrainConfig, TrainError,
                        default_batch_size, default_lr, train)
@@ -320,6 +321,21 @@ def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without
     assert [p.name for p in train(_cfg(tmp_path, cache, resume=True))] == [s.run_name for s in _cfg(tmp_path, cache).saes]
     with pytest.raises(TrainError, match=r"saes\[0\]\.aux_coefficient: 0\.03125 → 0\.5\)"):
         train(changed)
+
+
+def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):
+    """batch_size=100000 on a 28k-row cache ran one step cycling the cache 3.5 times, without a word."""
+    from sae.cli import main
+
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled",
+            "saes=[{architecture: topk, hook: h0, k: 4, d_sae: 64}]"]
+    n = CacheSource(cache, ["h0"], 1024).n_train_rows
+    assert main([*args, f"batch_size={n + 1}"]) == 2
+    assert capsys.readouterr().err == (f"sae train: error: batch_size={n + 1} is more than the {n:,} tokens this run "
+                                       "trains on (one epoch of the cache's training split); lower batch_size or "
+                                       "raise total_tokens\n")
+    assert main([*args, "batch_size=512", "total_tokens=256"]) == 2
+    assert "(total_tokens)" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_train_warns_when_the_last_batch_is_reconstructed_worse_than_by_its_mean(tmp_path, cache, capsys,

@@ -623,6 +623,10 @@ def _layout(cfg: TrainConfig, world: distributed.World, device: torch.device) ->
     hooks = sorted({h for s in cfg.saes for h in s.hooks})
     source = _open_source(cfg, hooks, device)
     total_tokens = cfg.total_tokens or source.n_train_rows or cfg.harvest.max_tokens
+    if cfg.batch_size and cfg.batch_size > total_tokens:  # its one step would cycle the cache several times
+        run = "total_tokens" if cfg.total_tokens else "one epoch of the cache's training split"
+        raise TrainError(f"batch_size={cfg.batch_size} is more than the {total_tokens:,} tokens this run trains on "
+                         f"({run}); lower batch_size or raise total_tokens")
     batch_size = cfg.batch_size or default_batch_size(total_tokens)
     if not cfg.batch_size and world.distributed:  # the default is a power of two; 3 or 6 processes need a multiple
         batch_size = -(-batch_size // world.size) * world.size
