@@ -252,9 +252,8 @@ def default_batch_size(total_tokens: int) -> int:
     the same 2M tokens and seed (`sae planted`, width 2·n_features, fresh rows, 2026-12-07), mean max cosine (FVU)
     at 500 steps of 4096 → 2,000 of 1024 → 4,000 of 512 → 8,000 of 256:
     - d_in 256, 1024 features, L0 8: TopK 0.923 (0.080) → 0.969 (0.070) → 0.994 (0.065); BatchTopK 0.878 →
-      0.896 → 0.939 (0.071);
-      JumpReLU 0.941 (0.078) → 0.995 (0.062) at 4,000. TopK at 500 steps with the 2,000-step run's smaller lr:
-      0.892, so it is the steps, not the lr that comes with them.
+      0.896 → 0.939 (0.071); JumpReLU 0.941 (0.078) → 0.995 (0.062) at 4,000. TopK at 500 steps with the 2,000-step
+      run's smaller lr: 0.892, so it is the steps, not the lr that comes with them.
     - d_in 64, 1024 features, L0 8 (16 features per dimension): TopK 0.916 → 0.942 → 0.948, BatchTopK 0.888 →
       0.920 → 0.914, JumpReLU 0.931 → 0.949 → 0.945: gains stop by 4,000.
     - SmolLM2-135M layer 15 (`sae eval`'s held-out rows, width ×8, k / target L0 32, 313k tokens: 612 steps of
@@ -624,7 +623,8 @@ def _layout(cfg: TrainConfig, world: distributed.World, device: torch.device) ->
     source = _open_source(cfg, hooks, device)
     total_tokens = cfg.total_tokens or source.n_train_rows or cfg.harvest.max_tokens
     if cfg.batch_size and cfg.batch_size > total_tokens:  # its one step would cycle the cache several times
-        run = "total_tokens" if cfg.total_tokens else "one epoch of the cache's training split"
+        run = ("total_tokens" if cfg.total_tokens
+               else "one epoch of the cache's training split" if cfg.source == "cache" else "harvest.max_tokens")
         raise TrainError(f"batch_size={cfg.batch_size} is more than the {total_tokens:,} tokens this run trains on "
                          f"({run}); lower batch_size or raise total_tokens")
     batch_size = cfg.batch_size or default_batch_size(total_tokens)
