@@ -340,9 +340,10 @@ def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, caps
 
 def test_train_warns_when_the_last_batch_is_reconstructed_worse_than_by_its_mean(tmp_path, cache, capsys,
                                                                                   monkeypatch):
-    """BatchTopK at SmolLM2 layer 6 ended a short run at FVU 1.38 with no word from `sae train`. Here a TopK whose
-    decoder starts pointing away from its encoder (it adds the opposite of what it selects; Adam at lr 1e-4 cannot turn
-    it in 8 steps) ends at FVU > 1 with its latents alive, and gets a line; the healthy one none."""
+    """BatchTopK at SmolLM2 layer 6 ended a short run at FVU 1.38 (with a start since reverted) with no word from `sae
+    train`. Here a TopK whose decoder starts pointing away from its encoder (it adds the opposite of what it selects;
+    Adam at lr 1e-4 cannot turn it in 8 steps) ends at FVU > 1 with its latents alive, and gets a line; the healthy one
+    none."""
     from sae.cli import main
     from sae.saes import SAE_CLASSES
 

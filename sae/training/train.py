@@ -850,8 +850,9 @@ def _steps(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETra
 def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
     """A loud line for each SAE whose last logged metrics say it learned nothing useful (L0 = 0, mostly dead, or a
     last batch reconstructed worse than by its mean), which a falling loss can hide; `sae eval` flags the same on
-    held-out rows. FVU ≥ 1 at the end: BatchTopK at SmolLM2-135M layer 6 in a short run, when its TopK warm-up ended
-    (docs/known-gaps.md)."""
+    held-out rows. FVU ≥ 1 at the end: BatchTopK at SmolLM2-135M layer 6 in a 111-step run, when its TopK warm-up
+    ended, with the unit-norm encoder start tried and not adopted on 2026-12-07 (1.38; 0.40 with the default start, see
+    docs/known-gaps.md)."""
     for name in names:
         if f"{name}/l0" not in metrics:  # a checkpoint written before metrics were kept has none
             continue
