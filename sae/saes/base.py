@@ -477,23 +477,28 @@ class SAE(nn.Module):
         return out.unflatten(-1, x.shape[-2:]) if flat is not x and not self.cfg.is_transcoder else out
 
     warming_up: bool = False
-    """In the per-token TopK warm-up of a batch-budget variant (set by ``train_forward``)."""
+    """In the per-token TopK warm-up of a batch-budget variant, its hand-over included (set by ``train_forward``)."""
+    row_weight: float = 0.0
+    """The warm-up's weight (set by ``train_forward``): 1 while each row keeps its top k, between 0 and 1 in
+    BatchTopK's hand-over to its batch-wide selection, 0 after."""
 
     def train_forward(
         self, x: Tensor, target: Tensor | None = None, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0,
-        topk_warmup: bool = False,
+        topk_warmup: float = 0.0,
     ) -> ForwardOutput:
         """Training forward pass on raw activations x [batch, d_in]: output, activations and loss terms.
 
         ``target`` [batch, d_out] is what a transcoder predicts (the activations at ``hook_name_out`` of the same
         tokens); an SAE's target is x itself. ``dead_mask`` [d_sae] marks latents the trainer considers dead (AuxK
         uses it); ``penalty_scale`` multiplies the sparsity coefficient (the trainer warms it up); ``topk_warmup``
-        asks BatchTopK and JumpReLU with a target L0 to select each row's top k instead (the trainer's
-        ``sae.training.train.TrainConfig.topk_warmup_frac``, which says why).
+        (1 or True) asks BatchTopK and JumpReLU with a target L0 to select each row's top k instead (the trainer's
+        ``sae.training.train.TrainConfig.topk_warmup_frac``, which says why); BatchTopK reads a weight between 0 and 1
+        as its hand-over (``sae.training.trainer.topk_row_weight``), JumpReLU as the warm-up.
         """
         if self.cfg.is_transcoder != (target is not None):
             raise ValueError("a transcoder trains on (x, target) pairs and an SAE on x alone")
-        self.warming_up = topk_warmup and self.cfg.warms_up
+        self.warming_up = topk_warmup > 0 and self.cfg.warms_up
+        self.row_weight = float(topk_warmup) if self.warming_up else 0.0
         x_n = self.normalise(x)
         y_n = x_n if target is None else target.to(self.W_enc.dtype) * self.scale_out
         x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(

@@ -32,7 +32,26 @@ class BatchTopKSAE(TopKFamily):
 
     Recovery peaks at the end of the warm-up; JumpReLU's then drifts down while its thresholds settle (0.95 → 0.93 in
     200 steps, even with its L0 held at the target by λ = 100), BatchTopK's barely. The last tenth still gives the
-    batch budget its variable per-token L0 and its thresholds time to settle (``SAEConfig.threshold_momentum``)."""
+    batch budget its variable per-token L0 and its thresholds time to settle (``SAEConfig.threshold_momentum``).
+
+    The warm-up's last tenth hands over gradually (``sae.training.trainer.topk_row_weight``): candidates are ranked by
+    pre-activation / t^w, t being their row's k-th largest pre-activation, while w falls from 1 (every row's k-th
+    scores 1, so the batch's top k·B is each row's top k) to 0 (BatchTopK). An abrupt switch fails where a few rows
+    carry much of the energy (SmolLM2-135M layer 6: 0.5% of rows, 28% of the centred energy): the batch-wide selection
+    gives those rows many latents at once, too late in the run (lr decaying) for the encoder to adapt. Held-out FVU
+    (`sae eval`, k 32, width ×8, 1,171 steps of 256 over a 28k-token cache; PCA at the same L0 in brackets):
+
+    | switch | layer 6 | layer 15 |
+    |---|---|---|
+    | abrupt at 0.9 | 0.278 at L0 20 (0.385) | 0.154 at L0 40 (0.433) |
+    | hand-over 0.81 → 0.9 | 0.079 at L0 36 (0.307) | 0.151 at L0 40 (0.433) |
+    | abrupt at 0.8 | 0.090 at L0 27 (0.347) | |
+    | no warm-up | 0.069 at L0 39 (0.295) | |
+
+    Its length is a fraction of the warm-up (``HANDOVER_FRAC``), so it scales with the run. It costs some planted
+    recovery (mean max cosine of BatchTopK trained alone at d_in 32 / 128 features / L0 3, 32 / 512 / 3 and 64 / 1024 /
+    8: 0.959, 0.863, 0.925 with the abrupt switch at 0.9; 0.944, 0.836, 0.909 with the hand-over; 0.829 and 0.901 with
+    the abrupt switch at 0.8; 2026-12-07). Real activations decide (docs/planted.md has the grid)."""
 
     sae_lens_architecture = "jumprelu"
 
@@ -54,8 +73,8 @@ class BatchTopKSAE(TopKFamily):
         # planted grid it recovered more at four points (d_in 32 / 512 features / L0 3: 0.853 → 0.927; d_in 256 /
         # 1024 / 8: 0.967 → 0.990) and less at six (d_in 256 / 1024 / 3: 0.995 → 0.958; docs/planted.md), and on
         # SmolLM2 it reconstructed worse: layer 15 held-out FVU 0.155 → 0.159 (k 32, ×8, 1,224 steps), layer 6 0.278 →
-        # 0.343 (1,171 steps) and 0.356 → 0.860 (111 steps), where the switch to the batch-wide selection gives the
-        # rare high-norm rows many latents at once (docs/known-gaps.md).
+        # 0.343 (1,171 steps) and 0.356 → 0.860 (111 steps), both with the abrupt switch to the batch-wide selection
+        # that the hand-over (see the class) has since replaced.
         with torch.no_grad():
             self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
@@ -64,8 +83,9 @@ class BatchTopKSAE(TopKFamily):
         # is ~6× slower than a row-wise one on CPU, a full sort on CUDA (≈5 GB at 4096 × 65,536), and refused past
         # 2³¹ entries. It is exact unless some row took all m of its candidates (it might have needed more), which
         # the returned flag says without a host read; ``_select_wider`` then widens the candidates until none does.
-        if self.warming_up:
+        if self.row_weight >= 1:
             return (*self._row_topk(pre), None)
+        self._handover_scale = self._row_kth(pre).clamp_min(1e-6).pow(self.row_weight) if self.row_weight else None
         m = min(pre.shape[1], 4 * self.cfg.k)
         rows, feats, full = self._top_of_candidates(pre, m)
         return rows, feats, full if m < pre.shape[1] else None
@@ -78,9 +98,17 @@ class BatchTopKSAE(TopKFamily):
             if m == pre.shape[1] or not bool(full):  # rare: a sync per widening
                 return rows, feats
 
+    _handover_scale: Tensor | None = None
+    """[rows, 1] in the hand-over, set by ``_select`` for this batch: each row's k-th largest pre-activation to the
+    power ``row_weight``, by which its candidates are ranked (``_top_of_candidates``); None outside it."""
+
+    def _row_kth(self, pre: Tensor) -> Tensor:
+        """[rows, 1]: each row's k-th largest pre-activation (over every latent)."""
+        return pre.topk(self.cfg.k, dim=-1, sorted=False).values.min(-1, keepdim=True).values
+
     def _top_of_candidates(self, pre: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rows, latents) of the batch's top k·B among each row's top m, rows ascending, and whether a row took all
-        m (a device flag).
+        m (a device flag). In the hand-over the candidates are ranked by pre-activation / ``_handover_scale``.
 
         Data parallel, the batch is the global one, as in one process: every rank gathers all ranks' candidate
         values (b·m floats each, against the gradients' 2·d_in·d_sae), takes the same top k·b·ranks of them and
@@ -89,7 +117,8 @@ class BatchTopKSAE(TopKFamily):
         entries' count varies, read on the host: one sync per step, data parallel only."""
         n = pre.shape[0]
         cand = pre.topk(m, dim=-1, sorted=False)
-        every = self.gather_over_ranks(cand.values)
+        scale = self._handover_scale
+        every = self.gather_over_ranks(cand.values if scale is None else cand.values / scale)
         ranks = every.shape[0]
         flat = flat_topk(every.reshape(ranks * n, m), self.cfg.k * n * ranks)
         rows = flat // m
@@ -108,7 +137,7 @@ class BatchTopKSAE(TopKFamily):
     def _observe(self, acts: SparseActs) -> None:
         """θ follows the smallest positive activation kept (EMA), starting at the first batch's; with device-side
         `where`s rather than host reads (a batch with none positive, +inf here, leaves θ as it is)."""
-        if not self.training or self.warming_up:
+        if not self.training or self.row_weight >= 1:
             return
         smallest = torch.where(acts.values > 0, acts.values, torch.inf).min().to(self.threshold.dtype)
         smallest = self.gather_over_ranks(smallest).min()  # the global batch's, as one process sees it

@@ -202,7 +202,8 @@ class TrainConfig:
     does, before their own batch-wide L0 budget takes over: a batch-wide budget spends no latent on a token whose
     features have no trained latent yet, so latents for rare features never start learning. On hard planted data it
     lifts BatchTopK's recovery of the true dictionary from 0.82 to 0.96–0.97 and JumpReLU's from 0.77 to 0.95–0.96
-    (``sae.saes.BatchTopKSAE`` has the table). Matryoshka skips it (see its class). 0 turns it off."""
+    (``sae.saes.BatchTopKSAE`` has the table). BatchTopK hands over to its batch budget gradually over the warm-up's
+    last tenth (see its class). Matryoshka skips it (see its class). 0 turns it off."""
     grad_clip: float = 1.0
     """Gradient-norm clipping threshold (Anthropic April 2024)."""
     checkpoint_every: int = 1000

@@ -72,6 +72,20 @@ def topk_warmup_steps(topk_warmup_frac: float, total_steps: int) -> int:
     return min(round(topk_warmup_frac * total_steps), total_steps - 1)
 
 
+HANDOVER_FRAC = 0.1
+"""Last fraction of the TopK warm-up over which BatchTopK's selection moves from each row's top k to the batch's top
+k·B (``sae.saes.BatchTopKSAE`` has the measurements behind it)."""
+
+
+def topk_row_weight(step: int, warmup_steps: int) -> float:
+    """The TopK warm-up's weight at `step` (``SAE.train_forward``'s ``topk_warmup``): 1 in the warm-up, falling
+    linearly over its last ``HANDOVER_FRAC`` (BatchTopK's hand-over), 0 once it is over."""
+    if step >= warmup_steps:
+        return 0.0
+    start = round((1 - HANDOVER_FRAC) * warmup_steps)
+    return 1.0 if step < start else 1.0 - (step - start + 1) / (warmup_steps - start + 1)
+
+
 class SAETrainer:
     """Everything one SAE needs to take a step: Adam, lr and sparsity schedules, gradient
     clipping, the unit-norm decoder constraint, and dead-latent tracking."""
@@ -138,7 +152,7 @@ class SAETrainer:
         penalty_scale = min(1.0, (self.step_count + 1) / self.penalty_warmup_steps)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = sae.train_forward(x, target, dead_mask=self.dead_mask, penalty_scale=penalty_scale,
-                                    topk_warmup=self.step_count < self.topk_warmup_steps)
+                                    topk_warmup=topk_row_weight(self.step_count, self.topk_warmup_steps))
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         fire_counts, tokens = out.fire_counts, x.shape[0]
