@@ -72,7 +72,7 @@ def test_data_parallel_matches_one_process_with_the_whole_batch(tmp_path, cache)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "on 2 processes (64 rows each)" in two.stdout
-    for name in ("relu_l1_l1c3_d64_h0", "topk_k4_d64_h1", "jumprelu_l0c2_d64_h0", "batchtopk_k4_d64_h1"):
+    for name in ("relu_l1_l1c3_d64_h0", "topk_k4_d64_h1", "jumprelu_target4_d64_h0", "batchtopk_k4_d64_h1"):
         a, b = _weights(tmp_path / "one" / name), _weights(tmp_path / "two" / name)
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), (name, key, (a[key] - b[key]).abs().max())

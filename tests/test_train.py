@@ -323,6 +323,25 @@ def test_resume_names_the_sae_setting_that_changed_and_reads_checkpoints_without
         train(changed)
 
 
+def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_under_its_name(tmp_path, cache):
+    """Every target-L0 JumpReLU was named jumprelu_l0c2_… after its unused coefficient, so a sweep over target_l0 was
+    refused as two SAEs sharing a name; a run checkpointed under such a name resumes by giving the SAE that name."""
+    sweep = [SAESpec("jumprelu", "h0", d_sae=64, target_l0=t) for t in (2.0, 4.0)]
+    assert [s.run_name for s in sweep] == ["jumprelu_target2_d64_h0", "jumprelu_target4_d64_h0"]
+    old_name = "jumprelu_l0c2_d64_h0"
+    train(dataclasses.replace(_cfg(tmp_path, cache), saes=[dataclasses.replace(sweep[1], name=old_name)]))
+    state_file = next((tmp_path / "out" / "checkpoints").glob("step_*/state.json"))
+    state = json.loads(state_file.read_text())
+    state["run_config"]["saes"][0]["name"] = None  # as the older version wrote it: the default name, not given
+    state_file.write_text(json.dumps(state))
+    resumed = dataclasses.replace(_cfg(tmp_path, cache, resume=True), saes=sweep[1:])
+    with pytest.raises(TrainError, match=rf"its SAEs are named \['{old_name}'\], this run's "
+                                         r"\['jumprelu_target4_d64_h0'\]; give each SAE its checkpoint's name"):
+        train(resumed)
+    renamed = dataclasses.replace(resumed, saes=[dataclasses.replace(sweep[1], name=old_name)])
+    assert [p.name for p in train(renamed)] == [old_name]
+
+
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):
     """batch_size=100000 on a 28k-row cache ran one step cycling the cache 3.5 times, without a word."""
     from sae.cli import main

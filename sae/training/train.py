@@ -98,7 +98,7 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
     """Overrides ``TrainConfig.lr`` for this SAE."""
     name: str | None = None
     """Output folder name inside `out` (no path separators or leading dot, not checkpoints or wandb); default e.g.
-    ``topk_k32_x16_blocks.15.hook_resid_post``."""
+    ``topk_k32_x16_blocks.15.hook_resid_post``, ``jumprelu_target32_x16_…`` for a JumpReLU with a target_l0."""
 
     def __post_init__(self) -> None:
         if self.architecture not in SAE_CLASSES:
@@ -121,10 +121,8 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
     def run_name(self) -> str:
         if self.name:
             return self.name
-        sparsity = {
-            "relu_l1": f"l1c{self.l1_coefficient:g}",
-            "jumprelu": f"l0c{self.l0_coefficient:g}",
-        }.get(self.architecture, f"k{self.k}")
+        jumprelu = f"l0c{self.l0_coefficient:g}" if self.target_l0 is None else f"target{self.target_l0:g}"
+        sparsity = {"relu_l1": f"l1c{self.l1_coefficient:g}", "jumprelu": jumprelu}.get(self.architecture, f"k{self.k}")
         width = f"d{self.d_sae}" if self.d_sae else f"x{self.expansion_factor}"
         if self.hook_out is None:
             return f"{self.architecture}_{sparsity}_{width}_{self.hook}"
@@ -462,7 +460,8 @@ def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
         del flat["topk_warmup_frac"]
     for i, spec in enumerate(run_config["saes"]):
         unused = {k for k, reads in READ_ONLY_BY.items() if not reads(spec)}
-        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items() if k not in unused})
+        # A name places the SAE's folder only; `_resume_point` checks the names against the checkpoint's.
+        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items() if k not in unused | {"name"}})
     return flat
 
 
@@ -518,6 +517,10 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
         diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
         raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
                          "resume with the original settings or use another `out` folder")
+    names = {s.run_name for s in cfg.saes}
+    if set(state["saes"]) != names:  # e.g. a target-L0 JumpReLU's default name was jumprelu_l0c2_… before 2026-12-07
+        raise TrainError(f"cannot resume from {folder}: its SAEs are named {sorted(state['saes'])}, this run's "
+                         f"{sorted(names)}; give each SAE its checkpoint's name (`name`) to resume")
     return checkpoint
 
 
