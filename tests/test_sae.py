@@ -512,7 +512,8 @@ def test_topk_warmup_selects_k_per_token_then_the_batch_budget_takes_over():
 
 def test_batchtopk_hands_over_from_each_rows_top_k_to_the_batch_budget():
     """The last tenth of the warm-up ranks each candidate by pre-activation / (its row's k-th)^w, w falling from 1 to
-    0: a high-norm row's share of the k·B budget grows step by step from k to the batch-wide selection's."""
+    0: a high-norm row's share of the k·B budget grows step by step from k to the batch-wide selection's (ranked in
+    fp32 under bf16 autocast too, where the quotients would tie)."""
     assert [topk_row_weight(s, 20) for s in (0, 17, 18, 19, 20, 25)] == [1, 1, pytest.approx(2 / 3),
                                                                           pytest.approx(1 / 3), 0, 0]
     torch.manual_seed(0)
@@ -525,5 +526,9 @@ def test_batchtopk_hands_over_from_each_rows_top_k_to_the_batch_budget():
         out = bt.train_forward(x, topk_warmup=w)
         counts = torch.bincount(out.acts.rows, minlength=64)
         assert counts.sum() == 4 * 64
+        assert (bt.threshold > 0) == (w == 0)  # the inference threshold learns from the batch budget's selections only
         share[w] = int(counts[0])
     assert share[1.0] == share[1 - 1e-6] == 4 < share[0.5] < share[0.0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bt.train_forward(x, topk_warmup=0.5)
+    assert torch.bincount(out.acts.rows, minlength=64).sum() == 4 * 64 and out.loss.isfinite()

@@ -81,9 +81,10 @@ COMMON = dict(saes=[{"architecture": "topk", "hook": "h1", "d_sae": 256, "k": 2,
                     {"architecture": "batchtopk", "hook": "h0", "d_sae": 256, "k": 2}], batch_size=128,
               total_tokens=128 * 20, dead_window_tokens=128, grad_clip=0.05, checkpoint_every=10, topk_warmup_frac=0.5)
 """A short dead window makes AuxK select (globally) among dead latents for most of the run (~45% dead); the small
-grad_clip makes every step clip, by the global norm; BatchTopK selects per row for the first 10 steps (the TopK
-warm-up) and over the batch for the last 10, the checkpoint falling between them. TopK's k_aux of 32 (1/8 of its
-latents) decodes AuxK densely, BatchTopK's 8 by pairs (``sae.saes.base.AUXK_DENSE_FROM``), sharded or not."""
+grad_clip makes every step clip, by the global norm; BatchTopK selects per row for the first 9 steps (the TopK
+warm-up), hands over at step 9 and selects over the batch for the last 10, the checkpoint falling between them. TopK's
+k_aux of 32 (1/8 of its latents) decodes AuxK densely, BatchTopK's 8 by pairs (``sae.saes.base.AUXK_DENSE_FROM``),
+sharded or not."""
 
 
 @pytest.fixture(scope="module")

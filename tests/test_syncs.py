@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sae.training.trainer as trainer_module
 from sae.saes import SAEConfig, create_sae
 from sae.training.trainer import SAETrainer
 
@@ -68,7 +69,7 @@ def _trainer(architecture: str, aux: bool, warmup: bool) -> SAETrainer:
                       dead_window_tokens=1 if aux else 10**9)
 
 
-@pytest.mark.parametrize("warmup", [False, True], ids=["after-warmup", "in-warmup"])
+@pytest.mark.parametrize("warmup", [False, True, "hand-over"], ids=["after-warmup", "in-warmup", "hand-over"])
 @pytest.mark.parametrize("aux", [None, "sparse", "dense"], ids=["no-auxk", "auxk", "auxk-dense"])
 @pytest.mark.parametrize("architecture", sorted(BUDGET))
 def test_syncs_per_step_within_budget(architecture, aux, warmup, monkeypatch):
@@ -78,7 +79,9 @@ def test_syncs_per_step_within_budget(architecture, aux, warmup, monkeypatch):
         pytest.skip("ReLU+L1 has no AuxK")
     monkeypatch.setitem(base.AUXK_DENSE_FROM, "cpu", 0.0 if aux == "dense" else 2.0)  # AuxK's decode path
     aux = aux is not None
-    trainer = _trainer(architecture, aux, warmup)
+    if warmup == "hand-over":  # BatchTopK's hand-over from the warm-up's third step on, so every counted step is one
+        monkeypatch.setattr(trainer_module, "HANDOVER_FRAC", 0.8)
+    trainer = _trainer(architecture, aux, bool(warmup))
     x = torch.randn(32, 16)
     for _ in range(2):  # the first steps set thresholds and the dead tracker up
         trainer.step(x)

@@ -384,8 +384,8 @@ def test_train_warns_when_the_last_batch_is_reconstructed_worse_than_by_its_mean
     off_name, healthy = "topk_k2_d64_h0", "topk_k4_d64_h0"
     assert m[f"{off_name}/fvu"] > 1 > m[f"{healthy}/fvu"] and m[f"{off_name}/dead_frac"] < 0.5
     assert warnings == [f"warning: SAE {off_name} ended training with FVU {m[f'{off_name}/fvu']:.2f} on its last batch "
-                        "(worse than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 avoids "
-                        "the switch that can cause it)"]
+                        "(worse than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 trains "
+                        "with the batch budget throughout)"]
 
 
 def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, capsys, monkeypatch):

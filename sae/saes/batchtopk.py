@@ -35,16 +35,19 @@ class BatchTopKSAE(TopKFamily):
     batch budget its variable per-token L0 and its thresholds time to settle (``SAEConfig.threshold_momentum``).
 
     The warm-up's last tenth hands over gradually (``sae.training.trainer.topk_row_weight``): candidates are ranked by
-    pre-activation / t^w, t being their row's k-th largest pre-activation, while w falls from 1 (every row's k-th
-    scores 1, so the batch's top k·B is each row's top k) to 0 (BatchTopK). An abrupt switch fails where a few rows
-    carry much of the energy (SmolLM2-135M layer 6: 0.5% of rows, 28% of the centred energy): the batch-wide selection
-    gives those rows many latents at once, too late in the run (lr decaying) for the encoder to adapt. Held-out FVU
-    (`sae eval`, k 32, width ×8, 1,171 steps of 256 over a 28k-token cache; PCA at the same L0 in brackets):
+    pre-activation / t^w, t being their row's k-th largest pre-activation, while w falls from 1 (every row's k-th scores
+    1, so the batch's top k·B is each row's top k) to 0 (BatchTopK). A row whose k-th is not positive (t taken as 1e-6)
+    gives up its non-positive slots at once, as ReLU(TopK) never fires them anyway. An abrupt switch fails where a few
+    rows carry much of the energy (SmolLM2-135M layer 6: 0.5% of rows, 28% of the centred energy): the batch-wide
+    selection gives those rows many latents at once, too late in the run (lr decaying) for the encoder to adapt.
+    Held-out FVU (`sae eval`, k 32, width ×8, 1,171 steps of 256 over a 28k-token cache; PCA at the same L0 in
+    brackets):
 
     | switch | layer 6 | layer 15 |
     |---|---|---|
     | abrupt at 0.9 | 0.278 at L0 20 (0.385) | 0.154 at L0 40 (0.433) |
     | hand-over 0.81 → 0.9 | 0.079 at L0 36 (0.307) | 0.151 at L0 40 (0.433) |
+    | hand-over 0.855 → 0.9 | 0.124 at L0 23 (0.368) | |
     | abrupt at 0.8 | 0.090 at L0 27 (0.347) | |
     | no warm-up | 0.069 at L0 39 (0.295) | |
 
@@ -54,6 +57,10 @@ class BatchTopKSAE(TopKFamily):
     the abrupt switch at 0.8; 2026-12-07). Real activations decide (docs/planted.md has the grid)."""
 
     sae_lens_architecture = "jumprelu"
+    _handover_scale: Tensor | None = None
+    """[rows, 1] fp32 in the hand-over, set by ``_select`` for this batch: each row's k-th largest pre-activation
+    (at least 1e-6) to the power ``row_weight``, by which its candidates are ranked (``_top_of_candidates``); None
+    outside it."""
 
     @staticmethod
     def warms_up(target_l0: float | None) -> bool:
@@ -83,9 +90,11 @@ class BatchTopKSAE(TopKFamily):
         # is ~6× slower than a row-wise one on CPU, a full sort on CUDA (≈5 GB at 4096 × 65,536), and refused past
         # 2³¹ entries. It is exact unless some row took all m of its candidates (it might have needed more), which
         # the returned flag says without a host read; ``_select_wider`` then widens the candidates until none does.
+        hand_over = 0 < self.row_weight < 1
+        # fp32: a bf16 quotient would tie hundreds of candidates at the cut (measured at weight 0.99)
+        self._handover_scale = self._row_kth(pre).float().clamp_min(1e-6).pow(self.row_weight) if hand_over else None
         if self.row_weight >= 1:
             return (*self._row_topk(pre), None)
-        self._handover_scale = self._row_kth(pre).clamp_min(1e-6).pow(self.row_weight) if self.row_weight else None
         m = min(pre.shape[1], 4 * self.cfg.k)
         rows, feats, full = self._top_of_candidates(pre, m)
         return rows, feats, full if m < pre.shape[1] else None
@@ -97,10 +106,6 @@ class BatchTopKSAE(TopKFamily):
             rows, feats, full = self._top_of_candidates(pre, m)
             if m == pre.shape[1] or not bool(full):  # rare: a sync per widening
                 return rows, feats
-
-    _handover_scale: Tensor | None = None
-    """[rows, 1] in the hand-over, set by ``_select`` for this batch: each row's k-th largest pre-activation to the
-    power ``row_weight``, by which its candidates are ranked (``_top_of_candidates``); None outside it."""
 
     def _row_kth(self, pre: Tensor) -> Tensor:
         """[rows, 1]: each row's k-th largest pre-activation (over every latent)."""
@@ -118,7 +123,7 @@ class BatchTopKSAE(TopKFamily):
         n = pre.shape[0]
         cand = pre.topk(m, dim=-1, sorted=False)
         scale = self._handover_scale
-        every = self.gather_over_ranks(cand.values if scale is None else cand.values / scale)
+        every = self.gather_over_ranks(cand.values if scale is None else cand.values.float() / scale)
         ranks = every.shape[0]
         flat = flat_topk(every.reshape(ranks * n, m), self.cfg.k * n * ranks)
         rows = flat // m
@@ -137,7 +142,7 @@ class BatchTopKSAE(TopKFamily):
     def _observe(self, acts: SparseActs) -> None:
         """θ follows the smallest positive activation kept (EMA), starting at the first batch's; with device-side
         `where`s rather than host reads (a batch with none positive, +inf here, leaves θ as it is)."""
-        if not self.training or self.row_weight >= 1:
+        if not self.training or self.warming_up:  # the hand-over's selections are not the batch budget's yet
             return
         smallest = torch.where(acts.values > 0, acts.values, torch.inf).min().to(self.threshold.dtype)
         smallest = self.gather_over_ranks(smallest).min()  # the global batch's, as one process sees it

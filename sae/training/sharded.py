@@ -111,7 +111,7 @@ class _LatentShard(TopKFamily):
         """This shard's part of the global selection, from its own candidates (rows, feats)."""
         values = pre[rows, feats]
         if self.batch_wide and self._handover_scale is not None:  # BatchTopK's hand-over: ranked as in one process
-            values = values / self._handover_scale[rows, 0]
+            values = values.float() / self._handover_scale[rows, 0]
         values = values.view(1 if self.batch_wide and self.row_weight < 1 else pre.shape[0], -1)
         keep = self._global_winners(values, values.shape[1])
         return rows[keep], feats[keep]
@@ -157,15 +157,15 @@ class ShardedBatchTopKSAE(_LatentShard, BatchTopKSAE):
 
     def _row_kth(self, pre: Tensor) -> Tensor:
         # The k-th largest over every shard's latents is among the shards' own top k.
-        k = self.cfg.k
-        own = pre.topk(min(k, pre.shape[1]), dim=-1, sorted=False).values
+        k = self.cfg.k  # ≤ a shard's latents (``shard`` refuses fewer)
+        own = pre.topk(k, dim=-1, sorted=False).values
         every = distributed.all_gather(own).transpose(0, 1).flatten(1)
         return every.topk(k, dim=-1, sorted=False).values.min(-1, keepdim=True).values
 
     @torch.no_grad()
     def _observe(self, acts: SparseActs) -> None:
         # The threshold follows the smallest positive activation kept in the whole batch, i.e. on any shard.
-        if self.row_weight >= 1:
+        if self.warming_up:
             return
         smallest = torch.where(acts.values > 0, acts.values, torch.inf).min()
         smallest = -distributed.all_reduce_(-smallest, "max")

@@ -855,8 +855,8 @@ def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
     """A loud line for each SAE whose last logged metrics say it learned nothing useful (L0 = 0, mostly dead, or a
     last batch reconstructed worse than by its mean), which a falling loss can hide; `sae eval` flags the same on
     held-out rows. FVU ≥ 1 at the end: BatchTopK at SmolLM2-135M layer 6 in a 111-step run, when its TopK warm-up
-    ended, with the unit-norm encoder start tried and not adopted on 2026-12-07 (1.38; 0.40 with the default start, see
-    docs/known-gaps.md)."""
+    ended abruptly, with the unit-norm encoder start tried and not adopted on 2026-12-07 (1.38; 0.40 with the default
+    start; see ``sae.saes.BatchTopKSAE`` for the hand-over that replaced the abrupt switch)."""
     for name in names:
         if f"{name}/l0" not in metrics:  # a checkpoint written before metrics were kept has none
             continue
@@ -865,8 +865,8 @@ def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
             print(f"warning: SAE {name} ended training with {sign}")
         if not signs and metrics.get(f"{name}/fvu", 0.0) >= 1:
             print(f"warning: SAE {name} ended training with FVU {metrics[f'{name}/fvu']:.2f} on its last batch (worse "
-                  "than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 avoids the switch "
-                  "that can cause it)")
+                  "than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 trains with the "
+                  "batch budget throughout)")
 
 
 @contextmanager
