@@ -53,10 +53,12 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
 
 
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
-RECOVERY_FLOOR = {"topk": 0.95, "batchtopk": 0.95, "jumprelu": 0.95, "relu_l1": 0.95, "reference": 0.88}
+RECOVERY_FLOOR = {"topk": 0.95, "batchtopk": 0.94, "jumprelu": 0.95, "relu_l1": 0.95, "reference": 0.88}
 """Mean max cosine each model must reach at defaults (issue 9). Measured at 400k tokens (1,562 steps of 256 since
-``train.MIN_STEPS`` became 4,000; 781 of 512 before): TopK 0.980 (0.977), BatchTopK 0.966 (with the TopK warm-up and,
-since issue 18, the d_in-scaled lr: 0.958 before), JumpReLU 0.969 (0.971; 0.964 before its b_enc started at 0), ReLU+L1
+``train.MIN_STEPS`` became 4,000; 781 of 512 before): TopK 0.980 (0.977), BatchTopK 0.953 (seed 1: 0.955) since its
+hand-over from the TopK warm-up, which shortened its per-row phase for real activations (``sae.saes.BatchTopKSAE``;
+0.966 with the abrupt switch, 0.958 before issue 18's d_in-scaled lr), so its floor is 0.94 (a margin for other CPUs'
+rounding, as the others have); JumpReLU 0.969 (0.971; 0.964 before its b_enc started at 0), ReLU+L1
 0.977 (0.979; centred, b_enc at √d_in × the lr), the plain reference loop 0.931 (0.870 at 781 steps; seeds 1 and 2:
 0.890, 0.887) from an initialisation of its own (``sae.planted.REFERENCE_INIT_SEED``; it reached 0.988 while it started
 at the dictionary itself); seeds 1 and 2 gave ≥ 0.957 for the SAEs before issue 18."""
