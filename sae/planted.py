@@ -320,9 +320,14 @@ def _run_planted(cfg: PlantedConfig, out: Path) -> list[Score]:
 
 
 def format_scores(scores: list[Score]) -> str:
-    """The scores as a table: one row per SAE, then the reference loop."""
+    """The scores as a table: one row per SAE, then the reference loop, then what the columns mean."""
     width = max(len(s.name) for s in scores)
     lines = [f"{'model':<{width}}  mean max cos  recovered (cos > {RECOVERED_COSINE})     L0     FVU  PCA FVU at L0",
              *(f"{s.name:<{width}}  {s.mean_max_cos:12.3f}  {s.recovered:22.1%}  {s.l0:5.2f}  {s.fvu:6.3f}  "
-               f"{s.pca_fvu:13.3f}" for s in scores)]
+               f"{s.pca_fvu:13.3f}" for s in scores),
+             "",
+             "mean max cos: each true feature's best cosine with a decoder row, averaged (1: all found)",
+             "recovered: the share of true features above that cosine; L0, FVU: on fresh rows",
+             "PCA FVU at L0: PCA keeping as many components as the model's L0, which an SAE should beat",
+             "reference_topk_…: a plain PyTorch TopK loop trained on the same batches"]
     return "\n".join(lines)

@@ -187,6 +187,7 @@ def test_readme_planted_command_runs_as_written(tmp_path, monkeypatch, capsys):
     assert cli_main([*args, *small]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "mean max cos" in printed and "reference_topk_k2_plain_pytorch" in printed
+    assert "PCA FVU at L0: PCA keeping as many components as the model's L0" in printed  # the columns' legend
     assert len(json.loads((tmp_path / "runs" / "planted" / "planted.json").read_text())["scores"]) == 5
 
 
