@@ -340,6 +340,13 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
         train(resumed)
     renamed = dataclasses.replace(resumed, saes=[dataclasses.replace(sweep[1], name=old_name)])
     assert [p.name for p in train(renamed)] == [old_name]
+    # Names are no settings of their own at resume, but a name given to another SAE is refused, not loaded into it.
+    pair = [SAESpec("topk", "h0", d_sae=64, k=4, name="a"), SAESpec("topk", "h0", d_sae=64, k=2, name="b")]
+    train(dataclasses.replace(_cfg(tmp_path / "pair", cache), saes=pair))
+    swapped = [dataclasses.replace(pair[0], name="b"), dataclasses.replace(pair[1], name="a")]
+    with pytest.raises(TrainError, match=r"cannot resume b: the checkpoint's SAE of that name is another one "
+                                         r"\(k 2 → 4\)"):
+        train(dataclasses.replace(_cfg(tmp_path / "pair", cache, resume=True), saes=swapped))
 
 
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):

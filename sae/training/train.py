@@ -447,6 +447,10 @@ READ_ONLY_BY: dict[str, Callable[[dict[str, Any]], bool]] = {
 """SAE settings whose default changed, each with the test of whether a spec's SAE reads it (``_flat_run_config``)."""
 
 
+IDENTITY = ("architecture", "d_sae", "hook_name", "hook_name_out", "k", "target_l0")
+"""SAEConfig fields that tell SAEs apart, checked per name at resume (``_resume_or_initialise``)."""
+
+
 def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
     """A run config with each SAE's settings as keys of their own (`saes[1].k`), so a refused resume names the
     setting that changed. A spec key a checkpoint lacks (written before SAESpec had it) takes its default, which is
@@ -520,7 +524,8 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
     names = {s.run_name for s in cfg.saes}
     if set(state["saes"]) != names:  # e.g. a target-L0 JumpReLU's default name was jumprelu_l0c2_… before 2026-12-07
         raise TrainError(f"cannot resume from {folder}: its SAEs are named {sorted(state['saes'])}, this run's "
-                         f"{sorted(names)}; give each SAE its checkpoint's name (`name`) to resume")
+                         f"{sorted(names)}; give each SAE its checkpoint's name (`name`) to resume, or use another "
+                         "`out` folder")
     return checkpoint
 
 
@@ -745,6 +750,12 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
                     f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
                     f"the data's hook has d_model {trainer.sae.cfg.d_in}"
                 )
+            ours = asdict(trainer.sae.cfg)  # names are no settings: one given to another SAE is caught here
+            other = [f"{k} {meta['sae_config'][k]!r} → {ours[k]!r}" for k in IDENTITY
+                     if k in meta["sae_config"] and meta["sae_config"][k] != ours[k]]
+            if other:
+                raise TrainError(f"cannot resume {name}: the checkpoint's SAE of that name is another one "
+                                 f"({', '.join(other)}); give each SAE the name it was trained under")
             trainer.load_state(load_file(str(folder / _checkpoint_file(name, lay.shard))), meta)
         rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
