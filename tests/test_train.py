@@ -349,6 +349,22 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
         train(dataclasses.replace(_cfg(tmp_path / "pair", cache, resume=True), saes=swapped))
 
 
+def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, capsys):
+    """An overwrite=true run with other SAE names left the old run's SAE folders beside its own, so `sae eval
+    saes=out` scored both; they go once the new run has written its own, but never a folder with a user's file."""
+    specs = {n: SAESpec("topk", "h0", d_sae=64, k=k, name=n) for n, k in (("a", 4), ("b", 2), ("c", 3), ("d", 2))}
+    train(dataclasses.replace(_cfg(tmp_path, cache), saes=[specs["a"], specs["b"], specs["c"]]))
+    out = tmp_path / "out"
+    (out / "c" / "notes.txt").write_text("mine")  # a user's file in one of the old run's SAE folders
+    (out / "mine").mkdir()
+    capsys.readouterr()
+    train(dataclasses.replace(_cfg(tmp_path, cache, overwrite=True), saes=[specs["a"], specs["d"]]))
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.name != "checkpoints") == ["a", "c", "d", "mine"]
+    assert "removed the overwritten run's SAE folders: b" in printed and f"kept {out / 'c'}" in printed
+    assert (out / "c" / "notes.txt").read_text() == "mine"
+
+
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):
     """batch_size=100000 on a 28k-row cache ran one step cycling the cache 3.5 times, without a word."""
     from sae.cli import main

@@ -220,8 +220,9 @@ class TrainConfig:
     resume: bool = False
     """Continue from the latest checkpoint in `out` exactly where it stopped."""
     overwrite: bool = False
-    """Start afresh in an `out` that holds an earlier run's checkpoints, deleting them (without it, such an `out` is
-    refused: resume=true continues it)."""
+    """Start afresh in an `out` that holds an earlier run's checkpoints, deleting them, and once this run's SAEs are
+    written, that run's SAE folders this one did not replace (without it, such an `out` is refused: resume=true
+    continues it)."""
     distribute_saes: bool = False
     """Under torchrun: split the SAEs of the sweep across the processes, each training its share on the whole
     stream with no gradient traffic (sparsify's --distribute_modules), instead of splitting every batch (DDP)."""
@@ -599,8 +600,27 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 trainer.sae.eval()
                 trainer.sae.save(out / name)
     if world.is_main:
+        _remove_replaced(out, start.replaces)
         _warn_failed(metrics, names)
     return paths
+
+
+def _remove_replaced(out: Path, replaced: list[str]) -> None:
+    """Remove the overwritten run's SAE folders this run did not write (``_Start.replaces``): only a folder that
+    holds an SAE's own files and nothing else (a user's file inside keeps it)."""
+    removed = []
+    for name in replaced:
+        folder = out / name
+        try:
+            check_replaceable(folder)
+        except SAEFormatError:
+            print(f"kept {folder}: the overwritten run's SAE folder holds files the toolkit did not write")
+            continue
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            removed.append(name)
+    if removed:
+        print(f"removed the overwritten run's SAE folders: {', '.join(removed)}")
 
 
 @dataclass
@@ -718,6 +738,9 @@ class _Start:
     metrics: dict[str, float] = field(default_factory=dict)
     """The last logged metrics (a finished run resumed takes no step, and reports these)."""
     run_config: dict[str, Any] = field(default_factory=dict)
+    replaces: list[str] = field(default_factory=list)
+    """SAE folders of the run this one overwrote (overwrite=true) that it does not write itself: removed once its own
+    are written, so `out` then holds this run's SAEs alone (kept until then, in case this run fails)."""
 
 
 def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETrainer],
@@ -726,6 +749,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     sample of the data: computed once (rank 0) and broadcast when data-parallel. Either is work a process does on its
     own (its sample, its shard's file), so a failure there stops every process (``distributed.fail_together``)."""
     run_config = _run_config(cfg, lay.batch_size, world.size)
+    replaces = _overwritten_saes(cfg, out)
     checkpoint = _resume_point(cfg, out, run_config, world)
     if checkpoint is None:
         with distributed.fail_together():
@@ -740,7 +764,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
             for trainer in trainers.values():
                 distributed.broadcast_module_(trainer.sae)
                 trainer.sae.sync_cfg_scales()
-        return _Start(run_config=run_config)
+        return _Start(run_config=run_config, replaces=replaces)
     folder, state = checkpoint
     with distributed.fail_together():
         for name, trainer in trainers.items():
@@ -764,7 +788,21 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
             torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
     if world.is_main:
         print(f"resuming from step {state['step']:,} ({folder})")
-    return _Start(state["step"], state["reader_position"], state.get("wandb_id"), state.get("metrics", {}), run_config)
+    return _Start(state["step"], state["reader_position"], state.get("wandb_id"), state.get("metrics", {}), run_config,
+                  state.get("replaces", []))
+
+
+def _overwritten_saes(cfg: TrainConfig, out: Path) -> list[str]:
+    """Names of the SAEs in the checkpoint an overwrite=true run is about to delete that this run does not write
+    (``_Start.replaces``); none where there is no readable checkpoint."""
+    if not cfg.overwrite or cfg.resume:
+        return []
+    try:
+        checkpoint = _read_checkpoint(out)
+    except TrainError:  # damaged: overwrite deletes it unread
+        return []
+    names = {s.run_name for s in cfg.saes}
+    return [] if checkpoint is None else sorted(set(checkpoint[1].get("saes", {})) - names)
 
 
 def _check_sample_finite(source: Source, sample: dict[str, Tensor]) -> None:
@@ -821,7 +859,8 @@ def _steps(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETra
     """The steps themselves (see ``_step_loop``)."""
     batch_size, total_steps = lay.batch_size, lay.total_steps
     autocast = plan.step_precision(device) == "bf16"
-    state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics}
+    state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics,
+             "replaces": start.replaces}
     last_good = start.step
     t_log, tokens_log = time.perf_counter(), 0
     try:
