@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import re
 import threading
 from pathlib import Path
@@ -341,12 +342,17 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
     renamed = dataclasses.replace(resumed, saes=[dataclasses.replace(sweep[1], name=old_name)])
     assert [p.name for p in train(renamed)] == [old_name]
     # Names are no settings of their own at resume, but a name given to another SAE is refused, not loaded into it.
-    pair = [SAESpec("topk", "h0", d_sae=64, k=4, name="a"), SAESpec("topk", "h0", d_sae=64, k=2, name="b")]
-    train(dataclasses.replace(_cfg(tmp_path / "pair", cache), saes=pair))
-    swapped = [dataclasses.replace(pair[0], name="b"), dataclasses.replace(pair[1], name="a")]
-    with pytest.raises(TrainError, match=r"cannot resume b: the checkpoint's SAE of that name is another one "
-                                         r"\(k 2 → 4\)"):
-        train(dataclasses.replace(_cfg(tmp_path / "pair", cache, resume=True), saes=swapped))
+    for pair, why in (([SAESpec("topk", "h0", d_sae=64, k=4, name="a"), SAESpec("topk", "h0", d_sae=64, k=2, name="b")],
+                       "k 2 → 4"),
+                      ([SAESpec("relu_l1", "h0", d_sae=64, name="a"),
+                        SAESpec("relu_l1", "h0", d_sae=64, l1_coefficient=10.0, name="b")],
+                       "l1_coefficient 10.0 → 3.0")):
+        folder = tmp_path / pair[0].architecture
+        train(dataclasses.replace(_cfg(folder, cache), saes=pair))
+        swapped = [dataclasses.replace(pair[0], name="b"), dataclasses.replace(pair[1], name="a")]
+        with pytest.raises(TrainError, match=r"cannot resume b: the checkpoint's SAE of that name is another one "
+                                             rf"\({why}\)"):
+            train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=swapped))
 
 
 def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, capsys):
@@ -357,10 +363,17 @@ def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, c
     out = tmp_path / "out"
     (out / "c" / "notes.txt").write_text("mine")  # a user's file in one of the old run's SAE folders
     (out / "mine").mkdir()
+    shutil.copytree(out / "a", tmp_path / "outside")  # SAE-shaped folders outside `out`, named by a tampered state
+    (out / "link").symlink_to(tmp_path / "outside")
+    state_file = next((out / "checkpoints").glob("step_*/state.json"))
+    state = json.loads(state_file.read_text())
+    state["saes"]["../outside"], state["replaces"] = state["saes"]["a"], [str(tmp_path / "outside"), "link"]
+    state_file.write_text(json.dumps(state))
     capsys.readouterr()
     train(dataclasses.replace(_cfg(tmp_path, cache, overwrite=True), saes=[specs["a"], specs["d"]]))
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir() if p.name != "checkpoints") == ["a", "c", "d", "mine"]
+    assert sorted(p.name for p in out.iterdir() if p.name != "checkpoints") == ["a", "c", "d", "link", "mine"]
+    assert (tmp_path / "outside" / "cfg.json").is_file()
     assert "removed the overwritten run's SAE folders: b" in printed and f"kept {out / 'c'}" in printed
     assert (out / "c" / "notes.txt").read_text() == "mine"
 

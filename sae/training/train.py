@@ -109,7 +109,7 @@ class SAESpec(SAESettings):  # type: ignore[misc,valid-type]
             raise TrainError(f"SAE {self.run_name}: expansion_factor={self.expansion_factor} must be > 0 "
                              "(the width is expansion_factor × d_in)")
         name = self.run_name
-        if not name or "/" in name or "\\" in name or name.startswith(".") or name in RESERVED_NAMES:
+        if not is_sae_folder_name(name):
             raise TrainError(f"SAE name {name!r} is not a folder name inside `out`: no path separators, no leading "
                              f"dot, not one of {', '.join(RESERVED_NAMES)} (the run's own folders); set `name`")
         unused = self.target_l0 is not None and self.l0_coefficient != SAEConfig.l0_coefficient
@@ -448,8 +448,16 @@ READ_ONLY_BY: dict[str, Callable[[dict[str, Any]], bool]] = {
 """SAE settings whose default changed, each with the test of whether a spec's SAE reads it (``_flat_run_config``)."""
 
 
-IDENTITY = ("architecture", "d_sae", "hook_name", "hook_name_out", "k", "target_l0")
-"""SAEConfig fields that tell SAEs apart, checked per name at resume (``_resume_or_initialise``)."""
+IDENTITY = ("architecture", "d_sae", "hook_name", "hook_name_out", "skip", "k", "target_l0", "l1_coefficient",
+            "l0_coefficient", "bandwidth", "init_threshold", "aux_k", "aux_coefficient", "threshold_momentum")
+"""SAEConfig fields that tell SAEs apart, checked per name at resume (``_resume_or_initialise``): the ones a spec sets
+as given (not resolved from data or defaults), those of ``READ_ONLY_BY`` only where the SAE reads them; and its lr."""
+
+
+def is_sae_folder_name(name: object) -> bool:
+    """Whether `name` may be an SAE's folder inside `out`: a plain name, no path, not hidden, not the run's own."""
+    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+            and name not in RESERVED_NAMES)
 
 
 def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -600,25 +608,30 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 trainer.sae.eval()
                 trainer.sae.save(out / name)
     if world.is_main:
-        _remove_replaced(out, start.replaces)
+        _remove_replaced(out, start.replaces, paths)
         _warn_failed(metrics, names)
     return paths
 
 
-def _remove_replaced(out: Path, replaced: list[str]) -> None:
-    """Remove the overwritten run's SAE folders this run did not write (``_Start.replaces``): only a folder that
-    holds an SAE's own files and nothing else (a user's file inside keeps it)."""
+def _remove_replaced(out: Path, replaced: list[str], written: list[Path]) -> None:
+    """Remove the overwritten run's SAE folders this run did not write (``_Start.replaces``): only a plain folder
+    inside `out` that holds an SAE's own files and nothing else (a user's file inside keeps it), never a link, nor
+    one of this run's own under another spelling (a case-insensitive disk)."""
     removed = []
     for name in replaced:
         folder = out / name
+        if not is_sae_folder_name(name) or folder.is_symlink() or not folder.is_dir():
+            continue
         try:
             check_replaceable(folder)
-        except SAEFormatError:
-            print(f"kept {folder}: the overwritten run's SAE folder holds files the toolkit did not write")
-            continue
-        if folder.is_dir():
+            if any(p.exists() and folder.samefile(p) for p in written):
+                continue
             shutil.rmtree(folder)
-            removed.append(name)
+        except (SAEFormatError, OSError) as err:
+            print(f"kept {folder}: {err}" if isinstance(err, OSError) else
+                  f"kept {folder}: the overwritten run's SAE folder holds files the toolkit did not write")
+            continue
+        removed.append(name)
     if removed:
         print(f"removed the overwritten run's SAE folders: {', '.join(removed)}")
 
@@ -774,9 +787,11 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
                     f"cannot resume {name}: checkpoint d_in {meta['sae_config']['d_in']} but "
                     f"the data's hook has d_model {trainer.sae.cfg.d_in}"
                 )
-            ours = asdict(trainer.sae.cfg)  # names are no settings: one given to another SAE is caught here
-            other = [f"{k} {meta['sae_config'][k]!r} → {ours[k]!r}" for k in IDENTITY
-                     if k in meta["sae_config"] and meta["sae_config"][k] != ours[k]]
+            ours, theirs = asdict(trainer.sae.cfg), meta["sae_config"]  # names are no settings: a swap is caught here
+            other = [f"{k} {theirs[k]!r} → {ours[k]!r}" for k in IDENTITY
+                     if k in theirs and theirs[k] != ours[k] and READ_ONLY_BY.get(k, lambda _: True)(theirs)]
+            lr = (meta["param_groups"][0].get("initial_lr"), trainer.optimizer.param_groups[0].get("initial_lr"))
+            other += [f"lr {lr[0]!r} → {lr[1]!r}"] if None not in lr and not math.isclose(*lr) else []
             if other:
                 raise TrainError(f"cannot resume {name}: the checkpoint's SAE of that name is another one "
                                  f"({', '.join(other)}); give each SAE the name it was trained under")
@@ -789,7 +804,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     if world.is_main:
         print(f"resuming from step {state['step']:,} ({folder})")
     return _Start(state["step"], state["reader_position"], state.get("wandb_id"), state.get("metrics", {}), run_config,
-                  state.get("replaces", []))
+                  _folder_names(state.get("replaces")))
 
 
 def _overwritten_saes(cfg: TrainConfig, out: Path) -> list[str]:
@@ -801,8 +816,15 @@ def _overwritten_saes(cfg: TrainConfig, out: Path) -> list[str]:
         checkpoint = _read_checkpoint(out)
     except TrainError:  # damaged: overwrite deletes it unread
         return []
-    names = {s.run_name for s in cfg.saes}
-    return [] if checkpoint is None else sorted(set(checkpoint[1].get("saes", {})) - names)
+    if checkpoint is None:
+        return []
+    state, names = checkpoint[1], {s.run_name for s in cfg.saes}
+    return sorted(set(_folder_names(list(state.get("saes", {})) + _folder_names(state.get("replaces")))) - names)
+
+
+def _folder_names(value: object) -> list[str]:
+    """The SAE folder names in a list read from a checkpoint's state (anything else in it, or a non-list: none)."""
+    return [v for v in value if is_sae_folder_name(v)] if isinstance(value, list) else []
 
 
 def _check_sample_finite(source: Source, sample: dict[str, Tensor]) -> None:
