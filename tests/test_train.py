@@ -346,7 +346,9 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
                        "k 2 → 4"),
                       ([SAESpec("relu_l1", "h0", d_sae=64, name="a"),
                         SAESpec("relu_l1", "h0", d_sae=64, l1_coefficient=10.0, name="b")],
-                       "l1_coefficient 10.0 → 3.0")):
+                       "l1_coefficient 10.0 → 3.0"),
+                      ([SAESpec("batchtopk", "h0", d_sae=64, k=4, name="a"),
+                        SAESpec("batchtopk", "h0", d_sae=64, k=4, lr=3e-3, name="b")], "lr 0.003 → 0.001")):
         folder = tmp_path / pair[0].architecture
         train(dataclasses.replace(_cfg(folder, cache), saes=pair))
         swapped = [dataclasses.replace(pair[0], name="b"), dataclasses.replace(pair[1], name="a")]

@@ -451,7 +451,8 @@ READ_ONLY_BY: dict[str, Callable[[dict[str, Any]], bool]] = {
 IDENTITY = ("architecture", "d_sae", "hook_name", "hook_name_out", "skip", "k", "target_l0", "l1_coefficient",
             "l0_coefficient", "bandwidth", "init_threshold", "aux_k", "aux_coefficient", "threshold_momentum")
 """SAEConfig fields that tell SAEs apart, checked per name at resume (``_resume_or_initialise``): the ones a spec sets
-as given (not resolved from data or defaults), those of ``READ_ONLY_BY`` only where the SAE reads them; and its lr."""
+as given (not resolved from data or defaults), those of ``READ_ONLY_BY`` only where the SAE reads them; and its lr
+where the run sets one (a default lr's rule may have changed since the checkpoint)."""
 
 
 def is_sae_folder_name(name: object) -> bool:
@@ -779,6 +780,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
                 trainer.sae.sync_cfg_scales()
         return _Start(run_config=run_config, replaces=replaces)
     folder, state = checkpoint
+    explicit_lr = {s.run_name: s.lr or cfg.lr for s in cfg.saes}
     with distributed.fail_together():
         for name, trainer in trainers.items():
             meta = state["saes"][name]
@@ -791,7 +793,8 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
             other = [f"{k} {theirs[k]!r} → {ours[k]!r}" for k in IDENTITY
                      if k in theirs and theirs[k] != ours[k] and READ_ONLY_BY.get(k, lambda _: True)(theirs)]
             lr = (meta["param_groups"][0].get("initial_lr"), trainer.optimizer.param_groups[0].get("initial_lr"))
-            other += [f"lr {lr[0]!r} → {lr[1]!r}"] if None not in lr and not math.isclose(*lr) else []
+            if explicit_lr[name] is not None and None not in lr and not math.isclose(*lr):  # a default's rule may move
+                other.append(f"lr {lr[0]!r} → {lr[1]!r}")
             if other:
                 raise TrainError(f"cannot resume {name}: the checkpoint's SAE of that name is another one "
                                  f"({', '.join(other)}); give each SAE the name it was trained under")
