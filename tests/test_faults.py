@@ -83,6 +83,7 @@ def test_train_refuses_counts_below_one(setting, tiny_cache, tmp_path, capsys):
     ("l1_warmup_frac=-3", "l1_warmup_frac=-3.0: fractions"),
     ("lr_decay_frac=0.6 lr_warmup_frac=0.6", "lr_warmup_frac + lr_decay_frac: fractions"),
     ("total_tokens=true", "total_tokens: expected int, got True"),  # trained on 1 token before
+    ("resume=true overwrite=true", "resume=true continues the run in `out` and overwrite=true deletes it"),  # resumed
 ])
 def test_train_refuses_schedules_that_cannot_train_before_work(setting, said, tiny_cache, tmp_path, capsys):
     line = refused(capsys, "train", f"cache={tiny_cache}", f"out={tmp_path / 'saes'}", *setting.split())

@@ -329,6 +329,9 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
     refused as two SAEs sharing a name; a run checkpointed under such a name resumes by giving the SAE that name."""
     sweep = [SAESpec("jumprelu", "h0", d_sae=64, target_l0=t) for t in (2.0, 4.0)]
     assert [s.run_name for s in sweep] == ["jumprelu_target2_d64_h0", "jumprelu_target4_d64_h0"]
+    # The progress bar showed one jumprelu_fvu for both: each SAE's label is its name less the sweep's common words.
+    labels = train_module._bar_labels([s.run_name for s in sweep])
+    assert list(labels.values()) == ["jumprelu_target2", "jumprelu_target4"]
     old_name = "jumprelu_l0c2_d64_h0"
     train(dataclasses.replace(_cfg(tmp_path, cache), saes=[dataclasses.replace(sweep[1], name=old_name)]))
     state_file = next((tmp_path / "out" / "checkpoints").glob("step_*/state.json"))
@@ -355,6 +358,8 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
         with pytest.raises(TrainError, match=r"cannot resume b: the checkpoint's SAE of that name is another one "
                                              rf"\({why}\)"):
             train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=swapped))
+    with pytest.raises(TrainError, match="it lists the same SAEs in another order; list them as the checkpoint's run"):
+        train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=pair[::-1]))  # blamed k or lr before
 
 
 def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, capsys):
@@ -376,7 +381,9 @@ def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, c
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir() if p.name != "checkpoints") == ["a", "c", "d", "link", "mine"]
     assert (tmp_path / "outside" / "cfg.json").is_file()
-    assert "removed the overwritten run's SAE folders: b" in printed and f"kept {out / 'c'}" in printed
+    assert "removed the overwritten run's SAE folders: b" in printed
+    assert f"kept {out / 'c'}, an SAE of the overwritten run: it holds files the toolkit did not write; `sae eval` on" \
+           in printed
     assert (out / "c" / "notes.txt").read_text() == "mine"
 
 
@@ -422,8 +429,7 @@ def test_train_warns_when_the_last_batch_is_reconstructed_worse_than_by_its_mean
     off_name, healthy = "topk_k2_d64_h0", "topk_k4_d64_h0"
     assert m[f"{off_name}/fvu"] > 1 > m[f"{healthy}/fvu"] and m[f"{off_name}/dead_frac"] < 0.5
     assert warnings == [f"warning: SAE {off_name} ended training with FVU {m[f'{off_name}/fvu']:.2f} on its last batch "
-                        "(worse than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 trains "
-                        "with the batch budget throughout)"]
+                        "(worse than the batch's mean); check it with `sae eval`"]  # a TopK: no BatchTopK hint
 
 
 def test_train_warns_loudly_about_saes_that_learned_nothing(tmp_path, cache, capsys, monkeypatch):

@@ -494,6 +494,16 @@ def _sae_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def _sae_settings_of(flat: dict[str, Any]) -> list[str]:
+    """A flat run config's SAEs (``_flat_run_config``), each as one sortable string, in no particular order."""
+    per_sae: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key.startswith("saes["):
+            index, setting = key[len("saes["):].split("].", 1)
+            per_sae.setdefault(index, {})[setting] = value
+    return sorted(json.dumps(settings, sort_keys=True, default=str) for settings in per_sae.values())
+
+
 def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
                   world: distributed.World) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused."""
@@ -527,6 +537,9 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
                          f"--nproc_per_node {old.get('world_size', 1)}")
     old, new = _flat_run_config(old), _flat_run_config(run_config)
     changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
+    if changed and all(k.startswith("saes[") for k in changed) and _sae_settings_of(old) == _sae_settings_of(new):
+        raise TrainError(f"cannot resume from {folder}: it lists the same SAEs in another order; list them as the "
+                         "checkpoint's run did")
     if changed:
         diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
         raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
@@ -560,6 +573,8 @@ def train(cfg: TrainConfig) -> list[Path]:
         raise TrainError(f"grad_clip={cfg.grad_clip} must be > 0 (the largest gradient norm a step may take)")
     if not cfg.peer_timeout_minutes > 0:
         raise TrainError(f"peer_timeout_minutes={cfg.peer_timeout_minutes} must be > 0")
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("resume=true continues the run in `out` and overwrite=true deletes it: give one of them")
     if not 0 <= cfg.topk_warmup_frac < 1:
         raise TrainError(f"topk_warmup_frac={cfg.topk_warmup_frac} must be in [0, 1): the batch-wide budget needs the "
                          "steps after the warm-up to set its thresholds")
@@ -610,7 +625,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 trainer.sae.save(out / name)
     if world.is_main:
         _remove_replaced(out, start.replaces, paths)
-        _warn_failed(metrics, names)
+        _warn_failed(metrics, names, [s.architecture for s in cfg.saes])
     return paths
 
 
@@ -629,8 +644,9 @@ def _remove_replaced(out: Path, replaced: list[str], written: list[Path]) -> Non
                 continue
             shutil.rmtree(folder)
         except (SAEFormatError, OSError) as err:
-            print(f"kept {folder}: {err}" if isinstance(err, OSError) else
-                  f"kept {folder}: the overwritten run's SAE folder holds files the toolkit did not write")
+            why = err if isinstance(err, OSError) else "it holds files the toolkit did not write"
+            print(f"kept {folder}, an SAE of the overwritten run: {why}; `sae eval` on {out} still finds it, so move "
+                  "your files out and delete it")
             continue
         removed.append(name)
     if removed:
@@ -886,6 +902,7 @@ def _steps(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETra
     autocast = plan.step_precision(device) == "bf16"
     state = {"run_config": start.run_config, "wandb_id": run.id if world.is_main else None, "metrics": start.metrics,
              "replaces": start.replaces}
+    labels = _bar_labels([s.run_name for s in cfg.saes])
     last_good = start.step
     t_log, tokens_log = time.perf_counter(), 0
     try:
@@ -906,8 +923,8 @@ def _steps(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETra
                 logged["tokens_per_s"] = tokens_log / max(elapsed, 1e-9)
                 run.log({**logged, "step": done})
                 state["metrics"] = logged
-                bar.set_postfix({k.split("_")[0] + "_fvu": f"{v:.3f}" for k, v in logged.items()
-                                 if k.endswith("/fvu")})
+                bar.set_postfix({f"{labels[k[:-4]]}_fvu": f"{v:.3f}" for k, v in logged.items()
+                                 if k.endswith("/fvu") and k[:-4] in labels})
                 t_log, tokens_log = time.perf_counter(), 0
             if done % cfg.checkpoint_every == 0 or done == total_steps:
                 _check_finite(trainers)
@@ -926,22 +943,33 @@ def _steps(cfg: TrainConfig, out: Path, lay: _Layout, trainers: dict[str, SAETra
     return state["metrics"]
 
 
-def _warn_failed(metrics: dict[str, float], names: list[str]) -> None:
+def _bar_labels(names: list[str]) -> dict[str, str]:
+    """Each SAE's label on the progress bar: its name less what every name ends with (the width and hook of a
+    sweep: ``jumprelu_target16``, ``jumprelu_target32``), or its architecture's first word when it trains alone."""
+    if len(names) == 1:
+        return {names[0]: names[0].split("_")[0]}
+    tail = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    tail = tail[tail.find("_"):] if "_" in tail else ""  # whole words only
+    return {n: n[: len(n) - len(tail)] or n for n in names}
+
+
+def _warn_failed(metrics: dict[str, float], names: list[str], architectures: list[str]) -> None:
     """A loud line for each SAE whose last logged metrics say it learned nothing useful (L0 = 0, mostly dead, or a
     last batch reconstructed worse than by its mean), which a falling loss can hide; `sae eval` flags the same on
     held-out rows. FVU ≥ 1 at the end: BatchTopK at SmolLM2-135M layer 6 in a 111-step run, when its TopK warm-up
     ended abruptly, with the unit-norm encoder start tried and not adopted on 2026-12-07 (1.38; 0.40 with the default
     start; see ``sae.saes.BatchTopKSAE`` for the hand-over that replaced the abrupt switch)."""
-    for name in names:
+    for name, architecture in zip(names, architectures):
         if f"{name}/l0" not in metrics:  # a checkpoint written before metrics were kept has none
             continue
         signs = failure_signs(metrics[f"{name}/l0"], metrics[f"{name}/dead_frac"])
         for sign in signs:
             print(f"warning: SAE {name} ended training with {sign}")
         if not signs and metrics.get(f"{name}/fvu", 0.0) >= 1:
+            hint = " (batchtopk: topk_warmup_frac=0 trains with the batch budget throughout)" * (
+                architecture == "batchtopk")
             print(f"warning: SAE {name} ended training with FVU {metrics[f'{name}/fvu']:.2f} on its last batch (worse "
-                  "than the batch's mean); check it with `sae eval` (batchtopk: topk_warmup_frac=0 trains with the "
-                  "batch budget throughout)")
+                  f"than the batch's mean); check it with `sae eval`{hint}")
 
 
 @contextmanager
