@@ -385,6 +385,8 @@ def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, c
     assert f"kept {out / 'c'}, an SAE of the overwritten run: it holds files the toolkit did not write; `sae eval` on" \
            in printed
     assert (out / "c" / "notes.txt").read_text() == "mine"
+    train(dataclasses.replace(_cfg(tmp_path, cache, resume=True), saes=[specs["a"], specs["d"]]))
+    assert "the run finished at step 8" in capsys.readouterr().out  # it said "resuming from step 8"
 
 
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):

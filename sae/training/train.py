@@ -821,7 +821,9 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
         if f"cuda{i}" in rng:  # another set of visible GPUs at resume is no reason to fail
             torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
     if world.is_main:
-        print(f"resuming from step {state['step']:,} ({folder})")
+        done = state["step"] >= lay.total_steps  # a finished run: its SAE folders are written again, nothing trains
+        print(f"the run finished at step {state['step']:,} ({folder}): nothing left to train; writing its SAEs again"
+              if done else f"resuming from step {state['step']:,} ({folder})")
     return _Start(state["step"], state["reader_position"], state.get("wandb_id"), state.get("metrics", {}), run_config,
                   _folder_names(state.get("replaces")))
 
