@@ -476,11 +476,14 @@ class SAE(nn.Module):
         out = self.decode(self.encode(flat), flat)
         return out.unflatten(-1, x.shape[-2:]) if flat is not x and not self.cfg.is_transcoder else out
 
-    warming_up: bool = False
-    """In the per-token TopK warm-up of a batch-budget variant, its hand-over included (set by ``train_forward``)."""
     row_weight: float = 0.0
     """The warm-up's weight (set by ``train_forward``): 1 while each row keeps its top k, between 0 and 1 in
-    BatchTopK's hand-over to its batch-wide selection, 0 after."""
+    BatchTopK's hand-over to its batch-wide selection, 0 after (and for a variant without the warm-up)."""
+
+    @property
+    def warming_up(self) -> bool:
+        """In the per-token TopK warm-up of a batch-budget variant, its hand-over included."""
+        return self.row_weight > 0
 
     def train_forward(
         self, x: Tensor, target: Tensor | None = None, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0,
@@ -497,8 +500,7 @@ class SAE(nn.Module):
         """
         if self.cfg.is_transcoder != (target is not None):
             raise ValueError("a transcoder trains on (x, target) pairs and an SAE on x alone")
-        self.warming_up = topk_warmup > 0 and self.cfg.warms_up
-        self.row_weight = float(topk_warmup) if self.warming_up else 0.0
+        self.row_weight = float(topk_warmup) if self.cfg.warms_up else 0.0
         x_n = self.normalise(x)
         y_n = x_n if target is None else target.to(self.W_enc.dtype) * self.scale_out
         x_hat_n, acts, loss, losses, l0, fire_counts = self._train_forward(

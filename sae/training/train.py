@@ -468,15 +468,20 @@ def _flat_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
     ran without one (``topk_warmup_frac`` 0: resuming it exactly needs topk_warmup_frac=0); it counts only when
     some SAE has a warm-up. A setting in ``READ_ONLY_BY`` counts only for the SAEs that read it (its default changed:
     an old TopK run must not be refused over l1_coefficient)."""
-    defaults = asdict(SAESpec())
     flat = {"topk_warmup_frac": 0.0, **run_config, "saes": len(run_config["saes"])}
     if not any(_warms_up(spec) for spec in run_config["saes"]):
         del flat["topk_warmup_frac"]
     for i, spec in enumerate(run_config["saes"]):
-        unused = {k for k, reads in READ_ONLY_BY.items() if not reads(spec)}
-        # A name places the SAE's folder only; `_resume_point` checks the names against the checkpoint's.
-        flat.update({f"saes[{i}].{k}": spec.get(k, d) for k, d in defaults.items() if k not in unused | {"name"}})
+        flat.update({f"saes[{i}].{k}": v for k, v in _spec_settings(spec).items()})
     return flat
+
+
+def _spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's (or this run's) SAE spec as ``_flat_run_config`` compares it: every SAESpec key, a missing one
+    at its default, without the ``READ_ONLY_BY`` settings it does not read, nor its name (a name places the SAE's
+    folder only; ``_resume_point`` checks the names against the checkpoint's)."""
+    unused = {k for k, reads in READ_ONLY_BY.items() if not reads(spec)} | {"name"}
+    return {k: spec.get(k, d) for k, d in asdict(SAESpec()).items() if k not in unused}
 
 
 def _open_source(cfg: TrainConfig, hooks: list[str], device: torch.device) -> Source:
@@ -492,16 +497,6 @@ def _sae_seed(seed: int, index: int) -> int:
     """Each SAE's initialisation has its own seed, so a sweep split across processes (distribute_saes) starts
     every SAE exactly as one process would."""
     return seed * 1_000_003 + index
-
-
-def _sae_settings_of(flat: dict[str, Any]) -> list[str]:
-    """A flat run config's SAEs (``_flat_run_config``), each as one sortable string, in no particular order."""
-    per_sae: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        if key.startswith("saes["):
-            index, setting = key[len("saes["):].split("].", 1)
-            per_sae.setdefault(index, {})[setting] = value
-    return sorted(json.dumps(settings, sort_keys=True, default=str) for settings in per_sae.values())
 
 
 def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
@@ -535,9 +530,11 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
         raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
                          f"process(es), this one has {run_config['world_size']}; resume with torchrun "
                          f"--nproc_per_node {old.get('world_size', 1)}")
+    in_any_order = [sorted(json.dumps(_spec_settings(s), sort_keys=True, default=str) for s in c["saes"])
+                    for c in (old, run_config)]
     old, new = _flat_run_config(old), _flat_run_config(run_config)
     changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
-    if changed and all(k.startswith("saes[") for k in changed) and _sae_settings_of(old) == _sae_settings_of(new):
+    if changed and all(k.startswith("saes[") for k in changed) and in_any_order[0] == in_any_order[1]:
         raise TrainError(f"cannot resume from {folder}: it lists the same SAEs in another order; list them as the "
                          "checkpoint's run did")
     if changed:
