@@ -120,6 +120,7 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_ll
     assert ident["pca_fvu_at_quarter"] == pytest.approx(results["pca"][hook]["fvu"][8])
     table = format_table(results)
     assert "zeros" in table and "BROKEN" in table and table.count("BROKEN") == 1
+    assert "position 0 spliced: False" in table.replace("\n", " ")  # why the first positions are not scored
     assert max(map(len, table.splitlines())) <= 80
     (zero_line,) = [line for line in table.splitlines() if line.startswith("! zeros ")]  # the broken one is marked
     assert f"{zeros['fvu']:.3f}" in zero_line and any(line.startswith("  identity ") for line in table.splitlines())
@@ -141,6 +142,7 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_cache, tiny_ll
         assert r["fvu"] == rows[name]["fvu"] and r["l0"] == rows[name]["l0"] and r["lm_loss_contexts"] == 0
         assert all(r[key] is None for key in ("ce_clean", "ce_zero", "ce_spliced", "ce_recovered", "kl"))
     assert any(line.startswith("  identity ") and line.endswith("n/a     n/a") for line in printed.splitlines())
+    assert "spliced" not in printed  # nothing was spliced: no note about which positions were
 
 
 def test_silent_and_mostly_dead_saes_are_flagged_in_the_table(tiny_cache, tiny_llama, hand_sae, tmp_path, capsys):

@@ -573,7 +573,8 @@ def format_table(results: dict) -> str:
     if any(r.get("transcoder") for r in results["saes"]):
         notes.append("transcoders (<in>_to_<out>): FVU of the output hook, CE with their output in place of it, and "
                      "PCA@L0 is the rank-L0 least-squares linear map from input to output")
-    notes.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
+    if any(r["lm_loss_contexts"] for r in results["saes"]):  # the note is about the splice, which scores CE
+        notes.append(f"position 0 spliced: {results['position_0_spliced']} ({results['position_0_note']})")
     for note in notes:
         lines += textwrap.wrap(note, TABLE_WIDTH, subsequent_indent="    ")
     return "\n".join(lines)
