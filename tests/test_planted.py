@@ -176,3 +176,30 @@ def test_planted_from_truth_refuses_bad_input_in_one_line():
         done = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, done.stderr)
         assert done.stderr.strip().splitlines()[-1].startswith("planted_from_truth.py: error:"), done.stderr
+
+
+def test_loop_budget_script_finds_where_the_loop_stops_gaining():
+    """``scripts/planted_loop_budget.py`` (issue 18's budgets "where the reference loop converges"): the loop
+    recovers more from 40× the tokens at the CI point, and a budget counts as converged only once doubling it gains
+    less than ``CONVERGED_GAIN``; bad multiples are one line."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    done = subprocess.run([sys.executable, str(scripts / "planted_loop_budget.py"), "--points", "32,128,3",
+                           "--multiples", "0.01", "0.4", "--threads", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    (point,) = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("JSON "))["points"]
+    short, long = point["runs"]
+    assert (short["tokens"], long["tokens"]) == (4_000, 160_000) and short["steps"] < long["steps"], point
+    assert long["mean_max_cos"] > short["mean_max_cos"] + 0.1, point
+    assert point["converged_multiple"] is None, point  # it gained far more than 0.01 per doubling
+    sys.path.insert(0, str(scripts))
+    try:
+        from planted_loop_budget import CONVERGED_GAIN, converged_multiple
+    finally:
+        sys.path.remove(str(scripts))
+    assert converged_multiple([1, 2, 4, 16], [0.90, 0.93, 0.935, 0.95]) == 2  # +0.005, then +0.0075 per doubling
+    assert converged_multiple([1, 4], [0.90, 0.90 + 2.5 * CONVERGED_GAIN]) is None  # 1.25× the gain per doubling
+    bad = subprocess.run([sys.executable, str(scripts / "planted_loop_budget.py"), "--multiples", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("planted_loop_budget.py: error:"), bad.stderr
