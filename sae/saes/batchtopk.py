@@ -81,7 +81,10 @@ class BatchTopKSAE(TopKFamily):
         # 1024 / 8: 0.967 → 0.990) and less at six (d_in 256 / 1024 / 3: 0.995 → 0.958; docs/planted.md), and on
         # SmolLM2 it reconstructed worse: layer 15 held-out FVU 0.155 → 0.159 (k 32, ×8, 1,224 steps), layer 6 0.278 →
         # 0.343 (1,171 steps) and 0.356 → 0.860 (111 steps), both with the abrupt switch to the batch-wide selection
-        # that the hand-over (see the class) has since replaced.
+        # that the hand-over (see the class) has since replaced. With the hand-over (2026-12-07), unit-norm columns
+        # again: d_in 256 / 1024 / 3 0.996 → 0.957, SmolLM2 layer 6 (×8) 0.079 → 0.100; this scale floored at 0.5 (its
+        # width-×8 value): 0.837 → 0.917 at d_in 32 / 512 / 3, but SmolLM2 layer 6 at ×32 0.078 → 0.086 and 0.087 (two
+        # seeds), layer 15 0.170 → 0.173 (docs/planted.md has the table).
         with torch.no_grad():
             self.W_enc.mul_(min(1.0, math.sqrt(2 * cfg.d_in / self.total_latents)))
 
