@@ -292,6 +292,7 @@ def run_planted(cfg: PlantedConfig) -> list[Score]:
 def _run_planted(cfg: PlantedConfig, out: Path) -> list[Score]:
     data = cfg.data()
     cache = write_cache(cfg, data, out / "cache")
+    print(describe_planted(cfg))
     specs = cfg.specs()
     with torch.enable_grad():
         paths = train(TrainConfig(cache=str(cache), out=str(out / "saes"), saes=specs, seed=cfg.seed,
@@ -317,6 +318,17 @@ def _run_planted(cfg: PlantedConfig, out: Path) -> list[Score]:
                          float((f > 0).sum(-1).float().mean()), pca_curve))
     atomic_write_json(out / "planted.json", {"config": asdict(cfg), "scores": [asdict(s) for s in scores]})
     return scores
+
+
+def describe_planted(cfg: PlantedConfig) -> str:
+    """What the run plants, in one line before training (a new user's run said nothing of it)."""
+    line = (f"planted: {cfg.n_features:,} true directions in d_in {cfg.d_in} ({cfg.n_features / cfg.d_in:g} per "
+            f"dimension), {cfg.l0:g} active per row on average (power-law frequencies, exponent "
+            f"{cfg.frequency_exponent:g}); {cfg.tokens:,} training rows, {cfg.eval_tokens:,} fresh rows to score")
+    if cfg.saes is None:
+        line += (f"; the SAEs are {2 * cfg.n_features:,} wide (2 × n_features), so about half their latents have no "
+                 "true direction to learn and the dead-latent warnings below count them")
+    return line
 
 
 def format_scores(scores: list[Score]) -> str:

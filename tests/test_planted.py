@@ -78,6 +78,9 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
     args = ["planted", f"out={out}", "d_in=32", "n_features=128", "l0=3", "tokens=400000"]
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
+    assert printed.startswith("planted: 128 true directions in d_in 32 (4 per dimension), 3 active per row on average"
+                              ), printed  # what was planted, before the plan
+    assert "the SAEs are 256 wide (2 × n_features)" in printed.splitlines()[0]
     scores = _by_model(out)
     assert sorted(scores) == sorted(MODELS)
     for name, floor in RECOVERY_FLOOR.items():

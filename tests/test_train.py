@@ -641,6 +641,8 @@ def test_plan_counts_jumprelus_quantile_workspace_only_where_its_initial_fit_run
     out = capsys.readouterr().out
     fit = {name: float(re.search(rf"  {name}: .*initial fit ([\d.]+) MiB", out).group(1)) for name in ("lam", "target")}
     assert fit["lam"] - fit["target"] == pytest.approx(JumpReLUSAE.init_workspace_bytes / 2**20, abs=0.1), out
+    counts = re.findall(r"d_sae 64, ([\d,.]+M?) parameters", out)  # a small SAE's count in full (it read "0.00M")
+    assert len(counts) == 2 and all(c.replace(",", "").isdigit() and int(c.replace(",", "")) > 64 for c in counts), out
 
 
 def test_too_wide_sae_is_refused_at_the_cli_before_anything_is_allocated(tmp_path, cache, capsys):

@@ -102,7 +102,8 @@ class SAECost:
     def describe(self) -> str:
         p = self.params()
         init = f"; initial fit {human_bytes(self.init_bytes())}" if self.init_bytes() > self.step_bytes() else ""
-        return (f"  {self.name}: d_sae {self.d_sae:,}, {p / 1e6:.2f}M parameters: {human_bytes(4 * p)} weights + "
+        count = f"{p / 1e6:.2f}M" if p >= 100_000 else f"{p:,}"  # a planted or test SAE: 8,448, not 0.01M
+        return (f"  {self.name}: d_sae {self.d_sae:,}, {count} parameters: {human_bytes(4 * p)} weights + "
                 f"{human_bytes(8 * p)} Adam + {human_bytes(4 * p)} gradients + "
                 f"{human_bytes(4 * (STEP_PARAM_COPIES - 4) * p)} step temporaries + "
                 f"{human_bytes(self.activation_bytes())} activations (batch {self.batch}){init}")
