@@ -389,6 +389,30 @@ def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, c
     assert "the run finished at step 8" in capsys.readouterr().out  # it said "resuming from step 8"
 
 
+@pytest.mark.parametrize("again", ["overwrite", "resume"])
+def test_an_overwrite_stopped_before_its_first_checkpoint_still_removes_the_old_saes(again, tmp_path, cache,
+                                                                                      monkeypatch, capsys):
+    """An overwrite=true run deletes the old checkpoints, which named the old run's SAEs; stopped before its own first
+    checkpoint, it forgot them, and run again its old folders stayed beside the new ones. They are recorded first."""
+    a, b, d = (SAESpec("topk", "h0", d_sae=64, k=k, name=n) for n, k in (("a", 4), ("b", 2), ("d", 2)))
+    train(dataclasses.replace(_cfg(tmp_path, cache), saes=[a, b]))
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SAETrainer, "step", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(_cfg(tmp_path, cache, overwrite=True), saes=[a, d]))
+    monkeypatch.undo()
+    assert (out / "b").is_dir() and not list((out / "checkpoints").glob("step_*"))  # kept while nothing new is written
+    capsys.readouterr()
+    train(dataclasses.replace(_cfg(tmp_path, cache, **{again: True}), saes=[a, d]))
+    assert "removed the overwritten run's SAE folders: b" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a", "checkpoints", "d"]
+    assert not (out / "checkpoints" / "replaces.json").exists()
+
+
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):
     """batch_size=100000 on a 28k-row cache ran one step cycling the cache 3.5 times, without a word."""
     from sae.cli import main

@@ -42,6 +42,10 @@ from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, Tra
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
+PENDING_REMOVAL = "replaces.json"
+"""In CHECKPOINT_DIR: the SAE folders an overwrite=true run will remove once its own are written (``_Start.replaces``),
+recorded before it deletes the checkpoints that named them, so a run stopped before its first checkpoint still knows
+them when it is run again (with overwrite=true or resume=true); deleted once they are removed."""
 _STEP_FOLDER = re.compile(r"(\.tmp_)?step_\d{9,}")
 RESERVED_NAMES = (CHECKPOINT_DIR, "wandb")
 """Folders of `out` that are the run's own, so no SAE may be named after them (wandb writes under out/wandb)."""
@@ -499,11 +503,18 @@ def _sae_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any],
-                  world: distributed.World) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused."""
+def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world: distributed.World,
+                  replaces: list[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused. An
+    overwrite=true run records the folders it ``replaces`` (``PENDING_REMOVAL``) before it deletes the checkpoints."""
     root = out / CHECKPOINT_DIR
     ours = [root / LATEST] * (root / LATEST).exists() + [*_step_folders(root), *_step_folders(root, ".tmp_step_*")]
+    if cfg.overwrite and not cfg.resume and world.is_main:
+        if replaces:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(root / PENDING_REMOVAL, replaces)
+        else:
+            (root / PENDING_REMOVAL).unlink(missing_ok=True)
     if cfg.overwrite and not cfg.resume and ours:  # deleted unread: they may be damaged
         distributed.barrier()  # every rank has seen the folder before rank 0 deletes it
         if world.is_main:
@@ -622,6 +633,7 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 trainer.sae.save(out / name)
     if world.is_main:
         _remove_replaced(out, start.replaces, paths)
+        (out / CHECKPOINT_DIR / PENDING_REMOVAL).unlink(missing_ok=True)
         _warn_failed(metrics, names, [s.architecture for s in cfg.saes])
     return paths
 
@@ -777,7 +789,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     own (its sample, its shard's file), so a failure there stops every process (``distributed.fail_together``)."""
     run_config = _run_config(cfg, lay.batch_size, world.size)
     replaces = _overwritten_saes(cfg, out)
-    checkpoint = _resume_point(cfg, out, run_config, world)
+    checkpoint = _resume_point(cfg, out, run_config, world, replaces)
     if checkpoint is None:
         with distributed.fail_together():
             if not lay.ddp or world.is_main:
@@ -826,18 +838,20 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
 
 
 def _overwritten_saes(cfg: TrainConfig, out: Path) -> list[str]:
-    """Names of the SAEs in the checkpoint an overwrite=true run is about to delete that this run does not write
-    (``_Start.replaces``); none where there is no readable checkpoint."""
-    if not cfg.overwrite or cfg.resume:
+    """Names of the SAEs in the checkpoint an overwrite=true run is about to delete, and of those an earlier one
+    stopped before its first checkpoint had still to remove (``PENDING_REMOVAL``; also for resume=true, which then
+    finds no checkpoint), that this run does not write (``_Start.replaces``)."""
+    if not (cfg.overwrite or cfg.resume):
         return []
     try:
-        checkpoint = _read_checkpoint(out)
-    except TrainError:  # damaged: overwrite deletes it unread
-        return []
-    if checkpoint is None:
-        return []
-    state, names = checkpoint[1], {s.run_name for s in cfg.saes}
-    return sorted(set(_folder_names(list(state.get("saes", {})) + _folder_names(state.get("replaces")))) - names)
+        old = _folder_names(json.loads((out / CHECKPOINT_DIR / PENDING_REMOVAL).read_text()))
+    except (OSError, ValueError):  # none, or unreadable: nothing recorded
+        old = []
+    with suppress(TrainError):  # a damaged checkpoint: overwrite deletes it unread
+        checkpoint = _read_checkpoint(out) if cfg.overwrite else None
+        if checkpoint is not None:
+            old += _folder_names(list(checkpoint[1].get("saes", {}))) + _folder_names(checkpoint[1].get("replaces"))
+    return sorted(set(old) - {s.run_name for s in cfg.saes})
 
 
 def _folder_names(value: object) -> list[str]:
