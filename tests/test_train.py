@@ -360,6 +360,9 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
             train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=swapped))
     with pytest.raises(TrainError, match="it lists the same SAEs in another order; list them as the checkpoint's run"):
         train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=pair[::-1]))  # blamed k or lr before
+    with pytest.raises(TrainError, match=r"it trains 2 SAEs \(a, b\), this run lists 1; a run cannot add or drop SAEs, "
+                                         "so list the checkpoint's"):  # listed every setting of the dropped one
+        train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=pair[:1]))
 
 
 def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, capsys):

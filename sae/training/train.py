@@ -541,6 +541,10 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
         raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
                          f"process(es), this one has {run_config['world_size']}; resume with torchrun "
                          f"--nproc_per_node {old.get('world_size', 1)}")
+    if len(old.get("saes", [])) != len(run_config["saes"]):  # each spec's every field listed as changed before
+        raise TrainError(f"cannot resume from {folder}: it trains {len(old.get('saes', []))} SAEs "
+                         f"({', '.join(sorted(state['saes']))}), this run lists {len(run_config['saes'])}; a run "
+                         "cannot add or drop SAEs, so list the checkpoint's, or use another `out` folder")
     in_any_order = [sorted(json.dumps(_spec_settings(s), sort_keys=True, default=str) for s in c["saes"])
                     for c in (old, run_config)]
     old, new = _flat_run_config(old), _flat_run_config(run_config)
