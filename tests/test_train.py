@@ -358,7 +358,8 @@ def test_a_target_l0_sweep_has_a_name_per_target_and_an_old_checkpoint_resumes_u
         with pytest.raises(TrainError, match=r"cannot resume b: the checkpoint's SAE of that name is another one "
                                              rf"\({why}\)"):
             train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=swapped))
-    with pytest.raises(TrainError, match="it lists the same SAEs in another order; list them as the checkpoint's run"):
+    with pytest.raises(TrainError, match=r"it lists the same SAEs in another order; list them as the checkpoint's run "
+                                         r"did \(a, b\)"):
         train(dataclasses.replace(_cfg(folder, cache, resume=True), saes=pair[::-1]))  # blamed k or lr before
     with pytest.raises(TrainError, match=r"it trains 2 SAEs \(a, b\), this run lists 1; a run cannot add or drop SAEs, "
                                          "so list the checkpoint's"):  # listed every setting of the dropped one
@@ -396,7 +397,9 @@ def test_overwrite_leaves_out_holding_the_new_runs_saes_alone(tmp_path, cache, c
 def test_an_overwrite_stopped_before_its_first_checkpoint_still_removes_the_old_saes(again, tmp_path, cache,
                                                                                       monkeypatch, capsys):
     """An overwrite=true run deletes the old checkpoints, which named the old run's SAEs; stopped before its own first
-    checkpoint, it forgot them, and run again its old folders stayed beside the new ones. They are recorded first."""
+    checkpoint, it forgot them, and run again its old folders stayed beside the new ones. They are recorded first,
+    all of them (the stopped run listed b too, the next one does not), and a file of that name that is not the
+    toolkit's is left alone."""
     a, b, d = (SAESpec("topk", "h0", d_sae=64, k=k, name=n) for n, k in (("a", 4), ("b", 2), ("d", 2)))
     train(dataclasses.replace(_cfg(tmp_path, cache), saes=[a, b]))
     out = tmp_path / "out"
@@ -406,14 +409,20 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_still_removes_the_old_
 
     monkeypatch.setattr(SAETrainer, "step", stopped)
     with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(_cfg(tmp_path, cache, overwrite=True), saes=[a, d]))
+        train(dataclasses.replace(_cfg(tmp_path, cache, overwrite=True), saes=[a, b]))
     monkeypatch.undo()
     assert (out / "b").is_dir() and not list((out / "checkpoints").glob("step_*"))  # kept while nothing new is written
+    with pytest.raises(TrainError, match="holds an overwrite=true run stopped before its first checkpoint"):
+        train(dataclasses.replace(_cfg(tmp_path, cache), saes=[a, d]))  # it forgot the record, and b stayed
     capsys.readouterr()
     train(dataclasses.replace(_cfg(tmp_path, cache, **{again: True}), saes=[a, d]))
     assert "removed the overwritten run's SAE folders: b" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["a", "checkpoints", "d"]
-    assert not (out / "checkpoints" / "replaces.json").exists()
+    record = out / "checkpoints" / "replaces.json"
+    assert not record.exists()
+    record.write_text("my notes")  # not the toolkit's: neither read, replaced nor deleted
+    train(dataclasses.replace(_cfg(tmp_path, cache, overwrite=True), saes=[a]))
+    assert sorted(p.name for p in out.iterdir()) == ["a", "checkpoints"] and record.read_text() == "my notes"
 
 
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):

@@ -43,9 +43,12 @@ from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, Tra
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
 PENDING_REMOVAL = "replaces.json"
-"""In CHECKPOINT_DIR: the SAE folders an overwrite=true run will remove once its own are written (``_Start.replaces``),
-recorded before it deletes the checkpoints that named them, so a run stopped before its first checkpoint still knows
-them when it is run again (with overwrite=true or resume=true); deleted once they are removed."""
+"""In CHECKPOINT_DIR: every SAE folder of the runs an overwrite=true run replaces, recorded before it deletes the
+checkpoints that named them, so a run stopped before its first checkpoint still knows them when run again with
+overwrite=true or resume=true (which then removes those it does not write, ``_Start.replaces``; a plain run there is
+refused); deleted once they are removed. Marked as ours (``_PENDING_MARK``): a file of that name the toolkit did not
+write is neither read nor touched."""
+_PENDING_MARK = {"written_by": "sae train", "what": "SAE folders of an overwritten run, to remove once a run finishes"}
 _STEP_FOLDER = re.compile(r"(\.tmp_)?step_\d{9,}")
 RESERVED_NAMES = (CHECKPOINT_DIR, "wandb")
 """Folders of `out` that are the run's own, so no SAE may be named after them (wandb writes under out/wandb)."""
@@ -504,17 +507,18 @@ def _sae_seed(seed: int, index: int) -> int:
 
 
 def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world: distributed.World,
-                  replaces: list[str]) -> tuple[Path, dict[str, Any]] | None:
+                  replaced: list[str]) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused. An
-    overwrite=true run records the folders it ``replaces`` (``PENDING_REMOVAL``) before it deletes the checkpoints."""
+    overwrite=true run records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``) before it deletes
+    the checkpoints."""
     root = out / CHECKPOINT_DIR
     ours = [root / LATEST] * (root / LATEST).exists() + [*_step_folders(root), *_step_folders(root, ".tmp_step_*")]
-    if cfg.overwrite and not cfg.resume and world.is_main:
-        if replaces:
-            root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(root / PENDING_REMOVAL, replaces)
-        else:
-            (root / PENDING_REMOVAL).unlink(missing_ok=True)
+    if not (cfg.overwrite or cfg.resume) and _pending_removal(out):  # a plain run would forget the record
+        raise TrainError(f"{out} holds an overwrite=true run stopped before its first checkpoint (its old SAE folders "
+                         "are still to be removed); run it again with overwrite=true, or use another `out` folder")
+    if cfg.overwrite and not cfg.resume and world.is_main and replaced and _pending_removal(out) is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / PENDING_REMOVAL, {**_PENDING_MARK, "saes": replaced})
     if cfg.overwrite and not cfg.resume and ours:  # deleted unread: they may be damaged
         distributed.barrier()  # every rank has seen the folder before rank 0 deletes it
         if world.is_main:
@@ -543,7 +547,7 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
                          f"--nproc_per_node {old.get('world_size', 1)}")
     if len(old.get("saes", [])) != len(run_config["saes"]):  # each spec's every field listed as changed before
         raise TrainError(f"cannot resume from {folder}: it trains {len(old.get('saes', []))} SAEs "
-                         f"({', '.join(sorted(state['saes']))}), this run lists {len(run_config['saes'])}; a run "
+                         f"({', '.join(_run_order(state))}), this run lists {len(run_config['saes'])}; a run "
                          "cannot add or drop SAEs, so list the checkpoint's, or use another `out` folder")
     in_any_order = [sorted(json.dumps(_spec_settings(s), sort_keys=True, default=str) for s in c["saes"])
                     for c in (old, run_config)]
@@ -551,7 +555,7 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
     changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
     if changed and all(k.startswith("saes[") for k in changed) and in_any_order[0] == in_any_order[1]:
         raise TrainError(f"cannot resume from {folder}: it lists the same SAEs in another order; list them as the "
-                         "checkpoint's run did")
+                         f"checkpoint's run did ({', '.join(_run_order(state))})")
     if changed:
         diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
         raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
@@ -637,7 +641,8 @@ def _train(cfg: TrainConfig, names: list[str], world: distributed.World, device:
                 trainer.sae.save(out / name)
     if world.is_main:
         _remove_replaced(out, start.replaces, paths)
-        (out / CHECKPOINT_DIR / PENDING_REMOVAL).unlink(missing_ok=True)
+        if (out / CHECKPOINT_DIR / PENDING_REMOVAL).is_file() and _pending_removal(out) is not None:
+            (out / CHECKPOINT_DIR / PENDING_REMOVAL).unlink()
         _warn_failed(metrics, names, [s.architecture for s in cfg.saes])
     return paths
 
@@ -792,8 +797,9 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     sample of the data: computed once (rank 0) and broadcast when data-parallel. Either is work a process does on its
     own (its sample, its shard's file), so a failure there stops every process (``distributed.fail_together``)."""
     run_config = _run_config(cfg, lay.batch_size, world.size)
-    replaces = _overwritten_saes(cfg, out)
-    checkpoint = _resume_point(cfg, out, run_config, world, replaces)
+    replaced = _replaced_saes(cfg, out)
+    replaces = sorted(set(replaced) - {s.run_name for s in cfg.saes})
+    checkpoint = _resume_point(cfg, out, run_config, world, replaced)
     if checkpoint is None:
         with distributed.fail_together():
             if not lay.ddp or world.is_main:
@@ -841,21 +847,42 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
                   _folder_names(state.get("replaces")))
 
 
-def _overwritten_saes(cfg: TrainConfig, out: Path) -> list[str]:
-    """Names of the SAEs in the checkpoint an overwrite=true run is about to delete, and of those an earlier one
-    stopped before its first checkpoint had still to remove (``PENDING_REMOVAL``; also for resume=true, which then
-    finds no checkpoint), that this run does not write (``_Start.replaces``)."""
+def _run_order(state: dict[str, Any]) -> list[str]:
+    """A checkpoint's SAE names in the order its run listed them (its ``saes`` entries are grouped by process)."""
+    try:
+        return [SAESpec(**spec).run_name for spec in state["run_config"]["saes"]]
+    except (TypeError, KeyError, ValueError):  # a spec from another version: its names in the checkpoint's order
+        return list(state["saes"])
+
+
+def _replaced_saes(cfg: TrainConfig, out: Path) -> list[str]:
+    """Every SAE folder name of the runs an overwrite=true run replaces: those of the checkpoint it is about to
+    delete, those that checkpoint had still to remove, and those an earlier overwrite stopped before its first
+    checkpoint recorded (``PENDING_REMOVAL``; read by resume=true too, which then finds no checkpoint). The run
+    removes those it does not write itself (``_Start.replaces``)."""
     if not (cfg.overwrite or cfg.resume):
         return []
-    try:
-        old = _folder_names(json.loads((out / CHECKPOINT_DIR / PENDING_REMOVAL).read_text()))
-    except (OSError, ValueError):  # none, or unreadable: nothing recorded
-        old = []
+    old = _pending_removal(out) or []
     with suppress(TrainError):  # a damaged checkpoint: overwrite deletes it unread
         checkpoint = _read_checkpoint(out) if cfg.overwrite else None
         if checkpoint is not None:
             old += _folder_names(list(checkpoint[1].get("saes", {}))) + _folder_names(checkpoint[1].get("replaces"))
-    return sorted(set(old) - {s.run_name for s in cfg.saes})
+    return sorted(set(old))
+
+
+def _pending_removal(out: Path) -> list[str] | None:
+    """The SAE folder names recorded in ``PENDING_REMOVAL`` ([] where there is no such file); None where something
+    else has that name, unreadable or without our mark (left alone: it may be the user's)."""
+    path = out / CHECKPOINT_DIR / PENDING_REMOVAL
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        record = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(k) != v for k, v in _PENDING_MARK.items()):
+        return None
+    return _folder_names(record.get("saes"))
 
 
 def _folder_names(value: object) -> list[str]:
