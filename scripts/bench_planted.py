@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -28,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from sae.config import UserError
 from sae.planted import PlantedConfig, Score, run_planted
-from sae.training.train import default_batch_size
+from sae.training.train import MIN_BATCH, default_batch_size
 
 D_IN = (32, 64, 256)
 RATIOS = (4, 16)
@@ -61,9 +63,32 @@ def tokens_for(n_features: int) -> int:
 
 
 def parse_point(text: str) -> Point:
-    """``"64,1024,8"`` → (64, 1024, 8.0)."""
-    d_in, n_features, l0 = text.split(",")
-    return int(d_in), int(n_features), float(l0)
+    """``"64,1024,8"`` → (64, 1024, 8.0); a point `sae planted` would refuse is refused here, in argparse's one line."""
+    try:
+        d_in, n_features, l0 = text.split(",")
+        point = int(d_in), int(n_features), float(l0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is D_IN,N_FEATURES,L0 (e.g. 64,1024,8), not {text}") from None
+    try:
+        PlantedConfig(d_in=point[0], n_features=point[1], l0=point[2])
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return point
+
+
+def budget_multiple(text: str) -> float:
+    """A positive, finite multiple of ``tokens_for`` (argparse type)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"a budget multiple must be a finite number > 0, not {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (argparse type: threads, tokens)."""
+    if int(text) < 1:
+        raise ValueError(f"{text} is not ≥ 1")
+    return int(text)
 
 
 def summarise(scores: list[Score]) -> dict[str, dict[str, float | bool | None]]:
@@ -111,23 +136,26 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--points", nargs="+", type=parse_point, metavar="D_IN,N_FEATURES,L0",
-                        help="run these points (default: the whole grid)")
-    parser.add_argument("--quick", action="store_true", help=f"run {', '.join(map(str, QUICK))} only")
-    parser.add_argument("--tokens", type=int, help="training tokens at every point (default: tokens_for)")
-    parser.add_argument("--budget-multiple", type=float, default=1.0,
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--points", nargs="+", type=parse_point, metavar="D_IN,N_FEATURES,L0",
+                       help="run these points (default: the whole grid)")
+    which.add_argument("--quick", action="store_true", help=f"run {', '.join(map(str, QUICK))} only")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=positive_int, help="training tokens at every point (default: tokens_for)")
+    budget.add_argument("--budget-multiple", type=budget_multiple, default=1.0,
                         help="train each point on this many times tokens_for's budget (scripts/planted_loop_budget.py "
                              "finds where the reference loop converges)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="keep each point's SAEs and planted.json here (default: a temporary "
                                                   "folder, removed)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = parser.parse_args(argv)
-    if args.budget_multiple <= 0:
-        parser.error(f"--budget-multiple must be > 0 (got {args.budget_multiple:g})")
+    points = args.points or (list(QUICK) if args.quick else grid())
+    too_few = [p for p in points if (args.tokens or round(args.budget_multiple * tokens_for(p[1]))) < MIN_BATCH]
+    if too_few:
+        parser.error(f"{too_few[0]} would train on fewer than {MIN_BATCH} tokens (one batch): give more")
     if args.threads:
         torch.set_num_threads(args.threads)
-    points = args.points or (list(QUICK) if args.quick else grid())
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_planted_") as tmp:
         root = args.out or Path(tmp)

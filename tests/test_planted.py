@@ -78,8 +78,8 @@ def test_planted_benchmark_at_defaults(tmp_path, capsys):
     args = ["planted", f"out={out}", "d_in=32", "n_features=128", "l0=3", "tokens=400000"]
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert printed.startswith("planted: 128 true directions in d_in 32 (4 per dimension), 3 active per row on average"
-                              ), printed  # what was planted, before the plan
+    assert printed.startswith("planted: 128 true directions in d_in 32 (4 per dimension), 3.00 active per row on "
+                              "average"), printed  # what was planted, before the plan
     assert "the SAEs are 256 wide (2 × n_features)" in printed.splitlines()[0]
     scores = _by_model(out)
     assert sorted(scores) == sorted(MODELS)
@@ -201,8 +201,17 @@ def test_loop_budget_script_finds_where_the_loop_stops_gaining():
     finally:
         sys.path.remove(str(scripts))
     assert converged_multiple([1, 2, 4, 16], [0.90, 0.93, 0.935, 0.95]) == 2  # +0.005, then +0.0075 per doubling
+    assert converged_multiple([1, 4, 8], [0.90, 0.915, 0.94]) is None  # +0.0075 per doubling, then +0.025
+    assert converged_multiple([1, 4, 8], [0.90, 0.915, 0.92]) == 1  # gains per doubling, not per step: +0.0075
     assert converged_multiple([1, 4], [0.90, 0.90 + 2.5 * CONVERGED_GAIN]) is None  # 1.25× the gain per doubling
-    bad = subprocess.run([sys.executable, str(scripts / "planted_loop_budget.py"), "--multiples", "0"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("planted_loop_budget.py: error:"), bad.stderr
+    for script, bad in (("planted_loop_budget.py", ["--multiples", "0"]), ("planted_loop_budget.py", ["--multiples",
+                        "nan"]), ("planted_loop_budget.py", ["--multiples", "1e-7"]),
+                        ("planted_loop_budget.py", ["--points", "32,512,-3"]), ("planted_loop_budget.py",
+                        ["--threads", "-1"]), ("bench_planted.py", ["--tokens", "1000", "--budget-multiple", "2"]),
+                        ("bench_planted.py", ["--budget-multiple", "inf"]), ("bench_planted.py", ["--tokens", "0"]),
+                        ("bench_planted.py", ["--quick", "--points", "32,128,3"]), ("bench_planted.py", ["--threads",
+                        "0"]), ("bench_planted.py", ["--points", "0,128,3"])):
+        done = subprocess.run([sys.executable, str(scripts / script), *bad], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error:"), (bad, done.stderr)
