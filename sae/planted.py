@@ -62,7 +62,8 @@ class PlantedConfig:
     n_features: int = 512
     """True dictionary directions (random unit vectors, so more than d_in of them are in superposition)."""
     l0: float = 4.0
-    """Mean number of true features active per token."""
+    """Mean number of true features active per token, and the SAEs' k / target L0; the data's own mean falls short
+    where the first features' frequencies cap at 1 (``PlantedData.frequency``)."""
     frequency_exponent: float = 1.0
     """Feature i (by rank) fires with probability ∝ i^−exponent (a power law, as in real SAE latent densities)."""
     correlation: float = 0.5
