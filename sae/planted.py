@@ -28,6 +28,7 @@ from sae.data.model import PLANTED_MODEL
 from sae.data.store import (ActivationStore, CacheWriter, atomic_write_json, check_output_folder,
                             check_report_is_ours, folder_lock)
 from sae.training.train import MIN_BATCH, SAESpec, TrainConfig, default_batch_size, train
+from sae.training.trainer import ResumeMismatch
 
 HOOK = "planted"
 """The hook name of the planted cache (its only one)."""
@@ -49,7 +50,7 @@ class PlantedConfig:
     """Planted data with real data's hard properties, SAEs trained on it by `sae train`, scored against the truth."""
 
     help_sections: ClassVar[HelpSections] = (
-        ("the benchmark", ("d_in", "n_features", "l0", "tokens", "saes", "out", "seed")),
+        ("the benchmark", ("d_in", "n_features", "l0", "tokens", "saes", "out", "seed", "overwrite")),
         ("the data's shape", ("frequency_exponent", "correlation", "group_size", "magnitude_sigma", "offset", "noise",
                               "eval_tokens")),
     )
@@ -85,6 +86,9 @@ class PlantedConfig:
     saes: list[SAESpec] | None = None
     """SAEs to train (their hook is set to the planted cache's); None → TopK, BatchTopK, JumpReLU and ReLU+L1 at
     width 2·n_features with k = target_l0 = l0 and every other setting at its default."""
+    overwrite: bool = False
+    """Train the SAEs afresh in `out`, replacing the SAEs and checkpoints of its earlier run (the cache is kept where
+    its settings match), instead of going on with that run: how to change `saes` in an existing `out`."""
 
     def __post_init__(self) -> None:
         bad = [f"{k}={getattr(self, k)} must be > 0" for k in ("d_in", "n_features", "l0", "tokens", "eval_tokens",
@@ -199,7 +203,7 @@ def write_cache(cfg: PlantedConfig, data: PlantedData, path: Path) -> Path:
     them as it reads a harvest. A complete cache of the same settings is reused; other settings are refused."""
     contexts = math.ceil(cfg.tokens / CONTEXT_SIZE)
     per_shard = max(1, min(contexts, 65536 // CONTEXT_SIZE))
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "saes", "eval_tokens")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "saes", "eval_tokens", "overwrite")}
     meta = {"model": PLANTED_MODEL, "hooks": {HOOK: cfg.d_in}, "dtype": "float32", "context_size": CONTEXT_SIZE,
             "exclude_first": False, "eval_fraction": 0.0, "max_contexts": contexts, "planted": settings}
     writer = CacheWriter(path, meta, contexts_per_shard=per_shard)
@@ -298,8 +302,11 @@ def _run_planted(cfg: PlantedConfig, out: Path) -> list[Score]:
     print(describe_planted(cfg, data))
     specs = cfg.specs()
     with torch.enable_grad():
-        paths = train(TrainConfig(cache=str(cache), out=str(out / "saes"), saes=specs, seed=cfg.seed,
-                                  resume=True, wandb_mode="disabled"))
+        try:
+            paths = train(TrainConfig(cache=str(cache), out=str(out / "saes"), saes=specs, seed=cfg.seed,
+                                      resume=not cfg.overwrite, overwrite=cfg.overwrite, wandb_mode="disabled"))
+        except ResumeMismatch as err:
+            raise ResumeMismatch(f"{err}; or train these SAEs in its place with `sae planted overwrite=true`") from None
     g = torch.Generator().manual_seed(cfg.seed + 2)
     x = data.sample(cfg.eval_tokens, g)
     pca_curve = pca_fvu_curve(fit_pca(data.sample(max(cfg.eval_tokens, 4 * cfg.d_in), g)), x)

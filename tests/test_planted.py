@@ -52,6 +52,26 @@ def test_planted_settings_out_of_range_are_one_line_at_the_cli(tmp_path, capsys)
     assert "tokens=100 must be at least 256 (one training batch)" in capsys.readouterr().err
 
 
+def test_planted_changes_its_saes_in_an_existing_out_with_overwrite(tmp_path, capsys):
+    """`sae planted` resumes the run in `out`, so other `saes` there were refused with no way but deleting the whole
+    folder, cache included (a new user's trial): the refusal now names overwrite=true, which trains the new SAEs in
+    the old ones' place and keeps the cache."""
+    out = tmp_path / "p"
+    base = ["planted", f"out={out}", "d_in=16", "n_features=32", "l0=2", "tokens=2048", "eval_tokens=512"]
+    assert main([*base, "saes=[{architecture: topk, k: 2, d_sae: 64}]"]) == 0
+    cache_files = sorted(p.stat().st_mtime_ns for p in (out / "cache").iterdir())
+    capsys.readouterr()
+    assert main([*base, "saes=[{architecture: batchtopk, k: 2, d_sae: 64}]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith("or train these SAEs in its place with `sae planted "
+                                                           "overwrite=true`"), err
+    assert main([*base, "saes=[{architecture: batchtopk, k: 2, d_sae: 64}]", "overwrite=true"]) == 0
+    names = [s["name"] for s in json.loads((out / "planted.json").read_text())["scores"]]
+    assert names[0].startswith("batchtopk") and len(names) == 2, names  # the new SAE, then the reference loop
+    assert sorted(p.name for p in (out / "saes").iterdir()) == ["batchtopk_k2_d64_planted", "checkpoints"]
+    assert sorted(p.stat().st_mtime_ns for p in (out / "cache").iterdir()) == cache_files  # reused, not rewritten
+
+
 MODELS = ("topk", "batchtopk", "jumprelu", "relu_l1", "reference")
 RECOVERY_FLOOR = {"topk": 0.95, "batchtopk": 0.94, "jumprelu": 0.95, "relu_l1": 0.95, "reference": 0.88}
 """Mean max cosine each model must reach at defaults (issue 9). Measured at 400k tokens (1,562 steps of 256 since

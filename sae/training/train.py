@@ -38,7 +38,8 @@ from sae.saes.formats import check_replaceable
 from sae.data.source import CacheSource, ModelSource, Source, check_split
 from sae.data.store import (DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported,
                             folder_lock, human_bytes)
-from sae.training.trainer import GAO_DEAD_TOKENS, DivergedError, SAETrainer, TrainError, topk_warmup_steps
+from sae.training.trainer import (GAO_DEAD_TOKENS, DivergedError, ResumeMismatch, SAETrainer, TrainError,
+                                  topk_warmup_steps)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -542,11 +543,11 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
                          "`out` folder")
     old = state["run_config"]
     if old.get("world_size", 1) != run_config["world_size"]:
-        raise TrainError(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
+        raise ResumeMismatch(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
                          f"process(es), this one has {run_config['world_size']}; resume with torchrun "
                          f"--nproc_per_node {old.get('world_size', 1)}")
     if len(old.get("saes", [])) != len(run_config["saes"]):  # each spec's every field listed as changed before
-        raise TrainError(f"cannot resume from {folder}: it trains {len(old.get('saes', []))} SAEs "
+        raise ResumeMismatch(f"cannot resume from {folder}: it trains {len(old.get('saes', []))} SAEs "
                          f"({', '.join(_run_order(state))}), this run lists {len(run_config['saes'])}; a run "
                          "cannot add or drop SAEs, so list the checkpoint's, or use another `out` folder")
     in_any_order = [sorted(json.dumps(_spec_settings(s), sort_keys=True, default=str) for s in c["saes"])
@@ -554,15 +555,15 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
     old, new = _flat_run_config(old), _flat_run_config(run_config)
     changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
     if changed and all(k.startswith("saes[") for k in changed) and in_any_order[0] == in_any_order[1]:
-        raise TrainError(f"cannot resume from {folder}: it lists the same SAEs in another order; list them as the "
+        raise ResumeMismatch(f"cannot resume from {folder}: it lists the same SAEs in another order; list them as the "
                          f"checkpoint's run did ({', '.join(_run_order(state))})")
     if changed:
         diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-        raise TrainError(f"cannot resume from {folder}: it was made with other settings ({diff}); "
+        raise ResumeMismatch(f"cannot resume from {folder}: it was made with other settings ({diff}); "
                          "resume with the original settings or use another `out` folder")
     names = {s.run_name for s in cfg.saes}
     if set(state["saes"]) != names:  # e.g. a target-L0 JumpReLU's default name was jumprelu_l0c2_… before 2026-12-07
-        raise TrainError(f"cannot resume from {folder}: its SAEs are named {sorted(state['saes'])}, this run's "
+        raise ResumeMismatch(f"cannot resume from {folder}: its SAEs are named {sorted(state['saes'])}, this run's "
                          f"{sorted(names)}; give each SAE its checkpoint's name (`name`) to resume, or use another "
                          "`out` folder")
     return checkpoint
@@ -831,7 +832,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
             if explicit_lr[name] is not None and None not in lr and not math.isclose(*lr):  # a default's rule may move
                 other.append(f"lr {lr[0]!r} → {lr[1]!r}")
             if other:
-                raise TrainError(f"cannot resume {name}: the checkpoint's SAE of that name is another one "
+                raise ResumeMismatch(f"cannot resume {name}: the checkpoint's SAE of that name is another one "
                                  f"({', '.join(other)}); give each SAE the name it was trained under")
             trainer.load_state(load_file(str(folder / _checkpoint_file(name, lay.shard))), meta)
         rng = load_file(str(folder / "rng.safetensors"))

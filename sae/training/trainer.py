@@ -27,6 +27,10 @@ class TrainError(UserError):
     """Training cannot go on; the message says why and what to do."""
 
 
+class ResumeMismatch(TrainError):
+    """The checkpoint in `out` is another run than the one asked for (other settings, SAEs, names or processes)."""
+
+
 class DivergedError(TrainError):
     """The loss became NaN/inf."""
 
