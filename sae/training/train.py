@@ -508,19 +508,19 @@ def _sae_seed(seed: int, index: int) -> int:
 
 
 def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world: distributed.World,
-                  replaced: list[str]) -> tuple[Path, dict[str, Any]] | None:
+                  replaced: list[str], pending: list[str] | None) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused. An
-    overwrite=true run records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``) before it deletes
-    the checkpoints."""
+    overwrite=true run records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``, whose ``pending``
+    record is None where that name is not ours) before it deletes the checkpoints."""
     root = out / CHECKPOINT_DIR
     ours = [root / LATEST] * (root / LATEST).exists() + [*_step_folders(root), *_step_folders(root, ".tmp_step_*")]
-    if not (cfg.overwrite or cfg.resume) and _pending_removal(out):  # a plain run would forget the record
+    if not (cfg.overwrite or cfg.resume) and pending:  # a plain run would forget the record
         raise TrainError(f"{out} holds an overwrite=true run stopped before its first checkpoint (its old SAE folders "
                          "are still to be removed); run it again with overwrite=true, or use another `out` folder")
-    if cfg.overwrite and not cfg.resume and world.is_main and replaced and _pending_removal(out) is not None:
+    if cfg.overwrite and world.is_main and replaced and pending is not None:  # train() refuses it with resume
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / PENDING_REMOVAL, {**_PENDING_MARK, "saes": replaced})
-    if cfg.overwrite and not cfg.resume and ours:  # deleted unread: they may be damaged
+    if cfg.overwrite and ours:  # deleted unread: they may be damaged
         distributed.barrier()  # every rank has seen the folder before rank 0 deletes it
         if world.is_main:
             for path in ours:  # only what checkpoints write: a file of the user's in there stays
@@ -544,28 +544,28 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
     old = state["run_config"]
     if old.get("world_size", 1) != run_config["world_size"]:
         raise ResumeMismatch(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
-                         f"process(es), this one has {run_config['world_size']}; resume with torchrun "
-                         f"--nproc_per_node {old.get('world_size', 1)}")
+                             f"process(es), this one has {run_config['world_size']}; resume with torchrun "
+                             f"--nproc_per_node {old.get('world_size', 1)}")
     if len(old.get("saes", [])) != len(run_config["saes"]):  # each spec's every field listed as changed before
         raise ResumeMismatch(f"cannot resume from {folder}: it trains {len(old.get('saes', []))} SAEs "
-                         f"({', '.join(_run_order(state))}), this run lists {len(run_config['saes'])}; a run "
-                         "cannot add or drop SAEs, so list the checkpoint's, or use another `out` folder")
+                             f"({', '.join(_run_order(state))}), this run lists {len(run_config['saes'])}; a run "
+                             "cannot add or drop SAEs, so list the checkpoint's, or use another `out` folder")
     in_any_order = [sorted(json.dumps(_spec_settings(s), sort_keys=True, default=str) for s in c["saes"])
                     for c in (old, run_config)]
     old, new = _flat_run_config(old), _flat_run_config(run_config)
     changed = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
     if changed and all(k.startswith("saes[") for k in changed) and in_any_order[0] == in_any_order[1]:
         raise ResumeMismatch(f"cannot resume from {folder}: it lists the same SAEs in another order; list them as the "
-                         f"checkpoint's run did ({', '.join(_run_order(state))})")
+                             f"checkpoint's run did ({', '.join(_run_order(state))})")
     if changed:
         diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
         raise ResumeMismatch(f"cannot resume from {folder}: it was made with other settings ({diff}); "
-                         "resume with the original settings or use another `out` folder")
+                             "resume with the original settings or use another `out` folder")
     names = {s.run_name for s in cfg.saes}
     if set(state["saes"]) != names:  # e.g. a target-L0 JumpReLU's default name was jumprelu_l0c2_… before 2026-12-07
         raise ResumeMismatch(f"cannot resume from {folder}: its SAEs are named {sorted(state['saes'])}, this run's "
-                         f"{sorted(names)}; give each SAE its checkpoint's name (`name`) to resume, or use another "
-                         "`out` folder")
+                             f"{sorted(names)}; give each SAE its checkpoint's name (`name`) to resume, or use another "
+                             "`out` folder")
     return checkpoint
 
 
@@ -798,9 +798,10 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
     sample of the data: computed once (rank 0) and broadcast when data-parallel. Either is work a process does on its
     own (its sample, its shard's file), so a failure there stops every process (``distributed.fail_together``)."""
     run_config = _run_config(cfg, lay.batch_size, world.size)
-    replaced = _replaced_saes(cfg, out)
+    pending = _pending_removal(out)
+    replaced = _replaced_saes(cfg, out, pending)
     replaces = sorted(set(replaced) - {s.run_name for s in cfg.saes})
-    checkpoint = _resume_point(cfg, out, run_config, world, replaced)
+    checkpoint = _resume_point(cfg, out, run_config, world, replaced, pending)
     if checkpoint is None:
         with distributed.fail_together():
             if not lay.ddp or world.is_main:
@@ -833,7 +834,7 @@ def _resume_or_initialise(cfg: TrainConfig, out: Path, lay: _Layout, trainers: d
                 other.append(f"lr {lr[0]!r} → {lr[1]!r}")
             if other:
                 raise ResumeMismatch(f"cannot resume {name}: the checkpoint's SAE of that name is another one "
-                                 f"({', '.join(other)}); give each SAE the name it was trained under")
+                                     f"({', '.join(other)}); give each SAE the name it was trained under")
             trainer.load_state(load_file(str(folder / _checkpoint_file(name, lay.shard))), meta)
         rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
@@ -856,14 +857,14 @@ def _run_order(state: dict[str, Any]) -> list[str]:
         return list(state["saes"])
 
 
-def _replaced_saes(cfg: TrainConfig, out: Path) -> list[str]:
+def _replaced_saes(cfg: TrainConfig, out: Path, pending: list[str] | None) -> list[str]:
     """Every SAE folder name of the runs an overwrite=true run replaces: those of the checkpoint it is about to
     delete, those that checkpoint had still to remove, and those an earlier overwrite stopped before its first
     checkpoint recorded (``PENDING_REMOVAL``; read by resume=true too, which then finds no checkpoint). The run
     removes those it does not write itself (``_Start.replaces``)."""
     if not (cfg.overwrite or cfg.resume):
         return []
-    old = _pending_removal(out) or []
+    old = list(pending or [])
     with suppress(TrainError):  # a damaged checkpoint: overwrite deletes it unread
         checkpoint = _read_checkpoint(out) if cfg.overwrite else None
         if checkpoint is not None:
