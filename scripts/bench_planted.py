@@ -53,13 +53,13 @@ def grid() -> list[Point]:
     return [(d, r * d, l0) for d in D_IN for r in RATIOS for l0 in L0S if l0 < d / 2]
 
 
-def tokens_for(n_features: int) -> int:
-    """Training tokens of a point: 2,000 per true feature (issue 18's report ran 2M at 1,024 features), at least the
+def tokens_for(n_features: int, multiple: float = 1.0) -> int:
+    """Training tokens of a point, `multiple` times its budget: 2,000 per true feature (issue 18's report ran 2M at 1,024 features), at least the
     CI point's 400k, so that the whole grid runs on a 2-core CPU in an hour. It is not the budget at which the
     reference loop converges (``scripts/planted_loop_budget.py``, 2026-12-07): at d_in 32 / 512 features / L0 3 the
     loop's mean max cosine goes 0.912, 0.927, 0.947, 0.953, 0.958 at 1, 2, 4, 8 and 16 times it, and at d_in 64 /
     1024 / 8 0.899, 0.929, 0.950, 0.966 at 1–8 times, still gaining 0.016 per doubling (``--budget-multiple``)."""
-    return max(400_000, 2_000 * n_features)
+    return round(multiple * max(400_000, 2_000 * n_features))
 
 
 def parse_point(text: str) -> Point:
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = parser.parse_args(argv)
     points = args.points or (list(QUICK) if args.quick else grid())
-    too_few = [p for p in points if (args.tokens or round(args.budget_multiple * tokens_for(p[1]))) < MIN_BATCH]
+    budgets = [(p, args.tokens or tokens_for(p[1], args.budget_multiple)) for p in points]
+    too_few = [p for p, tokens in budgets if tokens < MIN_BATCH]
     if too_few:
         parser.error(f"{too_few[0]} would train on fewer than {MIN_BATCH} tokens (one batch): give more")
     if args.threads:
@@ -159,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_planted_") as tmp:
         root = args.out or Path(tmp)
-        for point in points:
-            tokens = args.tokens or round(args.budget_multiple * tokens_for(point[1]))
+        for point, tokens in budgets:
             print(f"point {point}: {tokens:,} tokens", file=sys.stderr, flush=True)
             results.append(run_point(point, tokens, args.seed, root / "_".join(f"{v:g}" for v in point)))
             print(format_table(results[-1:]), file=sys.stderr, flush=True)

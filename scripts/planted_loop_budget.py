@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     args = parser.parse_args(argv)
     multiples = sorted(set(args.multiples))
-    too_few = [(p, m) for p in args.points for m in multiples if round(m * tokens_for(p[1])) < MIN_BATCH]
+    too_few = [(p, m) for p in args.points for m in multiples if tokens_for(p[1], m) < MIN_BATCH]
     if too_few:
         parser.error(f"{too_few[0][1]:g}× at {too_few[0][0]} is fewer than {MIN_BATCH} tokens (one batch): give more")
     if args.threads:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'d_in':>4} {'feats':>5} {'L0':>3}  {'multiple':>8} {'tokens':>11} {'steps':>5} {'max cos':>7} "
           f"{'recov':>6}")
     for point in args.points:
-        runs = [loop_at(point, round(m * tokens_for(point[1])), args.seed) for m in multiples]
+        runs = [loop_at(point, tokens_for(point[1], m), args.seed) for m in multiples]
         for m, r in zip(multiples, runs):
             print(f"{point[0]:>4} {point[1]:>5} {point[2]:>3g}  {m:>8g} {r['tokens']:>11,} {r['steps']:>5} "
                   f"{r['mean_max_cos']:7.3f} {r['recovered']:6.1%}", flush=True)
