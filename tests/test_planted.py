@@ -194,11 +194,8 @@ def test_at_a_quarter_of_d_in_active_the_objective_leaves_the_truth():
 
 def test_planted_from_truth_refuses_bad_input_in_one_line():
     """The script answers an empty run or a zero batch with argparse's one-line error, not a traceback."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "planted_from_truth.py"
     for bad in (["--steps", "0"], ["--batch", "0"], ["--points", "32,128"]):
-        done = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, done.stderr)
-        assert done.stderr.strip().splitlines()[-1].startswith("planted_from_truth.py: error:"), done.stderr
+        _refused_in_one_line("planted_from_truth.py", bad)
 
 
 def test_loop_budget_script_finds_where_the_loop_stops_gaining():
@@ -224,14 +221,17 @@ def test_loop_budget_script_finds_where_the_loop_stops_gaining():
     assert converged_multiple([1, 4, 8], [0.90, 0.915, 0.94]) is None  # +0.0075 per doubling, then +0.025
     assert converged_multiple([1, 4, 8], [0.90, 0.915, 0.92]) == 1  # gains per doubling, not per step: +0.0075
     assert converged_multiple([1, 4], [0.90, 0.90 + 2.5 * CONVERGED_GAIN]) is None  # 1.25× the gain per doubling
-    for script, bad in (("planted_loop_budget.py", ["--multiples", "0"]), ("planted_loop_budget.py", ["--multiples",
-                        "nan"]), ("planted_loop_budget.py", ["--multiples", "1e-7"]),
-                        ("planted_loop_budget.py", ["--points", "32,512,-3"]), ("planted_loop_budget.py",
-                        ["--threads", "-1"]), ("bench_planted.py", ["--tokens", "1000", "--budget-multiple", "2"]),
-                        ("bench_planted.py", ["--budget-multiple", "inf"]), ("bench_planted.py", ["--tokens", "0"]),
-                        ("bench_planted.py", ["--quick", "--points", "32,128,3"]), ("bench_planted.py", ["--threads",
-                        "0"]), ("bench_planted.py", ["--points", "0,128,3"])):
-        done = subprocess.run([sys.executable, str(scripts / script), *bad], capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, done.stderr)
-        assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error:"), (bad, done.stderr)
+    for bad in (["--multiples", "0"], ["--multiples", "nan"], ["--multiples", "1e-7"], ["--points", "32,512,-3"],
+                ["--threads", "-1"]):
+        _refused_in_one_line("planted_loop_budget.py", bad)
+    for bad in (["--tokens", "1000", "--budget-multiple", "2"], ["--budget-multiple", "inf"], ["--tokens", "0"],
+                ["--quick", "--points", "32,128,3"], ["--threads", "0"], ["--points", "0,128,3"]):
+        _refused_in_one_line("bench_planted.py", bad)
+
+
+def _refused_in_one_line(script: str, args: list[str]) -> None:
+    """scripts/`script` answers `args` with argparse's one-line error, not a traceback."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / script
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error:"), (args, done.stderr)
