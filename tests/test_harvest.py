@@ -22,7 +22,7 @@ from sae.cli import main as cli_main
 from sae.config import ConfigError
 from sae.data.text import DataError, load_texts, pack
 from sae.data.ahead import ahead
-from sae.data.harvest import HarvestConfig, batch_size, forward_rows, harvest
+from sae.data.harvest import HarvestConfig, batch_size, forward_rows, harvest, harvest_with
 from sae.data.store import ActivationStore, CacheError, CacheWriter, is_holdout
 
 
@@ -437,11 +437,28 @@ def test_a_gated_or_private_hub_model_without_a_token_says_how_to_log_in(code, e
     assert not (tmp_path / "cache").exists()
 
 
-def test_cache_with_other_settings_is_refused(tiny_llama, text_dir, tmp_path):
+def test_cache_with_other_settings_is_refused_naming_the_users_settings(tiny_llama, text_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The refusal named the manifest's own keys (`max_contexts: 33 → 134` for a changed max_tokens, each hook's
+    width as `576 → None`), came after the model had loaded, and was preceded by a "resuming" line."""
     cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), max_tokens=1000)
     harvest(cfg)
-    with pytest.raises(CacheError, match="other settings.*hooks"):
-        harvest(HarvestConfig(**dict(vars(cfg), hooks=["blocks.2.hook_resid_post"])))
+    files = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()}
+    with pytest.raises(CacheError, match="other settings.*hooks: "):  # the API, with the model loaded by the caller
+        harvest_with(HarvestConfig(**dict(vars(cfg), hooks=["blocks.2.hook_resid_post"])),
+                     *model_lib.load_model(str(tiny_llama), "cpu"))
+    capsys.readouterr()
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    args = ["harvest", f"model={tiny_llama}", f"dataset={text_dir}", f"out={tmp_path / 'cache'}", "batch_size=4",
+            "shard_tokens=1000", "hooks=[blocks.1.hook_resid_post, blocks.2.hook_resid_post]"]
+    assert cli_main([*args, "context_size=16", "max_tokens=2000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resuming" not in err, err
+    assert err == (f"sae harvest: error: the cache at {tmp_path / 'cache'} was made with other settings "
+                   "(context_size: 32 → 16; hooks: ['blocks.1.hook_resid_post', 'blocks.0.hook_mlp_out'] → "
+                   "['blocks.1.hook_resid_post', 'blocks.2.hook_resid_post']; max_tokens: 1,020 → 2,002 (in whole "
+                   "contexts)); rerun with its settings, use another `out` folder, or delete it\n"), err
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()} == files
     with pytest.raises(CacheError, match="no activation cache"):
         ActivationStore(tmp_path / "nowhere")
 

@@ -22,7 +22,7 @@ from sae.data import model as model_lib
 from sae.data.ahead import ahead
 from sae.data.text import DataError, bos_token, load_texts, pack
 from sae.data.store import (DTYPES, MANIFEST, ActivationStore, CacheError, CacheWriter, check_output_folder,
-                            folder_lock)
+                            check_same_settings, folder_lock)
 
 
 @dataclass
@@ -110,6 +110,8 @@ def harvest(cfg: HarvestConfig) -> Path:
     check_config(cfg)
     check_output_folder(cfg.out)
     with folder_lock(cfg.out, "sae harvest"):
+        if (Path(cfg.out) / MANIFEST).exists():  # other settings are refused before the model loads
+            check_same_settings(Path(cfg.out), {**_settings(cfg), "hooks": cfg.hooks})
         cfg = _as_resumed(cfg)
         model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype, device_map=cfg.device_map)
         return harvest_with(cfg, model, tokenizer)
@@ -146,22 +148,18 @@ def _harvest_into(cfg: HarvestConfig, model, tokenizer) -> Path:
               f"{device.type}")
     first_pos = int(cfg.exclude_first)
     rows_per_context = cfg.context_size - first_pos
-    max_contexts = math.ceil(cfg.max_tokens / rows_per_context)
-    per_shard = _contexts_per_shard(cfg, rows_per_context, size)
+    per_shard, planned = _contexts_per_shard(cfg, rows_per_context, size)
     meta = {
-        "model": cfg.model,
+        **_settings(cfg),
         "hooks": {h: model_lib.hidden_size(model) for h in cfg.hooks},
-        "dtype": cfg.dtype,
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "context_size": cfg.context_size,
-        "prepend_bos": cfg.prepend_bos,
-        "exclude_first": int(cfg.exclude_first),
         "bos_token_id": bos_token(tokenizer),
-        "dataset": {"name": cfg.dataset, "split": cfg.dataset_split, "text_column": cfg.text_column},
-        "eval_fraction": cfg.eval_fraction,
-        "max_contexts": max_contexts,
     }
+    max_contexts = meta["max_contexts"]
     writer = CacheWriter(cfg.out, meta, per_shard)
+    if per_shard != planned:
+        print(f"harvest: resuming {cfg.out} at its own {per_shard} contexts per shard (batch_size {size} and "
+              f"shard_tokens {cfg.shard_tokens} would give {planned})")
     try:
         if cfg.repair:
             _repair(cfg, writer, model, tokenizer, size)
@@ -213,19 +211,24 @@ def _as_resumed(cfg: HarvestConfig) -> HarvestConfig:
     return dataclasses.replace(cfg, model_dtype=started)
 
 
-def _contexts_per_shard(cfg: HarvestConfig, rows_per_context: int, size: int) -> int:
-    """Whole batches of `size` contexts per shard, about `shard_tokens` rows; a cache being resumed keeps its own,
-    so a harvest started on a GPU (128 contexts per forward) can be finished on a CPU (16), or the other way round,
-    with `batch_size` unset or set to suit the device: the shards' boundaries stay where the manifest says, and a
-    batch may straddle one (the writer cuts shards by context count)."""
+def _settings(cfg: HarvestConfig) -> dict:
+    """The manifest's settings that come from the config alone (the rest need the model loaded)."""
+    return {"model": cfg.model, "dtype": cfg.dtype, "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
+            "exclude_first": int(cfg.exclude_first),
+            "dataset": {"name": cfg.dataset, "split": cfg.dataset_split, "text_column": cfg.text_column},
+            "eval_fraction": cfg.eval_fraction,
+            "max_contexts": math.ceil(cfg.max_tokens / (cfg.context_size - int(cfg.exclude_first)))}
+
+
+def _contexts_per_shard(cfg: HarvestConfig, rows_per_context: int, size: int) -> tuple[int, int]:
+    """(kept, planned): whole batches of `size` contexts per shard, about `shard_tokens` rows (planned); a cache
+    being resumed keeps its own, so a harvest started on a GPU (128 contexts per forward) can be finished on a CPU
+    (16), or the other way round, with `batch_size` unset or set to suit the device: the shards' boundaries stay where
+    the manifest says, and a batch may straddle one (the writer cuts shards by context count)."""
     planned = math.ceil(cfg.shard_tokens / rows_per_context / size) * size
     if (Path(cfg.out) / MANIFEST).exists():
-        kept = ActivationStore(cfg.out).contexts_per_shard
-        if kept != planned:
-            print(f"harvest: resuming {cfg.out} at its own {kept} contexts per shard (batch_size {size} and "
-                  f"shard_tokens {cfg.shard_tokens} would give {planned})")
-        return kept
-    return planned
+        return ActivationStore(cfg.out).contexts_per_shard, planned
+    return planned, planned
 
 
 def batch_size(cfg: HarvestConfig, device: torch.device) -> int:

@@ -1000,6 +1000,32 @@ def _changed(old: Any, new: Any) -> list[tuple[str, tuple[Any, Any]]]:
     return [("", (old, new))]
 
 
+def check_same_settings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the cache at `path`, which a writer of `meta` may continue; or a CacheError that names, in the
+    settings a user sets, what differs. Only `meta`'s keys are compared, so a harvest checks its config's part (its
+    hooks as names) before loading the model. The stored contexts are shown as `max_tokens` (contexts × rows per
+    context); they and the shard size are left out where the planted settings' own `tokens` says what changed."""
+    old = ActivationStore(path).manifest
+    changed = {f"{k}.{sub}" if sub else k: f"{a!r} → {b!r}" for k, v in meta.items() if k != "hooks" and old.get(k) != v
+               for sub, (a, b) in _changed(old.get(k), v)}
+    if "hooks" in meta and set(old["hooks"]) != set(meta["hooks"]):
+        changed["hooks"] = f"{list(old['hooks'])} → {list(meta['hooks'])}"
+    elif isinstance(meta.get("hooks"), dict) and old["hooks"] != meta["hooks"]:
+        changed["hooks' widths"] = f"{old['hooks']} → {meta['hooks']}"
+    if "planted.tokens" in changed:
+        changed.pop("max_contexts", None)
+        changed.pop("contexts_per_shard", None)
+    elif "max_contexts" in changed:
+        del changed["max_contexts"]
+        a, b = (m["max_contexts"] * (m["context_size"] - int(m["exclude_first"])) for m in (old, {**old, **meta}))
+        changed["max_tokens"] = f"{a:,} → {b:,} (in whole contexts)"
+    if changed:
+        diff = "; ".join(f"{k}: {pair}" for k, pair in changed.items())
+        raise CacheError(f"the cache at {path} was made with other settings ({diff}); rerun with its settings, use "
+                         "another `out` folder, or delete it")
+    return old
+
+
 class CacheWriter:
     """Write side: whole contexts in, shards out on a background thread, manifest updated after each shard.
 
@@ -1012,13 +1038,7 @@ class CacheWriter:
         self.file = self.path / MANIFEST
         meta = {"format": FORMAT_VERSION, **meta, "contexts_per_shard": contexts_per_shard}
         if self.file.exists():
-            old = ActivationStore(self.path).manifest
-            changed = {f"{k}.{sub}" if sub else k: pair for k, v in meta.items() if old.get(k) != v
-                       for sub, pair in _changed(old.get(k), v)}
-            if changed:
-                diff = "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
-                raise CacheError(f"the cache at {self.path} was made with other settings ({diff}); use another `out` folder or delete it")
-            self.manifest = old
+            self.manifest = check_same_settings(self.path, meta)
         else:
             self._check_no_foreign_shards()
             self.manifest = {**meta, "shards": [], "complete": False}
