@@ -425,6 +425,36 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_still_removes_the_old_
     assert sorted(p.name for p in out.iterdir()) == ["a", "checkpoints"] and record.read_text() == "my notes"
 
 
+def test_saes_of_a_run_whose_checkpoints_were_deleted_are_neither_replaced_nor_left_beside_a_new_run(tmp_path, cache,
+                                                                                                   capsys):
+    """With its checkpoints deleted (to free the disk), a finished run's SAE folders were not checked: a new run
+    silently replaced the one of the same name and left the others for `sae eval` to score beside its own."""
+    from sae.cli import main
+
+    args = ["train", f"cache={cache}", f"out={tmp_path / 'out'}", "wandb_mode=disabled", "total_tokens=1024",
+            "batch_size=128"]
+    spec = "{{architecture: topk, hook: h0, d_sae: 64, k: {}, name: {}}}".format
+    specs = f"saes=[{spec(4, 'a')}, {spec(2, 'b')}]"
+    assert main([*args, specs]) == 0
+    out = tmp_path / "out"
+    shutil.rmtree(out / "checkpoints")
+    (out / "mine").mkdir()  # no SAE: the user's
+    (out / "notes").mkdir()
+    (out / "notes" / "cfg.json").write_text("{}")  # not an SAE's settings: no SAE folder either
+    saved = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    a_and_c = f"saes=[{spec(4, 'a')}, {spec(3, 'c')}]"
+    for again in ([], ["resume=true"]):
+        capsys.readouterr()
+        assert main([*args, a_and_c, *again]) == 2
+        assert capsys.readouterr().err == (f"sae train: error: {out} holds SAEs of an earlier run (a, b) but no "
+                                           "checkpoint to resume; replace them with overwrite=true, or use another "
+                                           "`out` folder\n")
+        assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == saved
+    assert main([*args, a_and_c, "overwrite=true"]) == 0
+    assert "removed the overwritten run's SAE folders: b" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a", "c", "checkpoints", "mine", "notes"]
+
+
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):
     """batch_size=100000 on a 28k-row cache ran one step cycling the cache 3.5 times, without a word."""
     from sae.cli import main
