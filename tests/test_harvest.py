@@ -440,7 +440,8 @@ def test_a_gated_or_private_hub_model_without_a_token_says_how_to_log_in(code, e
 def test_cache_with_other_settings_is_refused_naming_the_users_settings(tiny_llama, text_dir, tmp_path, monkeypatch,
                                                                         capsys):
     """The refusal named the manifest's own keys (`max_contexts: 33 → 134` for a changed max_tokens, each hook's
-    width as `576 → None`), came after the model had loaded, and was preceded by a "resuming" line."""
+    width as `576 → None`, `dataset.split`), came after the model had loaded, and was preceded by a "resuming" line.
+    A context_size alone changes the whole contexts max_tokens is rounded to, which is no change of max_tokens."""
     cfg = small_cfg(tiny_llama, tmp_path / "cache", dataset=str(text_dir), max_tokens=1000)
     harvest(cfg)
     files = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()}
@@ -458,6 +459,9 @@ def test_cache_with_other_settings_is_refused_naming_the_users_settings(tiny_lla
                    "(context_size: 32 → 16; hooks: ['blocks.1.hook_resid_post', 'blocks.0.hook_mlp_out'] → "
                    "['blocks.1.hook_resid_post', 'blocks.2.hook_resid_post']; max_tokens: 1,020 → 2,002 (in whole "
                    "contexts)); rerun with its settings, use another `out` folder, or delete it\n"), err
+    args[-1] = "hooks=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"
+    assert cli_main([*args, "context_size=16", "max_tokens=1000", "dataset_split=test"]) == 2
+    assert "other settings (context_size: 32 → 16; dataset_split: 'train' → 'test'); rerun" in capsys.readouterr().err
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()} == files
     with pytest.raises(CacheError, match="no activation cache"):
         ActivationStore(tmp_path / "nowhere")

@@ -441,18 +441,25 @@ def test_saes_of_a_run_whose_checkpoints_were_deleted_are_neither_replaced_nor_l
     (out / "mine").mkdir()  # no SAE: the user's
     (out / "notes").mkdir()
     (out / "notes" / "cfg.json").write_text("{}")  # not an SAE's settings: no SAE folder either
+    shutil.copytree(out / "b", out / "hub")  # an SAE of SAELens's layout that this toolkit did not write: the user's
+    hub_cfg = json.loads((out / "hub" / "cfg.json").read_text())
+    (out / "hub" / "cfg.json").write_text(json.dumps({k: v for k, v in hub_cfg.items() if k != "metadata"}))
     saved = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     a_and_c = f"saes=[{spec(4, 'a')}, {spec(3, 'c')}]"
     for again in ([], ["resume=true"]):
         capsys.readouterr()
         assert main([*args, a_and_c, *again]) == 2
-        assert capsys.readouterr().err == (f"sae train: error: {out} holds SAEs of an earlier run (a, b) but no "
-                                           "checkpoint to resume; replace them with overwrite=true, or use another "
-                                           "`out` folder\n")
+        assert capsys.readouterr().err == (f"sae train: error: {out} holds SAE folders (a, b) but no checkpoint that "
+                                           "says which run wrote them; use another `out` folder, or delete them all "
+                                           "and train in their place with overwrite=true\n")
         assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == saved
     assert main([*args, a_and_c, "overwrite=true"]) == 0
     assert "removed the overwritten run's SAE folders: b" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["a", "c", "checkpoints", "mine", "notes"]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "c", "checkpoints", "hub", "mine", "notes"]
+    shutil.copytree(out / "a", out / "copy")  # beside a checkpoint, overwrite=true deletes only that run's SAEs
+    assert main([*args, f"saes=[{spec(4, 'a')}]", "overwrite=true"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a", "checkpoints", "copy", "hub", "mine", "notes"]
+    assert {f: f.read_bytes() for f in (out / "hub").iterdir()} == {f: saved[f] for f in saved if f.parent.name == "hub"}
 
 
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):

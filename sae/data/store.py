@@ -1000,6 +1000,10 @@ def _changed(old: Any, new: Any) -> list[tuple[str, tuple[Any, Any]]]:
     return [("", (old, new))]
 
 
+_SETTING_NAMES = {"dataset.name": "dataset", "dataset.split": "dataset_split", "dataset.text_column": "text_column"}
+"""The harvest settings a manifest nests, by the names a user sets them with."""
+
+
 def check_same_settings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The manifest of the cache at `path`, which a writer of `meta` may continue; or a CacheError that names, in the
     settings a user sets, what differs. Only `meta`'s keys are compared, so a harvest checks its config's part (its
@@ -1015,10 +1019,15 @@ def check_same_settings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if "planted.tokens" in changed:
         changed.pop("max_contexts", None)
         changed.pop("contexts_per_shard", None)
-    elif "max_contexts" in changed:
+    elif "max_contexts" in changed and all(isinstance(m.get("max_contexts"), int) for m in (old, meta)):
         del changed["max_contexts"]
-        a, b = (m["max_contexts"] * (m["context_size"] - int(m["exclude_first"])) for m in (old, {**old, **meta}))
-        changed["max_tokens"] = f"{a:,} → {b:,} (in whole contexts)"
+        rows = [m["context_size"] - int(m["exclude_first"]) for m in (old, {**old, **meta})]
+        a, b = (m["max_contexts"] * r for m, r in zip((old, meta), rows))
+        if not changed or abs(a - b) >= max(rows):  # else the same max_tokens in other whole contexts
+            changed["max_tokens"] = f"{a:,} → {b:,} (in whole contexts)"
+    for key, name in _SETTING_NAMES.items():
+        if key in changed:
+            changed[name] = changed.pop(key)
     if changed:
         diff = "; ".join(f"{k}: {pair}" for k, pair in changed.items())
         raise CacheError(f"the cache at {path} was made with other settings ({diff}); rerun with its settings, use "

@@ -34,7 +34,8 @@ from sae.config import HelpSections, field_docs
 from sae.data.ahead import ahead
 from sae.data.harvest import HarvestConfig
 from sae.saes import SAE_CLASSES, SAEConfig, SAEFormatError, create_sae, failure_signs
-from sae.saes.formats import CFG_FILENAME, check_replaceable
+from sae.saes.formats import check_replaceable
+from sae.saes.pretrained import CFG_FILENAME, read_cfg
 from sae.data.source import CacheSource, ModelSource, Source, check_split
 from sae.data.store import (DiskFullError, all_finite, atomic_write_json, check_output_folder, disk_full_reported,
                             folder_lock, human_bytes)
@@ -533,8 +534,9 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
         return None
     checkpoint = _read_checkpoint(out)
     if checkpoint is None and (earlier := sorted(set(_sae_folders(out)) - set(replaced))):
-        raise TrainError(f"{out} holds SAEs of an earlier run ({', '.join(earlier)}) but no checkpoint to resume; "
-                         "replace them with overwrite=true, or use another `out` folder")
+        raise TrainError(f"{out} holds SAE folders ({', '.join(earlier)}) but no checkpoint that says which run wrote "
+                         "them; use another `out` folder, or delete them all and train in their place with "
+                         "overwrite=true")
     if checkpoint is None:
         if cfg.resume and world.is_main:
             print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting a fresh run")
@@ -867,27 +869,33 @@ def _replaced_saes(cfg: TrainConfig, out: Path, pending: list[str] | None) -> li
     removes those it does not write itself (``_Start.replaces``)."""
     if not (cfg.overwrite or cfg.resume):
         return []
-    old = list(pending or []) + (_sae_folders(out) if cfg.overwrite else [])
-    with suppress(TrainError):  # a damaged checkpoint: overwrite deletes it unread
-        checkpoint = _read_checkpoint(out) if cfg.overwrite else None
+    old, checkpoint = list(pending or []), None
+    if cfg.overwrite:
+        with suppress(TrainError):  # a damaged checkpoint: overwrite deletes it unread
+            checkpoint = _read_checkpoint(out)
         if checkpoint is not None:
             old += _folder_names(list(checkpoint[1].get("saes", {}))) + _folder_names(checkpoint[1].get("replaces"))
+        else:  # no checkpoint says whose they are: the folders a plain run is refused over (``_resume_point``)
+            old += _sae_folders(out)
     return sorted(set(old))
 
 
 def _sae_folders(out: Path) -> list[str]:
-    """The SAE folders in `out` (by name): plain folders holding an SAE's settings and only files an SAE save writes.
-    Where no checkpoint says which run they are from, a run would replace those of its own names and leave the others
-    for `sae eval` to score beside its own (``_resume_point`` refuses it; overwrite=true replaces them all)."""
+    """The folders in `out` (by name) that this toolkit saved an SAE in: plain folders holding only an SAE save's
+    files, whose settings carry our own config (``metadata.sae_config``; an SAE downloaded from SAELens's hub lacks
+    it, and is the user's). Where no checkpoint says which run they are from, a run would replace those of its own
+    names and leave the others for `sae eval` to score beside its own (``_resume_point`` refuses it; overwrite=true
+    replaces them all)."""
     if not out.is_dir():
         return []
     found = []
     for folder in sorted(out.iterdir()):
-        if not is_sae_folder_name(folder.name) or folder.is_symlink() or not (folder / CFG_FILENAME).is_file():
-            continue
-        with suppress(SAEFormatError):
-            check_replaceable(folder)
-            found.append(folder.name)
+        with suppress(SAEFormatError, OSError):  # an unreadable folder is the user's business
+            if is_sae_folder_name(folder.name) and not folder.is_symlink() and (folder / CFG_FILENAME).is_file():
+                meta = read_cfg(folder).get("metadata")
+                if isinstance(meta, dict) and isinstance(meta.get("sae_config"), dict):
+                    check_replaceable(folder)
+                    found.append(folder.name)
     return found
 
 
