@@ -459,7 +459,8 @@ def test_saes_of_a_run_whose_checkpoints_were_deleted_are_neither_replaced_nor_l
     shutil.copytree(out / "a", out / "copy")  # beside a checkpoint, overwrite=true deletes only that run's SAEs
     assert main([*args, f"saes=[{spec(4, 'a')}]", "overwrite=true"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a", "checkpoints", "copy", "hub", "mine", "notes"]
-    assert {f: f.read_bytes() for f in (out / "hub").iterdir()} == {f: saved[f] for f in saved if f.parent.name == "hub"}
+    hub = {f: f.read_bytes() for f in (out / "hub").iterdir()}
+    assert hub == {f: saved[f] for f in saved if f.parent.name == "hub"}
 
 
 def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, capsys):
