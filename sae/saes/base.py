@@ -485,11 +485,6 @@ class SAE(nn.Module):
         """In the per-token TopK warm-up of a batch-budget variant, its hand-over included."""
         return self.row_weight > 0
 
-    @property
-    def holds_dictionary(self) -> bool:
-        """Whether this step leaves the decoder as it is (the trainer drops its gradient): BatchTopK's hand-over."""
-        return False
-
     def train_forward(
         self, x: Tensor, target: Tensor | None = None, *, dead_mask: Tensor | None = None, penalty_scale: float = 1.0,
         topk_warmup: float = 0.0,

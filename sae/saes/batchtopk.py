@@ -54,9 +54,7 @@ class BatchTopKSAE(TopKFamily):
     Its length is a fraction of the warm-up (``HANDOVER_FRAC``), so it scales with the run. It costs some planted
     recovery (mean max cosine of BatchTopK trained alone at d_in 32 / 128 features / L0 3, 32 / 512 / 3 and 64 / 1024 /
     8: 0.959, 0.863, 0.925 with the abrupt switch at 0.9; 0.944, 0.836, 0.909 with the hand-over; 0.829 and 0.901 with
-    the abrupt switch at 0.8; 2026-12-07). Real activations decide (docs/planted.md has the grid). The decoder is held
-    in the hand-over (``holds_dictionary``), which wins some of that back at the grid's budget and more in longer
-    runs."""
+    the abrupt switch at 0.8; 2026-12-07). Real activations decide (docs/planted.md has the grid)."""
 
     sae_lens_architecture = "jumprelu"
     _handover_scale: Tensor | None = None
@@ -103,21 +101,6 @@ class BatchTopKSAE(TopKFamily):
         m = min(pre.shape[1], 4 * self.cfg.k)
         rows, feats, full = self._top_of_candidates(pre, m)
         return rows, feats, full if m < pre.shape[1] else None
-
-    @property
-    def holds_dictionary(self) -> bool:
-        """The decoder learns nothing in the hand-over: the dictionary is the per-row warm-up's, and the hand-over
-        adapts the encoder to the batch-wide selection. Trained through it, the decoder lost much of what the warm-up
-        had found: d_in 32 / 512 features / L0 3 at 8× the grid's budget (`sae planted ... tokens=8192000`, BatchTopK
-        alone; the plain loop 0.954) reached 0.918 mean max cosine with its decoder trained, 0.960 held in the
-        hand-over, 0.965 with no hand-over (the abrupt switch at 0.9 that SmolLM2 layer 6 refused) and 0.977 at the end
-        of a warm-up to 0.99. Its selections in between hand rows with a large k-th pre-activation latents beyond
-        their own features, at an lr still high, and each of those latents' decoder rows moves towards another
-        feature's residual. Held only in the hand-over, the decoder still adapts to the batch-wide code afterwards:
-        held to the end as well, planted reached 0.973 there, but SmolLM2 layer 15 held-out FVU 0.151 → 0.157.
-        Held in the hand-over (2026-12-07; k 32, width ×8, 300k tokens, `sae eval`): layer 6 0.079 → 0.078, layer 15
-        0.151 → 0.154 and 0.150 → 0.153 (seeds 0 and 1); docs/planted.md has the grid."""
-        return 0 < self.row_weight < 1
 
     def _select_wider(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         m = min(pre.shape[1], 4 * self.cfg.k)

@@ -162,8 +162,6 @@ class SAETrainer:
         fire_counts, tokens = out.fire_counts, x.shape[0]
         if self.world_size > 1:
             fire_counts, tokens = self._synchronise(fire_counts), tokens * self.world_size
-        if sae.holds_dictionary:  # Adam skips a parameter without a gradient: no step, no moment update
-            sae.W_dec.grad = None
         if sae.unit_norm_decoder:
             sae.remove_parallel_grads()
         if self.grad_clip:
