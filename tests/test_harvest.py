@@ -460,8 +460,13 @@ def test_cache_with_other_settings_is_refused_naming_the_users_settings(tiny_lla
                    "['blocks.1.hook_resid_post', 'blocks.2.hook_resid_post']; max_tokens: 1,020 → 2,002 (in whole "
                    "contexts)); rerun with its settings, use another `out` folder, or delete it\n"), err
     args[-1] = "hooks=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"
-    assert cli_main([*args, "context_size=16", "max_tokens=1000", "dataset_split=test"]) == 2
-    assert "other settings (context_size: 32 → 16; dataset_split: 'train' → 'test'); rerun" in capsys.readouterr().err
+    assert cli_main([*args, "context_size=16", "max_tokens=1000", "dataset_split=test", "prepend_bos=false",
+                     "model_dtype=bfloat16"]) == 2
+    assert ("other settings (context_size: 32 → 16; prepend_bos: true → false; model_dtype: 'float32' → 'bfloat16'; "
+            "dataset_split: 'train' → 'test'); rerun") in capsys.readouterr().err
+    assert cli_main([*args, "context_size=32", "max_tokens=1000"]) == 0  # complete: said so, the model not loaded
+    cache = tmp_path / "cache"
+    assert capsys.readouterr().out == f"cache at {cache} is already complete (34 contexts)\n{cache}\n"
     assert {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()} == files
     with pytest.raises(CacheError, match="no activation cache"):
         ActivationStore(tmp_path / "nowhere")

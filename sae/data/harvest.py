@@ -110,8 +110,13 @@ def harvest(cfg: HarvestConfig) -> Path:
     check_config(cfg)
     check_output_folder(cfg.out)
     with folder_lock(cfg.out, "sae harvest"):
-        if (Path(cfg.out) / MANIFEST).exists():  # other settings are refused before the model loads
-            check_same_settings(Path(cfg.out), {**_settings(cfg), "hooks": cfg.hooks})
+        if (Path(cfg.out) / MANIFEST).exists():  # other settings are refused before the model loads, and a
+            settings = {**_settings(cfg), "hooks": cfg.hooks}  # complete cache is said to be so without loading it
+            if cfg.model_dtype != "auto":
+                settings["model_dtype"] = cfg.model_dtype
+            if check_same_settings(Path(cfg.out), settings)["complete"] and not cfg.repair:
+                print(f"cache at {cfg.out} is already complete ({ActivationStore(cfg.out).n_contexts} contexts)")
+                return Path(cfg.out)
         cfg = _as_resumed(cfg)
         model, tokenizer = model_lib.load_model(cfg.model, cfg.device, cfg.model_dtype, device_map=cfg.device_map)
         return harvest_with(cfg, model, tokenizer)

@@ -1000,6 +1000,11 @@ def _changed(old: Any, new: Any) -> list[tuple[str, tuple[Any, Any]]]:
     return [("", (old, new))]
 
 
+def _shown(value: Any) -> str:
+    """A setting's value as a user types it on the command line: true/false, strings quoted."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 _SETTING_NAMES = {"dataset.name": "dataset", "dataset.split": "dataset_split", "dataset.text_column": "text_column"}
 """The harvest settings a manifest nests, by the names a user sets them with."""
 
@@ -1010,8 +1015,8 @@ def check_same_settings(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     hooks as names) before loading the model. The stored contexts are shown as `max_tokens` (contexts × rows per
     context); they and the shard size are left out where the planted settings' own `tokens` says what changed."""
     old = ActivationStore(path).manifest
-    changed = {f"{k}.{sub}" if sub else k: f"{a!r} → {b!r}" for k, v in meta.items() if k != "hooks" and old.get(k) != v
-               for sub, (a, b) in _changed(old.get(k), v)}
+    changed = {f"{k}.{sub}" if sub else k: f"{_shown(a)} → {_shown(b)}" for k, v in meta.items()
+               if k != "hooks" and old.get(k) != v for sub, (a, b) in _changed(old.get(k), v)}
     if "hooks" in meta and set(old["hooks"]) != set(meta["hooks"]):
         changed["hooks"] = f"{list(old['hooks'])} → {list(meta['hooks'])}"
     elif isinstance(meta.get("hooks"), dict) and old["hooks"] != meta["hooks"]:

@@ -534,9 +534,9 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
         return None
     checkpoint = _read_checkpoint(out)
     if checkpoint is None and (earlier := sorted(set(_sae_folders(out)) - set(replaced))):
-        raise TrainError(f"{out} holds SAE folders ({', '.join(earlier)}) but no checkpoint that says which run wrote "
-                         "them; use another `out` folder, or delete them all and train in their place with "
-                         "overwrite=true")
+        raise TrainError(f"{out} holds SAE folders ({', '.join(earlier)}) but no checkpoint to resume or to say "
+                         "which run wrote them; use another `out` folder, or overwrite=true to delete them and train "
+                         "in their place")
     if checkpoint is None:
         if cfg.resume and world.is_main:
             print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting a fresh run")
