@@ -478,6 +478,21 @@ def test_a_batch_larger_than_the_run_is_refused_at_the_cli(tmp_path, cache, caps
     assert "(total_tokens)" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_the_plan_says_when_a_run_passes_over_the_cache_more_than_once(tmp_path, cache, capsys):
+    """total_tokens beyond the cache's training rows cycles it, which the plan did not say."""
+    from sae.cli import main
+
+    n = CacheSource(cache, ["h0"], 1024).n_train_rows
+    args = ["train", f"cache={cache}", "wandb_mode=disabled", "batch_size=512",
+            "saes=[{architecture: topk, hook: h0, k: 4, d_sae: 64}]"]
+    assert main([*args, f"out={tmp_path / 'a'}", f"total_tokens={3 * n}"]) == 0
+    steps = 3 * n // 512
+    assert (f"plan: {steps * 512:,} tokens from the cache ({steps * 512 / n:.1f} passes over its {n:,} training "
+            f"rows) in {steps} steps") in capsys.readouterr().out
+    assert main([*args, f"out={tmp_path / 'b'}", f"total_tokens={n // 2}"]) == 0
+    assert "passes over" not in capsys.readouterr().out
+
+
 def test_train_warns_when_the_last_batch_is_reconstructed_worse_than_by_its_mean(tmp_path, cache, capsys,
                                                                                   monkeypatch):
     """BatchTopK at SmolLM2 layer 6 ended a short run at FVU 1.38 (with a start since reverted) with no word from `sae

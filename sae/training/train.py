@@ -754,7 +754,9 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
         share = ("one share of the SAEs" if cfg.distribute_saes else f"1/{world.size} of each SAE's latents"
                  if shard is not None else f"{lay.local_batch} rows")
         mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
-        print(f"plan: {lay.total_steps * lay.batch_size:,} tokens from the {cfg.source} in {lay.total_steps:,} "
+        tokens, rows = lay.total_steps * lay.batch_size, source.n_train_rows
+        passes = f" ({tokens / rows:.1f} passes over its {rows:,} training rows)" if rows and tokens > rows else ""
+        print(f"plan: {tokens:,} tokens from the {cfg.source}{passes} in {lay.total_steps:,} "
               f"step{'' if lay.total_steps == 1 else 's'} "
               f"of {lay.batch_size}{mode} on {device} ({plan.step_precision(device)})")
         fast = {n: f" ({', '.join(c.fast_biases)} ×√d_in)" if c.fast_biases else "" for n, c in configs.items()}
