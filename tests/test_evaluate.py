@@ -178,6 +178,28 @@ def test_silent_and_mostly_dead_saes_are_flagged_in_the_table(tiny_cache, tiny_l
     assert f"silent on {n} held-out rows: L0 = 0" in notes and f"mostly_dead on {n} held-out rows: 67% of" in notes
 
 
+def test_an_eval_of_other_saes_into_the_same_out_removes_the_earlier_evals_plots(tiny_cache, tiny_llama, hand_sae,
+                                                                                 tmp_path, capsys):
+    """Run again on other SAEs, `sae eval` replaced eval.json and pareto.png but left the density plot of an SAE it no
+    longer scored; only plots its earlier eval.json listed go (a user's density_mine.png stays)."""
+    from sae.cli import main
+
+    d = 32
+    for name in ("a", "b"):
+        identity_sae(hand_sae, d, str(tiny_llama)).save(tmp_path / name)
+    out = tmp_path / "eval"
+    args = ["eval", f"cache={tiny_cache}", f"out={out}", "max_tokens=500", "lm_loss_contexts=0", "device=cpu",
+            "pca_fit_tokens=500"]
+    assert main([*args, f"saes=[{tmp_path / 'a'}, {tmp_path / 'b'}]"]) == 0
+    assert {p.name for p in out.glob("density_*.png")} == {"density_a.png", "density_b.png"}
+    (out / "density_mine.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main([*args, f"saes=[{tmp_path / 'a'}]"]) == 0
+    assert "removed the earlier eval's density plots of SAEs not scored now: density_b.png" in capsys.readouterr().out
+    assert {p.name for p in out.glob("density_*.png")} == {"density_a.png", "density_mine.png"}
+    assert [r["name"] for r in json.loads((out / "eval.json").read_text())["saes"]] == ["a"]
+
+
 def test_lm_loss_splices_every_position_when_cache_kept_position_0(tiny_llama, text_dir, harvest_tiny, hand_sae, hook,
                                                                   tmp_path):
     cache = harvest_tiny(tiny_llama, text_dir, tmp_path / "cache", exclude_first=False)

@@ -12,7 +12,9 @@ as its baseline, the least-squares linear map of the same rank from its input to
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import textwrap
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -506,7 +508,25 @@ def evaluate(cfg: EvalConfig) -> dict:
         for name, sae in saes.items():
             check_matches(sae, store, name)
         model = load_cache_model(store, device)[0] if cfg.lm_loss_contexts else None
-        return evaluate_saes(cfg, store, saes, model)
+        earlier = _density_plots(out)
+        results = evaluate_saes(cfg, store, saes, model)
+        stale = sorted(earlier - {s["density_histogram"] for s in results["saes"]})
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
+        if stale:
+            print(f"removed the earlier eval's density plots of SAEs not scored now: {', '.join(stale)}")
+        return results
+
+
+def _density_plots(out: Path) -> set[str]:
+    """The density plots the eval.json in `out` lists (one `sae eval` wrote, ``check_report_is_ours``): a later eval
+    of other SAEs removes those it does not write again, so the folder describes one eval."""
+    try:
+        rows = json.loads((out / "eval.json").read_text())["saes"]
+        names = {r["density_histogram"] for r in rows}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+    return {n for n in names if isinstance(n, str) and re.fullmatch(r"density_[^/\\]+\.png", n)}
 
 
 def load_cache_model(store: ActivationStore, device: torch.device) -> tuple[Any, Any]:
