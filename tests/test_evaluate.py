@@ -197,7 +197,15 @@ def test_an_eval_of_other_saes_into_the_same_out_removes_the_earlier_evals_plots
     assert main([*args, f"saes=[{tmp_path / 'a'}]"]) == 0
     assert "removed the earlier eval's density plots of SAEs not scored now: density_b.png" in capsys.readouterr().out
     assert {p.name for p in out.glob("density_*.png")} == {"density_a.png", "density_mine.png"}
-    assert [r["name"] for r in json.loads((out / "eval.json").read_text())["saes"]] == ["a"]
+    results = json.loads((out / "eval.json").read_text())
+    assert [r["name"] for r in results["saes"]] == ["a"]
+    # A trial's 248 held-out rows showed 52% of a width-1152 SAE's latents dead, without a word on what that rests on.
+    row = results["saes"][0]
+    row.update(dead_fraction=0.6, fires_per_latent=12.4)
+    assert ("a's dead fraction is from 500 held-out rows, where an average latent fires 12 times: too few to tell a "
+            "dead latent from a rare one") in " ".join(format_table(results).split())
+    row.update(fires_per_latent=50.0)
+    assert "too few to tell" not in format_table(results)
 
 
 def test_lm_loss_splices_every_position_when_cache_kept_position_0(tiny_llama, text_dir, harvest_tiny, hand_sae, hook,

@@ -453,6 +453,7 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
         curve = results["pca"][hook]["fvu"]
         d_in = len(curve) - 1
         r_l0 = min(max(round(rec.l0), 1), d_in)
+        fires = rec.n_tokens * rec.l0 / sae.cfg.d_sae  # an average latent's firings over the rows measured
         hist = out / f"density_{name}.png"
         plot_density(rec.density, name, hist)
         results["saes"].append(
@@ -480,7 +481,8 @@ def evaluate_saes(cfg: EvalConfig, store, saes: dict[str, torch.nn.Module], mode
                 "pca_rank_quarter": d_in // 4,
                 "pca_fvu_at_quarter": curve[d_in // 4],
                 "beats_pca_at_l0": rec.fvu <= curve[r_l0],  # a tie (both exact) is not a loss
-                "failures": failure_signs(rec.l0, rec.dead_fraction, rec.n_tokens * rec.l0 / sae.cfg.d_sae),
+                "fires_per_latent": fires,
+                "failures": failure_signs(rec.l0, rec.dead_fraction, fires),
                 "density_histogram": hist.name,
             }
         )
@@ -563,6 +565,8 @@ def format_table(results: dict) -> str:
 
     Names drop their hook suffix (the group heading says it); a name too long for its column gets a line of its own.
     """
+    from sae.saes.base import DEAD_FRACTION_LIMIT, MIN_FIRES_TO_JUDGE_DEAD
+
     name_width = 23
     head = f"  {'sae':<{name_width}} {'L0':>7} {'FVU':>7} {'PCA@L0':>7} {'dead':>6} {'dense':>6} {'CE rec':>7} {'KL':>7}"
     lines = []
@@ -590,6 +594,10 @@ def format_table(results: dict) -> str:
     ]
     notes += [f"! FAILED: {r['name']} on {r['n_tokens']:,} held-out rows: {sign}." for r in results["saes"]
               for sign in r["failures"]]
+    notes += [f"{r['name']}'s dead fraction is from {r['n_tokens']:,} held-out rows, where an average latent fires "
+              f"{r['fires_per_latent']:.0f} times: too few to tell a dead latent from a rare one (raise max_tokens, or "
+              "harvest with a larger eval_fraction)" for r in results["saes"]
+              if r["dead_fraction"] > DEAD_FRACTION_LIMIT and r.get("fires_per_latent", 0) < MIN_FIRES_TO_JUDGE_DEAD]
     if any(r.get("transcoder") for r in results["saes"]):
         notes.append("transcoders (<in>_to_<out>): FVU of the output hook, CE with their output in place of it, and "
                      "PCA@L0 is the rank-L0 least-squares linear map from input to output")
