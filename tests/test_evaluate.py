@@ -204,7 +204,12 @@ def test_an_eval_of_other_saes_into_the_same_out_removes_the_earlier_evals_plots
     row.update(dead_fraction=0.6, fires_per_latent=12.4)
     assert ("a's dead fraction is from 500 held-out rows, where an average latent fires 12 times: too few to tell a "
             "dead latent from a rare one") in " ".join(format_table(results).split())
-    row.update(fires_per_latent=50.0)
+    row.update(fires_per_latent=50.0)  # rows enough
+    assert "too few to tell" not in format_table(results)
+    row.update(l0=0.0, fires_per_latent=0.0)  # nothing fires: L0 = 0 has its own verdict
+    assert "too few to tell" not in format_table(results)
+    row.update(l0=1.0)
+    del row["fires_per_latent"]  # an eval.json from before the key
     assert "too few to tell" not in format_table(results)
 
 

@@ -461,8 +461,8 @@ def test_cache_with_other_settings_is_refused_naming_the_users_settings(tiny_lla
                    "contexts)); rerun with its settings, use another `out` folder, or delete it\n"), err
     args[-1] = "hooks=[blocks.1.hook_resid_post, blocks.0.hook_mlp_out]"
     assert cli_main([*args, "context_size=16", "max_tokens=1000", "dataset_split=test", "prepend_bos=false",
-                     "model_dtype=bfloat16"]) == 2
-    assert ("other settings (context_size: 32 → 16; prepend_bos: true → false; model_dtype: 'float32' → 'bfloat16'; "
+                     "model_dtype=half"]) == 2
+    assert ("other settings (context_size: 32 → 16; prepend_bos: true → false; model_dtype: 'float32' → 'float16'; "
             "dataset_split: 'train' → 'test'); rerun") in capsys.readouterr().err
     assert cli_main([*args, "context_size=32", "max_tokens=1000"]) == 0  # complete: said so, the model not loaded
     cache = tmp_path / "cache"

@@ -487,7 +487,7 @@ def test_the_plan_says_when_a_run_passes_over_the_cache_more_than_once(tmp_path,
             "saes=[{architecture: topk, hook: h0, k: 4, d_sae: 64}]"]
     assert main([*args, f"out={tmp_path / 'a'}", f"total_tokens={3 * n}"]) == 0
     steps = 3 * n // 512
-    assert (f"plan: {steps * 512:,} tokens from the cache ({steps * 512 / n:.1f} passes over its {n:,} training "
+    assert (f"plan: {steps * 512:,} tokens from the cache ({steps * 512 / n:.2f} passes over its {n:,} training "
             f"rows) in {steps} steps") in capsys.readouterr().out
     assert main([*args, f"out={tmp_path / 'b'}", f"total_tokens={n // 2}"]) == 0
     assert "passes over" not in capsys.readouterr().out

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import textwrap
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterable
@@ -512,9 +512,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         model = load_cache_model(store, device)[0] if cfg.lm_loss_contexts else None
         earlier = _density_plots(out)
         results = evaluate_saes(cfg, store, saes, model)
-        stale = sorted(earlier - {s["density_histogram"] for s in results["saes"]})
+        written = {s["density_histogram"].casefold() for s in results["saes"]}  # one file on a case-blind disk
+        stale = sorted(n for n in earlier if n.casefold() not in written)
         for name in stale:
-            (out / name).unlink(missing_ok=True)
+            with suppress(OSError):
+                (out / name).unlink(missing_ok=True)
         if stale:
             print(f"removed the earlier eval's density plots of SAEs not scored now: {', '.join(stale)}")
         return results
@@ -528,7 +530,7 @@ def _density_plots(out: Path) -> set[str]:
         names = {r["density_histogram"] for r in rows}
     except (OSError, ValueError, TypeError, KeyError):
         return set()
-    return {n for n in names if isinstance(n, str) and re.fullmatch(r"density_[^/\\]+\.png", n)}
+    return {n for n in names if isinstance(n, str) and re.fullmatch(r"density_[^/\\\0]+\.png", n)}
 
 
 def load_cache_model(store: ActivationStore, device: torch.device) -> tuple[Any, Any]:
@@ -596,8 +598,9 @@ def format_table(results: dict) -> str:
               for sign in r["failures"]]
     notes += [f"{r['name']}'s dead fraction is from {r['n_tokens']:,} held-out rows, where an average latent fires "
               f"{r['fires_per_latent']:.0f} times: too few to tell a dead latent from a rare one (raise max_tokens, or "
-              "harvest with a larger eval_fraction)" for r in results["saes"]
-              if r["dead_fraction"] > DEAD_FRACTION_LIMIT and r.get("fires_per_latent", 0) < MIN_FIRES_TO_JUDGE_DEAD]
+              "harvest with a larger eval_fraction)" for r in results["saes"]  # L0 = 0 has its own verdict
+              if r["dead_fraction"] > DEAD_FRACTION_LIMIT and r["l0"] > 0
+              and r.get("fires_per_latent", math.inf) < MIN_FIRES_TO_JUDGE_DEAD]
     if any(r.get("transcoder") for r in results["saes"]):
         notes.append("transcoders (<in>_to_<out>): FVU of the output hook, CE with their output in place of it, and "
                      "PCA@L0 is the rank-L0 least-squares linear map from input to output")

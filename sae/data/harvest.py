@@ -112,8 +112,8 @@ def harvest(cfg: HarvestConfig) -> Path:
     with folder_lock(cfg.out, "sae harvest"):
         if (Path(cfg.out) / MANIFEST).exists():  # other settings are refused before the model loads, and a
             settings = {**_settings(cfg), "hooks": cfg.hooks}  # complete cache is said to be so without loading it
-            if cfg.model_dtype != "auto":
-                settings["model_dtype"] = cfg.model_dtype
+            if isinstance(dtype := getattr(torch, cfg.model_dtype, None), torch.dtype):  # "half" is float16
+                settings["model_dtype"] = str(dtype).removeprefix("torch.")
             if check_same_settings(Path(cfg.out), settings)["complete"] and not cfg.repair:
                 print(f"cache at {cfg.out} is already complete ({ActivationStore(cfg.out).n_contexts} contexts)")
                 return Path(cfg.out)

@@ -755,7 +755,7 @@ def _build_trainers(cfg: TrainConfig, names: list[str], lay: _Layout, world: dis
                  if shard is not None else f"{lay.local_batch} rows")
         mode = f" on {world.size} processes ({share} each)" if world.distributed else ""
         tokens, rows = lay.total_steps * lay.batch_size, source.n_train_rows
-        passes = f" ({tokens / rows:.1f} passes over its {rows:,} training rows)" if rows and tokens > rows else ""
+        passes = f" ({tokens / rows:.2f} passes over its {rows:,} training rows)" if rows and tokens > rows else ""
         print(f"plan: {tokens:,} tokens from the {cfg.source}{passes} in {lay.total_steps:,} "
               f"step{'' if lay.total_steps == 1 else 's'} "
               f"of {lay.batch_size}{mode} on {device} ({plan.step_precision(device)})")
