@@ -449,9 +449,11 @@ def test_saes_of_a_run_whose_checkpoints_were_deleted_are_neither_replaced_nor_l
     for again in ([], ["resume=true"]):
         capsys.readouterr()
         assert main([*args, a_and_c, *again]) == 2
-        assert capsys.readouterr().err == (f"sae train: error: {out} holds SAE folders (a, b) but no checkpoint to "
-                                           "resume or to say which run wrote them; use another `out` folder, or "
-                                           "overwrite=true to delete them and train in their place\n")
+        printed = capsys.readouterr()
+        assert printed.err == (f"sae train: error: {out} holds SAE folders (a, b) but no checkpoint to resume or to "
+                               "say which run wrote them; use another `out` folder, or overwrite=true to delete them "
+                               "and train in their place\n")
+        assert "plan:" not in printed.out  # refused before any work
         assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == saved
     assert main([*args, a_and_c, "overwrite=true"]) == 0
     assert "removed the overwritten run's SAE folders: b" in capsys.readouterr().out

@@ -508,16 +508,35 @@ def _sae_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    """Refuse, before any work, an `out` that holds what this run would overwrite without being asked to: another
+    run's checkpoints, an overwrite stopped before its first checkpoint, or SAE folders no checkpoint accounts for
+    (``_resume_point`` then knows the checkpoint, if any, is one to continue or to delete)."""
+    if cfg.overwrite:
+        return
+    pending = _pending_removal(out)
+    if not cfg.resume and pending:  # a plain run would forget the record
+        raise TrainError(f"{out} holds an overwrite=true run stopped before its first checkpoint (its old SAE folders "
+                         "are still to be removed); run it again with overwrite=true, or use another `out` folder")
+    checkpoint = _read_checkpoint(out)
+    if checkpoint is None and (earlier := sorted(set(_sae_folders(out)) - set(pending or []))):
+        raise TrainError(f"{out} holds SAE folders ({', '.join(earlier)}) but no checkpoint to resume or to say "
+                         "which run wrote them; use another `out` folder, or overwrite=true to delete them and train "
+                         "in their place")
+    if checkpoint is not None and not cfg.resume:
+        raise TrainError(f"{out} holds a training run (checkpoint at step {checkpoint[1]['step']}); continue it with "
+                         "resume=true, start over with overwrite=true (deleting its checkpoints), or use another "
+                         "`out` folder")
+
+
 def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world: distributed.World,
                   replaced: list[str], pending: list[str] | None) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to continue from, or None for a fresh run; an `out` holding another run is refused. An
-    overwrite=true run records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``, whose ``pending``
+    """The checkpoint to continue from, or None for a fresh run (``_check_out`` has refused what this run must not
+    touch, and a checkpoint here is one to continue, or to delete with overwrite=true). An overwrite=true run
+    records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``, whose ``pending``
     record is None where that name is not ours) before it deletes the checkpoints."""
     root = out / CHECKPOINT_DIR
     ours = [root / LATEST] * (root / LATEST).exists() + [*_step_folders(root), *_step_folders(root, ".tmp_step_*")]
-    if not (cfg.overwrite or cfg.resume) and pending:  # a plain run would forget the record
-        raise TrainError(f"{out} holds an overwrite=true run stopped before its first checkpoint (its old SAE folders "
-                         "are still to be removed); run it again with overwrite=true, or use another `out` folder")
     if cfg.overwrite and world.is_main and replaced and pending is not None:  # train() refuses it with resume
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / PENDING_REMOVAL, {**_PENDING_MARK, "saes": replaced})
@@ -533,19 +552,11 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
                 root.rmdir()
         return None
     checkpoint = _read_checkpoint(out)
-    if checkpoint is None and (earlier := sorted(set(_sae_folders(out)) - set(replaced))):
-        raise TrainError(f"{out} holds SAE folders ({', '.join(earlier)}) but no checkpoint to resume or to say "
-                         "which run wrote them; use another `out` folder, or overwrite=true to delete them and train "
-                         "in their place")
     if checkpoint is None:
         if cfg.resume and world.is_main:
             print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting a fresh run")
         return None
     folder, state = checkpoint
-    if not cfg.resume:
-        raise TrainError(f"{out} holds a training run (checkpoint at step {state['step']}); continue it with "
-                         "resume=true, start over with overwrite=true (deleting its checkpoints), or use another "
-                         "`out` folder")
     old = state["run_config"]
     if old.get("world_size", 1) != run_config["world_size"]:
         raise ResumeMismatch(f"cannot resume from {folder}: it was written by a job of {old.get('world_size', 1)} "
@@ -614,6 +625,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     # One job per folder: the process that will be rank 0 holds the lock (taken before the process group exists, so a
     # refusal needs no collective; torchrun then stops the other ranks).
     with folder_lock(cfg.out, "sae train") if os.environ.get("RANK", "0") == "0" else nullcontext():
+        _check_out(cfg, Path(cfg.out))
         world, device = distributed.init(cfg.device, timedelta(minutes=cfg.peer_timeout_minutes))
         try:
             return _train(cfg, names, world, device)
