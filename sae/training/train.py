@@ -494,12 +494,11 @@ def _spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _open_source(cfg: TrainConfig, hooks: list[str], device: torch.device) -> Source:
+    """The run's data: the cache, or the model harvested on the fly (``train`` has refused any other source)."""
     if cfg.source == "cache":
         return CacheSource(cfg.cache, hooks, cfg.shuffle_rows)
-    if cfg.source == "model":  # a chunk longer than the run would run the model on rows nobody trains on
-        run_rows = cfg.total_tokens or cfg.harvest.max_tokens
-        return ModelSource(cfg.harvest, hooks, device, min(cfg.shuffle_rows, run_rows))
-    raise TrainError(f"source must be cache or model, not {cfg.source!r}")
+    run_rows = cfg.total_tokens or cfg.harvest.max_tokens  # a longer chunk would run the model on rows nobody trains on
+    return ModelSource(cfg.harvest, hooks, device, min(cfg.shuffle_rows, run_rows))
 
 
 def _sae_seed(seed: int, index: int) -> int:
@@ -608,6 +607,8 @@ def train(cfg: TrainConfig) -> list[Path]:
         raise TrainError(f"peer_timeout_minutes={cfg.peer_timeout_minutes} must be > 0")
     if cfg.resume and cfg.overwrite:
         raise TrainError("resume=true continues the run in `out` and overwrite=true deletes it: give one of them")
+    if cfg.source not in ("cache", "model"):
+        raise TrainError(f"source must be cache or model, not {cfg.source!r}")
     if not 0 <= cfg.topk_warmup_frac < 1:
         raise TrainError(f"topk_warmup_frac={cfg.topk_warmup_frac} must be in [0, 1): the batch-wide budget needs the "
                          "steps after the warm-up to set its thresholds")
