@@ -532,8 +532,8 @@ def _resume_point(cfg: TrainConfig, out: Path, run_config: dict[str, Any], world
                   replaced: list[str], pending: list[str] | None) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from, or None for a fresh run (``_check_out`` has refused what this run must not
     touch, and a checkpoint here is one to continue, or to delete with overwrite=true). An overwrite=true run
-    records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``, whose ``pending``
-    record is None where that name is not ours) before it deletes the checkpoints."""
+    records the SAE folders of the runs it ``replaced`` (``PENDING_REMOVAL``, whose ``pending`` record is None where
+    that name is not ours) before it deletes the checkpoints."""
     root = out / CHECKPOINT_DIR
     ours = [root / LATEST] * (root / LATEST).exists() + [*_step_folders(root), *_step_folders(root, ".tmp_step_*")]
     if cfg.overwrite and world.is_main and replaced and pending is not None:  # train() refuses it with resume
@@ -890,7 +890,7 @@ def _replaced_saes(cfg: TrainConfig, out: Path, pending: list[str] | None) -> li
             checkpoint = _read_checkpoint(out)
         if checkpoint is not None:
             old += _folder_names(list(checkpoint[1].get("saes", {}))) + _folder_names(checkpoint[1].get("replaces"))
-        else:  # no checkpoint says whose they are: the folders a plain run is refused over (``_resume_point``)
+        else:  # no checkpoint says whose they are: the folders a plain run is refused over (``_check_out``)
             old += _sae_folders(out)
     return sorted(set(old))
 
@@ -899,7 +899,7 @@ def _sae_folders(out: Path) -> list[str]:
     """The folders in `out` (by name) that this toolkit saved an SAE in: plain folders holding only an SAE save's
     files, whose settings carry our own config (``metadata.sae_config``; an SAE downloaded from SAELens's hub lacks
     it, and is the user's). Where no checkpoint says which run they are from, a run would replace those of its own
-    names and leave the others for `sae eval` to score beside its own (``_resume_point`` refuses it; overwrite=true
+    names and leave the others for `sae eval` to score beside its own (``_check_out`` refuses it; overwrite=true
     replaces them all)."""
     if not out.is_dir():
         return []
